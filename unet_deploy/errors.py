@@ -1,0 +1,19 @@
+"""User-facing errors: one line that names the file or flag and says how to fix it."""
+
+from __future__ import annotations
+
+__all__ = ["UserError"]
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, flag, data), not a bug.
+
+    The CLI prints ``str(error)`` on one line and exits with ``exit_code``, never with a traceback.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(" ".join(str(message).split()))
+        if exit_code is not None:
+            self.exit_code = exit_code
