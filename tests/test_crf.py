@@ -1,0 +1,182 @@
+"""Dense-CRF post-processing (pydensecrf) and its parallel map."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from unet_deploy.crf import CRFParams, CRFParamsError, crf_map, dense_crf, require_crf
+from unet_deploy.errors import UserError
+
+pytestmark = pytest.mark.crf
+
+
+def two_region_case(h=48, w=64, flip=0.08, conf=0.75, seed=0):
+    """Image of two flat colours split by an ellipse; probabilities = truth with flipped speckles."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    truth = (((yy - h / 2) / (h * 0.3)) ** 2 + ((xx - w / 2) / (w * 0.35)) ** 2) < 1
+    image = np.where(truth[..., None], [210, 50, 40], [40, 110, 190]).astype(np.float64)
+    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    fg = np.where(truth, conf, 1 - conf).astype(np.float32)
+    speckle = rng.random(truth.shape) < flip
+    fg[speckle] = 1 - fg[speckle]
+    return image, fg, truth.astype(np.uint8)
+
+
+def test_defaults_are_pytorch_unet_carvana_values():
+    p = CRFParams()
+    assert (p.gauss_sxy, p.gauss_compat, p.bilat_sxy, p.bilat_srgb, p.bilat_compat, p.iterations,
+            p.clip) == (20, 3, 30, 20, 10, 5, 1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"gauss_sxy": 0}, {"bilat_sxy": -1}, {"bilat_srgb": float("nan")}, {"gauss_compat": -0.1},
+    {"bilat_compat": float("inf")}, {"iterations": 0}, {"iterations": 2.5}, {"iterations": True},
+    {"clip": 0}, {"clip": 0.5}, {"gauss_sxy": "20"},
+])
+def test_params_validation(kwargs):
+    with pytest.raises(CRFParamsError) as exc:
+        CRFParams(**kwargs)
+    assert isinstance(exc.value, ValueError) and isinstance(exc.value, UserError)
+    assert next(iter(kwargs)) in str(exc.value)
+
+
+def test_params_frozen():
+    with pytest.raises(AttributeError):
+        CRFParams().iterations = 3  # type: ignore[misc]
+
+
+def test_output_mask_shape_dtype_values():
+    image, fg, _ = two_region_case()
+    probs = np.stack([1 - fg, fg])
+    out = dense_crf(image, probs, CRFParams(iterations=2))
+    assert out.shape == fg.shape and np.issubdtype(out.dtype, np.integer)
+    assert set(np.unique(out)) <= {0, 1}
+
+
+def test_removes_speckle_noise():
+    image, fg, truth = two_region_case(h=64, w=96)
+    before = int(((fg > 0.5) != truth).sum())
+    after = int((dense_crf(image, np.stack([1 - fg, fg])) != truth).sum())
+    assert before > 300
+    assert after < before // 10, (before, after)
+
+
+def test_single_channel_forms_equal_two_channel():
+    image, fg, _ = two_region_case()
+    two = dense_crf(image, np.stack([1 - fg, fg]))
+    np.testing.assert_array_equal(dense_crf(image, fg), two)
+    np.testing.assert_array_equal(dense_crf(image, fg[None]), two)
+    np.testing.assert_array_equal(dense_crf(image, fg.astype(np.float64)), two)
+
+
+def test_hard_zero_one_probabilities_are_clipped():
+    image, _, truth = two_region_case()
+    out = dense_crf(image, truth.astype(np.float32))
+    assert np.isfinite(out).all()
+    assert (out != truth).mean() < 0.02
+
+
+def test_three_classes():
+    h, w = 36, 90
+    truth = np.repeat(np.repeat(np.arange(3)[None], 30, axis=1), h, axis=0)  # three vertical bands
+    colours = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230]], dtype=np.uint8)
+    image = colours[truth]
+    rng = np.random.default_rng(3)
+    noisy = truth.copy()
+    speckle = rng.random(truth.shape) < 0.1
+    noisy[speckle] = rng.integers(0, 3, speckle.sum())
+    probs = np.full((3, h, w), 0.15, np.float32)
+    np.put_along_axis(probs, noisy[None], 0.7, axis=0)
+    out = dense_crf(image, probs)
+    assert out.shape == (h, w) and set(np.unique(out)) == {0, 1, 2}
+    assert (out != truth).sum() < (noisy != truth).sum() // 5
+
+
+def test_grey_image_accepted():
+    image, fg, _ = two_region_case()
+    out = dense_crf(image[..., 0], fg, CRFParams(iterations=1))
+    assert out.shape == fg.shape
+
+
+@pytest.mark.parametrize("image_shape,probs_shape,match", [
+    ((48, 64, 3), (2, 48, 65), "48x64"),
+    ((48, 64, 3), (2, 40, 64), "resize"),
+    ((48, 64, 4), (2, 48, 64), r"\(H, W, 3\)"),
+    ((48, 64, 3), (2, 2, 48, 64), r"\(C, H, W\)"),
+    ((48, 64, 3), (0, 48, 64), r"\(C, H, W\)"),
+])
+def test_shape_validation(image_shape, probs_shape, match):
+    with pytest.raises(ValueError, match=match):
+        dense_crf(np.zeros(image_shape, np.uint8), np.full(probs_shape, 0.5, np.float32))
+
+
+def test_dtype_validation():
+    with pytest.raises(ValueError, match="uint8"):
+        dense_crf(np.zeros((4, 4, 3), np.float32), np.full((2, 4, 4), 0.5, np.float32))
+    with pytest.raises(ValueError, match="floating"):
+        dense_crf(np.zeros((4, 4, 3), np.uint8), np.ones((2, 4, 4), np.int64))
+    with pytest.raises(ValueError, match="NaN"):
+        dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), np.nan, np.float32))
+
+
+def _cases(n):
+    return [two_region_case(h=24 + 4 * i, w=40 + 2 * i, seed=i)[:2] for i in range(n)]
+
+
+def test_crf_map_inline_matches_dense_crf():
+    params = CRFParams(iterations=3)
+    cases = _cases(3)
+    got = list(crf_map(iter(cases), params, workers=1))
+    for (image, fg), mask in zip(cases, got, strict=True):
+        np.testing.assert_array_equal(mask, dense_crf(image, fg, params))
+
+
+def test_crf_map_parallel_equals_sequential_in_order():
+    params = CRFParams(iterations=3)
+    cases = _cases(7)  # every case has its own size, so a reordering would show as a shape mismatch
+    consumed = 0
+    yielded = 0
+
+    def items():
+        nonlocal consumed
+        for case in cases:
+            consumed += 1
+            # bounded in-flight work: never more than max_in_flight items ahead of the consumer
+            assert consumed - yielded <= 3
+            yield case
+
+    sequential = list(crf_map(cases, params, workers=1))
+    parallel = []
+    for mask in crf_map(items(), params, workers=2, max_in_flight=3):
+        yielded += 1
+        parallel.append(mask)
+    assert len(parallel) == len(sequential) == 7
+    for a, b in zip(parallel, sequential, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_crf_map_parallel_propagates_errors():
+    image, fg = _cases(1)[0]
+    bad = [(image, fg), (image, fg[:, :-1])]
+    it = crf_map(bad, CRFParams(iterations=1), workers=2)
+    with pytest.raises(ValueError, match="resize"):
+        list(it)
+
+
+def test_missing_pydensecrf_gives_one_line_hint(monkeypatch):
+    # A None entry in sys.modules makes "import pydensecrf..." raise ImportError.
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    for call in (require_crf,
+                 lambda: dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((4, 4), 0.5, np.float32)),
+                 lambda: next(crf_map([], workers=2))):
+        with pytest.raises(UserError) as exc:
+            call()
+        message = str(exc.value)
+        assert "\n" not in message
+        assert "--crf needs pydensecrf" in message and "pip install pydensecrf2" in message
