@@ -180,3 +180,19 @@ def test_missing_pydensecrf_gives_one_line_hint(monkeypatch):
         message = str(exc.value)
         assert "\n" not in message
         assert "--crf needs pydensecrf" in message and "pip install pydensecrf2" in message
+
+
+def test_crf_map_closing_early_stops_cleanly():
+    consumed = 0
+
+    def items():
+        nonlocal consumed
+        for case in _cases(20):
+            consumed += 1
+            yield case
+
+    it = crf_map(items(), CRFParams(iterations=1), workers=2, max_in_flight=2)
+    first = next(it)
+    it.close()  # shuts the pool down; the rest of the input is never read
+    assert first.shape == (24, 40)
+    assert consumed <= 3
