@@ -101,18 +101,18 @@ def versions() -> dict[str, str]:
 
     from . import __version__
 
-    out = {"unet_deploy": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    out = {"unet_deploy": __version__, "torch": str(torch.__version__), "numpy": numpy.__version__,
            "python": platform.python_version()}
     try:
         import onnx
 
-        out["onnx"] = onnx.__version__
+        out["onnx"] = str(onnx.__version__)
     except ImportError:
         pass
     try:
         import onnxruntime
 
-        out["onnxruntime"] = onnxruntime.__version__
+        out["onnxruntime"] = str(onnxruntime.__version__)
     except ImportError:
         pass
     return out

@@ -14,6 +14,10 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(" ".join(str(message).split()))
+        message = str(message)
+        # A DataLoader worker re-raises our error with its traceback in the message: keep the message.
+        if "Original Traceback" in message and "UserError: " in message:
+            message = message.rsplit("UserError: ", 1)[1]
+        super().__init__(" ".join(message.split()))
         if exit_code is not None:
             self.exit_code = exit_code

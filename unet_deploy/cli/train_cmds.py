@@ -1,0 +1,104 @@
+"""``unet-deploy train`` and ``unet-deploy evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ._app import app
+
+DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."
+
+
+@app.command()
+def train(
+    epochs: int = typer.Option(5, "--epochs", "-e", help="Number of epochs."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Global batch size (split over processes)."),
+    learning_rate: float = typer.Option(1e-5, "--learning-rate", "-l", help="Learning rate."),
+    load: Path | None = typer.Option(None, "--load", "-f",
+                                     help="Resume from a unet-deploy checkpoint (model + optimizer), or "
+                                          "fine-tune from a Pytorch-UNet MODEL.pth (weights only)."),
+    scale: float = typer.Option(0.5, "--scale", "-s", help="Downscaling factor of the images."),
+    validation: float = typer.Option(10.0, "--validation", "-v",
+                                     help="Percent of the data used as validation (0-100)."),
+    data: Path = typer.Option(Path("data"), "--data", help="Data folder with imgs/ and masks/."),
+    imgs: Path | None = typer.Option(None, "--imgs", help="Images folder (default DATA/imgs)."),
+    masks: Path | None = typer.Option(None, "--masks", help="Masks folder (default DATA/masks)."),
+    mask_suffix: str = typer.Option("_mask", help="Mask file name = <image stem><suffix>.<ext>."),
+    classes: int = typer.Option(2, "--classes", "-c", help="Number of classes (1 = sigmoid output)."),
+    bilinear: bool = typer.Option(False, "--bilinear/--transposed",
+                                  help="Bilinear up-sampling or transposed convolutions (Pytorch-UNet's default)."),
+    base_channels: int = typer.Option(64, help="Width of the first layer; 64 = Pytorch-UNet, 16/32 = fast CPU models."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (fp16 on CUDA, bf16 on CPU)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    seed: int = typer.Option(0, help="Random seed (split, init, shuffling): same seed, same run."),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    checkpoint_dir: Path = typer.Option(Path("checkpoints"), help="Where last.pth and best.pth are written."),
+    optimizer: str = typer.Option("rmsprop", help="rmsprop (Pytorch-UNet's), adamw or adam."),
+    weight_decay: float = typer.Option(1e-8, help="Weight decay."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes (torchrun)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format (GPU)."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a U-Net on Carvana-style data (DATA/imgs/<id>.jpg + DATA/masks/<id>_mask.gif).
+
+    Writes CHECKPOINT_DIR/last.pth every epoch and best.pth when validation dice improves; Ctrl-C saves
+    last.pth and exits. Under torchrun it trains with DistributedDataParallel.
+
+    Example: `unet-deploy train --data data -e 10 -b 4 -l 1e-3 --optimizer adamw --base-channels 16`
+    """
+    from ..train import TrainConfig
+    from ..train import train as run_train
+
+    cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
+                      batch_size=batch_size, learning_rate=learning_rate, load=load, scale=scale,
+                      validation=validation, n_classes=classes, bilinear=bilinear, base_channels=base_channels,
+                      amp=amp, device=device, seed=seed, workers=workers, checkpoint_dir=checkpoint_dir,
+                      optimizer=optimizer, weight_decay=weight_decay, sync_bn=sync_bn,
+                      channels_last=channels_last, progress=not quiet, max_steps=max_steps)
+    result = run_train(cfg)
+    if result.interrupted:
+        raise typer.Exit(130)
+    typer.echo(f"best validation dice {result.best_dice:.4f}; {result.images_per_second:.1f} img/s; "
+               f"checkpoints: {result.best_path}, {result.last_path}")
+    typer.echo(f"next: unet-deploy evaluate -m {result.best_path} --data {data}")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(Path("checkpoints/best.pth"), "--model", "-m",
+                               help="Checkpoint (.pth, also Pytorch-UNet's), TorchScript (.ts) or ONNX (.onnx)."),
+    data: Path = typer.Option(Path("data"), "--data", help="Data folder with imgs/ and masks/."),
+    imgs: Path | None = typer.Option(None, "--imgs", help="Images folder (default DATA/imgs)."),
+    masks: Path | None = typer.Option(None, "--masks", help="Masks folder (default DATA/masks)."),
+    mask_suffix: str = typer.Option("_mask", help="Mask file name = <image stem><suffix>.<ext>."),
+    scale: float | None = typer.Option(None, "--scale", "-s", help="Override the model's input scale."),
+    threshold: float | None = typer.Option(None, "--mask-threshold", "-t", help="Override the threshold."),
+    backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the file)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write per-image dice as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Mean per-image dice (Carvana's metric) of a model on DATA, at the original resolution.
+
+    Example: `unet-deploy evaluate -m checkpoints/best.pth --data data`
+    """
+    from ..backends import load_backend
+    from ..data import find_pairs
+    from ..fileio import atomic_write_text
+    from ..progress import file_progress
+    from ..train import evaluate_model
+
+    be = load_backend(model, backend, device)
+    pairs = find_pairs(imgs or data / "imgs", masks or data / "masks", mask_suffix)
+    with file_progress(not quiet) as bar:
+        task = bar.add_task("evaluate", total=len(pairs))
+        result = evaluate_model(be, pairs, scale, None, threshold,
+                                progress=lambda i: bar.update(task, completed=i))
+    typer.echo(f"dice {result['dice']:.6f} over {result['n']} images ({be.describe()})")
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2))
+        typer.echo(f"wrote {json_out}")

@@ -1,0 +1,269 @@
+"""Images and masks: the one ``load_image`` and one ``preprocess`` that training, evaluation, prediction,
+parity checks and benchmarks all use, plus Carvana-style image/mask pairing.
+
+Preprocessing is Pytorch-UNet's: resize by ``scale`` with BICUBIC (masks NEAREST), divide by 255, no
+mean/std normalisation, HWC -> CHW. So its checkpoints predict here exactly as they do there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "load_image",
+    "load_mask",
+    "scaled_size",
+    "preprocess",
+    "resize_image",
+    "to_input",
+    "preprocess_mask",
+    "mask_to_index",
+    "Pair",
+    "find_pairs",
+    "discover_mask_values",
+    "list_images",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp")
+#: Decompression-bomb limit: 16x a Carvana image (1918x1280); larger files are refused, not decoded.
+MAX_PIXELS = 16 * 1918 * 1280
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected an {what} file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes); re-export or remove it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image (unknown format); convert it to JPEG or PNG") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: image too large (decompression-bomb limit {MAX_PIXELS} px)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot open {what} ({e})") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise UserError(f"{path}: image too large ({w}x{h} px > limit of {MAX_PIXELS} px); "
+                        "downscale it first")
+    if w < 1 or h < 1:
+        raise UserError(f"{path}: image has no pixels ({w}x{h})")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: broken or truncated {what} ({e}); re-download or remove it") from None
+    return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images (I;16, I, F) to 8-bit L, scaling the full range."""
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8:
+        return img.convert("L")
+    arr = arr.astype(np.float64)
+    top = 65535.0 if arr.max() > 255 else 255.0
+    if img.mode == "F":
+        top = 1.0 if arr.max() <= 1.0 else max(float(arr.max()), 1.0)
+    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels become white (a studio background) rather than whatever colour hides under
+        # alpha = 0.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Read any image file as uint8: (H, W, 3) for ``channels=3``, (H, W, 1) for ``channels=1``.
+
+    EXIF orientation is applied; every mode (L, LA, P, RGBA, CMYK, I;16, ...) is accepted. Bad files raise
+    :class:`UserError` naming the file.
+    """
+    img = _open(path, "image")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
+        pass
+    rgb = _to_rgb(img)
+    if channels == 3:
+        return np.asarray(rgb, dtype=np.uint8)
+    if channels == 1:
+        return np.asarray(rgb.convert("L"), dtype=np.uint8)[:, :, None]
+    raise UserError(f"models with {channels} input channels are not supported (use 1 or 3)")
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Read a mask file as its raw values: palette indices for GIF/P masks (Carvana: 0/1), grey levels
+    for L masks, (H, W, 3) colours for RGB masks."""
+    img = _open(path, "mask")
+    if img.mode in ("1", "L", "P", "I", "I;16"):
+        arr = np.asarray(img)
+    elif img.mode in ("LA", "PA"):
+        arr = np.asarray(img)[..., 0]
+    else:
+        arr = np.asarray(img.convert("RGB"))
+        if (arr == arr[..., :1]).all():
+            arr = arr[..., 0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Pytorch-UNet's size rule: ``int(scale * w), int(scale * h)`` (959x640 for Carvana at 0.5)."""
+    new_w, new_h = int(scale * width), int(scale * height)
+    if new_w < 1 or new_h < 1:
+        raise UserError(f"--scale {scale} makes a {width}x{height} image empty; use a larger --scale")
+    return new_w, new_h
+
+
+def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 (H, W, C) image resized by ``scale`` with BICUBIC (Pytorch-UNet's rule)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    h, w = image.shape[:2]
+    new_w, new_h = scaled_size(w, h, scale)
+    if (new_w, new_h) == (w, h):
+        return image
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    out = np.asarray(pil.resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def to_input(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C) -> float32 (C, H, W) in [0, 1] (divide by 255, no mean/std)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    chw *= np.float32(1.0 / 255.0)
+    return chw
+
+
+def preprocess(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 (H, W, C) image -> float32 (C, h, w) network input in [0, 1], resized by ``scale``."""
+    return to_input(resize_image(image, scale))
+
+
+def preprocess_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """Raw mask values resized by ``scale`` with NEAREST (values are never blended)."""
+    h, w = mask.shape[:2]
+    new_w, new_h = scaled_size(w, h, scale)
+    if (new_w, new_h) == (w, h):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((new_w, new_h), resample=Image.Resampling.NEAREST))
+
+
+def mask_to_index(mask: np.ndarray, mask_values: Sequence, source: str | Path = "mask") -> np.ndarray:
+    """Map raw mask values to class indices 0..K-1 (int64); unknown values raise :class:`UserError`."""
+    out = np.zeros(mask.shape[:2], dtype=np.int64)
+    matched = np.zeros(mask.shape[:2], dtype=bool)
+    for i, v in enumerate(mask_values):
+        if mask.ndim == 3:
+            hit = (mask == np.asarray(v, dtype=mask.dtype)).all(-1)
+        else:
+            hit = mask == v
+        out[hit] = i
+        matched |= hit
+    if not matched.all():
+        bad = mask[~matched]
+        example = bad[0].tolist() if bad.ndim > 1 else bad.flat[0].item()
+        raise UserError(f"{source}: mask has value {example} outside the expected mask values "
+                        f"{list(mask_values)}; fix the mask or retrain with masks of the same values")
+    return out
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    image: Path
+    mask: Path
+
+
+def _mask_id(mask: Path, suffix: str) -> str:
+    stem = mask.stem
+    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+
+
+def find_pairs(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str = "_mask",
+               check_sizes: bool = True) -> list[Pair]:
+    """Pair ``<id>.<ext>`` images with ``<id><mask_suffix>.<ext>`` masks (or same-stem masks).
+
+    Raises :class:`UserError` naming the first image without a mask, mask without an image, or pair
+    whose sizes differ (read from file headers only, so this is fast).
+    """
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    for d, what, flag in ((images_dir, "images", "--data (DIR/imgs)"), (masks_dir, "masks", "--data (DIR/masks)")):
+        if not d.is_dir():
+            raise UserError(f"{d}: {what} folder not found; pass {flag} or create it with "
+                            "`unet-deploy synth --out DIR`")
+    images = list_images(images_dir)
+    masks = list_images(masks_dir)
+    if not images:
+        raise UserError(f"{images_dir}: no images found ({', '.join(IMAGE_SUFFIXES)}); "
+                        "add images or point --data elsewhere")
+    by_id: dict[str, Path] = {}
+    for m in masks:
+        key = _mask_id(m, mask_suffix)
+        if key in by_id:
+            raise UserError(f"{m}: a second mask for image id '{key}' (also {by_id[key].name}); keep one")
+        by_id[key] = m
+    pairs = []
+    for img in images:
+        mask = by_id.pop(img.stem, None)
+        if mask is None:
+            raise UserError(f"{img}: no mask found (expected {masks_dir}/{img.stem}{mask_suffix}.gif or "
+                            f"{img.stem}.png); add it or remove the image")
+        pairs.append(Pair(img.stem, img, mask))
+    if by_id:
+        orphan = sorted(by_id.values())[0]
+        raise UserError(f"{orphan}: mask without an image (expected {images_dir}/"
+                        f"{_mask_id(orphan, mask_suffix)}.jpg); add the image or remove the mask")
+    if check_sizes:
+        for p in pairs:
+            with Image.open(p.image) as a, Image.open(p.mask) as b:
+                size_a = ImageOps.exif_transpose(a).size if a.getexif().get(0x0112, 1) != 1 else a.size
+                if size_a != b.size:
+                    raise UserError(f"{p.mask}: mask is {b.size[0]}x{b.size[1]} but image {p.image.name} is "
+                                    f"{size_a[0]}x{size_a[1]}; masks must match their images")
+    return pairs
+
+
+def discover_mask_values(masks: Sequence[Path]) -> list:
+    """Sorted distinct values over all masks (e.g. [0, 1] for Carvana GIFs, [0, 255] for PNGs)."""
+    values: set = set()
+    for m in masks:
+        arr = load_mask(m)
+        if arr.ndim == 3:
+            values.update(tuple(v) for v in np.unique(arr.reshape(-1, arr.shape[-1]), axis=0).tolist())
+        else:
+            values.update(np.unique(arr).tolist())
+    ordered = sorted(values)
+    return [list(v) if isinstance(v, tuple) else v for v in ordered]

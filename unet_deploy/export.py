@@ -1,0 +1,126 @@
+"""TorchScript and ONNX writers with the model's config embedded.
+
+* TorchScript: traced (the size-dependent padding is scripted so it stays dynamic), frozen, config in
+  ``_extra_files[CONFIG_KEY]``. Loads with plain ``torch.jit.load``.
+* ONNX: torch's dynamo exporter with dynamic batch/height/width, one self-contained file
+  (``external_data=False``), config in ``metadata_props`` (full JSON under CONFIG_KEY plus flat keys).
+  Loads with plain ``onnxruntime.InferenceSession``.
+
+Both are written atomically: a failed export leaves nothing under the target name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backends import silence_torchscript_deprecation
+from .config import CONFIG_KEY, DeployConfig, versions
+from .errors import UserError
+from .fileio import atomic_path
+
+__all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "DEFAULT_OPSET", "EXAMPLE_SHAPE"]
+
+DEFAULT_OPSET = 18
+#: Example input for tracing/exporting: batch > 1 and sizes > 1 so no dimension is specialised.
+EXAMPLE_SHAPE = (2, 3, 64, 96)
+
+
+def _example(model: nn.Module, config: DeployConfig, shape: tuple[int, ...] | None) -> torch.Tensor:
+    n, _, h, w = shape or EXAMPLE_SHAPE
+    param = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, config.model.n_channels, h, w, generator=g).to(param.device, param.dtype)
+
+
+def export_torchscript(model: nn.Module, config: DeployConfig, path: str | Path,
+                       example_shape: tuple[int, ...] | None = None, freeze: bool = True) -> Path:
+    """Trace ``model`` (eval mode), optionally freeze it, and save it with the config embedded."""
+    path = Path(path)
+    model = model.eval()
+    x = _example(model, config, example_shape)
+    cfg = replace(config, versions=versions())
+    with silence_torchscript_deprecation(), torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        if freeze:
+            traced = torch.jit.freeze(traced)
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files={CONFIG_KEY: cfg.to_json()})
+    return path
+
+
+def onnx_metadata(config: DeployConfig, precision: str = "fp32") -> dict[str, str]:
+    """Flat, human-readable metadata keys plus the full config JSON under CONFIG_KEY."""
+    c = config
+    return {
+        CONFIG_KEY: c.to_json(),
+        "unet_deploy.architecture": c.model.architecture,
+        "unet_deploy.classes": str(c.model.n_classes),
+        "unet_deploy.mask_values": json.dumps(c.inference.mask_values),
+        "unet_deploy.scale": repr(c.inference.scale),
+        "unet_deploy.threshold": repr(c.inference.threshold),
+        "unet_deploy.preprocessing": json.dumps(c.preprocessing, sort_keys=True),
+        "unet_deploy.source_sha256": str(c.source.get("sha256", "")),
+        "unet_deploy.versions": json.dumps(c.versions, sort_keys=True),
+        "unet_deploy.precision": precision,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs and prints a lot (missing torchvision ops, progress); keep real errors."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset: int = DEFAULT_OPSET,
+                example_shape: tuple[int, ...] | None = None, dynamic: bool = True) -> Path:
+    """Export with dynamic (batch, height, width), embed metadata, run ``onnx.checker``, save atomically."""
+    import onnx
+    from torch.export import Dim
+
+    if opset < 17:
+        raise UserError(f"--opset {opset}: use 17 or newer (bilinear Resize with align_corners needs a "
+                        "recent opset; the dynamo exporter targets 18)")
+    path = Path(path)
+    model = model.eval()
+    x = _example(model, config, example_shape)
+    dynamic_shapes = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},) if dynamic else None
+    cfg = replace(config, versions=versions())
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
+                                        output_names=["logits"], dynamic_shapes=dynamic_shapes,
+                                        external_data=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: ONNX export failed ({first[:300]})") from None
+    proto = program.model_proto
+    proto.producer_name = "unet-deploy"
+    precision = "fp16" if next(model.parameters()).dtype == torch.float16 else "fp32"
+    del proto.metadata_props[:]
+    for key, value in onnx_metadata(cfg, precision).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return path

@@ -1,0 +1,69 @@
+"""Logits -> probabilities -> mask at the original image size (Pytorch-UNet's ``predict_img``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "probs_to_mask", "colorize"]
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) logits to ``size`` = (H, W), as Pytorch-UNet does before argmax."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def probabilities(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image's (C, h, w) logits -> float32 (K, H, W) class probabilities, K = max(C, 2).
+
+    One-class (sigmoid) models give [1 - p, p], so dense CRF and TTA treat every model alike.
+    """
+    t = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
+    t = t.detach().float().cpu()
+    if t.ndim == 3:
+        t = t[None]
+    if size is not None:
+        t = upsample_logits(t, size)
+    if t.shape[1] == 1:
+        p = torch.sigmoid(t[0, 0])
+        return torch.stack([1 - p, p]).numpy()
+    return torch.softmax(t[0], dim=0).numpy()
+
+
+def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
+                   threshold: float = 0.5) -> np.ndarray:
+    """(N, C, h, w) logits -> (N, H, W) class indices (uint8 below 256 classes).
+
+    C > 1: argmax over classes; C == 1: sigmoid > threshold.
+    """
+    t = logits.detach().float().cpu()
+    if t.ndim == 3:
+        t = t[None]
+    if size is not None:
+        t = upsample_logits(t, size)
+    if t.shape[1] == 1:
+        mask = torch.sigmoid(t[:, 0]) > threshold
+    else:
+        mask = t.argmax(dim=1)
+    dtype = np.uint8 if t.shape[1] <= 256 else np.int32
+    return mask.numpy().astype(dtype)
+
+
+def probs_to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(K, H, W) probabilities -> (H, W) class indices; binary uses ``threshold`` on class 1."""
+    if probs.shape[0] == 2:
+        return (probs[1] > threshold).astype(np.uint8)
+    return probs.argmax(0).astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
+
+
+def colorize(mask: np.ndarray, values: list) -> np.ndarray:
+    """Class indices (H, W) -> the pixel values written to disk (uint8 grey or (H, W, 3) colours)."""
+    lut = np.asarray(values)
+    if lut.ndim == 1:
+        if lut.max(initial=0) <= 255 and lut.min(initial=0) >= 0:
+            return lut.astype(np.uint8)[mask]
+        return lut.astype(np.int32)[mask]
+    return lut.astype(np.uint8)[mask]
