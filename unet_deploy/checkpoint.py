@@ -95,6 +95,11 @@ def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
         raise UserError(f"{path}: is a folder, expected a .pth checkpoint file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty checkpoint file (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither zip nor legacy pickle format
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither zip nor pickle format); pass a .pth "
+                        "written by torch.save")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -76,9 +76,11 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if arr.dtype == np.uint8:
         return img.convert("L")
     arr = arr.astype(np.float64)
-    top = 65535.0 if arr.max() > 255 else 255.0
-    if img.mode == "F":
-        top = 1.0 if arr.max() <= 1.0 else max(float(arr.max()), 1.0)
+    peak = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F" and peak <= 1.0:
+        top = 1.0  # float images in [0, 1]
+    else:
+        top = 255.0 if peak <= 255 else 65535.0
     return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 

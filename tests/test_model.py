@@ -1,0 +1,97 @@
+"""The U-Net matches Pytorch-UNet's module tree, state-dict keys and parameter counts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from unet_deploy.model import UNet, count_parameters, pad_to
+
+
+def pytorch_unet_keys(bilinear: bool) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes of Pytorch-UNet's UNet(3, 2, bilinear), written out from its documented
+    layout (REFERENCE.md), independently of our model code."""
+    factor = 2 if bilinear else 1
+    keys: dict[str, tuple[int, ...]] = {}
+
+    def double_conv(prefix: str, cin: int, cout: int, mid: int | None = None) -> None:
+        mid = mid or cout
+        keys[f"{prefix}.double_conv.0.weight"] = (mid, cin, 3, 3)
+        for i, c in ((1, mid), (4, cout)):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                keys[f"{prefix}.double_conv.{i}.{name}"] = (c,)
+            keys[f"{prefix}.double_conv.{i}.num_batches_tracked"] = ()
+        keys[f"{prefix}.double_conv.3.weight"] = (cout, mid, 3, 3)
+
+    double_conv("inc", 3, 64)
+    chans = [64, 128, 256, 512, 1024 // factor]
+    for i in range(4):
+        double_conv(f"down{i + 1}.maxpool_conv.1", chans[i], chans[i + 1])
+    ups = [(1024, 512 // factor), (512, 256 // factor), (256, 128 // factor), (128, 64)]
+    for i, (cin, cout) in enumerate(ups):
+        p = f"up{i + 1}"
+        if bilinear:
+            double_conv(f"{p}.conv", cin, cout, cin // 2)
+        else:
+            keys[f"{p}.up.weight"] = (cin, cin // 2, 2, 2)
+            keys[f"{p}.up.bias"] = (cin // 2,)
+            double_conv(f"{p}.conv", cin, cout)
+    keys["outc.conv.weight"] = (2, 64, 1, 1)
+    keys["outc.conv.bias"] = (2,)
+    return keys
+
+
+@pytest.mark.parametrize("bilinear,params", [(True, 17_263_042), (False, 31_037_698)])
+def test_seed_architecture_keys_shapes_and_params(bilinear: bool, params: int) -> None:
+    model = UNet(3, 2, bilinear=bilinear)
+    state = model.state_dict()
+    expected = pytorch_unet_keys(bilinear)
+    assert set(state) == set(expected)
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    assert count_parameters(model) == params
+
+
+def test_attribute_names_read_like_pytorch_unet() -> None:
+    model = UNet(3, 2, bilinear=False, base_channels=8)
+    names = {n for n, _ in model.named_children()}
+    assert names == {"inc", "down1", "down2", "down3", "down4", "up1", "up2", "up3", "up4", "outc"}
+    assert isinstance(model.down1.maxpool_conv[0], torch.nn.MaxPool2d)
+    assert isinstance(model.up1.up, torch.nn.ConvTranspose2d)
+    assert isinstance(UNet(bilinear=True, base_channels=8).up1.up, torch.nn.Upsample)
+
+
+@pytest.mark.parametrize("bilinear", [True, False])
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 61, 97), (1, 3, 33, 17), (1, 3, 40, 59)])
+def test_output_shape_matches_input_at_odd_sizes(bilinear: bool, shape: tuple[int, ...]) -> None:
+    model = UNet(3, 3, bilinear=bilinear, base_channels=4).eval()
+    with torch.no_grad():
+        out = model(torch.rand(*shape))
+    assert out.shape == (shape[0], 3, shape[2], shape[3])
+    assert torch.isfinite(out).all()
+
+
+def test_narrow_models_keep_the_layout() -> None:
+    small = UNet(1, 1, bilinear=True, base_channels=16)
+    big = UNet(1, 1, bilinear=True, base_channels=64)
+    assert set(small.state_dict()) == set(big.state_dict())
+    assert count_parameters(small) * 10 < count_parameters(big)
+
+
+def test_pad_to_splits_odd_differences_like_pytorch_unet() -> None:
+    x1 = torch.ones(1, 1, 4, 5)
+    x2 = torch.zeros(1, 1, 7, 8)
+    out = pad_to(x1, x2)
+    assert out.shape == (1, 1, 7, 8)
+    rows = out[0, 0].sum(1).nonzero().flatten().tolist()
+    cols = out[0, 0].sum(0).nonzero().flatten().tolist()
+    assert rows[0] == 1 and rows[-1] == 4  # diff 3 -> 1 above, 2 below
+    assert cols[0] == 1 and cols[-1] == 5
+
+
+@pytest.mark.parametrize("bad", [dict(base_channels=3), dict(n_classes=0), dict(n_channels=0)])
+def test_invalid_arguments_raise(bad: dict) -> None:
+    with pytest.raises(ValueError, match=re.compile("must be", re.I)):
+        UNet(**bad)
