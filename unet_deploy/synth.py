@@ -422,6 +422,8 @@ def generate_dataset(out_dir: str | os.PathLike[str], n: int = 16, width: int = 
     """
     _check_args(n, width, height, angles, jpeg_quality)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
     imgs, masks = out / "imgs", out / "masks"
     for folder in (imgs, masks):
         _prepare(folder, overwrite)
