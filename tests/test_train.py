@@ -1,0 +1,125 @@
+"""Training really learns, is deterministic, resumes exactly and saves safely on Ctrl-C."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_deploy.backends import load_backend
+from unet_deploy.checkpoint import load_checkpoint
+from unet_deploy.data import find_pairs
+from unet_deploy.errors import UserError
+from unet_deploy.train import EpochSampler, TrainConfig, evaluate_model, split_pairs, train
+
+
+def _cfg(data: Path, ckpt: Path, **kw) -> TrainConfig:
+    base = dict(data=data, checkpoint_dir=ckpt, epochs=1, batch_size=4, learning_rate=3e-3, optimizer="adamw",
+                base_channels=4, bilinear=True, scale=1.0, validation=20, device="cpu", seed=0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).state_dict
+
+
+@pytest.mark.slow
+def test_small_model_learns_heldout_dice_above_0_9(synth_train: Path, synth_heldout: Path, tmp_path: Path) -> None:
+    cfg = _cfg(synth_train, tmp_path, epochs=6, batch_size=8, base_channels=16, scale=0.5, validation=10)
+    result = train(cfg, log=lambda _m: None)
+    assert result.best_path.exists() and result.last_path.exists()
+    assert result.images_per_second > 0
+    backend = load_backend(result.best_path, device="cpu")
+    assert backend.config.inference.scale == 0.5
+    assert backend.config.inference.mask_values == [0, 1]
+    score = evaluate_model(backend, find_pairs(synth_heldout / "imgs", synth_heldout / "masks"))
+    assert score["n"] == 24
+    assert score["dice"] >= 0.9, score["dice"]
+
+
+def test_same_seed_same_weights_other_seed_differs(synth_tiny: Path, tmp_path: Path) -> None:
+    a = train(_cfg(synth_tiny, tmp_path / "a", max_steps=3), log=lambda _m: None)
+    b = train(_cfg(synth_tiny, tmp_path / "b", max_steps=3), log=lambda _m: None)
+    c = train(_cfg(synth_tiny, tmp_path / "c", max_steps=3, seed=1), log=lambda _m: None)
+    wa, wb, wc = _weights(a.last_path), _weights(b.last_path), _weights(c.last_path)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resume_continues_exactly(synth_tiny: Path, tmp_path: Path) -> None:
+    straight = train(_cfg(synth_tiny, tmp_path / "s", epochs=2), log=lambda _m: None)
+    first = train(_cfg(synth_tiny, tmp_path / "r", epochs=1), log=lambda _m: None)
+    messages: list[str] = []
+    resumed = train(_cfg(synth_tiny, tmp_path / "r", epochs=2, load=first.last_path), log=messages.append)
+    assert any("resuming" in m and "epoch 2" in m for m in messages)
+    assert resumed.epochs_run == 1
+    ws, wr = _weights(straight.last_path), _weights(resumed.last_path)
+    for k in ws:
+        assert torch.allclose(ws[k].float(), wr[k].float(), atol=1e-6), k
+    assert load_checkpoint(resumed.last_path).training["epoch"] == 2
+
+
+def test_ctrl_c_saves_last_checkpoint(synth_tiny: Path, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def interrupt_on_third(image, mask):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return image, mask
+
+    cfg = _cfg(synth_tiny, tmp_path, epochs=3, hooks={"transform": interrupt_on_third})
+    result = train(cfg, log=lambda _m: None)
+    assert result.interrupted
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert ckpt.training["optimizer"]["state"]  # the optimizer had stepped: its state was saved
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_one_class_sigmoid_model_trains(synth_tiny: Path, tmp_path: Path) -> None:
+    result = train(_cfg(synth_tiny, tmp_path, n_classes=1, max_steps=2), log=lambda _m: None)
+    ckpt = load_checkpoint(result.last_path)
+    assert ckpt.config.model.n_classes == 1
+    assert ckpt.state_dict["outc.conv.weight"].shape[0] == 1
+
+
+def test_more_mask_values_than_classes_is_a_clear_error(synth_tiny: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_tiny, data)
+    mask_path = sorted((data / "masks").iterdir())[0]
+    m = np.asarray(Image.open(mask_path)).copy()
+    m[0, :5] = 2
+    img = Image.fromarray(m, "P")
+    img.putpalette([0, 0, 0, 255, 255, 255, 128, 128, 128] + [0] * 759)
+    img.save(mask_path)
+    with pytest.raises(UserError, match=r"masks hold 3 distinct values .* pass --classes 3"):
+        train(_cfg(data, tmp_path / "ck"), log=lambda _m: None)
+
+
+def test_batch_larger_than_data_is_a_clear_error(synth_tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--batch-size 64 is larger"):
+        train(_cfg(synth_tiny, tmp_path, batch_size=64), log=lambda _m: None)
+
+
+def test_split_is_seeded_and_disjoint(synth_tiny: Path) -> None:
+    pairs = find_pairs(synth_tiny / "imgs", synth_tiny / "masks")
+    t1, v1 = split_pairs(pairs, 25, seed=0)
+    t2, v2 = split_pairs(pairs, 25, seed=0)
+    assert (t1, v1) == (t2, v2) and len(v1) == 3
+    assert not {p.id for p in t1} & {p.id for p in v1}
+    with pytest.raises(UserError, match="-v/--validation"):
+        split_pairs(pairs, 100, seed=0)
+
+
+def test_epoch_sampler_shards_rebuild_the_global_batches() -> None:
+    single = list(EpochSampler(10, 4, seed=5))
+    r0 = list(EpochSampler(10, 4, seed=5, rank=0, world=2))
+    r1 = list(EpochSampler(10, 4, seed=5, rank=1, world=2))
+    assert len(single) == 8  # ragged last batch dropped
+    for k in range(2):
+        assert sorted(single[4 * k: 4 * k + 4]) == sorted(r0[2 * k: 2 * k + 2] + r1[2 * k: 2 * k + 2])
