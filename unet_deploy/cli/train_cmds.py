@@ -42,6 +42,8 @@ def train(
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format (GPU)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    nproc: int = typer.Option(1, "--nproc", help="Train in N local processes (DistributedDataParallel): "
+                              "re-runs this command under torch.distributed.run --nproc-per-node N."),
 ) -> None:
     """Train a U-Net on Carvana-style data (DATA/imgs/<id>.jpg + DATA/masks/<id>_mask.gif).
 
@@ -49,9 +51,14 @@ def train(
     last.pth and exits. Under torchrun it trains with DistributedDataParallel.
 
     Example: `unet-deploy train --data data -e 10 -b 4 -l 1e-3 --optimizer adamw --base-channels 16`
+    Several GPUs: `unet-deploy train --nproc 4 -b 16 ...`
+    (same as `torchrun --nproc-per-node 4 -m unet_deploy train -b 16 ...`)
     """
-    from ..train import TrainConfig
+    from ..train import TrainConfig, dist_env
     from ..train import train as run_train
+
+    if nproc != 1:
+        _relaunch(nproc)
 
     cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
                       batch_size=batch_size, learning_rate=learning_rate, load=load, scale=scale,
@@ -62,9 +69,37 @@ def train(
     result = run_train(cfg)
     if result.interrupted:
         raise typer.Exit(130)
+    if not dist_env().main:
+        return
     typer.echo(f"best validation dice {result.best_dice:.4f}; {result.images_per_second:.1f} img/s; "
                f"checkpoints: {result.best_path}, {result.last_path}")
     typer.echo(f"next: unet-deploy evaluate -m {result.best_path} --data {data}")
+
+
+def _relaunch(nproc: int) -> None:
+    """Re-run this command without --nproc under torch.distributed.run; exit with its exit code."""
+    import click
+
+    from ..distributed import launch_torchrun
+    from ..errors import UserError
+    from ..train import dist_env
+
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be >= 1")
+    if dist_env().enabled:
+        raise UserError("--nproc: already running under torchrun (WORLD_SIZE is set); drop --nproc")
+    ctx = click.get_current_context()
+    args = [ctx.info_name or "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "nproc" or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+            args += [flag] if flag else []
+        else:
+            args += [param.opts[0], str(value)]
+    raise typer.Exit(launch_torchrun(nproc, args))
 
 
 @app.command()
