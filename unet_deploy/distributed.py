@@ -119,17 +119,19 @@ def torchrun_command(nproc: int, args: Sequence[str], extra: Sequence[str] = ())
 def launch_torchrun(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) -> int:
     """Run ``unet_deploy ARGS`` in ``nproc`` local processes under torch.distributed.run; its exit code.
 
-    Ctrl-C reaches the launcher and its workers through the terminal (one process group): this process
-    ignores it and waits, so rank 0 can write ``last.pth`` and torchrun can shut the workers down. A
-    SIGTERM sent to this process is passed on to torchrun.
+    Ctrl-C reaches torchrun through the terminal; torchrun passes one SIGINT to each worker (they run in
+    their own sessions), rank 0 writes ``last.pth`` and the exit code is 130. This process only waits
+    meanwhile; a SIGTERM sent to it is passed on to torchrun.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     proc = subprocess.Popen(torchrun_command(nproc, args, extra), env=env)
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupted = []
+    old_int = signal.signal(signal.SIGINT, lambda sig, _frame: interrupted.append(sig))
     old_term = signal.signal(signal.SIGTERM, lambda sig, _frame: proc.send_signal(sig))
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+    return 130 if interrupted and code != 0 else code

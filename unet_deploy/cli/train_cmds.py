@@ -14,6 +14,7 @@ DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."
 
 @app.command()
 def train(
+    ctx: typer.Context,
     epochs: int = typer.Option(5, "--epochs", "-e", help="Number of epochs."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Global batch size (split over processes)."),
     learning_rate: float = typer.Option(1e-5, "--learning-rate", "-l", help="Learning rate."),
@@ -58,7 +59,7 @@ def train(
     from ..train import train as run_train
 
     if nproc != 1:
-        _relaunch(nproc)
+        _relaunch(ctx, nproc)
 
     cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
                       batch_size=batch_size, learning_rate=learning_rate, load=load, scale=scale,
@@ -76,10 +77,9 @@ def train(
     typer.echo(f"next: unet-deploy evaluate -m {result.best_path} --data {data}")
 
 
-def _relaunch(nproc: int) -> None:
+def _relaunch(ctx: typer.Context, nproc: int) -> None:
     """Re-run this command without --nproc under torch.distributed.run; exit with its exit code."""
-    import click
-
+    from ..data import find_pairs
     from ..distributed import launch_torchrun
     from ..errors import UserError
     from ..train import dist_env
@@ -88,11 +88,16 @@ def _relaunch(nproc: int) -> None:
         raise UserError(f"--nproc {nproc}: must be >= 1")
     if dist_env().enabled:
         raise UserError("--nproc: already running under torchrun (WORLD_SIZE is set); drop --nproc")
-    ctx = click.get_current_context()
+    opts = ctx.params  # catch the common mistakes here, in one line, before starting N processes
+    if opts["batch_size"] % nproc:
+        raise UserError(f"-b/--batch-size {opts['batch_size']}: the global batch must be a multiple of "
+                        f"--nproc {nproc}")
+    data = opts["data"]
+    find_pairs(opts["imgs"] or data / "imgs", opts["masks"] or data / "masks", opts["mask_suffix"])
     args = [ctx.info_name or "train"]
-    for param in ctx.command.params:
+    for param in ctx.command.params:  # every option as parsed, so the workers run exactly this command
         value = ctx.params.get(param.name)
-        if param.name == "nproc" or value is None or not isinstance(param, click.Option):
+        if param.name == "nproc" or value is None or param.param_type_name != "option":
             continue
         if param.is_flag:
             flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
