@@ -150,11 +150,14 @@ def dist_env() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(env: DistEnv, device: str) -> None:
+def init_distributed(env: DistEnv, device: str) -> bool:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU); True if this call created it."""
     import torch.distributed as dist
 
     if env.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        return True
+    return False
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     if env.enabled and device.startswith("cuda"):
         device = f"cuda:{env.local_rank}"
         torch.cuda.set_device(device)
-    init_distributed(env, device)
+    own_group = init_distributed(env, device)
     say = log if env.main else (lambda _msg: None)
     if cfg.epochs < 1:
         raise UserError(f"-e/--epochs {cfg.epochs}: must be >= 1")
@@ -356,7 +359,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
 
         _load_state(model, loaded.state_dict, loaded.path)
     if cfg.sync_bn and env.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from .distributed import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -451,8 +456,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                     if cfg.max_steps and global_step >= cfg.max_steps:
                         break
                 train_time += time.perf_counter() - t0
-                last_dice = validate(net, val_loader, model_cfg.n_classes, device, env, cfg.amp) if val_pairs \
-                    else float("nan")
+                if env.enabled:  # mean loss over all ranks; validate rank 0's model (what gets saved)
+                    from .distributed import broadcast_buffers
+
+                    sums = all_reduce_sum(torch.tensor([epoch_loss, n_batches], dtype=torch.float64), env)
+                    epoch_loss, n_batches = float(sums[0]) / env.world, round(float(sums[1]) / env.world)
+                    broadcast_buffers(model)
+                last_dice = validate(model, val_loader, model_cfg.n_classes, device, env, cfg.amp) \
+                    if val_pairs else float("nan")
                 if not step_per_batch:
                     scheduler.step(last_dice if not math.isnan(last_dice) else -epoch_loss)
                 improved = (not math.isnan(last_dice) and last_dice > best_dice) or (
@@ -472,19 +483,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                 if cfg.max_steps and global_step >= cfg.max_steps:
                     break
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or torchrun's) must not cut the save
         interrupted = True
         if env.main:
             save_checkpoint(last_path, model, deploy, state(max(epoch - 1, 0)))
             say(f"interrupted: saved {last_path} (resume with -f {last_path})")
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
-        if env.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
     if env.main and not best_path.exists() and last_path.exists():
         save_checkpoint(best_path, model, deploy, state(epoch))
+    if env.enabled and not interrupted:  # on Ctrl-C or errors torchrun stops the other ranks
+        import torch.distributed as dist
+
+        dist.barrier()  # the checkpoints are on disk before any rank returns
+        if own_group:
+            dist.destroy_process_group()
     return TrainResult(best_dice, last_dice, len(history), images_seen / max(train_time, 1e-9),
                        best_path, last_path, history, interrupted)
 

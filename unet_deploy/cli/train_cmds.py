@@ -14,6 +14,7 @@ DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."
 
 @app.command()
 def train(
+    ctx: typer.Context,
     epochs: int = typer.Option(5, "--epochs", "-e", help="Number of epochs."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Global batch size (split over processes)."),
     learning_rate: float = typer.Option(1e-5, "--learning-rate", "-l", help="Learning rate."),
@@ -42,6 +43,8 @@ def train(
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format (GPU)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    nproc: int = typer.Option(1, "--nproc", help="Train in N local processes (DistributedDataParallel): "
+                              "re-runs this command under torch.distributed.run --nproc-per-node N."),
 ) -> None:
     """Train a U-Net on Carvana-style data (DATA/imgs/<id>.jpg + DATA/masks/<id>_mask.gif).
 
@@ -49,9 +52,14 @@ def train(
     last.pth and exits. Under torchrun it trains with DistributedDataParallel.
 
     Example: `unet-deploy train --data data -e 10 -b 4 -l 1e-3 --optimizer adamw --base-channels 16`
+    Several GPUs: `unet-deploy train --nproc 4 -b 16 ...`
+    (same as `torchrun --nproc-per-node 4 -m unet_deploy train -b 16 ...`)
     """
-    from ..train import TrainConfig
+    from ..train import TrainConfig, dist_env
     from ..train import train as run_train
+
+    if nproc != 1:
+        _relaunch(ctx, nproc)
 
     cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
                       batch_size=batch_size, learning_rate=learning_rate, load=load, scale=scale,
@@ -62,9 +70,41 @@ def train(
     result = run_train(cfg)
     if result.interrupted:
         raise typer.Exit(130)
+    if not dist_env().main:
+        return
     typer.echo(f"best validation dice {result.best_dice:.4f}; {result.images_per_second:.1f} img/s; "
                f"checkpoints: {result.best_path}, {result.last_path}")
     typer.echo(f"next: unet-deploy evaluate -m {result.best_path} --data {data}")
+
+
+def _relaunch(ctx: typer.Context, nproc: int) -> None:
+    """Re-run this command without --nproc under torch.distributed.run; exit with its exit code."""
+    from ..data import find_pairs
+    from ..distributed import launch_torchrun
+    from ..errors import UserError
+    from ..train import dist_env
+
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be >= 1")
+    if dist_env().enabled:
+        raise UserError("--nproc: already running under torchrun (WORLD_SIZE is set); drop --nproc")
+    opts = ctx.params  # catch the common mistakes here, in one line, before starting N processes
+    if opts["batch_size"] % nproc:
+        raise UserError(f"-b/--batch-size {opts['batch_size']}: the global batch must be a multiple of "
+                        f"--nproc {nproc}")
+    data = opts["data"]
+    find_pairs(opts["imgs"] or data / "imgs", opts["masks"] or data / "masks", opts["mask_suffix"])
+    args = [ctx.info_name or "train"]
+    for param in ctx.command.params:  # every option as parsed, so the workers run exactly this command
+        value = ctx.params.get(param.name)
+        if param.name == "nproc" or value is None or param.param_type_name != "option":
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+            args += [flag] if flag else []
+        else:
+            args += [param.opts[0], str(value)]
+    raise typer.Exit(launch_torchrun(nproc, args))
 
 
 @app.command()

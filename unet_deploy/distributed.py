@@ -1,0 +1,137 @@
+"""torch.distributed helpers for ``train``: BatchNorm synchronised across CPU (gloo) processes, buffer
+broadcasting, and the ``--nproc`` launcher that re-runs a command under ``torch.distributed.run``.
+
+``torch.nn.SyncBatchNorm`` only runs on GPUs (DistributedDataParallel refuses it on CPU modules), so on
+CPU ``--sync-bn`` swaps every ``BatchNorm2d`` for :class:`AllReduceBatchNorm2d`, which all-reduces the
+per-channel sums with autograd-aware collectives: the batch statistics, the gradients and the running
+statistics are those of the whole global batch, as in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AllReduceBatchNorm2d", "convert_sync_batchnorm", "broadcast_buffers", "torchrun_command",
+           "launch_torchrun"]
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumAllReduce(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of a sum shared by all ranks is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _SumAllReduce.apply(grad)
+
+
+def _all_reduce(tensor: Tensor) -> Tensor:
+    return _SumAllReduce.apply(tensor)
+
+
+class AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics span every process of the default group.
+
+    Same parameters, buffers and state-dict keys as ``nn.BatchNorm2d`` (checkpoints stay plain U-Nets).
+    Mean and variance are computed in two all-reduced passes (sum, then sum of squared deviations) for
+    the accuracy of a single-process batch norm. Outside training, or without a process group, it is an
+    ordinary ``BatchNorm2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or _world() == 1:
+            return super().forward(x)
+        dims = (0, 2, 3)
+        xf = x.float()  # statistics in fp32, also under autocast
+        local_n = x.shape[0] * x.shape[2] * x.shape[3]
+        sums = _all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([float(local_n)])]))
+        n = sums[-1].detach()
+        mean = sums[:-1] / n
+        centered = xf - mean[None, :, None, None]
+        var = _all_reduce(centered.square().sum(dims)) / n
+        y = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1)) if float(n) > 1 else var
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: str) -> nn.Module:
+    """Batch norm over the global batch: ``nn.SyncBatchNorm`` on CUDA, :class:`AllReduceBatchNorm2d` else."""
+    if device.startswith("cuda"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if type(module) is nn.BatchNorm2d:
+        new = AllReduceBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, device))
+    return module
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every process, in place.
+
+    Without ``--sync-bn`` each rank updates its running statistics from its own share of the batch;
+    broadcasting rank 0's makes validation measure exactly the model rank 0 writes to the checkpoint.
+    """
+    import torch.distributed as dist
+
+    if _world() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
+
+
+def torchrun_command(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N [extra] -m unet_deploy ARGS``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            *extra, "-m", "unet_deploy", *args]
+
+
+def launch_torchrun(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) -> int:
+    """Run ``unet_deploy ARGS`` in ``nproc`` local processes under torch.distributed.run; its exit code.
+
+    Ctrl-C reaches torchrun through the terminal; torchrun passes one SIGINT to each worker (they run in
+    their own sessions), rank 0 writes ``last.pth`` and the exit code is 130. This process only waits
+    meanwhile; a SIGTERM sent to it is passed on to torchrun.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(torchrun_command(nproc, args, extra), env=env)
+    interrupted = []
+    old_int = signal.signal(signal.SIGINT, lambda sig, _frame: interrupted.append(sig))
+    old_term = signal.signal(signal.SIGTERM, lambda sig, _frame: proc.send_signal(sig))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    return 130 if interrupted and code != 0 else code
