@@ -97,7 +97,12 @@ def test_pickle_that_runs_code_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "pwned-by-pickle").exists()
 
 
-@pytest.mark.parametrize("content,match", [(b"", "empty checkpoint"), (b"not a zip at all" * 10, "not a PyTorch checkpoint"), (b"PK\x03\x04broken", "not a PyTorch")])
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty checkpoint"),
+    (b"not a zip at all" * 10, "not a PyTorch checkpoint"),
+    (b"PK\x03\x04broken", "not a PyTorch"),
+    (b"\xff\xd8\xff\xe0 a jpeg header", "not a PyTorch checkpoint"),
+])
 def test_broken_files(tmp_path: Path, content: bytes, match: str) -> None:
     (tmp_path / "bad.pth").write_bytes(content)
     with pytest.raises(UserError, match=match):

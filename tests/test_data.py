@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy.data import (MAX_PIXELS, discover_mask_values, find_pairs, load_image, load_mask,
-                              mask_to_index, preprocess, preprocess_mask, scaled_size)
+from unet_deploy.data import (
+    MAX_PIXELS,
+    discover_mask_values,
+    find_pairs,
+    load_image,
+    load_mask,
+    mask_to_index,
+    preprocess,
+    preprocess_mask,
+    scaled_size,
+)
 from unet_deploy.errors import UserError
 
 

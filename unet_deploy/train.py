@@ -25,8 +25,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DeployConfig, InferenceConfig, ModelConfig
-from .data import (Pair, discover_mask_values, find_pairs, load_image, load_mask, mask_to_index,
-                   preprocess_mask, resize_image, to_input)
+from .data import (
+    Pair,
+    discover_mask_values,
+    find_pairs,
+    load_image,
+    load_mask,
+    mask_to_index,
+    preprocess_mask,
+    resize_image,
+    to_input,
+)
 from .errors import UserError
 from .metrics import dice_loss, multiclass_dice_per_image
 
