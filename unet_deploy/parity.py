@@ -225,6 +225,14 @@ def _masks(logits: torch.Tensor, threshold: float) -> np.ndarray:
     return logits_to_mask(torch.nan_to_num(logits), None, threshold)
 
 
+def _error_line(e: Exception) -> str:
+    """One line for a candidate's exception; TorchScript puts the real error on its last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    line = named[-1] if named else f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return line[:160]
+
+
 def parity(reference: nn.Module | Runner, candidate: Runner, cases: Iterable[ParityCase] | None = None,
            thresholds: ParityThresholds | None = None, config: DeployConfig | None = None,
            progress: Callable[[ParityRow], None] | None = None) -> ParityReport:
@@ -254,8 +262,7 @@ def parity(reference: nn.Module | Runner, candidate: Runner, cases: Iterable[Par
             out = cand_run(case.batch)
         except Exception as e:  # noqa: BLE001 - a candidate that cannot run this shape fails the case
             out = None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            error = f"{type(e).__name__}: {first}"[:160]
+            error = _error_line(e)
         t2 = time.perf_counter()
         if out is not None and tuple(out.shape) != tuple(ref.shape):
             error = f"output shape {tuple(out.shape)} != {tuple(ref.shape)}"
