@@ -419,3 +419,12 @@ def test_default_cases_feed_parity_from_python(small) -> None:
     assert report.passed and len(report.rows) == 3
     with pytest.raises(UserError):
         parity(model, model, [])
+
+
+def test_no_verify_moves_the_file_unchecked(trained, tmp_path) -> None:
+    ckpt = str(trained / "checkpoints" / "best.pth")
+    args = ["export", "-m", ckpt, "-f", "torchscript", "-o", str(tmp_path), "--no-verify"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "parity not checked" in res.output and "rel err" not in res.output
+    assert load_backend(tmp_path / "best.ts", device="cpu").config.model.base_channels == 8
