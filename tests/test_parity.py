@@ -1,0 +1,179 @@
+"""parity(): measures, thresholds, default cases, failure reporting -- eager models only (fast)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
+from unet_deploy.data import scaled_size
+from unet_deploy.errors import UserError
+from unet_deploy.parity import (
+    CARVANA_HALF,
+    ParityCase,
+    ParityThresholds,
+    compare,
+    default_cases,
+    parity,
+)
+
+CFG = DeployConfig(model=ModelConfig(base_channels=4, bilinear=True), inference=InferenceConfig(scale=0.5))
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = CFG.model.build()
+    m.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        for _ in range(3):
+            m(torch.rand(2, 3, 48, 64) * 2)
+    return m.eval()
+
+
+def _cases() -> list[ParityCase]:
+    """Small odd sizes (the default cases' shapes are checked in test_default_cases_shapes)."""
+    g = torch.Generator().manual_seed(0)
+    return [ParityCase("odd", torch.rand(1, 3, 45, 67, generator=g).numpy()),
+            ParityCase("batch-2", torch.rand(2, 3, 33, 41, generator=g).numpy())]
+
+
+def test_thresholds_by_precision() -> None:
+    fp32 = ParityThresholds.for_precision("fp32")
+    assert (fp32.max_rel_err, fp32.min_pixel_agreement, fp32.min_dice) == (1e-5, 0.9999, 0.9999)
+    fp16 = ParityThresholds.for_precision("fp16")
+    assert (fp16.max_rel_err, fp16.min_pixel_agreement, fp16.min_dice) == (1e-2, 0.999, 0.999)
+    assert ParityThresholds.for_precision("bf16").precision == "bf16"
+    with pytest.raises(UserError, match="int8"):
+        ParityThresholds.for_precision("int8")
+
+
+def test_default_cases_shapes(tmp_path) -> None:
+    full = default_cases(CFG)
+    assert full[0].shape == (1, 3, *CARVANA_HALF) == (1, 3, 640, 959)
+    quick = default_cases(CFG, quick=True)
+    assert quick[0].shape == (1, 3, 160, 239)
+    for cases in (full, quick):
+        assert cases[1].shape[2] % 16 and cases[1].shape[3] % 16
+        assert cases[2].shape[0] == 2
+        for c in cases:
+            assert c.batch.dtype == np.float32 and 0 <= c.batch.min() and c.batch.max() <= 1
+    rgb = np.random.default_rng(0).integers(0, 256, (61, 97, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "car.jpg")
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.png")  # grey image -> 3 channels like predict
+    with_images = default_cases(CFG, [tmp_path / "car.jpg", tmp_path / "grey.png"], quick=True)
+    w, h = scaled_size(97, 61, 0.5)
+    assert [c.shape for c in with_images[3:]] == [(1, 3, h, w)] * 2
+    assert with_images[3].name == "image car.jpg"
+
+
+def test_identical_models_pass(model) -> None:
+    report = parity(model, copy.deepcopy(model), _cases(), config=CFG)
+    assert report.passed
+    assert len(report.rows) == 2
+    for row in report.rows:
+        assert row.rel_err == 0 and row.max_abs_err == 0
+        assert row.pixel_agreement == 1.0 and row.dice == 1.0 and row.flipped_pixels == 0
+
+
+def test_perturbed_weights_fail(model) -> None:
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.up2.conv.double_conv[0].weight.mul_(1.01)
+    report = parity(model, wrong, _cases(), config=CFG)
+    assert not report.passed
+    assert all(not r.passed and r.rel_err > 1e-5 for r in report.rows)
+
+
+def test_candidate_errors_and_wrong_shapes_are_failed_rows(model) -> None:
+    def raises(batch):
+        raise RuntimeError("Sizes of tensors must match\nmore detail")
+
+    report = parity(model, raises, _cases(), config=CFG)
+    assert not report.passed
+    assert all("RuntimeError: Sizes of tensors must match" == r.error for r in report.rows)
+    assert all(math.isinf(r.rel_err) for r in report.rows)
+
+    def cropped(batch):
+        return model(torch.as_tensor(batch))[..., :-1]
+
+    report = parity(model, cropped, _cases(), config=CFG)
+    assert not report.passed and "output shape" in report.rows[0].error
+
+
+def test_nan_output_fails(model) -> None:
+    def nan_pixel(batch):
+        out = model(torch.as_tensor(batch)).detach().clone()
+        out[0, 0, 0, 0] = math.nan
+        return out
+
+    report = parity(model, nan_pixel, _cases(), config=CFG)
+    assert not report.passed and all(math.isinf(r.rel_err) for r in report.rows)
+
+
+def _tied_logits(n_tied: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-class logits where ``n_tied`` pixels are decided by one float32 ulp, flipped in ``b``."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 2, 40, 50, generator=g) * 20 - 10
+    a[0, 1] = a[0, 0] + 5  # class 1 everywhere, clearly
+    b = a.clone()
+    idx = torch.arange(n_tied)
+    ys, xs = idx // 50, idx % 50
+    a[0, 0, ys, xs] = 1.0
+    a[0, 1, ys, xs] = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+    b[0, 0, ys, xs] = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+    b[0, 1, ys, xs] = 1.0
+    return a, b
+
+
+def test_one_flipped_pixel_passes_a_real_drift_fails() -> None:
+    th = ParityThresholds()
+    a, b = _tied_logits(1)
+    one = compare(a, b, th)
+    assert one["flipped_pixels"] == 1 and one["rel_err"] < 1e-6
+    assert one["passed"]
+    a, b = _tied_logits(200)  # 10 % of the pixels flip, logits still within 1e-6
+    many = compare(a, b, th)
+    assert many["rel_err"] < 1e-5 and many["flipped_pixels"] == 200
+    assert many["pixel_agreement"] == pytest.approx(0.9) and many["dice"] < 0.95
+    assert not many["passed"]
+
+
+def test_fp16_thresholds_are_looser(model) -> None:
+    def noisy(batch):
+        out = model(torch.as_tensor(batch))
+        return out + 1e-3 * out.abs().max()
+
+    strict = parity(model, noisy, _cases(), config=CFG)
+    loose = parity(model, noisy, _cases(), ParityThresholds.for_precision("fp16"), config=CFG)
+    assert not strict.passed
+    assert loose.passed and loose.thresholds.precision == "fp16"
+
+
+def test_report_renders_as_table_and_json(model) -> None:
+    def broken(batch):
+        raise ValueError("boom")
+
+    report = parity(model, broken, _cases(), config=CFG)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["passed"] is False
+    assert data["rows"][0]["shape"] == [1, 3, 45, 67] and data["rows"][0]["rel_err"] == "inf"
+    assert data["thresholds"]["max_rel_err"] == 1e-5
+    console = Console(record=True, width=160)
+    console.print(report.table())
+    text = console.export_text()
+    for word in ("odd", "batch-2", "2x3x33x41", "FAIL", "rel err", "ValueError: boom"):
+        assert word in text
+    assert "parity FAIL" in report.summary()
+
+
+def test_no_cases_is_a_user_error(model) -> None:
+    with pytest.raises(UserError, match="no input cases"):
+        parity(model, model, [], config=CFG)

@@ -1,0 +1,261 @@
+"""``unet-deploy export`` and ``unet-deploy verify``: TorchScript / ONNX files that provably match eager."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import UserError
+from ._app import app
+
+FORMATS = {"onnx": (".onnx", "ort"), "torchscript": (".ts", "torchscript")}
+DEFAULT_CHECKPOINT = Path("checkpoints/best.pth")
+MAX_DIR_IMAGES = 4
+
+
+def _console() -> Any:
+    """stdout console; wide enough for the parity table when output is not a terminal (logs, CI)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 150, highlight=False)
+
+
+def _formats(fmt: str) -> list[str]:
+    fmt = fmt.strip().lower()
+    if fmt == "all":
+        return list(FORMATS)
+    if fmt in ("ts", "jit"):
+        fmt = "torchscript"
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown format; use onnx, torchscript or all")
+    return [fmt]
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise UserError(f"--opset {opset}: use an ONNX opset from 17 to {newest} (default 18, the one "
+                        "torch's exporter targets)")
+
+
+def _checkpoint_path(model: Path | None) -> Path:
+    if model is None:
+        if not DEFAULT_CHECKPOINT.exists():
+            raise UserError(f"{DEFAULT_CHECKPOINT}: no checkpoint here; train one with `unet-deploy train` "
+                            "or pass -m MODEL.pth (this project's checkpoint or Pytorch-UNet's)")
+        return DEFAULT_CHECKPOINT
+    if model.suffix.lower() in (".onnx", ".ts", ".torchscript", ".jit"):
+        raise UserError(f"-m {model}: export starts from a .pth checkpoint, not an exported model; "
+                        f"check an existing export with `unet-deploy verify {model} -m MODEL.pth`")
+    return model
+
+
+def _images(items: list[Path] | None) -> list[Path]:
+    """Files as given; folders contribute their first MAX_DIR_IMAGES images (sorted by name)."""
+    from ..data import list_images
+
+    out: list[Path] = []
+    for item in items or []:
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise UserError(f"--images {item}: no images in this folder (.jpg, .png, .gif, ...)")
+            out += found[:MAX_DIR_IMAGES]
+        elif item.exists():
+            out.append(item)
+        else:
+            raise UserError(f"--images {item}: no such file or folder")
+    return out
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def export(
+    model: Path | None = typer.Option(None, "--model", "-m",
+                                      help="Checkpoint to export: this project's .pth or a Pytorch-UNet "
+                                           "MODEL.pth [default: checkpoints/best.pth, the best of the last "
+                                           "`unet-deploy train`]."),
+    fmt: str = typer.Option("all", "--format", "-f", help="onnx, torchscript or all."),
+    output: Path = typer.Option(Path("exported"), "--output", "-o", help="Folder to write the files into."),
+    name: str | None = typer.Option(None, "--name",
+                                    help="File name without suffix [default: the checkpoint's stem, e.g. "
+                                         "exported/best.onnx and exported/best.ts]."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
+    no_verify: bool = typer.Option(False, "--no-verify",
+                                   help="Skip the parity check (not recommended): files are moved into "
+                                        "place unchecked."),
+    images: list[Path] | None = typer.Option(None, "--images",
+                                             help="Real images (files, or folders: their first "
+                                                  f"{MAX_DIR_IMAGES}) added to the parity inputs; "
+                                                  "repeat the flag for several."),
+    quick_verify: bool = typer.Option(False, "--quick-verify",
+                                      help="Check parity at 239x160 instead of Carvana's 959x640 "
+                                           "(faster on CPU; still odd sizes and batch 2)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the parity reports as JSON."),
+) -> None:
+    """Export a checkpoint to ONNX and/or TorchScript and check each file against eager PyTorch.
+
+    Each file is written to a temporary name, loaded back (ONNX Runtime / torch.jit.load) and compared
+    with the eager model on random inputs at 959x640 (Carvana at scale 0.5), 97x61 (not divisible by 16)
+    and a batch of 2, plus --images. Only a file that passes is moved to OUTPUT/NAME.onnx or
+    OUTPUT/NAME.ts; one that fails is deleted, an older file under that name is left as it was, the
+    parity table is printed and the exit code is 1. Pass criteria (fp32): relative logit error <= 1e-5,
+    mask pixel agreement >= 99.99 %, dice between the masks >= 0.9999.
+
+    Example: `unet-deploy export --format onnx` (after `unet-deploy train`), or
+    `unet-deploy export -m MODEL.pth --format all -o exported --images data/imgs`
+    """
+    formats = _formats(fmt)
+    if "onnx" in formats:
+        _check_opset(opset)
+    ckpt_path = _checkpoint_path(model)
+    if name is not None and (not name.strip() or Path(name).name != name):
+        raise UserError(f"--name {name!r}: give a plain file name without folders (use -o for the folder)")
+    image_paths = _images(images)
+
+    from ..checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    eager = ckpt.build_model("cpu")
+    stem = name or ckpt_path.stem
+    console = _console()
+    console.print(f"exporting {ckpt_path} ({ckpt.kind}, {ckpt.config.model.architecture}) to {output}/")
+
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    written: list[tuple[str, Path]] = []
+    failed: list[str] = []
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
+    try:
+        cases = None
+        if not no_verify:
+            from ..parity import default_cases
+
+            cases = default_cases(ckpt.config, image_paths, quick=quick_verify)
+        for f in formats:
+            suffix, backend = FORMATS[f]
+            target = output / f"{stem}{suffix}"
+            staged = staging / target.name
+            seconds = _write(f, eager, ckpt.config, staged, opset)
+            entry: dict[str, Any] = {"path": str(target), "export_s": round(seconds, 3)}
+            if cases is not None:
+                report = _verify_file(staged, target, backend, eager, cases, console)
+                entry["parity"] = report.to_dict()
+                if not report.passed:
+                    failed.append(f)
+                    entry["written"] = False
+                    results[f] = entry
+                    console.print(f"[bold red]{f}: parity FAILED; {target} was not written"
+                                  f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
+                    continue
+            os.replace(staged, target)
+            entry.update(written=True, bytes=target.stat().st_size)
+            results[f] = entry
+            written.append((f, target))
+            console.print(f"wrote {target} ({_size(target)}, exported in {seconds:.1f} s"
+                          f"{', parity not checked' if no_verify else ', parity ok'})")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if json_out:
+        _write_json(json_out, {"checkpoint": str(ckpt_path), "formats": results})
+        console.print(f"wrote {json_out}")
+    for f, target in written:
+        backend = FORMATS[f][1]
+        console.print(f"next: unet-deploy predict --backend {backend} -m {target} data/imgs")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _write(fmt: str, eager: Any, config: Any, path: Path, opset: int) -> float:
+    from ..export import export_onnx, export_torchscript
+
+    t0 = time.perf_counter()
+    if fmt == "onnx":
+        export_onnx(eager, config, path, opset=opset)
+    else:
+        export_torchscript(eager, config, path)
+    return time.perf_counter() - t0
+
+
+def _verify_file(staged: Path, target: Path, backend: str, reference: Any, cases: Any, console: Any) -> Any:
+    from ..backends import load_backend
+    from ..parity import parity
+
+    candidate = load_backend(staged, backend, device="cpu")
+    report = parity(reference, candidate, cases)
+    report.candidate = f"{target} ({candidate.name}, {candidate.provider})"
+    console.print(report.table())
+    return report
+
+
+@app.command()
+def verify(
+    model_file: Path = typer.Argument(..., help="Exported model: .onnx or .ts (or another .pth)."),
+    model: Path | None = typer.Option(None, "--model", "-m",
+                                      help="Reference checkpoint run in eager PyTorch [default: the "
+                                           "checkpoint recorded in the export, if it still exists]."),
+    images: list[Path] | None = typer.Option(None, "--images",
+                                             help="Real images (files, or folders: their first "
+                                                  f"{MAX_DIR_IMAGES}) added to the parity inputs."),
+    quick: bool = typer.Option(False, "--quick", help="239x160 instead of 959x640 for the large case."),
+    backend: str | None = typer.Option(None, "--backend", help="torch, torchscript or ort (default: from "
+                                                               "the file's suffix)."),
+    device: str = typer.Option("cpu", "--device", help="Device for both models: cpu, cuda or cuda:N."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the parity report as JSON."),
+) -> None:
+    """Check an existing export against eager PyTorch (same inputs and criteria as `export`).
+
+    Exits 1 when parity fails, with the table. fp16/bf16 exports are judged by looser thresholds
+    (relative error <= 1e-2, pixel agreement >= 99.9 %, dice >= 0.999).
+
+    Example: `unet-deploy verify exported/best.onnx -m checkpoints/best.pth --images data/imgs`
+    """
+    from ..backends import load_backend, read_embedded_config
+    from ..fileio import sha256_file
+    from ..parity import default_cases, parity
+
+    if not model_file.is_file():
+        raise UserError(f"{model_file}: exported model not found; create it with `unet-deploy export`")
+    console = _console()
+    embedded = read_embedded_config(model_file) if model_file.suffix.lower() in (".onnx", ".ts") else None
+    if model is None:
+        recorded = (embedded.source.get("path") if embedded else None) or ""
+        if not recorded or not Path(recorded).is_file():
+            where = f" (it records {recorded}, which is gone)" if recorded else ""
+            raise UserError(f"{model_file}: pass -m CHECKPOINT.pth as the eager reference{where}")
+        model = Path(recorded)
+    image_paths = _images(images)
+    reference = load_backend(model, "torch", device=device)
+    if embedded and embedded.source.get("sha256") and embedded.source["sha256"] != sha256_file(model):
+        console.print(f"[yellow]note: {model} has changed since {model_file} was exported from it "
+                      "(different sha256); a mismatch below may just mean it was retrained[/]")
+    candidate = load_backend(model_file, backend, device=device)
+    report = parity(reference, candidate, default_cases(candidate.config, image_paths, quick=quick))
+    console.print(report.table())
+    console.print(report.summary())
+    if json_out:
+        _write_json(json_out, report.to_dict())
+        console.print(f"wrote {json_out}")
+    if not report.passed:
+        raise typer.Exit(1)

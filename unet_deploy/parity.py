@@ -1,0 +1,318 @@
+"""Parity: does an exported model compute what eager PyTorch computes?
+
+:func:`parity` runs a reference (the eager model, or any backend) and a candidate backend on the same
+inputs and compares, per case:
+
+* logits: max absolute error and relative error ``max|a - b| / max|a|`` (``a`` = reference);
+* masks (``postprocess.logits_to_mask``, the same post-processing ``predict`` uses): pixel agreement and
+  dice between the two masks (foreground dice; mean over foreground classes for multi-class models).
+
+A case passes when the relative error is within :class:`ParityThresholds` and the masks agree. Mask
+checks tolerate a handful of flipped pixels per image (``max_flipped_pixels``): a pixel whose logits are
+tied to within float rounding may legitimately fall either way, but a real drift flips far more.
+
+:func:`default_cases` builds the inputs: random images at Carvana's size at scale 0.5 (959x640), a size
+not divisible by 16, a batch of 2, plus real images preprocessed exactly as ``predict`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import DeployConfig
+from .errors import UserError
+
+__all__ = ["ParityThresholds", "ParityCase", "ParityRow", "ParityReport", "parity", "default_cases",
+           "image_cases", "CARVANA_HALF", "QUICK_SIZE", "ODD_SIZE", "BATCH_SIZE"]
+
+#: (height, width) of a Carvana image (1918x1280) at scale 0.5.
+CARVANA_HALF = (640, 959)
+#: Quick-mode stand-in for CARVANA_HALF: also odd, a quarter of its size on each side.
+QUICK_SIZE = (160, 239)
+#: Neither side divisible by 16, so every decoder stage must pad.
+ODD_SIZE = (61, 97)
+#: (batch, height, width) of the batch > 1 case.
+BATCH_SIZE = (2, 75, 113)
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    """Pass criteria of one parity case.
+
+    fp32 defaults: relative logit error <= 1e-5, pixel agreement >= 99.99 %, dice >= 0.9999.
+    fp16/bf16 (:meth:`for_precision`): relative error <= 1e-2, agreement >= 99.9 %, dice >= 0.999.
+    Whatever the percentages, up to ``max_flipped_pixels`` differing mask pixels per image pass.
+    """
+
+    max_rel_err: float = 1e-5
+    min_pixel_agreement: float = 0.9999
+    min_dice: float = 0.9999
+    max_flipped_pixels: int = 2
+    precision: str = "fp32"
+
+    @classmethod
+    def for_precision(cls, precision: str) -> ParityThresholds:
+        """Documented defaults for the candidate's precision: ``fp32``, ``fp16`` or ``bf16``."""
+        if precision == "fp32":
+            return cls()
+        if precision in ("fp16", "bf16"):
+            return cls(max_rel_err=1e-2, min_pixel_agreement=0.999, min_dice=0.999, precision=precision)
+        raise UserError(f"precision {precision!r}: no parity thresholds for it; use fp32, fp16 or bf16")
+
+    def describe(self) -> str:
+        return (f"{self.precision}: rel err <= {self.max_rel_err:g}, pixel agreement >= "
+                f"{self.min_pixel_agreement:.4%}, dice >= {self.min_dice:g} "
+                f"(or <= {self.max_flipped_pixels} flipped pixels per image)")
+
+
+@dataclass
+class ParityCase:
+    """One input batch: float32 (N, C, H, W) in [0, 1], as ``data.preprocess`` makes it."""
+
+    name: str
+    batch: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.batch.shape)
+
+
+@dataclass
+class ParityRow:
+    """The comparison of one case."""
+
+    case: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    rel_err: float
+    pixel_agreement: float
+    flipped_pixels: int
+    dice: float
+    passed: bool
+    reference_s: float = 0.0
+    candidate_s: float = 0.0
+    error: str = ""  # set when the candidate failed to run or gave the wrong shape
+
+
+@dataclass
+class ParityReport:
+    """All rows plus the thresholds they were judged by; ``passed`` is true only when every row passed."""
+
+    reference: str
+    candidate: str
+    thresholds: ParityThresholds
+    rows: list[ParityRow] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def worst_rel_err(self) -> float:
+        return max((r.rel_err for r in self.rows), default=math.nan)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (infinite/NaN errors become strings, so the JSON stays standard)."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, tuple):
+                return list(v)
+            return v
+
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "passed": self.passed,
+            "thresholds": asdict(self.thresholds),
+            "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows],
+        }
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        failed = [r.case for r in self.rows if not r.passed]
+        tail = f"; failed: {', '.join(failed)}" if failed else ""
+        return (f"parity {verdict}: {self.candidate} vs {self.reference}, {len(self.rows)} cases, "
+                f"worst rel err {self.worst_rel_err:.2e}{tail}")
+
+    def table(self) -> Any:
+        """A ``rich.table.Table`` of the rows."""
+        from rich.table import Table
+
+        t = Table(title=f"parity: {self.candidate} vs {self.reference}",
+                  caption=f"thresholds {self.thresholds.describe()}")
+        for name, justify in (("case", "left"), ("shape", "left"), ("max abs err", "right"),
+                              ("rel err", "right"), ("pixel agree", "right"), ("flipped", "right"),
+                              ("dice", "right"), ("ref s", "right"), ("cand s", "right"), ("", "left")):
+            t.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for r in self.rows:
+            verdict = "[green]ok[/]" if r.passed else f"[bold red]FAIL[/] {r.error}".rstrip()
+            t.add_row(r.case, "x".join(map(str, r.shape)), f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}",
+                      f"{r.pixel_agreement:.4%}", str(r.flipped_pixels), f"{r.dice:.6f}",
+                      f"{r.reference_s:.2f}", f"{r.candidate_s:.2f}", verdict)
+        return t
+
+    def __rich__(self) -> Any:
+        return self.table()
+
+
+Runner = Callable[[Any], torch.Tensor]
+
+
+def _as_runner(model: nn.Module | Runner) -> tuple[Runner, str]:
+    """An eager module (run in eval mode, no grad, on its own device) or any backend-like callable."""
+    if isinstance(model, nn.Module):
+        module = model.eval()
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else torch.float32
+
+        @torch.inference_mode()
+        def run(batch: Any) -> torch.Tensor:
+            return module(torch.as_tensor(batch).to(device, dtype)).float().cpu()
+
+        return run, f"eager {type(module).__name__} ({device})"
+    describe = getattr(model, "describe", None)
+    return model, describe() if callable(describe) else type(model).__name__
+
+
+def _mask_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
+    from .metrics import multiclass_dice_per_image
+
+    ta = torch.from_numpy(a.astype(np.int64))
+    tb = torch.from_numpy(b.astype(np.int64))
+    scores = multiclass_dice_per_image(ta, tb, max(n_classes, 2))
+    return float(scores.min())
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor, thresholds: ParityThresholds,
+            threshold: float = 0.5) -> dict[str, Any]:
+    """Error measures between two logit tensors (N, C, H, W) of the same shape, and the verdict."""
+    a = reference.detach().float().cpu()
+    b = candidate.detach().float().cpu()
+    diff = (a - b).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    if not math.isfinite(max_abs) or not torch.isfinite(b).all():
+        max_abs = math.inf
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    ma = _masks(a, threshold)
+    mb = _masks(b, threshold)
+    flipped_per_image = (ma != mb).reshape(ma.shape[0], -1).sum(1)
+    flipped = int(flipped_per_image.sum())
+    agreement = 1.0 - flipped / max(ma.size, 1)
+    dice = _mask_dice(ma, mb, a.shape[1])
+    few_flips = int(flipped_per_image.max(initial=0)) <= thresholds.max_flipped_pixels
+    masks_ok = few_flips or (agreement >= thresholds.min_pixel_agreement and dice >= thresholds.min_dice)
+    passed = rel <= thresholds.max_rel_err and masks_ok
+    return {"max_abs_err": max_abs, "rel_err": rel, "pixel_agreement": agreement, "flipped_pixels": flipped,
+            "dice": dice, "passed": bool(passed)}
+
+
+def _masks(logits: torch.Tensor, threshold: float) -> np.ndarray:
+    from .postprocess import logits_to_mask
+
+    return logits_to_mask(torch.nan_to_num(logits), None, threshold)
+
+
+def _error_line(e: Exception) -> str:
+    """One line for a candidate's exception; TorchScript puts the real error on its last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    line = named[-1] if named else f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return line[:160]
+
+
+def parity(reference: nn.Module | Runner, candidate: Runner, cases: Iterable[ParityCase] | None = None,
+           thresholds: ParityThresholds | None = None, config: DeployConfig | None = None,
+           progress: Callable[[ParityRow], None] | None = None) -> ParityReport:
+    """Compare ``candidate`` (a loaded :class:`~unet_deploy.backends.Backend` or any callable returning
+    logits) with ``reference`` (the eager ``nn.Module`` or another backend) on ``cases``.
+
+    ``cases`` defaults to :func:`default_cases` of the candidate's (else the reference's) config;
+    ``thresholds`` default to :meth:`ParityThresholds.for_precision` of the candidate's precision.
+    A candidate that raises or returns the wrong shape gives a failed row (its error noted), not an
+    exception. ``progress`` is called with each finished row.
+    """
+    config = (config or getattr(candidate, "config", None) or getattr(reference, "config", None)
+              or DeployConfig())
+    thresholds = thresholds or ParityThresholds.for_precision(getattr(candidate, "precision", "fp32"))
+    ref_run, ref_name = _as_runner(reference)
+    cand_run, cand_name = _as_runner(candidate)
+    cases = list(cases) if cases is not None else default_cases(config)
+    if not cases:
+        raise UserError("parity: no input cases to compare on")
+    report = ParityReport(ref_name, cand_name, thresholds)
+    for case in cases:
+        t0 = time.perf_counter()
+        ref = ref_run(case.batch)
+        t1 = time.perf_counter()
+        error = ""
+        try:
+            out = cand_run(case.batch)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run this shape fails the case
+            out = None
+            error = _error_line(e)
+        t2 = time.perf_counter()
+        if out is not None and tuple(out.shape) != tuple(ref.shape):
+            error = f"output shape {tuple(out.shape)} != {tuple(ref.shape)}"
+            out = None
+        if out is None:
+            n_pixels = int(np.prod(case.shape[:1] + case.shape[2:]))
+            row = ParityRow(case.name, case.shape, math.inf, math.inf, 0.0, n_pixels, 0.0, False,
+                            t1 - t0, t2 - t1, error)
+        else:
+            measures = compare(ref, out, thresholds, config.inference.threshold)
+            row = ParityRow(case.name, case.shape, **measures, reference_s=t1 - t0, candidate_s=t2 - t1)
+        report.rows.append(row)
+        if progress is not None:
+            progress(row)
+    return report
+
+
+def image_cases(images: Sequence[str | Path], config: DeployConfig,
+                scale: float | None = None) -> list[ParityCase]:
+    """One case per real image, loaded and preprocessed exactly as ``predict`` does (model's scale)."""
+    from .data import load_image, preprocess
+
+    scale = config.inference.scale if scale is None else scale
+    out = []
+    for path in images:
+        img = load_image(path, config.model.n_channels)
+        out.append(ParityCase(f"image {Path(path).name}", preprocess(img, scale)[None]))
+    return out
+
+
+def default_cases(config: DeployConfig, images: Sequence[str | Path] | None = None, quick: bool = False,
+                  seed: int = 0) -> list[ParityCase]:
+    """Random inputs in [0, 1] at several shapes, then one case per real image in ``images``.
+
+    * ``carvana-0.5``: (1, C, 640, 959), a Carvana image at scale 0.5 (``quick``: (1, C, 160, 239));
+    * ``odd``: (1, C, 61, 97), no side divisible by 16;
+    * ``batch-2``: (2, C, 75, 113), batch > 1 at another odd size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    c = config.model.n_channels
+
+    def rand(*shape: int) -> np.ndarray:
+        return torch.rand(*shape, generator=g).numpy()
+
+    big = QUICK_SIZE if quick else CARVANA_HALF
+    cases = [
+        ParityCase("quick-odd" if quick else "carvana-0.5", rand(1, c, *big)),
+        ParityCase("odd", rand(1, c, *ODD_SIZE)),
+        ParityCase("batch-2", rand(BATCH_SIZE[0], c, *BATCH_SIZE[1:])),
+    ]
+    if images:
+        cases += image_cases(images, config)
+    return cases
