@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
 OVERLAY_SUFFIX = "_OVERLAY"
 _MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 _GLOB_CHARS = set("*?[")
+_MIN_SIDE = 16  #: four 2x poolings need at least 16 input pixels per side
 #: Overlay tint per class (class 0 = background stays untinted).
 _PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [0, 90, 255], [255, 200, 0], [255, 0, 255],
                      [0, 220, 220], [255, 128, 0], [128, 0, 255], [128, 255, 0]], dtype=np.float32)
@@ -149,22 +150,16 @@ def _is_output_name(path: Path) -> bool:
     return path.stem.endswith((MASK_SUFFIX, OVERLAY_SUFFIX))
 
 
-def expand_inputs(specs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, not recursive) and globs -> ordered, de-duplicated paths.
-
-    Returns ``(paths, problems)``: a folder without images or a glob matching nothing is a one-line
-    problem. Paths that do not exist are kept, so predicting them reports "not found" in its place.
-    Folder and glob expansion leave out this tool's own outputs (``*_OUT.png``, ``*_OVERLAY.png``).
-    """
-    paths: list[Path] = []
-    problems: list[str] = []
+def _expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """(path, None) for each input file in order; (spec, problem) where a spec yields no file."""
+    items: list[tuple[Path, str | None]] = []
     seen: set[str] = set()
 
     def add(p: Path) -> None:
         key = os.path.normcase(os.path.abspath(p))
         if key not in seen:
             seen.add(key)
-            paths.append(p)
+            items.append((p, None))
 
     for spec in specs:
         text = str(spec)
@@ -173,19 +168,30 @@ def expand_inputs(specs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
             found = [q for q in sorted(p.iterdir()) if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
                      and not q.name.startswith(".") and not _is_output_name(q)]
             if not found:
-                problems.append(f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+                items.append((p, f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})"))
             for q in found:
                 add(q)
         elif not p.exists() and _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(str(p), recursive=True))
             found = [Path(m) for m in matches if not (Path(m).is_file() and _is_output_name(Path(m)))]
             if not found:
-                problems.append(f"{text}: no file matches this pattern")
+                items.append((p, f"{text}: no file matches this pattern"))
             for q in found:
                 add(q)
         else:
             add(p)
-    return paths, problems
+    return items
+
+
+def expand_inputs(specs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, not recursive) and globs -> ordered, de-duplicated paths.
+
+    Returns ``(paths, problems)``: a folder without images or a glob matching nothing is a one-line
+    problem. Paths that do not exist are kept, so predicting them reports "not found" in its place.
+    Folder and glob expansion leave out this tool's own outputs (``*_OUT.png``, ``*_OVERLAY.png``).
+    """
+    items = _expand(specs)
+    return [p for p, e in items if e is None], [e for _, e in items if e is not None]
 
 
 def _mask_output_for(path: Path, folder: Path | None) -> Path:
@@ -451,6 +457,12 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
                 yield from flush()
                 yield item, None, str(e)
                 continue
+            if min(x.shape[1:]) < _MIN_SIDE:
+                yield from flush()
+                yield item, None, (f"{item.job.path}: too small for the U-Net at scale {scale} "
+                                   f"({x.shape[2]}x{x.shape[1]} px after scaling, needs {_MIN_SIDE} or more "
+                                   "per side); use a larger --scale")
+                continue
             if batch and (batch[0][1].shape != x.shape or len(batch) >= options.batch_size):
                 yield from flush()
             batch.append((item, x))
@@ -478,8 +490,9 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
         for item, probs, error in stream:
             pending.append((item, error))
             if probs is not None:
-                image = item.image if item.image.shape[2] == 3 else np.ascontiguousarray(item.image[..., 0])
-                yield image, probs
+                image = item.image if item.image.shape[2] == 3 else item.image[..., 0]
+                # pydensecrf needs a writable buffer; a decoded PIL image is read-only
+                yield np.require(image, np.uint8, ["C", "W"]), probs
 
     masks = crf_map(feed(), options.crf_params, workers=options.crf_workers)
     try:
@@ -513,10 +526,13 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
 
     options = options or PredictOptions()
     start = time.perf_counter()
-    paths, problems = expand_inputs(inputs)
-    jobs = plan_jobs(paths, outputs, save=options.save, viz=options.viz)
+    items = _expand(inputs)
+    planned = iter(plan_jobs([p for p, e in items if e is None], outputs, save=options.save, viz=options.viz))
+    # inputs that matched nothing keep their place in the run (and in the error report)
+    jobs = [replace(next(planned), index=i) if e is None else Job(i, p, error=e)
+            for i, (p, e) in enumerate(items)]
     values = output_values(backend, options)
-    summary = PredictSummary(total=len(jobs) + len(problems), failed=len(problems))
+    summary = PredictSummary(total=len(jobs))
     rows: list[tuple[str, str]] = []
     with file_progress(options.progress and len(jobs) > 1) as bar:
         def report(line: str) -> None:
@@ -526,8 +542,6 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
             else:
                 bar.console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
 
-        for line in problems:
-            report(line)
         task = bar.add_task("predict", total=len(jobs))
         show = options.show and display_available()
         for res in iter_predictions(backend, jobs, options):
