@@ -466,3 +466,15 @@ def test_tta_with_every_backend_and_crf(models, images, tmp_path, capsys):
     for p in paths:
         arr = read_png(p.with_name(f"{p.stem}_OUT.png"))
         assert arr.shape == Image.open(p).size[::-1] and set(np.unique(arr)) <= {0, 255}
+
+
+def test_seed_flags_checked_against_model_and_quiet(models, images, tmp_path, capsys):
+    (p,) = copy_images(images[:1], tmp_path)
+    code, out, err = run_cli(["predict", "-m", models["torch"], p, "-c", "3", "-n"], capsys)
+    assert code == 2 and "--classes 3" in err and "2 classes" in err
+    code, out, err = run_cli(["predict", "-m", models["torch"], p, "--bilinear", "-n"], capsys)
+    assert code == 2 and "transposed" in err
+    code, out, err = run_cli(["predict", "-m", models["torch"], p, "-c", "2", "--transposed", "-q",
+                              "-t", "0.5", "-s", "0.5"], capsys)
+    assert (code, out, err) == (0, "", "")
+    assert p.with_name("car0_OUT.png").is_file()
