@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from unet_deploy.crf import CRFParams, CRFParamsError, crf_map, dense_crf, require_crf
 from unet_deploy.errors import UserError
@@ -112,6 +113,15 @@ def test_grey_image_accepted():
 def test_shape_validation(image_shape, probs_shape, match):
     with pytest.raises(ValueError, match=match):
         dense_crf(np.zeros(image_shape, np.uint8), np.full(probs_shape, 0.5, np.float32))
+
+
+def test_read_only_image_like_a_decoded_pil_image_is_accepted():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    probs = rng.random((20, 30)).astype(np.float32)
+    frozen = np.asarray(Image.fromarray(image))
+    assert not frozen.flags.writeable
+    assert np.array_equal(dense_crf(frozen, probs), dense_crf(image.copy(), probs))
 
 
 def test_dtype_validation():

@@ -120,7 +120,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
     d.setUnaryEnergy(unary)
     d.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
     d.addPairwiseBilateral(sxy=params.bilat_sxy, srgb=params.bilat_srgb,
-                           rgbim=np.ascontiguousarray(image), compat=params.bilat_compat)
+                           rgbim=np.require(image, requirements=["C", "W"]), compat=params.bilat_compat)
     q = np.asarray(d.inference(int(params.iterations)))
     dtype = np.uint8 if n_classes <= 256 else np.int32
     return q.argmax(axis=0).reshape(h, w).astype(dtype)

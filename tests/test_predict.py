@@ -1,0 +1,480 @@
+"""``unet-deploy predict`` end to end on real files: backends, outputs, RLE, image modes, bad input,
+CRF and TTA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from unet_deploy.backends import load_backend
+from unet_deploy.checkpoint import save_checkpoint
+from unet_deploy.cli import main
+from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
+from unet_deploy.data import MAX_PIXELS, preprocess
+from unet_deploy.predict import (
+    PredictOptions,
+    default_model,
+    expand_inputs,
+    iter_predictions,
+    plan_jobs,
+    predict_files,
+)
+from unet_deploy.rle import read_submission, rle_decode
+from unet_deploy.tta import flip_tta
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(61, 47), (97, 61), (80, 64), (45, 37)]  # (width, height): odd sizes and one that pools evenly
+
+
+# ------------------------------------------------------------------------------------------- data
+def make_car(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """A coloured ellipse 'car' on a noisy grey background; returns (RGB uint8, mask 0/1)."""
+    img = rng.normal(120, 25, (h, w, 3)).clip(0, 255).astype(np.uint8)
+    m = Image.new("L", (w, h), 0)
+    cx, cy = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h
+    rx, ry = rng.uniform(0.2, 0.3) * w, rng.uniform(0.2, 0.3) * h
+    ImageDraw.Draw(m).ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+    mask = np.asarray(m)
+    colour = rng.integers(0, 255, 3)
+    img[mask > 0] = (0.8 * colour + 0.2 * img[mask > 0]).astype(np.uint8)
+    return img, mask
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``unet-deploy`` in this process; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(args: list[str], cwd: Path, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, str(ROOT)) if p)
+    env["COLUMNS"] = "400"
+    return subprocess.run([sys.executable, "-m", "unet_deploy", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A base-8 U-Net trained a few steps on ellipse cars (so masks are not trivial) and its exports."""
+    from unet_deploy.export import export_onnx, export_torchscript
+    from unet_deploy.train import segmentation_loss
+
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    xs, ys = [], []
+    for _ in range(8):
+        img, mask = make_car(rng, 96, 64)
+        xs.append(preprocess(img, 0.5))
+        ys.append(np.asarray(Image.fromarray(mask).resize((48, 32), Image.Resampling.NEAREST)))
+    x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)).long()
+    cfg = DeployConfig(model=ModelConfig(base_channels=8),
+                       inference=InferenceConfig(scale=0.5, mask_values=[0, 1]))
+    model = cfg.model.build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(25):
+        loss = segmentation_loss(model(x), y, 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    paths = {"torch": save_checkpoint(d / "best.pth", model, cfg)}
+    paths["torchscript"] = export_torchscript(model, cfg, d / "model.ts")
+    paths["ort"] = export_onnx(model, cfg, d / "model.onnx")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(7)
+    out = []
+    for i, (w, h) in enumerate(SIZES):
+        img, _ = make_car(rng, w, h)
+        p = d / f"car{i}.png"
+        Image.fromarray(img).save(p)
+        out.append(p)
+    return out
+
+
+def copy_images(images: list[Path], dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in images:
+        q = dest / p.name
+        q.write_bytes(p.read_bytes())
+        out.append(q)
+    return out
+
+
+def predict_masks(model: Path, paths: list[Path], **kw) -> list[np.ndarray]:
+    be = load_backend(model, device="cpu")
+    results = list(iter_predictions(be, plan_jobs(paths, save=False), PredictOptions(**kw)))
+    assert all(r.ok for r in results), [r.error for r in results]
+    return [r.mask for r in results]
+
+
+# ------------------------------------------------------------------------------------------- backends
+@pytest.mark.export
+def test_three_backends_agree_on_real_files(models, images):
+    masks = {name: predict_masks(path, images, batch_size=2) for name, path in models.items()}
+    for ref, path in zip(masks["torch"], images, strict=True):
+        w, h = Image.open(path).size
+        assert ref.shape == (h, w)
+        assert 0 < ref.mean() < 1, "the fixture model should predict both classes"
+    total = sum(m.size for m in masks["torch"])
+    for name in ("torchscript", "ort"):
+        same = sum(int((a == b).sum()) for a, b in zip(masks["torch"], masks[name], strict=True))
+        assert same / total >= 0.9999, f"{name} agrees on only {same / total:.6f} of pixels"
+
+
+def test_batching_gives_the_same_masks(models, images):
+    paths = images + images[:2]  # sizes change mid-stream and repeat
+    one = predict_masks(models["torch"], paths, batch_size=1)
+    many = predict_masks(models["torch"], paths, batch_size=3)
+    for a, b in zip(one, many, strict=True):
+        assert (a == b).mean() >= 0.9999
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def test_default_names_beside_inputs(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    code, out, err = run_cli(["predict", "-m", models["torch"], *paths], capsys)
+    assert code == 0, err
+    ref = predict_masks(models["torch"], paths)
+    for p, m in zip(paths, ref, strict=True):
+        out_path = p.with_name(f"{p.stem}_OUT.png")
+        with Image.open(out_path) as img:
+            assert img.mode == "L" and img.size == Image.open(p).size
+        arr = read_png(out_path)
+        assert set(np.unique(arr)) <= {0, 255}
+        assert np.array_equal(arr, m * 255)
+    assert "predicted 4 of 4 files" in out
+
+
+def test_output_folder_and_seed_style_names(models, images, tmp_path, capsys):
+    paths = copy_images(images[:2], tmp_path / "in")
+    code, _, err = run_cli(["predict", "-m", models["torch"], *paths, "-o", tmp_path / "masks/"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["car0_OUT.png", "car1_OUT.png"]
+    # Pytorch-UNet style: several names after one -i and after one -o
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    code, _, err = run_cli(["predict", "-m", models["torch"], "-i", *paths, "-o", a, b, "-q"], capsys)
+    assert code == 0, err
+    assert np.array_equal(read_png(a), read_png(tmp_path / "masks" / "car0_OUT.png"))
+    assert np.array_equal(read_png(b), read_png(tmp_path / "masks" / "car1_OUT.png"))
+    code, _, err = run_cli(["predict", "-m", models["torch"], "-i", *paths, "-o", a], capsys)
+    assert code == 2 and "1 output names for 2 inputs" in err
+
+
+def test_no_save_writes_nothing(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    before = sorted(tmp_path.iterdir())
+    code, _, err = run_cli(["predict", "-m", models["torch"], "-n", *paths], capsys)
+    assert code == 0, err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_output_equal_to_input_is_refused(models, images, tmp_path, capsys):
+    (p,) = copy_images(images[:1], tmp_path)
+    data = p.read_bytes()
+    code, _, err = run_cli(["predict", "-m", models["torch"], "-i", p, "-o", p], capsys)
+    assert code == 1
+    assert "refusing to overwrite" in err and str(p) in err
+    assert p.read_bytes() == data
+
+
+def test_rle_submission_decodes_to_written_masks(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    sub = tmp_path / "submission.csv"
+    code, _, err = run_cli(["predict", "-m", models["torch"], str(tmp_path / "*.png"), "--rle", sub], capsys)
+    assert code == 0, err
+    rows = read_submission(sub)
+    assert [r[0] for r in rows] == [p.name for p in paths]  # input order, Kaggle ids = file names
+    for (_, rle), p in zip(rows, paths, strict=True):
+        written = read_png(p.with_name(f"{p.stem}_OUT.png"))
+        assert np.array_equal(rle_decode(rle, written.shape), (written > 0).astype(np.uint8))
+    # a re-run over the same glob does not predict its own outputs
+    code, out, err = run_cli(["predict", "-m", models["torch"], str(tmp_path / "*.png"), "-n"], capsys)
+    assert code == 0 and "predicted 4 of 4" in out
+
+
+def test_viz_writes_overlay(models, images, tmp_path, capsys):
+    (p,) = copy_images(images[:1], tmp_path)
+    code, _, err = run_cli(["predict", "-m", models["torch"], p, "--viz"], capsys)
+    assert code == 0, err
+    overlay = read_png(tmp_path / "car0_OVERLAY.png")
+    image = read_png(p)
+    mask = read_png(tmp_path / "car0_OUT.png") > 0
+    assert overlay.shape == image.shape
+    assert np.array_equal(overlay[~mask], image[~mask])
+    assert (overlay[mask].astype(int) - image[mask]).any(axis=1).mean() > 0.9  # tinted
+
+
+def test_skip_existing_resumes(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    assert run_cli(["predict", "-m", models["torch"], *paths, "-q"], capsys)[0] == 0
+    out0 = paths[0].with_name("car0_OUT.png")
+    out1 = paths[1].with_name("car1_OUT.png")
+    out1.write_bytes(out1.read_bytes()[:40])  # a half-written output from an interrupted run
+    expected0 = out0.read_bytes()
+    sub = tmp_path / "s.csv"
+    code, out, err = run_cli(["predict", "-m", models["torch"], *paths, "--skip-existing", "--rle", sub],
+                             capsys)
+    assert code == 0, err
+    assert "predicted 1 of 4 files, 3 skipped" in out
+    assert out0.read_bytes() == expected0
+    assert read_png(out1).shape == (61, 97)
+    assert len(read_submission(sub)) == 4
+
+
+def test_default_model_discovery(models, tmp_path):
+    with pytest.raises(Exception) as exc:
+        default_model("ort", tmp_path)
+    assert "unet-deploy export --format onnx" in str(exc.value) and "exported" in str(exc.value)
+    with pytest.raises(Exception) as exc:
+        default_model(None, tmp_path)
+    assert "unet-deploy train" in str(exc.value)
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pth").write_bytes(models["torch"].read_bytes())
+    old, new = tmp_path / "exported" / "old.onnx", tmp_path / "exported" / "new.onnx"
+    old.write_bytes(models["ort"].read_bytes())
+    new.write_bytes(models["ort"].read_bytes())
+    os.utime(old, (1, 1))
+    assert default_model("ort", tmp_path) == new
+    assert default_model("torch", tmp_path) == tmp_path / "checkpoints" / "best.pth"
+
+
+def test_expand_inputs_dedupes_and_keeps_order(images, tmp_path):
+    paths = copy_images(images, tmp_path)
+    got, problems = expand_inputs([paths[2], tmp_path, str(tmp_path / "car1.*"), tmp_path / "empty*.png"])
+    assert got == [paths[2], paths[0], paths[1], paths[3]]
+    assert problems == [f"{tmp_path / 'empty*.png'}: no file matches this pattern"]
+
+
+# ------------------------------------------------------------------------------------------- image modes
+def test_image_modes_and_exif_rotation(models, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    rgb, _ = make_car(rng, 61, 47)
+    base = Image.fromarray(rgb)
+    base.save(tmp_path / "rgb.png")
+    base.convert("RGBA").save(tmp_path / "rgba.png")
+    base.convert("L").save(tmp_path / "grey.png")
+    base.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
+    base.convert("CMYK").save(tmp_path / "cmyk.tif")
+    grey16 = (np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways; viewers rotate 90 degrees clockwise
+    base.save(tmp_path / "exif.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "exif.jpg") as raw:
+        rotated = np.rot90(np.asarray(raw), k=-1)  # what a viewer shows
+    Image.fromarray(np.ascontiguousarray(rotated)).save(tmp_path / "manual.png")
+
+    names = ["rgb.png", "rgba.png", "grey.png", "palette.png", "cmyk.tif", "grey16.png", "exif.jpg",
+             "manual.png"]
+    code, _, err = run_cli(["predict", "-m", models["torch"], *[tmp_path / n for n in names], "-q"], capsys)
+    assert code == 0, err
+    masks = {n: read_png(tmp_path / f"{Path(n).stem}_OUT.png") for n in names}
+    for n in names[:6]:
+        assert masks[n].shape == (47, 61), n
+    assert np.array_equal(masks["rgba.png"], masks["rgb.png"])  # opaque alpha changes nothing
+    assert np.array_equal(masks["grey16.png"], masks["grey.png"])  # 16-bit scaled to the same 8-bit grey
+    assert masks["exif.jpg"].shape == (61, 47)
+    assert np.array_equal(masks["exif.jpg"], masks["manual.png"])
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _bad_inputs(folder: Path, good: Path) -> dict[str, Path]:
+    jpeg = folder / "good.jpg"
+    Image.open(good).save(jpeg, quality=90)
+    bad = {
+        "missing": folder / "missing.jpg",
+        "folder": folder / "folder.jpg",
+        "empty": folder / "empty.jpg",
+        "truncated": folder / "truncated.jpg",
+        "text": folder / "notes.jpg",
+        "bomb": folder / "bomb.png",
+    }
+    bad["folder"].mkdir()
+    bad["empty"].write_bytes(b"")
+    bad["truncated"].write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    bad["text"].write_text("this is not an image\n")
+    side = int(MAX_PIXELS ** 0.5) + 64
+    Image.new("1", (side, side)).save(bad["bomb"])
+    return bad
+
+
+def test_bad_inputs_one_line_each_and_others_still_predicted(models, images, tmp_path):
+    (good,) = copy_images(images[:1], tmp_path)
+    bad = _bad_inputs(tmp_path, good)
+    result = run_subprocess(["predict", "-m", models["torch"], good, *bad.values()], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == len(bad), result.stderr
+    for line, path in zip(lines, bad.values(), strict=True):
+        assert str(path) in line
+    assert "truncated" in lines[3] or "broken" in lines[3]
+    assert "too large" in lines[5]
+    assert (tmp_path / "car0_OUT.png").is_file()
+    assert f"predicted 1 of {len(bad) + 1} files, {len(bad)} failed" in result.stderr
+
+
+@pytest.mark.export
+def test_bad_model_files_give_one_line(models, images, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.onnx"
+    data = models["ort"].read_bytes()
+    corrupt.write_bytes(data[: len(data) // 3])
+    other = tmp_path / "resnet.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)).state_dict(), other)
+    for model in (corrupt, other):
+        code, out, err = run_cli(["predict", "-m", model, images[0], "-n"], capsys)
+        assert code == 2
+        assert len(err.strip().splitlines()) == 1 and str(model) in err, err
+        assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------- CRF
+@pytest.mark.crf
+def test_crf_end_to_end_two_workers(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    args = ["predict", "-m", models["torch"], paths[0], tmp_path / "broken.png", *paths[1:], "--crf",
+            "--crf-workers", "2", "--crf-iterations", "3", "--rle", tmp_path / "crf.csv"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and err.count("error:") == 1 and "broken.png" in err
+    rows = dict(read_submission(tmp_path / "crf.csv"))
+    assert list(rows) == [p.name for p in paths]  # order kept around the failed file
+    plain = predict_masks(models["torch"], paths)
+    for p, ref in zip(paths, plain, strict=True):
+        mask = read_png(p.with_name(f"{p.stem}_OUT.png"))
+        assert mask.shape == ref.shape and set(np.unique(mask)) <= {0, 255}
+        assert ((mask > 0) == ref).mean() > 0.8  # refined, not replaced
+        assert np.array_equal(rle_decode(rows[p.name], mask.shape), (mask > 0).astype(np.uint8))
+
+
+@pytest.mark.crf
+def test_crf_three_classes(tmp_path, images):
+    torch.manual_seed(0)
+    cfg = DeployConfig(model=ModelConfig(n_classes=3, base_channels=4), inference=InferenceConfig(scale=0.5))
+    path = save_checkpoint(tmp_path / "k3.pth", cfg.model.build(), cfg)
+    be = load_backend(path, device="cpu")
+    summary = predict_files(be, images[:2], PredictOptions(crf=True, crf_workers=1, progress=False),
+                            outputs=[tmp_path / "out"])
+    assert summary.failed == 0
+    for p in images[:2]:
+        arr = read_png(tmp_path / "out" / f"{p.stem}_OUT.png")
+        assert arr.shape == Image.open(p).size[::-1] and set(np.unique(arr)) <= {0, 1, 2}
+
+
+def test_missing_pydensecrf_gives_install_hint(models, images, tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "pydensecrf").mkdir(parents=True)
+    (fake / "pydensecrf" / "__init__.py").write_text("raise ImportError('pydensecrf is not installed')\n")
+    result = run_subprocess(["predict", "-m", models["torch"], images[0], "--crf", "-n"], cwd=tmp_path,
+                            extra_path=str(fake))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install pydensecrf2" in lines[0], result.stderr
+
+
+# ------------------------------------------------------------------------------------------- TTA
+def _mirror_equivariant_checkpoint(path: Path) -> Path:
+    """A random U-Net whose kernels are left-right symmetric: it commutes with horizontal flips."""
+    torch.manual_seed(1)
+    cfg = DeployConfig(model=ModelConfig(base_channels=4), inference=InferenceConfig(scale=1.0))
+    model = cfg.model.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 4:
+                p.copy_((p + p.flip(-1)) / 2)
+    return save_checkpoint(path, model.eval(), cfg)
+
+
+def _symmetric_image(path: Path, w: int = 64, h: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    img, _ = make_car(rng, w, h)
+    half = img[:, : w // 2]
+    img = np.concatenate([half, half[:, ::-1]], axis=1)
+    Image.fromarray(img).save(path)
+    return img
+
+
+def test_tta_of_symmetric_input_equals_plain(tmp_path):
+    ckpt = _mirror_equivariant_checkpoint(tmp_path / "sym.pth")
+    img = _symmetric_image(tmp_path / "sym.png")
+    be = load_backend(ckpt, device="cpu")
+    x = preprocess(img, 1.0)[None]
+    torch.testing.assert_close(torch.softmax(flip_tta(be)(x), 1), torch.softmax(be(x), 1), atol=1e-5, rtol=0)
+    plain = predict_masks(ckpt, [tmp_path / "sym.png"])[0]
+    tta = predict_masks(ckpt, [tmp_path / "sym.png"], tta=True)[0]
+    assert np.array_equal(plain, tta)
+
+
+def test_tta_is_mirror_consistent_and_differs_on_asymmetric_input(models, images, tmp_path):
+    be = load_backend(models["torch"], device="cpu")
+    img = _symmetric_image(tmp_path / "sym.png")
+    x = preprocess(img, 1.0)[None]
+    probs = torch.softmax(flip_tta(be)(x), 1)
+    torch.testing.assert_close(probs, probs.flip(-1), atol=1e-5, rtol=0)  # averaged with its mirror
+    # the averaged probabilities are exactly the mean of the two passes
+    manual = (torch.softmax(be(x), 1) + torch.softmax(be(x[..., ::-1].copy()), 1).flip(-1)) / 2
+    torch.testing.assert_close(probs, manual, atol=1e-5, rtol=0)
+
+    x = preprocess(np.asarray(Image.open(images[1])), 0.5)[None]
+    assert (torch.softmax(flip_tta(be)(x), 1) - torch.softmax(be(x), 1)).abs().max() > 1e-3
+    plain = predict_masks(models["torch"], images)
+    tta = predict_masks(models["torch"], images, tta=True)
+    assert any(not np.array_equal(a, b) for a, b in zip(plain, tta, strict=True))
+    for a, b in zip(plain, tta, strict=True):
+        assert b.shape == a.shape and set(np.unique(b)) <= {0, 1}
+
+
+@pytest.mark.export
+def test_tta_with_every_backend_and_crf(models, images, tmp_path, capsys):
+    masks = {name: predict_masks(path, images, tta=True, batch_size=2) for name, path in models.items()}
+    total = sum(m.size for m in masks["torch"])
+    for name in ("torchscript", "ort"):
+        same = sum(int((a == b).sum()) for a, b in zip(masks["torch"], masks[name], strict=True))
+        assert same / total >= 0.9999, name
+    paths = copy_images(images[:2], tmp_path)
+    code, _, err = run_cli(["predict", "-m", models["ort"], *paths, "--tta", "--crf", "--crf-workers", "1",
+                            "--crf-iterations", "2"], capsys)
+    assert code == 0, err
+    for p in paths:
+        arr = read_png(p.with_name(f"{p.stem}_OUT.png"))
+        assert arr.shape == Image.open(p).size[::-1] and set(np.unique(arr)) <= {0, 255}
+
+
+def test_seed_flags_checked_against_model_and_quiet(models, images, tmp_path, capsys):
+    (p,) = copy_images(images[:1], tmp_path)
+    code, out, err = run_cli(["predict", "-m", models["torch"], p, "-c", "3", "-n"], capsys)
+    assert code == 2 and "--classes 3" in err and "2 classes" in err
+    code, out, err = run_cli(["predict", "-m", models["torch"], p, "--bilinear", "-n"], capsys)
+    assert code == 2 and "transposed" in err
+    code, out, err = run_cli(["predict", "-m", models["torch"], p, "-c", "2", "--transposed", "-q",
+                              "-t", "0.5", "-s", "0.5"], capsys)
+    assert (code, out, err) == (0, "", "")
+    assert p.with_name("car0_OUT.png").is_file()

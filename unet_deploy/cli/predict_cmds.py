@@ -1,0 +1,153 @@
+"""``unet-deploy predict``: masks for image files with any backend, optional CRF, TTA and Kaggle RLE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperCommand
+
+from ._app import app
+
+_NAME_LIST_OPTIONS = ("-o", "--output")
+_INPUT_OPTIONS = ("-i", "--input")
+
+
+class _SeedStyleCommand(TyperCommand):
+    """Accept Pytorch-UNet's ``-i a.jpg b.jpg -o a.png b.png`` (argparse ``nargs='+'``).
+
+    Click options take one value each; when the seed's ``-i`` is used, the names following ``-o`` up to
+    the next option are all outputs, as in the seed. Without ``-i``, ``-o`` takes one value (repeat it).
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if any(a in _INPUT_OPTIONS for a in args):
+            rewritten: list[str] = []
+            current: str | None = None
+            for a in args:
+                if a == "--":
+                    current = None
+                elif a.startswith("-") and len(a) > 1:
+                    current = a if a in _NAME_LIST_OPTIONS + _INPUT_OPTIONS else None
+                    if current:
+                        continue
+                elif current is not None:
+                    rewritten += [current, a]
+                    continue
+                rewritten.append(a)
+            args = rewritten
+        return super().parse_args(ctx, args)
+
+
+def _mask_values(text: str | None) -> list[Any] | None:
+    if text is None:
+        return None
+    from ..errors import UserError
+
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise UserError(f"--mask-values {text!r}: give integers separated by commas, e.g. 0,255") from None
+    if len(values) < 2:
+        raise UserError(f"--mask-values {text!r}: give at least two values (background first)")
+    return values
+
+
+@app.command(cls=_SeedStyleCommand)
+def predict(
+    inputs: list[str] = typer.Argument(None, help="Image files, folders or globs (quote globs).",
+                                       show_default=False),
+    input_: list[str] = typer.Option(None, "--input", "-i", show_default=False,
+                                     help="Input images (Pytorch-UNet style; several may follow one -i)."),
+    model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
+                                      help="Checkpoint (.pth, also Pytorch-UNet's), TorchScript (.ts) or "
+                                           "ONNX (.onnx). Default: checkpoints/best.pth (torch) or the "
+                                           "newest exported/*.onnx / *.ts for --backend ort / torchscript."),
+    output: list[str] = typer.Option(None, "--output", "-o", show_default=False,
+                                     help="One output name per input, or one folder. Default: <stem>_OUT.png "
+                                          "beside each input."),
+    backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the model "
+                                                  "file)."),
+    device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16 for the torch backend."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    viz: bool = typer.Option(False, "--viz", "-v",
+                             help="Write <stem>_OVERLAY.png (mask tinted over the image) beside each mask; "
+                                  "also show it where a display exists."),
+    no_save: bool = typer.Option(False, "--no-save", "-n", help="Do not write mask files."),
+    mask_threshold: float | None = typer.Option(None, "--mask-threshold", "-t",
+                                                help="Foreground probability threshold for one-class models "
+                                                     "(default: the model's, 0.5)."),
+    scale: float | None = typer.Option(None, "--scale", "-s",
+                                       help="Input downscaling factor (default: the model's, 0.5 for "
+                                            "Pytorch-UNet)."),
+    mask_values: str | None = typer.Option(None, help="Pixel value per class, e.g. 0,255 (default: the "
+                                                      "model's; 0/255 for binary)."),
+    classes: int | None = typer.Option(None, "--classes", "-c",
+                                       help="Pytorch-UNet compatibility: checked against the model."),
+    bilinear: bool | None = typer.Option(None, "--bilinear/--transposed",
+                                         help="Pytorch-UNet compatibility: checked against the model.",
+                                         show_default=False),
+    batch_size: int = typer.Option(1, "--batch-size", "-b",
+                                   help="Images per network call (consecutive images of one size)."),
+    crf: bool = typer.Option(False, "--crf/--no-crf", help="Refine masks with a dense CRF (pydensecrf2)."),
+    crf_workers: int | None = typer.Option(None, help="CRF worker processes (default: CPU count)."),
+    crf_gauss_sxy: float = typer.Option(20.0, help="CRF smoothness kernel spatial std-dev (pixels)."),
+    crf_gauss_compat: float = typer.Option(3.0, help="CRF smoothness kernel weight."),
+    crf_bilat_sxy: float = typer.Option(30.0, help="CRF appearance kernel spatial std-dev (pixels)."),
+    crf_bilat_srgb: float = typer.Option(20.0, help="CRF appearance kernel colour std-dev (0-255)."),
+    crf_bilat_compat: float = typer.Option(10.0, help="CRF appearance kernel weight."),
+    crf_iterations: int = typer.Option(5, help="CRF mean-field iterations."),
+    crf_clip: float = typer.Option(1e-5, help="Probabilities are clipped to [clip, 1-clip] before the CRF."),
+    tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
+    rle: Path | None = typer.Option(None, "--rle",
+                                    help="Also write a Kaggle Carvana submission (img,rle_mask)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing",
+                                       help="Skip inputs whose mask file already exists and is valid."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on success."),
+) -> None:
+    """Predict masks for images with a checkpoint, TorchScript or ONNX model.
+
+    Scale, threshold, classes and mask values come from the model unless given. Bad files are reported on
+    one line each and skipped; the exit code is 1 when any file failed.
+
+    Examples: `unet-deploy predict data/test/ --backend ort --rle submission.csv --no-save`;
+    `unet-deploy predict -m MODEL.pth -i a.jpg b.jpg -o a_mask.png b_mask.png`
+    """
+    import os
+
+    from ..backends import load_backend
+    from ..crf import CRFParams
+    from ..errors import UserError
+    from ..predict import PredictOptions, default_model, display_available, predict_files
+
+    specs = list(input_ or []) + list(inputs or [])
+    if not specs:
+        raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
+    options = PredictOptions(
+        scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
+        save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf,
+        crf_params=CRFParams(crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
+                             crf_iterations, crf_clip),
+        crf_workers=crf_workers or os.cpu_count() or 1, tta=tta, skip_existing=skip_existing,
+        progress=not quiet)
+    if crf:
+        from ..crf import require_crf
+
+        require_crf()
+    path = model if model is not None else default_model(backend)
+    be = load_backend(path, backend, device, precision=precision, threads=threads)
+    mc = be.config.model
+    if classes is not None and max(classes, 1) != mc.n_classes:
+        raise UserError(f"--classes {classes}: {path} predicts {mc.n_classes} classes; drop --classes "
+                        "(it is read from the model)")
+    if bilinear is not None and bilinear != mc.bilinear:
+        raise UserError(f"--{'bilinear' if bilinear else 'transposed'}: {path} uses "
+                        f"{'bilinear' if mc.bilinear else 'transposed'} up-sampling; drop the flag (it is "
+                        "read from the model)")
+    summary = predict_files(be, specs, options, outputs=output)
+    if not quiet or summary.failed:
+        typer.echo(f"{summary.line()} [{be.describe()}]", err=bool(summary.failed))
+    if summary.failed:
+        raise typer.Exit(summary.exit_code)

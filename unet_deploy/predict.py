@@ -1,0 +1,597 @@
+"""The prediction file pipeline: inputs -> masks on disk, overlays and a Kaggle submission.
+
+::
+
+    expand_inputs(files | folders | globs)   ordered, de-duplicated
+    plan_jobs(inputs, outputs)              <stem>_OUT.png beside the input, -o names or an -o folder
+    iter_predictions(backend, jobs, opts)   load_image -> preprocess -> backend (batched, [flip TTA])
+                                            -> probabilities / mask at the original size -> [dense CRF]
+                                            yields one PredictResult per job, in input order
+    predict_files(backend, inputs, opts)    writes masks / overlays / RLE, returns a PredictSummary
+
+A bad input file never stops a run: its result carries a one-line ``error`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import glob
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .backends import Backend
+from .crf import CRFParams
+from .data import IMAGE_SUFFIXES, load_image, load_mask, mask_to_index, preprocess
+from .errors import UserError
+from .fileio import atomic_path
+
+__all__ = [
+    "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
+    "iter_predictions", "predict_files", "write_mask", "write_overlay", "overlay_image",
+    "default_model", "output_values", "MASK_SUFFIX", "OVERLAY_SUFFIX",
+]
+
+MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
+OVERLAY_SUFFIX = "_OVERLAY"
+_MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+_GLOB_CHARS = set("*?[")
+_MIN_SIDE = 16  #: four 2x poolings need at least 16 input pixels per side
+#: Overlay tint per class (class 0 = background stays untinted).
+_PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [0, 90, 255], [255, 200, 0], [255, 0, 255],
+                     [0, 220, 220], [255, 128, 0], [128, 0, 255], [128, 255, 0]], dtype=np.float32)
+
+
+@dataclass
+class PredictOptions:
+    """Everything that changes what predict computes or writes; ``None`` = the model's embedded config."""
+
+    scale: float | None = None
+    threshold: float | None = None
+    mask_values: list[Any] | None = None
+    batch_size: int = 1
+    save: bool = True  #: write mask files (``--no-save`` turns it off)
+    viz: bool = False  #: write an overlay image beside each mask
+    show: bool = False  #: also show each overlay on screen (only where a display exists)
+    rle: Path | None = None  #: Kaggle submission file to write
+    crf: bool = False
+    crf_params: CRFParams = field(default_factory=CRFParams)
+    crf_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    tta: bool = False
+    skip_existing: bool = False
+    loader_threads: int = 2  #: threads decoding images ahead of the network
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
+        if self.scale is not None and not 0 < self.scale <= 4:
+            raise UserError(f"--scale {self.scale}: use a factor in (0, 4], e.g. 0.5")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise UserError(f"--mask-threshold {self.threshold}: use a probability in [0, 1]")
+        if self.crf_workers < 1:
+            raise UserError(f"--crf-workers {self.crf_workers}: use 1 or more")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and where its outputs go (``output``/``overlay`` None = not written)."""
+
+    index: int
+    path: Path
+    output: Path | None = None
+    overlay: Path | None = None
+    error: str | None = None  #: known before predicting (no such file, name clash, ...)
+
+    @property
+    def id(self) -> str:
+        """The name used in submissions: the input's file name (Kaggle: ``<id>.jpg``)."""
+        return self.path.name
+
+
+@dataclass
+class PredictResult:
+    """One job's outcome: ``mask`` = class indices at the input's size, or ``error`` says why not."""
+
+    job: Job
+    mask: np.ndarray | None = None
+    error: str | None = None
+    skipped: bool = False  #: ``skip_existing`` found a valid output (``mask`` read back from it)
+    image: np.ndarray | None = field(default=None, repr=False)  #: the decoded image (for overlays)
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class PredictSummary:
+    total: int = 0
+    predicted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    rle: Path | None = None
+    rle_rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        parts = [f"predicted {self.predicted} of {self.total} files"]
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped (output exists)")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        per = self.seconds / max(self.predicted, 1)
+        text = ", ".join(parts) + f" in {self.seconds:.1f} s ({per * 1000:.0f} ms per image)"
+        if self.rle:
+            text += f"; {self.rle_rows} rows in {self.rle}"
+        return text
+
+
+# --------------------------------------------------------------------------------------- inputs
+def _is_output_name(path: Path) -> bool:
+    return path.stem.endswith((MASK_SUFFIX, OVERLAY_SUFFIX))
+
+
+def _expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """(path, None) for each input file in order; (spec, problem) where a spec yields no file."""
+    items: list[tuple[Path, str | None]] = []
+    seen: set[str] = set()
+
+    def add(p: Path) -> None:
+        key = os.path.normcase(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            items.append((p, None))
+
+    for spec in specs:
+        text = str(spec)
+        p = Path(text).expanduser()
+        if p.is_dir():
+            found = [q for q in sorted(p.iterdir()) if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                     and not q.name.startswith(".") and not _is_output_name(q)]
+            if not found:
+                items.append((p, f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})"))
+            for q in found:
+                add(q)
+        elif not p.exists() and _GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(str(p), recursive=True))
+            found = [Path(m) for m in matches if not (Path(m).is_file() and _is_output_name(Path(m)))]
+            if not found:
+                items.append((p, f"{text}: no file matches this pattern"))
+            for q in found:
+                add(q)
+        else:
+            add(p)
+    return items
+
+
+def expand_inputs(specs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, not recursive) and globs -> ordered, de-duplicated paths.
+
+    Returns ``(paths, problems)``: a folder without images or a glob matching nothing is a one-line
+    problem. Paths that do not exist are kept, so predicting them reports "not found" in its place.
+    Folder and glob expansion leave out this tool's own outputs (``*_OUT.png``, ``*_OVERLAY.png``).
+    """
+    items = _expand(specs)
+    return [p for p, e in items if e is None], [e for _, e in items if e is not None]
+
+
+def _mask_output_for(path: Path, folder: Path | None) -> Path:
+    return (folder if folder is not None else path.parent) / f"{path.stem}{MASK_SUFFIX}.png"
+
+
+def _overlay_for(output: Path) -> Path:
+    stem = output.stem[: -len(MASK_SUFFIX)] if output.stem.endswith(MASK_SUFFIX) else output.stem
+    return output.with_name(f"{stem}{OVERLAY_SUFFIX}.png")
+
+
+def plan_jobs(inputs: Sequence[Path], outputs: Sequence[str | Path] | None = None, save: bool = True,
+              viz: bool = False) -> list[Job]:
+    """Decide every output name before anything runs.
+
+    ``outputs``: none -> ``<stem>_OUT.png`` beside each input; one existing folder (or a name ending in
+    ``/``, or one name without suffix for several inputs) -> ``FOLDER/<stem>_OUT.png``; otherwise exactly
+    one name per input. An output equal to an input, or two inputs mapped to one output, is a per-file
+    error (the input is never overwritten).
+    """
+    outputs = [str(o) for o in outputs or []]
+    folder: Path | None = None
+    names: list[Path | None] = [None] * len(inputs)
+    if outputs:
+        first = outputs[0]
+        as_folder = len(outputs) == 1 and (Path(first).is_dir() or first.endswith(("/", os.sep))
+                                           or (len(inputs) > 1 and not Path(first).suffix))
+        if as_folder:
+            folder = Path(first)
+        elif len(outputs) != len(inputs):
+            raise UserError(f"-o: {len(outputs)} output names for {len(inputs)} inputs; give one name per "
+                            "input or one folder")
+        else:
+            for o in outputs:
+                if Path(o).suffix.lower() not in _MASK_FORMATS:
+                    raise UserError(f"-o {o}: masks are written losslessly; use a .png name (or .gif, .bmp, "
+                                    ".tif) or a folder")
+            names = [Path(o) for o in outputs]
+    input_keys = {os.path.normcase(os.path.abspath(p)) for p in inputs}
+    claimed: dict[str, Path] = {}
+    jobs = []
+    for i, path in enumerate(inputs):
+        out = names[i] or _mask_output_for(path, folder)
+        overlay = _overlay_for(out) if viz else None
+        error = None
+        for target in (out if save else None, overlay):
+            if target is None:
+                continue
+            key = os.path.normcase(os.path.abspath(target))
+            if key in input_keys:
+                error = (f"{path}: output {target} is an input file; refusing to overwrite it "
+                         "(choose another -o)")
+            elif key in claimed:
+                error = (f"{path}: output {target} is also the output of {claimed[key]}; use -o FOLDER per "
+                         "input folder or give names")
+            else:
+                claimed[key] = path
+        jobs.append(Job(i, path, out if save else None, overlay, error))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------- outputs
+def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
+    """Pixel value written for each class: --mask-values, else the model's config (0/255 for binary)."""
+    inf = backend.config.inference
+    n_classes = backend.config.model.n_classes
+    if options.mask_values is not None:
+        if len(options.mask_values) < max(n_classes, 2):
+            raise UserError(f"--mask-values {options.mask_values}: the model predicts {max(n_classes, 2)} "
+                            "classes; give one value per class")
+        return list(options.mask_values)
+    return inf.output_values(n_classes)
+
+
+def _mask_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
+    from .postprocess import colorize
+
+    pixels = colorize(mask, list(values))
+    if pixels.ndim == 3:
+        return Image.fromarray(pixels, mode="RGB")
+    if pixels.dtype == np.uint8:
+        return Image.fromarray(pixels, mode="L")
+    return Image.fromarray(pixels.astype(np.int32), mode="I")
+
+
+def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any]) -> Path:
+    """Write class indices ``mask`` (H, W) as an image of the class ``values``, atomically."""
+    path = Path(path)
+    fmt = _MASK_FORMATS.get(path.suffix.lower(), "PNG")
+    img = _mask_image(mask, values)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)
+    return path
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image (H, W, 1|3) with each foreground class tinted in its own colour; uint8 (H, W, 3)."""
+    rgb = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(image.reshape(*mask.shape, 1), 3, 2)
+    out = rgb.astype(np.float32)
+    colours = _PALETTE[np.clip(mask.astype(np.int64), 0, None) % len(_PALETTE)]
+    fg = (mask > 0)[..., None]
+    out = np.where(fg, (1 - alpha) * out + alpha * colours, out)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_overlay(path: str | Path, image: np.ndarray, mask: np.ndarray) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(overlay_image(image, mask), mode="RGB").save(tmp, format="PNG")
+    return path
+
+
+def display_available() -> bool:
+    """True where a window can be opened (never on a headless Linux box)."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _show(title: str, image: np.ndarray, mask: np.ndarray) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].set_title(f"{title}: input")
+    axes[0].imshow(image.squeeze())
+    axes[1].set_title("overlay")
+    axes[1].imshow(overlay_image(image, mask))
+    for ax in axes:
+        ax.axis("off")
+    plt.show()
+    plt.close(fig)
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as predicted (EXIF rotation applied), from the header only; None if unreadable."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return w, h
+    except Exception:  # noqa: BLE001 - unreadable input: it is reported when predicted
+        return None
+
+
+def _read_existing(job: Job, values: Sequence[Any]) -> np.ndarray | None:
+    """The class mask stored in a previous run's output, if that output is complete and fits the input."""
+    if job.output is None or not job.output.is_file():
+        return None
+    try:
+        with Image.open(job.output) as img:
+            img.verify()
+        size = _image_size(job.path)
+        mask = load_mask(job.output)
+        if size is None or (mask.shape[1], mask.shape[0]) != size:
+            return None
+        return mask_to_index(mask, values, job.output).astype(np.uint8 if len(values) <= 256 else np.int32)
+    except Exception:  # noqa: BLE001 - any problem with an old output: predict again
+        return None
+
+
+# --------------------------------------------------------------------------------------- pipeline
+@dataclass
+class _Loaded:
+    job: Job
+    image: np.ndarray | None = None
+    error: str | None = None
+    skipped_mask: np.ndarray | None = None
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """``map(fn, items)`` on ``threads`` threads, in order, with a bounded read-ahead."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="unet-load") as pool:
+        pending: collections.deque[cf.Future[Any]] = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOptions | None = None
+                     ) -> Iterator[PredictResult]:
+    """Predict every job and yield one :class:`PredictResult` per job, in job order.
+
+    Consecutive images of the same network-input size are batched (``options.batch_size``); with
+    ``options.tta`` each batch also runs mirrored; with ``options.crf`` the probabilities at the original
+    size go through dense CRF in ``options.crf_workers`` processes. Bad files give results with ``error``.
+    """
+    options = options or PredictOptions()
+    if options.tta:
+        from .tta import flip_tta
+
+        backend = flip_tta(backend)
+    cfg = backend.config
+    scale = cfg.inference.scale if options.scale is None else options.scale
+    threshold = cfg.inference.threshold if options.threshold is None else options.threshold
+    channels = cfg.model.n_channels
+    values = output_values(backend, options)
+    keep_image = options.crf or options.viz or options.show
+
+    def load(job: Job) -> _Loaded:
+        if job.error:
+            return _Loaded(job, error=job.error)
+        if options.skip_existing:
+            existing = _read_existing(job, values)
+            if existing is not None:
+                return _Loaded(job, skipped_mask=existing)
+        try:
+            return _Loaded(job, image=load_image(job.path, channels))
+        except UserError as e:
+            return _Loaded(job, error=str(e))
+        except (OSError, ValueError, MemoryError) as e:
+            return _Loaded(job, error=f"{job.path}: cannot read image ({_one_line(e)})")
+
+    def infer(loaded: Iterable[_Loaded]) -> Iterator[tuple[_Loaded, Any, str | None]]:
+        """Yield (loaded, mask or probabilities, error) in order; batches same-size inputs."""
+        from .postprocess import logits_to_mask, probabilities
+
+        batch: list[tuple[_Loaded, np.ndarray]] = []
+
+        def flush() -> Iterator[tuple[_Loaded, Any, str | None]]:
+            if not batch:
+                return
+            items = list(batch)
+            batch.clear()
+            try:
+                logits = backend(np.stack([x for _, x in items]))
+            except (RuntimeError, MemoryError, ValueError) as e:
+                msg = _one_line(e)[:200]
+                for item, _ in items:
+                    yield item, None, (f"{item.job.path}: inference failed ({msg}); try a smaller "
+                                       "--batch-size or --scale")
+                return
+            for i, (item, _) in enumerate(items):
+                size = item.image.shape[:2]
+                if options.crf:
+                    yield item, probabilities(logits[i], size), None
+                else:
+                    yield item, logits_to_mask(logits[i:i + 1], size, threshold)[0], None
+
+        for item in loaded:
+            if item.error is not None or item.skipped_mask is not None:
+                yield from flush()
+                yield item, None, item.error
+                continue
+            try:
+                x = preprocess(item.image, scale)
+            except UserError as e:
+                yield from flush()
+                yield item, None, str(e)
+                continue
+            if min(x.shape[1:]) < _MIN_SIDE:
+                yield from flush()
+                yield item, None, (f"{item.job.path}: too small for the U-Net at scale {scale} "
+                                   f"({x.shape[2]}x{x.shape[1]} px after scaling, needs {_MIN_SIDE} or more "
+                                   "per side); use a larger --scale")
+                continue
+            if batch and (batch[0][1].shape != x.shape or len(batch) >= options.batch_size):
+                yield from flush()
+            batch.append((item, x))
+        yield from flush()
+
+    def result(item: _Loaded, mask: np.ndarray | None, error: str | None) -> PredictResult:
+        if item.skipped_mask is not None:
+            return PredictResult(item.job, item.skipped_mask, skipped=True)
+        image = item.image if keep_image and error is None else None
+        return PredictResult(item.job, mask, error, image=image)
+
+    stream = infer(_ordered_map(load, jobs, options.loader_threads))
+    if not options.crf:
+        for item, mask, error in stream:
+            yield result(item, mask, error)
+        return
+
+    from .crf import crf_map
+
+    # Dense CRF in worker processes: crf_map keeps order, so its n-th mask belongs to the n-th item that
+    # went in; items without probabilities wait in ``pending`` and come out at their place.
+    pending: collections.deque[tuple[_Loaded, str | None]] = collections.deque()
+
+    def feed() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for item, probs, error in stream:
+            pending.append((item, error))
+            if probs is not None:
+                yield (item.image if item.image.shape[2] == 3 else item.image[..., 0]), probs
+
+    masks = crf_map(feed(), options.crf_params, workers=options.crf_workers)
+    try:
+        while True:
+            try:
+                mask = next(masks)
+            except StopIteration:
+                break
+            while pending and (pending[0][1] is not None or pending[0][0].skipped_mask is not None):
+                item, error = pending.popleft()
+                yield result(item, None, error)
+            item, _ = pending.popleft()
+            yield result(item, mask, None)
+        while pending:
+            item, error = pending.popleft()
+            yield result(item, None, error)
+    finally:
+        masks.close()
+
+
+def predict_files(backend: Backend, inputs: Sequence[str | Path], options: PredictOptions | None = None,
+                  outputs: Sequence[str | Path] | None = None,
+                  on_error: Callable[[str], None] | None = None) -> PredictSummary:
+    """Predict files/folders/globs and write masks, overlays and the RLE submission as ``options`` say.
+
+    Each failing file is reported once through ``on_error`` (default: one line on stderr) and counted;
+    the others still run. ``summary.exit_code`` is 1 when any file failed.
+    """
+    from .progress import file_progress
+    from .rle import rle_encode, write_submission
+
+    options = options or PredictOptions()
+    start = time.perf_counter()
+    items = _expand(inputs)
+    planned = iter(plan_jobs([p for p, e in items if e is None], outputs, save=options.save, viz=options.viz))
+    # inputs that matched nothing keep their place in the run (and in the error report)
+    jobs = [replace(next(planned), index=i) if e is None else Job(i, p, error=e)
+            for i, (p, e) in enumerate(items)]
+    values = output_values(backend, options)
+    summary = PredictSummary(total=len(jobs))
+    rows: list[tuple[str, str]] = []
+    with file_progress(options.progress and len(jobs) > 1) as bar:
+        def report(line: str) -> None:
+            summary.errors.append(line)
+            if on_error is not None:
+                on_error(line)
+            else:
+                bar.console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+
+        task = bar.add_task("predict", total=len(jobs))
+        show = options.show and display_available()
+        for res in iter_predictions(backend, jobs, options):
+            bar.advance(task)
+            if res.error is not None:
+                summary.failed += 1
+                report(res.error)
+                continue
+            if res.skipped:
+                summary.skipped += 1
+            else:
+                job = res.job
+                try:
+                    if job.output is not None:
+                        summary.written.append(write_mask(job.output, res.mask, values))
+                    if job.overlay is not None and res.image is not None:
+                        summary.written.append(write_overlay(job.overlay, res.image, res.mask))
+                except OSError as e:
+                    summary.failed += 1
+                    report(f"{job.path}: cannot write output ({_one_line(e)})")
+                    continue
+                summary.predicted += 1
+                if show and res.image is not None:
+                    _show(job.path.name, res.image, res.mask)
+            if options.rle is not None:
+                rows.append((res.id, rle_encode(res.mask)))
+    if options.rle is not None:
+        try:
+            summary.rle_rows = write_submission(options.rle, rows)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--rle {options.rle}: cannot write the submission ({_one_line(e)})") from None
+        summary.rle = Path(options.rle)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# --------------------------------------------------------------------------------------- models
+def default_model(backend: str | None, root: str | Path = ".") -> Path:
+    """The model used when ``-m`` is omitted: checkpoints/best.pth (torch) or the newest export."""
+    root = Path(root)
+    if backend in (None, "torch"):
+        path = root / "checkpoints" / "best.pth"
+        if not path.is_file():
+            raise UserError(f"no -m given and {path} does not exist; train one with `unet-deploy train` "
+                            "or pass -m MODEL (.pth, .ts or .onnx)")
+        return path
+    suffix, fmt = {"ort": (".onnx", "onnx"), "torchscript": (".ts", "torchscript")}.get(backend, (None, None))
+    if suffix is None:
+        raise UserError(f"--backend {backend}: unknown backend; use torch, torchscript or ort")
+    folder = root / "exported"
+    found = sorted(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not found:
+        raise UserError(f"no -m given and no {folder}/*{suffix} found; create one with "
+                        f"`unet-deploy export --format {fmt}` or pass -m MODEL")
+    return found[-1]

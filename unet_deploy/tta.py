@@ -1,0 +1,58 @@
+"""Test-time augmentation: average the class probabilities of an image and of its left-right mirror.
+
+:func:`flip_tta` wraps any :class:`~unet_deploy.backends.Backend` (eager torch, TorchScript, ONNX Runtime)
+in another ``Backend``. It runs the batch and its horizontal flip in one call, flips the second half's
+logits back, averages the *probabilities* and returns logits whose softmax (or sigmoid, for one-class
+models) are exactly those averages. So every later step -- upsampling, threshold/argmax, dense CRF --
+works on TTA output unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend
+
+__all__ = ["flip_tta", "average_flip_logits"]
+
+_LOG2 = math.log(2.0)
+
+
+def average_flip_logits(plain: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """Logits whose probabilities are the mean of ``plain``'s and of the mirrored-back ``flipped``'s.
+
+    Both are (N, C, H, W); ``flipped`` holds the logits of the mirrored inputs (still mirrored). Worked in
+    log space (logsumexp), so confident pixels neither underflow nor become infinite.
+    """
+    back = torch.flip(flipped, dims=[-1])
+    if plain.shape[1] == 1:  # sigmoid model: logit of the mean of two sigmoids
+        log_p = torch.logaddexp(F.logsigmoid(plain), F.logsigmoid(back)) - _LOG2
+        log_q = torch.logaddexp(F.logsigmoid(-plain), F.logsigmoid(-back)) - _LOG2
+        return log_p - log_q
+    return torch.logaddexp(F.log_softmax(plain, dim=1), F.log_softmax(back, dim=1)) - _LOG2
+
+
+class _FlipRunner:
+    def __init__(self, inner: Backend):
+        self.inner = inner
+
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            both = torch.cat([batch, torch.flip(batch, dims=[-1])])
+        else:
+            batch = np.asarray(batch)
+            both = np.ascontiguousarray(np.concatenate([batch, batch[..., ::-1]]))
+        logits = self.inner(both).float()
+        n = logits.shape[0] // 2
+        return average_flip_logits(logits[:n], logits[n:])
+
+
+def flip_tta(backend: Backend) -> Backend:
+    """A Backend that predicts ``batch`` and its horizontal flip (one call of twice the batch) and
+    returns the flip-averaged logits; name, config and device are the wrapped backend's."""
+    return replace(backend, provider=f"{backend.provider} + flip TTA", _impl=_FlipRunner(backend))
