@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -219,8 +220,18 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     cfg.validate()
     import torch
 
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.width}x{cfg.height}"
@@ -279,6 +290,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     return {"settings": settings, "runs": runs, "summary": summary, "pretrain": pretrain,
             "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                             "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+                            "cpu_count": os.cpu_count(),
                             "device": cfg.device}}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -20,8 +19,26 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} {text}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command as the user gave it (options they set explicitly, in declaration order)."""
+    parts = [ctx.command_path]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) != "COMMANDLINE":  # by name: typer may vendor its own click
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            names = param.opts if value else param.secondary_opts
+            if names:
+                parts.append(max(names, key=len))
+            continue
+        parts += [max(param.opts, key=len), shlex.quote(str(value))]
+    return " ".join(parts)
+
+
 @app.command()
 def experiment(
+    ctx: typer.Context,
     work_dir: Path = typer.Option(Path("experiment"), "--work-dir", "-o",
                                   help="Where generated data, checkpoints and results go."),
     data: Path | None = typer.Option(None, help="Training folder (imgs/, masks/); default: synthetic."),
@@ -81,7 +98,7 @@ def experiment(
     if quick:
         cfg = quick_config(cfg)
     result = run_experiment(cfg, log=typer.echo if verbose else (lambda _m: None))
-    command = "unet-deploy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    command = _command_line(ctx)
     result["command"] = command
     table = markdown_table(result)
     json_path = json_out or work_dir / "results.json"
