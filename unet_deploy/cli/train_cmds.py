@@ -9,6 +9,13 @@ import typer
 
 from ._app import app
 
+QUALITY = "Training quality (augmentation, edge-weighted loss, LR schedule)"
+
+
+def _q(default, help_text: str):
+    return typer.Option(default, help=help_text, rich_help_panel=QUALITY)
+
+
 DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."
 
 
@@ -45,6 +52,23 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     nproc: int = typer.Option(1, "--nproc", help="Train in N local processes (DistributedDataParallel): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
+    augment: str = _q("none", "Augmentation preset: none (Pytorch-UNet's training), light, default, strong. "
+                              "The flags below override single settings of the preset."),
+    hflip: float | None = _q(None, "Probability of a left-right flip."),
+    vflip: float | None = _q(None, "Probability of an up-down flip (0 in every preset)."),
+    aug_scale: float | None = _q(None, "Random zoom in [1-X, 1+X]."),
+    aug_shift: float | None = _q(None, "Random shift up to X of the width/height."),
+    rotate: float | None = _q(None, "Random rotation up to DEG degrees either way."),
+    brightness: float | None = _q(None, "Brightness factor in [1-X, 1+X]."),
+    contrast: float | None = _q(None, "Contrast factor in [1-X, 1+X]."),
+    saturation: float | None = _q(None, "Saturation factor in [1-X, 1+X]."),
+    hue: float | None = _q(None, "Hue shift in [-X, X] (fraction of the colour circle)."),
+    edge_weight: float = _q(1.0, "Loss weight of pixels on mask edges relative to the interior (1 = off; "
+                                 "e.g. 5)."),
+    edge_width: float = _q(3.0, "Reach of the edge weight in pixels at the training scale (Gaussian sigma)."),
+    schedule: str = _q("plateau", "LR schedule: plateau (Pytorch-UNet's, on validation dice, per epoch) or "
+                                  "cosine (per step, after --warmup-steps)."),
+    warmup_steps: int = _q(0, "Linear warm-up steps before the cosine decay."),
 ) -> None:
     """Train a U-Net on Carvana-style data (DATA/imgs/<id>.jpg + DATA/masks/<id>_mask.gif).
 
@@ -54,26 +78,38 @@ def train(
     Example: `unet-deploy train --data data -e 10 -b 4 -l 1e-3 --optimizer adamw --base-channels 16`
     Several GPUs: `unet-deploy train --nproc 4 -b 16 ...`
     (same as `torchrun --nproc-per-node 4 -m unet_deploy train -b 16 ...`)
+
+    Quality options: `--augment default --edge-weight 5 --schedule cosine --warmup-steps 100`;
+    `unet-deploy experiment` measures what each one buys.
     """
+    from ..augment import preset
+    from ..quality import QualityOptions
     from ..train import TrainConfig, dist_env
     from ..train import train as run_train
 
     if nproc != 1:
         _relaunch(ctx, nproc)
 
+    aug = preset(augment, hflip=hflip, vflip=vflip, scale=aug_scale, shift=aug_shift, rotate=rotate,
+                 brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+    quality = QualityOptions(aug, edge_weight, edge_width, schedule.strip().lower(), warmup_steps).validate()
+
     cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
                       batch_size=batch_size, learning_rate=learning_rate, load=load, scale=scale,
                       validation=validation, n_classes=classes, bilinear=bilinear, base_channels=base_channels,
                       amp=amp, device=device, seed=seed, workers=workers, checkpoint_dir=checkpoint_dir,
                       optimizer=optimizer, weight_decay=weight_decay, sync_bn=sync_bn,
-                      channels_last=channels_last, progress=not quiet, max_steps=max_steps)
+                      channels_last=channels_last, progress=not quiet, max_steps=max_steps,
+                      hooks=quality.hooks(seed, max_steps))
+    if dist_env().main:
+        typer.echo(f"training options: {quality.describe()}")
     result = run_train(cfg)
     if result.interrupted:
         raise typer.Exit(130)
     if not dist_env().main:
         return
-    typer.echo(f"best validation dice {result.best_dice:.4f}; {result.images_per_second:.1f} img/s; "
-               f"checkpoints: {result.best_path}, {result.last_path}")
+    score = f"best validation dice {result.best_dice:.4f}" if result.best_dice >= 0 else "no validation split (-v 0)"
+    typer.echo(f"{score}; {result.images_per_second:.1f} img/s; checkpoints: {result.best_path}, {result.last_path}")
     typer.echo(f"next: unet-deploy evaluate -m {result.best_path} --data {data}")
 
 
