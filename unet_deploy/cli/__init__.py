@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..errors import UserError
-from . import data_cmds, train_cmds  # noqa: F401  (registers commands)
+from . import bench_cmds, data_cmds, train_cmds  # noqa: F401  (registers commands)
 from ._app import app
 
 __all__ = ["app", "main"]
