@@ -79,8 +79,8 @@ def quick_from_env() -> bool:
 @dataclass(frozen=True)
 class BenchSettings:
     """What to benchmark. ``None`` fields get mode- and device-dependent defaults in
-    :func:`resolve_settings` (quick mode: width 8 on a 240x160 image; CPU: warmup 1, runs 3 at full
-    width; CUDA: warmup 10, runs 50)."""
+    :func:`resolve_settings` (quick mode: width 8 on a 240x160 image, warmup 1, runs 5; CPU: warmup 1,
+    runs 3 at full width; CUDA: warmup 10, runs 50)."""
 
     checkpoint: Path | None = None
     backends: tuple[str, ...] = BENCH_BACKENDS
@@ -102,7 +102,7 @@ def _default_counts(device: str, quick: bool) -> tuple[int, int]:
     if device.startswith("cuda"):
         return 10, 50
     if quick:
-        return 2, 10
+        return 1, 5
     return 1, 3
 
 
@@ -293,7 +293,8 @@ def end_to_end(backend: Any, image_path: str | Path, scale: float, threshold: fl
         return logits_to_mask(logits, size, threshold)[0]
     from .crf import dense_crf
 
-    return dense_crf(image, probabilities(logits[0], size))
+    # np.array: a writable copy -- pydensecrf refuses the read-only arrays that Pillow decodes into.
+    return dense_crf(np.array(image), probabilities(logits[0], size))
 
 
 # ---------------------------------------------------------------------------------------------------

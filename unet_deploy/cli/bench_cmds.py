@@ -32,7 +32,8 @@ def _sort_extras(extras: list[str], backends: list[str], scales: list[str]) -> N
             except ValueError:
                 if part.startswith("-"):
                     raise UserError(f"{part}: unknown option; see `unet-deploy benchmark --help`") from None
-                raise UserError(f"--backends {part}: unknown backend; use {', '.join(_BACKENDS)}") from None
+                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}) nor a scale (a number "
+                                "like 0.5); check --backends and --scales") from None
             scales.append(part)
 
 
@@ -60,11 +61,11 @@ def benchmark(
                                                  "Several may follow one flag. Default: 0.5 1.0."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
     runs: int | None = typer.Option(None, "--runs", "-n",
-                                    help="Timed runs per case. Default: 3 on CPU (full width), 10 in quick "
+                                    help="Timed runs per case. Default: 3 on CPU (full width), 5 in quick "
                                          "mode, 50 on CUDA."),
     warmup: int | None = typer.Option(None, "--warmup",
-                                      help="Untimed warm-up runs per case. Default: 1 on CPU (full width), "
-                                           "2 in quick mode, 10 on CUDA."),
+                                      help="Untimed warm-up runs per case. Default: 1 on CPU and in quick "
+                                           "mode, 10 on CUDA."),
     quick: bool = typer.Option(False, "--quick",
                                help="Small width (8) on a small 240x160 image: checks the setup in seconds. "
                                     "Also on with UNET_DEPLOY_BENCH_QUICK=1."),
