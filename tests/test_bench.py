@@ -38,7 +38,8 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One quick CLI run over every backend x both scales, writing JSON, plot and markdown."""
     out = tmp_path_factory.mktemp("bench-cli")
     proc = _cli("benchmark", "--quick", "--backends", "torch", "torchscript", "ort", "--scales", "0.5", "1.0",
-                "--device", "cpu", "--runs", "2", "--warmup", "0", "--json", str(out / "r.json"),
+                "--device", "cpu", "--runs", "2", "--warmup", "0", "--base-channels", "4", "--threads", "1",
+                "--json", str(out / "r.json"),
                 "--plot", str(out / "r.png"), "--markdown", str(out / "RESULTS.md"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"proc": proc, "dir": out, "report": json.loads((out / "r.json").read_text())}
@@ -86,8 +87,11 @@ def test_json_has_machine_facts(cli_run: dict) -> None:
         assert m["versions"][lib]
     assert "CPUExecutionProvider" in m["ort_providers"]
     assert m["gpu"] is None  # --device cpu
-    assert cli_run["report"]["model"]["architecture"] == "unet-transposed-w8-c3-k2"
+    assert cli_run["report"]["model"]["architecture"] == "unet-transposed-w4-c3-k2"
+    assert cli_run["report"]["settings"]["threads"] == 1
     assert cli_run["report"]["command"].startswith("unet-deploy benchmark --quick")
+    command = cli_run["report"]["command"]
+    assert "--base-channels 4" in command and "--threads 1" in command
 
 
 def test_plot_is_a_real_png(cli_run: dict) -> None:
