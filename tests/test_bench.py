@@ -92,6 +92,8 @@ def test_json_has_machine_facts(cli_run: dict) -> None:
     assert cli_run["report"]["command"].startswith("unet-deploy benchmark --quick")
     command = cli_run["report"]["command"]
     assert "--base-channels 4" in command and "--threads 1" in command
+    assert command.endswith(f"--json {cli_run['dir'] / 'r.json'} --plot {cli_run['dir'] / 'r.png'} "
+                            f"--markdown {cli_run['dir'] / 'RESULTS.md'}")
 
 
 def test_plot_is_a_real_png(cli_run: dict) -> None:

@@ -535,6 +535,7 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
         "cores_usable": usable, "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "versions": versions(), "gpu": None,
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "cuda": torch.version.cuda, "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8],
     }
     with contextlib.suppress(ImportError):
@@ -764,7 +765,8 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
                    for r in report["speedups"] if r["backend"] != "torch"]), "",
         "## Machine", "",
         f"- CPU: {m['cpu']} ({m['cores_usable']} usable cores, {m['cores_logical']} logical, "
-        f"{m['ram_gib']} GiB RAM); torch threads {m['torch_threads']}",
+        f"{m['ram_gib']} GiB RAM); torch threads {m['torch_threads']}; load average (1 min) at the start "
+        f"{m.get('load_avg_1m')}",
         f"- GPU: {m['gpu'] or 'none used'}",
         f"- Python {m['python']}, torch {v.get('torch')}, onnxruntime {v.get('onnxruntime', '-')}, "
         f"onnx {v.get('onnx', '-')}, numpy {v.get('numpy')}; {m['platform']}",

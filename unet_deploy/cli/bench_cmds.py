@@ -105,6 +105,8 @@ def benchmark(
         render_markdown,
         render_speedups,
         render_table,
+        reproduce_command,
+        resolve_settings,
         run_benchmark,
         write_json,
         write_plot,
@@ -132,6 +134,9 @@ def benchmark(
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
     report = run_benchmark(settings, cache_dir=cache_dir, log=log)
+    outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
+               *(["--markdown", str(markdown)] if markdown else [])]
+    report["command"] = reproduce_command(resolve_settings(settings), outputs)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
