@@ -321,21 +321,21 @@ class CaseSpec:
 class _PeakSampler:
     """Samples host RSS (and CUDA memory in use) in a thread; ``peak_*`` are the maxima seen."""
 
-    def __init__(self, cuda: bool, interval: float = 0.005):
+    def __init__(self, cuda_device: str | None, interval: float = 0.005):
         import psutil
 
         self._proc = psutil.Process()
-        self._cuda = cuda
+        self._cuda = cuda_device
         self._interval = interval
         self._stop = threading.Event()
         self.peak_rss = self._proc.memory_info().rss
-        self.peak_device = self._device_used() if cuda else 0
+        self.peak_device = self._device_used() if cuda_device else 0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _device_used(self) -> int:
         import torch
 
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(self._cuda)
         return int(total - free)
 
     def sample(self) -> None:
@@ -411,7 +411,7 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
         return end_to_end(backend, spec.input, spec.scale, crf=spec.mode == "e2e-crf")
 
     times: list[float] = []
-    with _PeakSampler(cuda) as sampler:
+    with _PeakSampler(spec.device if cuda else None) as sampler:
         base_device = sampler.peak_device
         t0 = time.perf_counter()
         backend = load_backend(spec.model_path, spec.backend, spec.device, threads=spec.threads)
@@ -765,8 +765,8 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
                    for r in report["speedups"] if r["backend"] != "torch"]), "",
         "## Machine", "",
         f"- CPU: {m['cpu']} ({m['cores_usable']} usable cores, {m['cores_logical']} logical, "
-        f"{m['ram_gib']} GiB RAM); torch threads {m['torch_threads']}; load average (1 min) at the start "
-        f"{m.get('load_avg_1m')}",
+        f"{m['ram_gib']} GiB RAM); threads per case: {s['threads'] or 'library defaults'} (torch default "
+        f"{m['torch_threads']}); load average (1 min) at the start {m.get('load_avg_1m')}",
         f"- GPU: {m['gpu'] or 'none used'}",
         f"- Python {m['python']}, torch {v.get('torch')}, onnxruntime {v.get('onnxruntime', '-')}, "
         f"onnx {v.get('onnx', '-')}, numpy {v.get('numpy')}; {m['platform']}",
