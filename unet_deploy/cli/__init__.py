@@ -11,7 +11,15 @@ import os
 import sys
 
 from ..errors import UserError
-from . import data_cmds, experiment_cmds, export_cmds, predict_cmds, train_cmds  # noqa: F401  (registers commands)
+from . import (  # noqa: F401  (registers commands)
+    bench_cmds,
+    data_cmds,
+    demo_cmds,
+    experiment_cmds,
+    export_cmds,
+    predict_cmds,
+    train_cmds,
+)
 from ._app import app
 
 __all__ = ["app", "main"]

@@ -1,0 +1,216 @@
+"""`unet-deploy benchmark` and unet_deploy.bench: real quick-mode runs (tiny width, small image), checked
+for shape and sanity -- never for speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_deploy import bench
+from unet_deploy.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("torch", "torchscript", "ort")
+NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime"}
+
+pytestmark = pytest.mark.export
+
+
+def _cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop(bench.QUICK_ENV, None)
+    return subprocess.run([sys.executable, "-m", "unet_deploy", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One quick CLI run over every backend x both scales, writing JSON, plot and markdown."""
+    out = tmp_path_factory.mktemp("bench-cli")
+    proc = _cli("benchmark", "--quick", "--backends", "torch", "torchscript", "ort", "--scales", "0.5", "1.0",
+                "--device", "cpu", "--runs", "2", "--warmup", "0", "--base-channels", "4", "--threads", "1",
+                "--json", str(out / "r.json"),
+                "--plot", str(out / "r.png"), "--markdown", str(out / "RESULTS.md"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"proc": proc, "dir": out, "report": json.loads((out / "r.json").read_text())}
+
+
+def test_json_has_every_backend_and_scale_with_sane_numbers(cli_run: dict) -> None:
+    report = cli_run["report"]
+    assert report["schema"] == bench.SCHEMA
+    assert report["settings"]["quick"] is True
+    assert report["settings"]["backends"] == list(BACKENDS)
+    assert report["settings"]["scales"] == [0.5, 1.0]
+    cases = report["cases"]
+    assert sorted((c["backend"], c["scale"]) for c in cases) == sorted(
+        (b, s) for b in BACKENDS for s in (0.5, 1.0))
+    width, height = bench.QUICK_SIZE
+    for c in cases:
+        lat = c["latency"]
+        assert lat["runs"] == 2 and len(lat["times_ms"]) == 2
+        assert all(t > 0 for t in lat["times_ms"])
+        assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["max_ms"]
+        assert lat["images_per_s"] > 0 and math.isfinite(lat["images_per_s"])
+        assert c["peak_mib"] > 0 and math.isfinite(c["peak_mib"]), c
+        assert c["memory_method"].startswith("peak RSS growth")
+        assert c["file_mb"] > 0
+        assert c["precision"] == "fp32"
+        assert (c["input_width"], c["input_height"]) == (int(width * c["scale"]), int(height * c["scale"]))
+        assert c["input"] == f"{c['input_width']}x{c['input_height']}"
+        par = c["parity"]
+        if c["backend"] == "torch":
+            assert par["reference"] and par["max_abs_err"] == 0 and par["pixel_agreement"] == 1
+        else:
+            assert not par["reference"]
+            assert par["max_rel_err"] < 1e-3 and par["pixel_agreement"] > 0.99
+    assert {c["provider"] for c in cases if c["backend"] == "ort"} == {"CPUExecutionProvider"}
+    speed = report["speedups"]
+    assert len(speed) == len(cases)
+    assert all(r["speedup_p50"] > 0 for r in speed)
+    assert all(r["speedup_p50"] == 1 for r in speed if r["backend"] == "torch")
+
+
+def test_json_has_machine_facts(cli_run: dict) -> None:
+    m = cli_run["report"]["machine"]
+    assert m["cpu"] and m["cores_usable"] >= 1 and m["cores_logical"] >= 1 and m["ram_gib"] > 0
+    for lib in ("torch", "numpy", "python", "onnxruntime", "onnx"):
+        assert m["versions"][lib]
+    assert "CPUExecutionProvider" in m["ort_providers"]
+    assert m["gpu"] is None  # --device cpu
+    assert cli_run["report"]["model"]["architecture"] == "unet-transposed-w4-c3-k2"
+    assert cli_run["report"]["settings"]["threads"] == 1
+    assert cli_run["report"]["command"].startswith("unet-deploy benchmark --quick")
+    command = cli_run["report"]["command"]
+    assert "--base-channels 4" in command and "--threads 1" in command
+    assert command.endswith(f"--json {cli_run['dir'] / 'r.json'} --plot {cli_run['dir'] / 'r.png'} "
+                            f"--markdown {cli_run['dir'] / 'RESULTS.md'}")
+
+
+def test_plot_is_a_real_png(cli_run: dict) -> None:
+    path = cli_run["dir"] / "r.png"
+    assert path.stat().st_size > 10_000
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.width >= 800 and img.height >= 300
+        pixels = np.asarray(img.convert("L"))
+    assert pixels.std() > 10  # bars and text, not a blank canvas
+    assert not list(cli_run["dir"].glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_table_has_a_row_per_backend_and_scale(cli_run: dict) -> None:
+    out = cli_run["proc"].stdout
+    header = next(line for line in out.splitlines() if "backend" in line and "parity vs eager" in line)
+    for col in ("precision", "scale", "input", "p50 ms", "p90 ms", "img/s", "peak MiB", "file MB"):
+        assert col in header
+    for c in cli_run["report"]["cases"]:
+        rows = [line for line in out.splitlines()
+                if NAMES[c["backend"]] in line and f" {c['scale']:g} " in line and c["input"] in line]
+        assert len(rows) == 1, (c["backend"], c["scale"], out)
+        assert f"{c['latency']['p50_ms']:.1f}" in rows[0]
+    assert "speed-up vs eager" in out
+
+
+def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
+    text = (cli_run["dir"] / "RESULTS.md").read_text()
+    assert "**Quick mode**" in text
+    assert "| backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s | peak MiB | " \
+           "file MB |" in text
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and " fp32 " in line]
+    assert len(table_rows) == len(cli_run["report"]["cases"])
+    assert cli_run["report"]["command"] in text
+    assert bench.FULL_RUN in text
+    assert "## Ratios against eager PyTorch (same run)" in text
+
+
+def test_checkpoint_without_eager_backend_still_gets_parity(tmp_path: Path) -> None:
+    """-m with only torchscript: an untimed eager call supplies the parity reference."""
+    from unet_deploy.checkpoint import save_checkpoint
+    from unet_deploy.config import DeployConfig, ModelConfig
+
+    torch.manual_seed(1)
+    cfg = DeployConfig(model=ModelConfig(base_channels=4, bilinear=True))
+    ckpt = save_checkpoint(tmp_path / "tiny.pth", cfg.model.build(), cfg)
+    settings = bench.BenchSettings(checkpoint=ckpt, backends=("torchscript",), scales=(0.5,), quick=True,
+                                   runs=1, warmup=0, device="cpu")
+    report = bench.run_benchmark(settings, cache_dir=tmp_path / "cache")
+    (case,) = report["cases"]
+    assert case["backend"] == "torchscript" and case["scale"] == 0.5
+    assert not case["parity"]["reference"] and case["parity"]["pixel_agreement"] > 0.99
+    assert case["peak_mib"] > 0 and case["latency"]["p50_ms"] > 0
+    assert report["model"]["architecture"] == "unet-bilinear-w4-c3-k2"
+    assert report["speedups"] == []  # no eager row to compare with
+    assert list((tmp_path / "cache").glob("ckpt-*/model.ts"))  # exports kept for the next run
+
+
+def test_parity_and_latency_stats() -> None:
+    a = np.zeros((1, 2, 4, 4), np.float32)
+    a[:, 1, :2] = 4.0
+    b = a.copy()
+    b[0, 0, 0, 0] = 5.0  # flips one pixel of 16, error 5 / max 4
+    p = bench.parity(a, b)
+    assert p["max_abs_err"] == 5.0 and p["max_rel_err"] == 1.25 and p["pixel_agreement"] == 15 / 16
+    assert p["passed"] is False  # the same thresholds export verifies with
+    assert bench.parity(a, a + 1e-7)["passed"] is True
+    with pytest.raises(ValueError, match="shapes differ"):
+        bench.parity(a, a[:, :, :2])
+    s = bench.latency_stats([0.01, 0.02, 0.03, 0.04])
+    assert s["p50_ms"] == pytest.approx(25.0) and s["mean_ms"] == pytest.approx(25.0)
+    assert s["images_per_s"] == pytest.approx(40.0) and s["runs"] == 4
+
+
+def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(bench.QUICK_ENV, raising=False)
+    full = bench.resolve_settings(bench.BenchSettings(device="cpu"))
+    assert (full.base_channels, full.image_size, full.warmup, full.runs) == (64, (1918, 1280), 1, 3)
+    assert full.backends == BACKENDS and full.scales == (0.5, 1.0)
+    monkeypatch.setenv(bench.QUICK_ENV, "1")
+    quick = bench.resolve_settings(bench.BenchSettings(device="cpu", backends=("ort", "torch")))
+    assert quick.quick and quick.base_channels == 8 and quick.image_size == bench.QUICK_SIZE
+    assert quick.backends == ("torch", "ort")  # table order
+    for bad, flag in [(dict(backends=("tensorrt",)), "--backends tensorrt"),
+                      (dict(scales=(0,)), "--scales 0"),
+                      (dict(scales=(0.01,)), "--scales 0.01"), (dict(runs=0), "--runs 0"),
+                      (dict(warmup=-1), "--warmup -1"), (dict(device="tpu"), "--device tpu"),
+                      (dict(checkpoint=Path("m.onnx")), "-m m.onnx")]:
+        with pytest.raises(UserError, match=flag.replace(".", r"\.")):
+            bench.resolve_settings(bench.BenchSettings(**bad))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--backends", "tensorrt"], "--backends tensorrt: unknown backend"),
+    (["--backends", "torch", "tensorrt"], "tensorrt: not a backend"),
+    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort) nor a scale"),
+    (["--scales", "0"], "--scales 0: a scale must be in (0, 4]"),
+    (["--scales", "x"], "--scales x: not a number"),
+    (["--plot", "out.jpg"], "--plot out.jpg: the plot is a PNG"),
+    (["-m", "missing.pth"], "-m missing.pth: checkpoint not found"),
+    (["--runs", "0"], "--runs 0: time at least 1 run"),
+])
+def test_cli_errors_are_one_line(args: list[str], expected: str, capsys: pytest.CaptureFixture,
+                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unet_deploy.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", "--quick", "--device", "cpu", *args])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert expected in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_bad_option_exits_nonzero_without_traceback() -> None:
+    proc = _cli("benchmark", "--backends", "onnx", "--device", "cpu")
+    assert proc.returncode != 0
+    assert "--backends onnx: unknown backend" in proc.stderr and "Traceback" not in proc.stderr

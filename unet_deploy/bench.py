@@ -1,0 +1,845 @@
+"""Latency and peak-memory measurement shared by ``unet-deploy benchmark`` and ``benchmarks/``.
+
+One benchmark run:
+
+1. obtains a model -- a checkpoint given with ``-m``, or a freshly initialised model of the seed
+   architecture (seeded, so every run measures the same weights) -- and exports it to TorchScript and
+   ONNX once, into a temporary (or cache) folder;
+2. preprocesses one synthetic Carvana-sized image at every requested scale (the same input for every
+   backend);
+3. runs every backend x scale case in a FRESH Python process (:func:`run_case_isolated`), so backends do
+   not share allocator caches, thread pools or imported libraries: the process records its resident
+   memory after imports, loads the backend, warms up while a thread samples memory, then times ``runs``
+   calls (CUDA is synchronised around each call);
+4. compares every backend's logits to eager PyTorch on the same input (parity), and collects machine
+   facts, so the numbers can be pasted into an issue (:func:`render_table`, :func:`render_markdown`) or
+   kept as JSON (:func:`write_json`) and a plot (:func:`write_plot`).
+
+Peak memory is the growth over the process's own baseline after imports: the peak resident set (RSS) on
+CPU, device memory in use (driver view, also covering ONNX Runtime's arena) on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+__all__ = [
+    "QUICK_ENV", "CARVANA_SIZE", "QUICK_SIZE", "QUICK_BASE_CHANNELS", "DEFAULT_SCALES", "BENCH_BACKENDS",
+    "BenchSettings", "ModelFiles", "CaseSpec", "quick_from_env", "resolve_settings", "prepare_models",
+    "synthetic_image", "write_jpeg", "end_to_end", "run_case", "run_case_isolated", "parity",
+    "latency_stats", "machine_facts", "run_benchmark", "speedups", "render_table", "render_speedups",
+    "render_markdown",
+    "reproduce_command", "write_json", "write_plot",
+]
+
+#: Environment variable that switches benchmarks to quick mode (small width, small image).
+QUICK_ENV = "UNET_DEPLOY_BENCH_QUICK"
+#: (width, height) of a Carvana image; scale 0.5 gives Pytorch-UNet's 959x640 input.
+CARVANA_SIZE = (1918, 1280)
+#: (width, height) of the quick-mode source image.
+QUICK_SIZE = (240, 160)
+QUICK_BASE_CHANNELS = 8
+SEED_BASE_CHANNELS = 64
+DEFAULT_SCALES = (0.5, 1.0)
+#: Backends in table order; "torch" (eager) is the parity reference.
+BENCH_BACKENDS = ("torch", "torchscript", "ort")
+_FILES = {"torch": "model.pth", "torchscript": "model.ts", "ort": "model.onnx"}
+_MIB = 1024 * 1024
+SCHEMA = "unet-deploy.benchmark/1"
+
+
+def quick_from_env() -> bool:
+    """True when ``UNET_DEPLOY_BENCH_QUICK`` is set to 1/true/yes/on."""
+    return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to benchmark. ``None`` fields get mode- and device-dependent defaults in
+    :func:`resolve_settings` (quick mode: width 8 on a 240x160 image, warmup 1, runs 5; CPU: warmup 1,
+    runs 3 at full width; CUDA: warmup 10, runs 50)."""
+
+    checkpoint: Path | None = None
+    backends: tuple[str, ...] = BENCH_BACKENDS
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    device: str = "auto"
+    runs: int | None = None
+    warmup: int | None = None
+    base_channels: int | None = None
+    bilinear: bool = False
+    quick: bool = False
+    threads: int | None = None
+    image_size: tuple[int, int] | None = None  # (width, height) of the source image
+    seed: int = 0
+    timeout_s: float = 3600.0  # per case (fresh process)
+
+
+def _default_counts(device: str, quick: bool) -> tuple[int, int]:
+    """(warmup, runs): a full-width U-Net takes seconds per Carvana image on a small CPU."""
+    if device.startswith("cuda"):
+        return 10, 50
+    if quick:
+        return 1, 5
+    return 1, 3
+
+
+def resolve_settings(settings: BenchSettings) -> BenchSettings:
+    """Validate ``settings`` and fill in the defaults; bad values raise a one-line :class:`UserError`."""
+    from .backends import resolve_device
+
+    quick = settings.quick or quick_from_env()
+    backends = tuple(dict.fromkeys(b.strip().lower() for b in settings.backends if b.strip()))
+    if not backends:
+        raise UserError("--backends: name at least one of " + ", ".join(BENCH_BACKENDS))
+    for b in backends:
+        if b not in BENCH_BACKENDS:
+            raise UserError(f"--backends {b}: unknown backend; use {', '.join(BENCH_BACKENDS)}")
+    backends = tuple(b for b in BENCH_BACKENDS if b in backends)
+    scales = tuple(dict.fromkeys(float(s) for s in settings.scales))
+    if not scales:
+        raise UserError("--scales: give at least one scale, e.g. --scales 0.5 1.0")
+    for s in scales:
+        if not np.isfinite(s) or not 0 < s <= 4:
+            raise UserError(f"--scales {s:g}: a scale must be in (0, 4], e.g. 0.5 for 959x640")
+    device = resolve_device(settings.device)
+    default_warmup, default_runs = _default_counts(device, quick)
+    runs = settings.runs if settings.runs is not None else default_runs
+    warmup_runs = settings.warmup if settings.warmup is not None else default_warmup
+    if runs < 1:
+        raise UserError(f"--runs {runs}: time at least 1 run")
+    if warmup_runs < 0:
+        raise UserError(f"--warmup {warmup_runs}: use 0 or more warm-up runs")
+    if settings.threads is not None and settings.threads < 1:
+        raise UserError(f"--threads {settings.threads}: use 1 or more threads")
+    base = settings.base_channels or (QUICK_BASE_CHANNELS if quick else SEED_BASE_CHANNELS)
+    if base < 1:
+        raise UserError(f"--base-channels {base}: use a positive width (64 = Pytorch-UNet)")
+    size = settings.image_size or (QUICK_SIZE if quick else CARVANA_SIZE)
+    if settings.checkpoint is not None:
+        ckpt = Path(settings.checkpoint)
+        if ckpt.suffix.lower() in (".onnx", ".ts", ".torchscript", ".jit"):
+            raise UserError(f"-m {ckpt}: pass the .pth checkpoint; the benchmark exports TorchScript and "
+                            "ONNX from it itself")
+    for s in scales:
+        w, h = int(size[0] * s), int(size[1] * s)
+        if w < 16 or h < 16:
+            raise UserError(f"--scales {s:g}: a {size[0]}x{size[1]} image becomes {w}x{h}; a U-Net needs "
+                            "at least 16x16 input")
+    return replace(settings, quick=quick, backends=backends, scales=scales, device=device, runs=runs,
+                   warmup=warmup_runs, base_channels=base, image_size=(int(size[0]), int(size[1])))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and exports
+
+
+@dataclass
+class ModelFiles:
+    """One model in every format, plus where it came from."""
+
+    paths: dict[str, Path]  # backend -> model file
+    architecture: str
+    source: str  # "checkpoint <path>" or "fresh init (seed N)"
+    export_s: dict[str, float] = field(default_factory=dict)  # backend -> seconds spent exporting
+
+
+def _cache_key(settings: BenchSettings) -> str:
+    import torch
+
+    from .fileio import sha256_file
+
+    what: dict[str, Any] = {"torch": str(torch.__version__)}
+    with contextlib.suppress(ImportError):
+        import onnx
+
+        what["onnx"] = onnx.__version__
+    if settings.checkpoint is not None:
+        what["checkpoint"] = sha256_file(settings.checkpoint)
+    else:
+        what.update(base=settings.base_channels, bilinear=settings.bilinear, seed=settings.seed)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_models(settings: BenchSettings, folder: str | Path,
+                   log: Callable[[str], None] | None = None) -> ModelFiles:
+    """Write (or reuse from ``folder``) the checkpoint, TorchScript and ONNX files the backends load.
+
+    With ``settings.checkpoint`` the checkpoint is used as is; otherwise a U-Net of the seed architecture
+    (``base_channels``, ``bilinear``) is initialised with ``torch.manual_seed(seed)`` and saved. Files
+    already in ``folder`` from an earlier run with the same inputs are reused (the folder name is a hash
+    of the weights/architecture and the torch/onnx versions).
+    """
+    import torch
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .config import DeployConfig, InferenceConfig, ModelConfig
+    from .export import export_onnx, export_torchscript
+
+    settings = resolve_settings(settings)
+    say = log or (lambda _msg: None)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if settings.checkpoint is not None:
+        ckpt = load_checkpoint(settings.checkpoint)
+        config = ckpt.config
+        paths["torch"] = Path(settings.checkpoint)
+        source = f"checkpoint {settings.checkpoint}"
+        model = None
+    else:
+        mc = ModelConfig(bilinear=settings.bilinear, base_channels=int(settings.base_channels or 64))
+        config = DeployConfig(model=mc, inference=InferenceConfig(scale=settings.scales[0]),
+                              source={"format": "fresh-init", "seed": settings.seed})
+        source = f"fresh init (seed {settings.seed})"
+        paths["torch"] = folder / _FILES["torch"]
+        model = None
+        if not paths["torch"].exists():
+            torch.manual_seed(settings.seed)
+            model = mc.build().eval()
+            save_checkpoint(paths["torch"], model, config, {"note": "benchmark: untrained seeded init"})
+        ckpt = load_checkpoint(paths["torch"])
+    export_s: dict[str, float] = {}
+    for backend, writer in (("torchscript", export_torchscript), ("ort", export_onnx)):
+        if backend not in settings.backends:
+            continue
+        target = folder / _FILES[backend]
+        paths[backend] = target
+        if target.exists():
+            continue
+        if model is None:
+            model = ckpt.build_model("cpu")
+        say(f"exporting {backend} -> {target}")
+        t0 = time.perf_counter()
+        writer(model, ckpt.config, target)
+        export_s[backend] = time.perf_counter() - t0
+    return ModelFiles(paths, config.model.architecture, source, export_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and the end-to-end pipeline
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A deterministic Carvana-like uint8 (H, W, 3) image: a car on a studio background.
+
+    Uses :func:`unet_deploy.synth.render_car` when that module is installed, else a simple car shape.
+    """
+    rng = np.random.default_rng(seed)
+    try:
+        from .synth import render_car
+    except ImportError:
+        render_car = None
+    if render_car is not None:
+        return np.ascontiguousarray(render_car(rng, width, height)[0], dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.empty((height, width, 3), np.float32)
+    img[...] = 200 + 30 * (yy / max(height - 1, 1))[..., None]  # light grey studio gradient
+    body = ((xx - 0.5 * width) / (0.38 * width)) ** 2 + ((yy - 0.6 * height) / (0.2 * height)) ** 2 <= 1
+    cabin = ((xx - 0.47 * width) / (0.2 * width)) ** 2 + ((yy - 0.42 * height) / (0.14 * height)) ** 2 <= 1
+    img[body | cabin] = rng.uniform(20, 200, 3).astype(np.float32)
+    for cx in (0.3, 0.7):  # wheels
+        wheel = ((xx - cx * width) ** 2 + (yy - 0.77 * height) ** 2) <= (0.07 * width) ** 2
+        img[wheel] = 25
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(image: np.ndarray, path: str | Path, quality: int = 90) -> Path:
+    """Save a uint8 RGB image as JPEG (atomically) -- the end-to-end benchmarks decode it."""
+    from PIL import Image
+
+    from .fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=quality)
+    return path
+
+
+def end_to_end(backend: Any, image_path: str | Path, scale: float, threshold: float = 0.5,
+               crf: bool = False) -> np.ndarray:
+    """decode -> preprocess -> model -> post-process (-> dense CRF): the mask at the original size."""
+    from .data import load_image, preprocess
+    from .postprocess import logits_to_mask, probabilities
+
+    image = load_image(image_path)
+    batch = preprocess(image, scale)[None]
+    logits = backend(batch)
+    size = image.shape[:2]
+    if not crf:
+        return logits_to_mask(logits, size, threshold)[0]
+    from .crf import dense_crf
+
+    return dense_crf(image, probabilities(logits[0], size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One case, in this process or a fresh one
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One backend x input measurement. ``input`` is a .npy float32 NCHW batch (mode "model") or an image
+    file (modes "e2e" and "e2e-crf", with ``scale``). ``runs=0`` measures memory only."""
+
+    backend: str
+    model_path: str
+    device: str
+    input: str
+    scale: float = 1.0
+    mode: str = "model"
+    runs: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    logits_out: str | None = None  # save the first output's logits here (.npy), for parity
+
+
+class _PeakSampler:
+    """Samples host RSS (and CUDA memory in use) in a thread; ``peak_*`` are the maxima seen."""
+
+    def __init__(self, cuda_device: str | None, interval: float = 0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._cuda = cuda_device
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak_rss = self._proc.memory_info().rss
+        self.peak_device = self._device_used() if cuda_device else 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _device_used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self._cuda)
+        return int(total - free)
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        if self._cuda:
+            self.peak_device = max(self.peak_device, self._device_used())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def __enter__(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def latency_stats(times_s: Sequence[float]) -> dict[str, Any]:
+    """p50/p90/mean/min/max in milliseconds and images per second (batch of one, from the mean)."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
+    mean = float(ms.mean())
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": mean,
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "runs": len(ms),
+            "images_per_s": 1000.0 / mean if mean > 0 else float("inf"), "times_ms": [float(t) for t in ms]}
+
+
+def run_case(spec: CaseSpec) -> dict[str, Any]:
+    """Measure one case in THIS process: memory growth over the current baseline, then latency.
+
+    Memory numbers are only meaningful in a fresh process (see :func:`run_case_isolated`); the baseline is
+    taken here, after the heavy imports.
+    """
+    import torch
+
+    from .backends import load_backend
+
+    if spec.backend == "ort":
+        import onnxruntime  # noqa: F401  - part of the baseline, not of the model's memory
+    cuda = spec.device.startswith("cuda")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if cuda:  # the CUDA context is part of the baseline, like the imports
+        torch.zeros(1, device=spec.device)
+        torch.cuda.synchronize(spec.device)
+        torch.cuda.reset_peak_memory_stats(spec.device)
+    if spec.mode == "model":
+        batch: Any = np.load(spec.input)
+    elif spec.mode not in ("e2e", "e2e-crf"):
+        raise ValueError(f"unknown benchmark mode {spec.mode!r}")
+    import psutil
+
+    base_rss = psutil.Process().memory_info().rss
+    base_maxrss = _maxrss_bytes()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(spec.device)
+
+    def once() -> Any:
+        if spec.mode == "model":
+            return backend(batch)
+        return end_to_end(backend, spec.input, spec.scale, crf=spec.mode == "e2e-crf")
+
+    times: list[float] = []
+    with _PeakSampler(spec.device if cuda else None) as sampler:
+        base_device = sampler.peak_device
+        t0 = time.perf_counter()
+        backend = load_backend(spec.model_path, spec.backend, spec.device, threads=spec.threads)
+        load_s = time.perf_counter() - t0
+        sampler.sample()
+        for i in range(max(spec.warmup, 1)):
+            out = once()
+            sync()
+            if i == 0 and spec.logits_out and spec.mode == "model":
+                np.save(spec.logits_out, out.detach().cpu().numpy())
+            if i == 0 and spec.warmup == 0:  # the first call is also the first timed one
+                break
+    # Timed runs (memory sampling stopped, so it cannot disturb them); ru_maxrss still sees any peak.
+    runs = spec.runs
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        once()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak_rss = sampler.peak_rss
+    maxrss = _maxrss_bytes()
+    if maxrss > base_maxrss:  # a new lifetime peak after the baseline: exact, even between samples
+        peak_rss = max(peak_rss, maxrss)
+    result: dict[str, Any] = {
+        "backend": spec.backend, "mode": spec.mode, "device": spec.device, "scale": spec.scale,
+        "precision": backend.precision, "provider": backend.provider, "load_s": load_s,
+        "host_peak_mib": max(peak_rss - base_rss, 0) / _MIB, "host_baseline_mib": base_rss / _MIB,
+    }
+    if cuda:
+        reserved = torch.cuda.max_memory_reserved(spec.device)
+        result["device_peak_mib"] = max(sampler.peak_device - base_device, reserved, 0) / _MIB
+        result["torch_peak_allocated_mib"] = torch.cuda.max_memory_allocated(spec.device) / _MIB
+        result["peak_mib"] = result["device_peak_mib"]
+        result["memory_method"] = "CUDA device memory in use, growth over the process baseline"
+    else:
+        result["peak_mib"] = result["host_peak_mib"]
+        result["memory_method"] = "peak RSS growth over a fresh process's baseline after imports"
+    if runs:
+        result["latency"] = latency_stats(times)
+    return result
+
+
+def run_case_isolated(spec: CaseSpec, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Run :func:`run_case` in a fresh ``python -m unet_deploy.bench`` process and return its result."""
+    with tempfile.TemporaryDirectory(prefix="unet-bench-case-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [sys.executable, "-m", "unet_deploy.bench", str(spec_path), str(out_path)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"benchmark case {spec.backend} scale {spec.scale:g} ran over {timeout_s:.0f} s; "
+                            "use fewer --runs or --quick") from None
+        if proc.returncode != 0 or not out_path.exists():
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            last = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise UserError(f"benchmark case {spec.backend} scale {spec.scale:g} failed in its process: "
+                            f"{last[:300]}")
+        return json.loads(out_path.read_text())
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    spec = CaseSpec(**json.loads(Path(argv[0]).read_text()))
+    result = run_case(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity and machine facts
+
+
+def parity(reference: np.ndarray, other: np.ndarray, threshold: float = 0.5,
+           precision: str = "fp32") -> dict[str, Any]:
+    """How far ``other`` logits are from the eager ``reference`` on the same input, by the same measures
+    and thresholds ``export`` verifies with (:func:`unet_deploy.parity.compare`).
+
+    ``max_rel_err`` = max |a - b| / max |a|; ``pixel_agreement`` = share of mask pixels that agree after
+    post-processing; ``passed`` = within the documented thresholds for ``precision``.
+    """
+    import torch
+
+    from .parity import ParityThresholds, compare
+
+    a = np.asarray(reference, dtype=np.float32)
+    b = np.asarray(other, dtype=np.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: {a.shape} vs {b.shape}")
+    result = compare(torch.from_numpy(a), torch.from_numpy(b), ParityThresholds.for_precision(precision),
+                     threshold)
+    return {"max_abs_err": result["max_abs_err"], "max_rel_err": result["rel_err"],
+            "pixel_agreement": result["pixel_agreement"], "dice": result["dice"], "passed": result["passed"]}
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_facts(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, RAM, GPU, library versions and ONNX Runtime providers of this machine."""
+    import psutil
+    import torch
+
+    from .config import versions
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    facts: dict[str, Any] = {
+        "cpu": _cpu_model(), "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_usable": usable, "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(), "versions": versions(), "gpu": None,
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cuda": torch.version.cuda, "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8],
+    }
+    with contextlib.suppress(ImportError):
+        import onnxruntime as ort
+
+        facts["ort_providers"] = ort.get_available_providers()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        props = torch.cuda.get_device_properties(index)
+        facts["gpu"] = props.name
+        facts["gpu_memory_gib"] = round(props.total_memory / 1024 ** 3, 1)
+    return facts
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run
+
+
+@contextlib.contextmanager
+def _work_folder(cache_dir: str | Path | None, key: str) -> Iterator[tuple[Path, Path]]:
+    """(model folder, scratch folder): the model folder persists under ``cache_dir`` when one is given."""
+    with tempfile.TemporaryDirectory(prefix="unet-bench-") as tmp:
+        models = Path(cache_dir) / key if cache_dir else Path(tmp) / "models"
+        yield models, Path(tmp)
+
+
+def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every backend x scale case (each in a fresh process) and return the JSON-ready report."""
+    from .data import preprocess
+
+    settings = resolve_settings(settings)
+    say = log or (lambda _msg: None)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    key = f"{'ckpt' if settings.checkpoint else 'fresh'}-{_cache_key(settings)}"
+    width, height = settings.image_size or CARVANA_SIZE
+    cases: list[dict[str, Any]] = []
+    with _work_folder(cache_dir, key) as (model_dir, scratch):
+        files = prepare_models(settings, model_dir, say)
+        image = synthetic_image(width, height, settings.seed)
+        for scale in settings.scales:
+            batch = preprocess(image, scale)[None]
+            input_path = scratch / f"input-{scale:g}.npy"
+            np.save(input_path, batch)
+            h, w = batch.shape[-2:]
+            logits: dict[str, Path] = {}
+            order = list(settings.backends)
+            if "torch" not in order:  # parity needs eager logits: one untimed eager call
+                order.insert(0, "reference")
+            for name in order:
+                backend = "torch" if name == "reference" else name
+                logits[name] = scratch / f"logits-{name}-{scale:g}.npy"
+                spec = CaseSpec(backend, str(files.paths[backend]), settings.device, str(input_path), scale,
+                                "model", 0 if name == "reference" else int(settings.runs or 1),
+                                int(settings.warmup or 0) if name != "reference" else 1, settings.threads,
+                                str(logits[name]))
+                say(f"{name} scale {scale:g} ({w}x{h}): running in a fresh process")
+                result = run_case_isolated(spec, settings.timeout_s)
+                if name == "reference":
+                    continue
+                ref = np.load(logits.get("torch", logits.get("reference")))
+                par = parity(ref, np.load(logits[name]), precision=result.get("precision", "fp32"))
+                path = files.paths[backend]
+                cases.append({
+                    **result, "scale": scale, "input": f"{w}x{h}", "input_width": int(w),
+                    "input_height": int(h),
+                    "parity": {**par, "reference": name == "torch"},
+                    "file": str(path) if cache_dir or path.parent != model_dir else path.name,
+                    "file_mb": path.stat().st_size / 1e6, "export_s": files.export_s.get(backend),
+                })
+    report = {
+        "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
+        "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
+        "settings": {
+            "checkpoint": str(settings.checkpoint) if settings.checkpoint else None, "quick": settings.quick,
+            "backends": list(settings.backends), "scales": list(settings.scales), "device": settings.device,
+            "runs": settings.runs, "warmup": settings.warmup, "threads": settings.threads,
+            "base_channels": settings.base_channels if not settings.checkpoint else None,
+            "bilinear": settings.bilinear if not settings.checkpoint else None, "seed": settings.seed,
+            "image_size": list(settings.image_size or CARVANA_SIZE),
+        },
+        "model": {"architecture": files.architecture, "source": files.source},
+        "machine": machine_facts(settings.device),
+        "cases": cases,
+    }
+    report["speedups"] = speedups(report)
+    report["command"] = reproduce_command(settings)
+    return report
+
+
+def speedups(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per scale, each backend against eager torch measured in the same run: speed-up of p50 latency
+    (> 1 = faster than eager) and peak memory relative to eager (< 1 = less memory)."""
+    out = []
+    for scale in report["settings"]["scales"]:
+        rows = {c["backend"]: c for c in report["cases"] if c["scale"] == scale}
+        eager = rows.get("torch")
+        if eager is None:
+            continue
+        for name, case in rows.items():
+            mem = case["peak_mib"] / eager["peak_mib"] if eager["peak_mib"] > 0 else None
+            out.append({"scale": scale, "backend": name, "input": case["input"],
+                        "speedup_p50": eager["latency"]["p50_ms"] / case["latency"]["p50_ms"],
+                        "memory_ratio": mem})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering and writing
+
+COLUMNS = ("backend", "precision", "scale", "input", "parity vs eager", "p50 ms", "p90 ms", "img/s",
+           "peak MiB", "file MB")
+_NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime"}
+
+
+def _parity_text(case: dict[str, Any]) -> str:
+    p = case["parity"]
+    if p.get("reference"):
+        return "reference"
+    verdict = "" if "passed" not in p else (" ok" if p["passed"] else " FAIL")
+    return f"rel {p['max_rel_err']:.1e}, {100 * p['pixel_agreement']:.2f}% px{verdict}"
+
+
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in report["cases"]:
+        lat = c["latency"]
+        name = _NAMES.get(c["backend"], c["backend"])
+        if c["backend"] == "ort":
+            name += f" ({c['provider'].replace('ExecutionProvider', '')})"
+        rows.append([name, c["precision"], f"{c['scale']:g}", c["input"], _parity_text(c),
+                     f"{lat['p50_ms']:.1f}", f"{lat['p90_ms']:.1f}", f"{lat['images_per_s']:.2f}",
+                     f"{c['peak_mib']:.0f}", f"{c['file_mb']:.1f}"])
+    return rows
+
+
+def _title(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    where = m["gpu"] or f"{m['cpu']}, {m['cores_usable']} cores"
+    mode = "QUICK MODE, " if s["quick"] else ""
+    return (f"{mode}{report['model']['architecture']} ({report['model']['source']}) on {s['device']} "
+            f"[{where}]; warmup {s['warmup']}, runs {s['runs']}")
+
+
+def render_table(report: dict[str, Any]) -> Any:
+    """The results as a rich Table (print it with a rich Console)."""
+    from rich.table import Table
+
+    table = Table(title=_title(report), title_justify="left")
+    for col in COLUMNS:
+        numeric = col.endswith(("ms", "img/s", "MiB", "MB")) or col == "scale"
+        table.add_column(col, justify="right" if numeric else "left")
+    for row in _rows(report):
+        table.add_row(*row)
+    return table
+
+
+def render_speedups(report: dict[str, Any]) -> str:
+    """One line per scale: each backend's speed-up and memory ratio against eager."""
+    lines = []
+    for scale in report["settings"]["scales"]:
+        parts = [f"{_NAMES.get(r['backend'], r['backend'])} {r['speedup_p50']:.2f}x"
+                 + (f" ({r['memory_ratio']:.2f}x memory)" if r["memory_ratio"] is not None else "")
+                 for r in report["speedups"] if r["scale"] == scale and r["backend"] != "torch"]
+        if parts:
+            lines.append(f"scale {scale:g}: speed-up vs eager (p50): " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *(line(r) for r in rows)])
+
+
+def reproduce_command(settings: BenchSettings, extra: Sequence[str] = ()) -> str:
+    """The ``unet-deploy benchmark`` command line that repeats this run."""
+    s = settings
+    args = ["unet-deploy", "benchmark"]
+    if s.checkpoint:
+        args += ["-m", str(s.checkpoint)]
+    if s.quick:
+        args.append("--quick")
+    if tuple(s.backends) != BENCH_BACKENDS:
+        args += ["--backends", *s.backends]
+    args += ["--scales", *(f"{x:g}" for x in s.scales), "--device", s.device]
+    if s.runs is not None:
+        args += ["--runs", str(s.runs)]
+    if s.warmup is not None:
+        args += ["--warmup", str(s.warmup)]
+    if not s.checkpoint and s.base_channels and s.base_channels != (QUICK_BASE_CHANNELS if s.quick
+                                                                   else SEED_BASE_CHANNELS):
+        args += ["--base-channels", str(s.base_channels)]
+    if not s.checkpoint and s.bilinear:
+        args.append("--bilinear")
+    if s.threads:
+        args += ["--threads", str(s.threads)]
+    return shlex.join([*args, *extra])
+
+
+FULL_RUN = ("unet-deploy benchmark --device cpu --markdown benchmarks/RESULTS.md "
+            "--json benchmarks/results.json --plot benchmarks/results.png")
+
+
+def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
+    """RESULTS.md: the table, the ratios, the machine, and the command that regenerates the file."""
+    s, m = report["settings"], report["machine"]
+    v = m["versions"]
+    command = command or report.get("command", "")
+    out = ["# unet-deploy benchmark results", ""]
+    if s["quick"]:
+        out += ["> **Quick mode** (small width on a small image): a smoke test of the benchmark itself, "
+                "NOT representative of the seed-width model. Regenerate with the full command below.", ""]
+    out += [
+        f"Generated by `{command}` on {report['started']} in {report['duration_s']:.0f} s. Every number "
+        "below is written by that command; none is typed in.", "",
+        f"Model: `{report['model']['architecture']}` ({report['model']['source']}). Source image "
+        f"{s['image_size'][0]}x{s['image_size'][1]}, batch 1, device `{s['device']}`, warmup {s['warmup']}, "
+        f"timed runs {s['runs']}.", "",
+        "## Latency and peak memory (model only)", "",
+        _md_table(COLUMNS, _rows(report)), "",
+        "## Ratios against eager PyTorch (same run)", "",
+        _md_table(["scale", "input", "backend", "speed-up (p50)", "peak memory vs eager"],
+                  [[f"{r['scale']:g}", r["input"], _NAMES.get(r["backend"], r["backend"]),
+                    f"{r['speedup_p50']:.2f}x",
+                    "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"]
+                   for r in report["speedups"] if r["backend"] != "torch"]), "",
+        "## Machine", "",
+        f"- CPU: {m['cpu']} ({m['cores_usable']} usable cores, {m['cores_logical']} logical, "
+        f"{m['ram_gib']} GiB RAM); threads per case: {s['threads'] or 'library defaults'} (torch default "
+        f"{m['torch_threads']}); load average (1 min) at the start {m.get('load_avg_1m')}",
+        f"- GPU: {m['gpu'] or 'none used'}",
+        f"- Python {m['python']}, torch {v.get('torch')}, onnxruntime {v.get('onnxruntime', '-')}, "
+        f"onnx {v.get('onnx', '-')}, numpy {v.get('numpy')}; {m['platform']}",
+        f"- ONNX Runtime providers available: {', '.join(m.get('ort_providers') or []) or '-'}", "",
+        "## How it is measured", "",
+        "- Each backend x scale case runs in a fresh Python process. Latency is the model call alone "
+        "(preprocessed float32 batch in, logits out) after the warm-up runs; img/s = 1000 / mean ms.",
+        "- Peak MiB: " + (report["cases"][0]["memory_method"] if report["cases"] else "-")
+        + " (includes the weights and the backend's runtime, not the shared imports).",
+        "- Parity: the largest logit difference from eager torch on the same input, divided by the "
+        "largest eager logit, and the share of mask pixels that agree.",
+        "- file MB: the checkpoint (.pth) for eager torch, the .ts and .onnx exports for the others.", "",
+        "## Reproduce", "",
+        "This exact run:", "", "```", command, "```", "",
+        "The full seed-width (base 64) run on CPU (slow: minutes on 2 cores):", "",
+        "```", FULL_RUN, "```", "",
+        "Quick mode (width 8, 240x160 source image; seconds): add `--quick` or set "
+        f"`{QUICK_ENV}=1`. The pytest-benchmark suites: `pytest benchmarks/` (full) or "
+        f"`{QUICK_ENV}=1 pytest benchmarks/` (quick).", "",
+    ]
+    return "\n".join(out)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> Path:
+    """Write the report as indented JSON, atomically."""
+    from .fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def write_plot(report: dict[str, Any], path: str | Path) -> Path:
+    """Latency (p50 bars with p90 whiskers) and peak memory per backend and scale, side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    scales = report["settings"]["scales"]
+    backends = [b for b in BENCH_BACKENDS if any(c["backend"] == b for c in report["cases"])]
+    x = np.arange(len(scales))
+    width = 0.8 / max(len(backends), 1)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for i, b in enumerate(backends):
+        by_scale = {c["scale"]: c for c in report["cases"] if c["backend"] == b}
+        p50 = [by_scale[s]["latency"]["p50_ms"] if s in by_scale else np.nan for s in scales]
+        p90 = [by_scale[s]["latency"]["p90_ms"] if s in by_scale else np.nan for s in scales]
+        mem = [by_scale[s]["peak_mib"] if s in by_scale else np.nan for s in scales]
+        pos = x + (i - (len(backends) - 1) / 2) * width
+        yerr = np.vstack([np.zeros(len(p50)), np.maximum(np.subtract(p90, p50), 0)])
+        ax_t.bar(pos, p50, width, yerr=yerr, capsize=3, label=_NAMES.get(b, b))
+        ax_m.bar(pos, mem, width, label=_NAMES.get(b, b))
+    labels = []
+    for s in scales:
+        case = next((c for c in report["cases"] if c["scale"] == s), None)
+        labels.append(f"scale {s:g}\n{case['input'] if case else ''}")
+    for ax, ylabel, title in ((ax_t, "latency ms (p50, whisker p90)", "Latency per image"),
+                              (ax_m, "peak MiB", "Peak memory")):
+        ax.set_xticks(x, labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(report), fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # the fresh process of run_case_isolated
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,151 @@
+"""``unet-deploy benchmark``: latency and peak memory per backend and scale, as a table to paste."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import UserError
+from ._app import app
+
+_BACKENDS = ("torch", "torchscript", "ort")
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Accept ``--scales 0.5 1.0``, ``--scales 0.5 --scales 1.0`` and ``--scales 0.5,1.0`` alike."""
+    out: list[str] = []
+    for v in values or []:
+        out += [p for p in v.replace(",", " ").split() if p]
+    return out
+
+
+def _sort_extras(extras: list[str], backends: list[str], scales: list[str]) -> None:
+    """Words after ``--backends``/``--scales`` that click leaves over: numbers are scales, names backends."""
+    for word in extras:
+        for part in _split([word]):
+            if part.lower() in _BACKENDS:
+                backends.append(part)
+                continue
+            try:
+                float(part)
+            except ValueError:
+                if part.startswith("-"):
+                    raise UserError(f"{part}: unknown option; see `unet-deploy benchmark --help`") from None
+                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}) nor a scale (a number "
+                                "like 0.5); check --backends and --scales") from None
+            scales.append(part)
+
+
+def _floats(words: list[str]) -> list[float]:
+    out = []
+    for w in words:
+        try:
+            out.append(float(w))
+        except ValueError:
+            raise UserError(f"--scales {w}: not a number; give scales like --scales 0.5 1.0") from None
+    return out
+
+
+@app.command(context_settings={"allow_extra_args": True, "allow_interspersed_args": True})
+def benchmark(
+    ctx: typer.Context,
+    model: Path | None = typer.Option(None, "--model", "-m",
+                                      help="Checkpoint (.pth, also Pytorch-UNet's) to benchmark. Default: a "
+                                           "freshly initialised model of the seed architecture."),
+    backends: list[str] | None = typer.Option(None, "--backends", "-b",
+                                              help="Backends: torch (eager), torchscript, ort. Several may "
+                                                   "follow one flag. Default: all three."),
+    scales: list[str] | None = typer.Option(None, "--scales", "-s",
+                                            help="Input scales of a 1918x1280 Carvana image (0.5 = 959x640). "
+                                                 "Several may follow one flag. Default: 0.5 1.0."),
+    device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
+    runs: int | None = typer.Option(None, "--runs", "-n",
+                                    help="Timed runs per case. Default: 3 on CPU (full width), 5 in quick "
+                                         "mode, 50 on CUDA."),
+    warmup: int | None = typer.Option(None, "--warmup",
+                                      help="Untimed warm-up runs per case. Default: 1 on CPU and in quick "
+                                           "mode, 10 on CUDA."),
+    quick: bool = typer.Option(False, "--quick",
+                               help="Small width (8) on a small 240x160 image: checks the setup in seconds. "
+                                    "Also on with UNET_DEPLOY_BENCH_QUICK=1."),
+    base_channels: int | None = typer.Option(None, "--base-channels",
+                                             help="Width of the fresh model (64 = Pytorch-UNet; 8 in quick "
+                                                  "mode). Ignored with -m."),
+    bilinear: bool = typer.Option(False, "--bilinear/--transposed",
+                                  help="Up-sampling of the fresh model (Pytorch-UNet's: transposed)."),
+    threads: int | None = typer.Option(None, "--threads",
+                                       help="CPU threads for torch and ONNX Runtime (default: their own)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every number and the machine facts."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw latency and memory side by side (PNG)."),
+    markdown: Path | None = typer.Option(None, "--markdown",
+                                         help="Write RESULTS.md: table, ratios, machine, reproduce command."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir",
+                                          help="Keep the exported models here and reuse them next time "
+                                               "(default: a temporary folder)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the table."),
+) -> None:
+    """Time every backend at every scale and print one table to paste into an issue.
+
+    Columns: backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s | peak MiB |
+    file MB. Each case runs in a fresh process, so peak memory is that backend's own (CPU: peak RSS growth
+    after imports; CUDA: device memory). Exports are made once per run.
+
+    Examples:
+      `unet-deploy benchmark --quick`;
+      `unet-deploy benchmark -m checkpoints/best.pth --backends torch ort --scales 0.5 --runs 5`;
+      `unet-deploy benchmark --device cpu --json bench.json --plot bench.png --markdown RESULTS.md`
+    """
+    import sys
+
+    from rich.console import Console
+
+    from ..bench import (
+        BenchSettings,
+        render_markdown,
+        render_speedups,
+        render_table,
+        reproduce_command,
+        resolve_settings,
+        run_benchmark,
+        write_json,
+        write_plot,
+    )
+    from ..fileio import atomic_write_text
+
+    backend_words, scale_words = _split(backends), _split(scales)
+    _sort_extras(list(ctx.args), backend_words, scale_words)
+    for b in backend_words:
+        if b.lower() not in _BACKENDS:
+            raise UserError(f"--backends {b}: unknown backend; use {', '.join(_BACKENDS)}")
+    for out in (json_out, plot, markdown):
+        if out is not None and out.is_dir():
+            raise UserError(f"{out}: is a folder; give a file name")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {plot}: the plot is a PNG; use a .png file name")
+    if model is not None and not model.exists():
+        raise UserError(f"-m {model}: checkpoint not found; omit -m to benchmark a fresh seed-architecture "
+                        "model")
+    settings = BenchSettings(
+        checkpoint=model, backends=tuple(backend_words) or _BACKENDS,
+        scales=tuple(_floats(scale_words)) or (0.5, 1.0), device=device, runs=runs, warmup=warmup,
+        base_channels=base_channels, bilinear=bilinear, quick=quick, threads=threads,
+    )
+    err = Console(stderr=True)
+    log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
+    report = run_benchmark(settings, cache_dir=cache_dir, log=log)
+    outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
+               *(["--markdown", str(markdown)] if markdown else [])]
+    report["command"] = reproduce_command(resolve_settings(settings), outputs)
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(render_table(report))
+    typer.echo(render_speedups(report))
+    if json_out:
+        write_json(report, json_out)
+        typer.echo(f"wrote {json_out}")
+    if plot:
+        write_plot(report, plot)
+        typer.echo(f"wrote {plot}")
+    if markdown:
+        atomic_write_text(markdown, render_markdown(report))
+        typer.echo(f"wrote {markdown}")
