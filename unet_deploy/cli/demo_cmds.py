@@ -13,8 +13,8 @@ from ._app import app
 
 def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
     """(title, argv) for each step; the same commands the README shows."""
-    size = ["--width", "240", "--height", "160"] if quick else ["--width", "480", "--height", "320"]
-    n_train, epochs = ("48", "4") if quick else ("96", "8")
+    size = ["--width", "192", "--height", "128"] if quick else ["--width", "480", "--height", "320"]
+    n_train, epochs = ("96", "6") if quick else ("128", "8")
     data, held = out / "data", out / "heldout"
     ck, exp, pred = out / "checkpoints", out / "exported", out / "predictions"
     return [
