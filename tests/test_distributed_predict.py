@@ -263,3 +263,22 @@ def test_journal_trusts_complete_checksummed_rows_only(tmp_path):
     for bad in ("1", "0 2", "1 0", "5 3", "3 2 2 1", "1 -1", "a b", "１ 1"):
         assert not rle_fits(bad, 2, 3), bad
     assert read_journal(tmp_path / "none", "fp") == ({}, 0)
+
+
+def test_nproc_relaunch_reproduces_the_parsed_command():
+    """The workers' command line parses back to the same options (lists, flags, seed-style -i/-o, arguments)."""
+    import typer
+
+    from unet_deploy.cli import app
+    from unet_deploy.cli._launch import command_args
+
+    predict = typer.main.get_command(app).get_command(None, "predict")
+    for argv in (["-m", "m.pth", "-i", "a.jpg", "b.jpg", "-o", "a.png", "b.png", "--tta", "--nproc", "2"],
+                 ["d/", "x.jpg", "--no-save", "--rle", "s.csv", "--resume", "-t", "0.25", "--no-crf", "--nproc", "4"],
+                 ["--nproc", "2", "--transposed", "--mask-values", "0,255", "-b", "3", "--", "--odd name.jpg"]):
+        ctx = predict.make_context("predict", list(argv))
+        args = command_args(ctx)
+        assert args[0] == "predict" and "--nproc" not in args
+        again = predict.make_context("predict", args[1:])
+        assert {k: v for k, v in again.params.items() if k != "nproc"} == \
+               {k: v for k, v in ctx.params.items() if k != "nproc"}

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,9 @@ from .crf import CRFParams
 from .data import IMAGE_SUFFIXES, load_image, load_mask, mask_to_index, preprocess
 from .errors import UserError
 from .fileio import atomic_path
+
+if TYPE_CHECKING:
+    from .shard import Group
 
 __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
@@ -547,7 +550,7 @@ def _fingerprint(backend: Backend, options: PredictOptions) -> str:
     })
 
 
-def _on_main(group: Any, fn: Callable[[], Any]) -> Any:
+def _on_main(group: Group, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 and hand its result to every rank; a UserError there is raised on every rank."""
     from .shard import SharedError
 
@@ -579,7 +582,7 @@ def _reusable(jobs: Sequence[Job], rows: dict[str, Any]) -> list[int]:
 
 def predict_files(backend: Backend, inputs: Sequence[str | Path], options: PredictOptions | None = None,
                   outputs: Sequence[str | Path] | None = None,
-                  on_error: Callable[[str], None] | None = None, group: Any = None) -> PredictSummary:
+                  on_error: Callable[[str], None] | None = None, group: Group | None = None) -> PredictSummary:
     """Predict files/folders/globs and write masks, overlays and the RLE submission as ``options`` say.
 
     Each failing file is reported once through ``on_error`` (default: one line on stderr) and counted;
