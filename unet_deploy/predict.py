@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,9 @@ from .crf import CRFParams
 from .data import IMAGE_SUFFIXES, load_image, load_mask, mask_to_index, preprocess
 from .errors import UserError
 from .fileio import atomic_path
+
+if TYPE_CHECKING:
+    from .shard import Group
 
 __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
@@ -127,6 +130,10 @@ class PredictSummary:
     rle: Path | None = None
     rle_rows: int = 0
     seconds: float = 0.0
+    reused: int = 0  #: submission rows taken from an interrupted run's journal (``skip_existing``)
+    untrusted: int = 0  #: journal lines not used: torn by a crash, or made with another model/options
+    processes: int = 1  #: ranks that predicted (torchrun)
+    journal: Path | None = None  #: the journal kept for a re-run with ``skip_existing`` (some files failed)
 
     @property
     def exit_code(self) -> int:
@@ -136,12 +143,20 @@ class PredictSummary:
         parts = [f"predicted {self.predicted} of {self.total} files"]
         if self.skipped:
             parts.append(f"{self.skipped} skipped (output exists)")
+        if self.reused:
+            parts.append(f"reused {self.reused} (journal rows of an earlier run)")
         if self.failed:
             parts.append(f"{self.failed} failed")
         per = self.seconds / max(self.predicted, 1)
         text = ", ".join(parts) + f" in {self.seconds:.1f} s ({per * 1000:.0f} ms per image)"
+        if self.processes > 1:
+            text += f" on {self.processes} processes"
         if self.rle:
             text += f"; {self.rle_rows} rows in {self.rle}"
+        if self.untrusted:
+            text += f"; {self.untrusted} journal lines not trusted (torn, or another model/options)"
+        if self.journal:
+            text += f"; rows kept in {self.journal}: add --skip-existing to predict only the failed files"
         return text
 
 
@@ -511,18 +526,84 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
         masks.close()
 
 
+#: Test hook: "RANK:K" makes rank RANK exit abruptly (as if killed) after writing K journal rows.
+CRASH_ENV = "_UNET_DEPLOY_TEST_CRASH_AFTER"
+
+
+def _journal_key(job: Job) -> str:
+    return str(job.path)
+
+
+def _fingerprint(backend: Backend, options: PredictOptions) -> str:
+    """What decides the masks: journal rows made with anything else are not reused."""
+    from dataclasses import asdict
+
+    from .shard import fingerprint, model_digest
+
+    inf = backend.config.inference
+    return fingerprint({
+        "model": model_digest(backend.path), "n_classes": backend.config.model.n_classes,
+        "scale": inf.scale if options.scale is None else options.scale,
+        "threshold": inf.threshold if options.threshold is None else options.threshold,
+        "tta": options.tta, "crf": asdict(options.crf_params) if options.crf else None,
+        "precision": backend.precision,
+    })
+
+
+def _on_main(group: Group, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and hand its result to every rank; a UserError there is raised on every rank."""
+    from .shard import SharedError
+
+    outcome: tuple[bool, Any] | None = None
+    if group.main:
+        try:
+            outcome = (True, fn())
+        except UserError as e:
+            outcome = (False, str(e))
+    ok, value = group.broadcast(outcome)
+    if not ok:
+        raise (UserError(value) if group.main else SharedError(value))
+    return value
+
+
+def _reusable(jobs: Sequence[Job], rows: dict[str, Any]) -> list[int]:
+    """Indices of jobs whose journal row fits the image and whose mask file (if any) was written."""
+    done = []
+    for job in jobs:
+        row = rows.get(_journal_key(job))
+        if job.error is not None or row is None or row.id != job.id:
+            continue
+        if job.output is not None and not job.output.is_file():
+            continue  # predict it again to write the mask
+        if _image_size(job.path) == (row.width, row.height):
+            done.append(job.index)
+    return done
+
+
 def predict_files(backend: Backend, inputs: Sequence[str | Path], options: PredictOptions | None = None,
                   outputs: Sequence[str | Path] | None = None,
-                  on_error: Callable[[str], None] | None = None) -> PredictSummary:
+                  on_error: Callable[[str], None] | None = None, group: Group | None = None) -> PredictSummary:
     """Predict files/folders/globs and write masks, overlays and the RLE submission as ``options`` say.
 
     Each failing file is reported once through ``on_error`` (default: one line on stderr) and counted;
     the others still run. ``summary.exit_code`` is 1 when any file failed.
+
+    ``group`` (:func:`unet_deploy.shard.process_group` under torchrun): each rank predicts every
+    ``world``-th input that is not done yet, journals its submission rows, and rank 0 merges them into
+    ``options.rle`` in input order; the returned counts are the totals of all ranks on every rank.
+    With ``options.rle`` the rows go to a journal beside the file first (:mod:`unet_deploy.shard`); with
+    ``options.skip_existing`` the rows an interrupted run journaled are reused instead of predicted.
     """
+    import hashlib
+    import shutil
+
     from .progress import file_progress
     from .rle import rle_encode, write_submission
+    from .shard import Group, JournalRow, JournalWriter, SharedError, journal_dir, new_run_id, read_journal
+    from .shard import split as split_jobs
 
     options = options or PredictOptions()
+    group = group if group is not None else Group()
     start = time.perf_counter()
     items = _expand(inputs)
     planned = iter(plan_jobs([p for p, e in items if e is None], outputs, save=options.save, viz=options.viz))
@@ -530,48 +611,125 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
     jobs = [replace(next(planned), index=i) if e is None else Job(i, p, error=e)
             for i, (p, e) in enumerate(items)]
     values = output_values(backend, options)
-    summary = PredictSummary(total=len(jobs))
-    rows: list[tuple[str, str]] = []
-    with file_progress(options.progress and len(jobs) > 1) as bar:
-        def report(line: str) -> None:
-            summary.errors.append(line)
-            if on_error is not None:
-                on_error(line)
-            else:
-                bar.console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+    summary = PredictSummary(total=len(jobs), processes=group.world)
+    rle_path = Path(options.rle) if options.rle is not None else None
+    folder = journal_dir(rle_path) if rle_path is not None else None
+    fp = _fingerprint(backend, options) if rle_path is not None else ""
 
-        task = bar.add_task("predict", total=len(jobs))
-        show = options.show and display_available()
-        for res in iter_predictions(backend, jobs, options):
-            bar.advance(task)
-            if res.error is not None:
-                summary.failed += 1
-                report(res.error)
-                continue
-            if res.skipped:
-                summary.skipped += 1
-            else:
-                job = res.job
-                try:
-                    if job.output is not None:
-                        summary.written.append(write_mask(job.output, res.mask, values))
-                    if job.overlay is not None and res.image is not None:
-                        summary.written.append(write_overlay(job.overlay, res.image, res.mask))
-                except OSError as e:
-                    summary.failed += 1
-                    report(f"{job.path}: cannot write output ({_one_line(e)})")
-                    continue
-                summary.predicted += 1
-                if show and res.image is not None:
-                    _show(job.path.name, res.image, res.mask)
-            if options.rle is not None:
-                rows.append((res.id, rle_encode(res.mask)))
-    if options.rle is not None:
+    if group.world > 1:  # every rank must split the same list and make the same masks
+        plan = hashlib.sha256("\n".join(f"{j.path}\0{j.output}\0{j.overlay}" for j in jobs).encode()).hexdigest()
+        seen = group.gather((plan, fp))
+        if any(s[0] != seen[0][0] for s in seen):
+            raise SharedError("predict: the processes found different input files; give every machine the same "
+                              "inputs (a shared folder) and the same command")
+        if any(s[1] != seen[0][1] for s in seen):
+            raise SharedError(f"-m {backend.path}: the processes loaded different model files or options; "
+                              "give every machine the same model file")
+
+    def resume_plan() -> tuple[str, list[int], int]:
+        if folder is None:
+            return new_run_id(), [], 0
+        if not options.skip_existing:  # a fresh run: forget an earlier run's journal
+            try:
+                shutil.rmtree(folder)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise UserError(f"--rle {rle_path}: cannot remove the old journal {folder} ({_one_line(e)})"
+                                ) from None
+            return new_run_id(), [], 0
+        rows, untrusted = read_journal(folder, fp)
+        return new_run_id(), _reusable(jobs, rows), untrusted
+
+    run_id, reused, summary.untrusted = _on_main(group, resume_plan)
+    summary.reused = len(reused)
+    done = set(reused)
+    todo = [j for j in jobs if j.index not in done]
+    mine = [todo[i] for i in split_jobs(len(todo), group.rank, group.world)]
+    crash_rank, _, crash_after = os.environ.get(CRASH_ENV, "").partition(":")
+
+    writer = None
+    if folder is not None:
         try:
-            summary.rle_rows = write_submission(options.rle, rows)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--rle {options.rle}: cannot write the submission ({_one_line(e)})") from None
-        summary.rle = Path(options.rle)
+            writer = JournalWriter(folder / f"{run_id}.rank{group.rank}-of-{group.world}.jsonl", fp)
+        except OSError as e:
+            raise UserError(f"--rle {rle_path}: cannot write the journal in {folder} ({_one_line(e)})") from None
+    local = PredictSummary()
+    ok: list[int] = []
+    try:
+        with file_progress(options.progress and group.main and len(mine) > 1) as bar:
+            def report(line: str) -> None:
+                summary.errors.append(line)
+                local.failed += 1
+                if on_error is not None:
+                    on_error(line)
+                else:
+                    bar.console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+
+            label = "predict" if group.world == 1 else f"predict (rank 0 of {group.world})"
+            task = bar.add_task(label, total=len(mine))
+            show = options.show and display_available()
+            for res in iter_predictions(backend, mine, options):
+                bar.advance(task)
+                job = res.job
+                if res.error is not None:
+                    report(res.error)
+                    continue
+                if res.skipped:
+                    local.skipped += 1
+                else:
+                    try:
+                        if job.output is not None:
+                            summary.written.append(write_mask(job.output, res.mask, values))
+                        if job.overlay is not None and res.image is not None:
+                            summary.written.append(write_overlay(job.overlay, res.image, res.mask))
+                    except OSError as e:
+                        report(f"{job.path}: cannot write output ({_one_line(e)})")
+                        continue
+                    local.predicted += 1
+                    if show and res.image is not None:
+                        _show(job.path.name, res.image, res.mask)
+                if writer is not None:
+                    row = JournalRow(_journal_key(job), job.id, *res.mask.shape[:2], rle_encode(res.mask))
+                    try:
+                        writer.append(row)
+                    except OSError as e:
+                        report(f"{job.path}: cannot write to the journal {writer.path} ({_one_line(e)})")
+                        continue
+                    if crash_rank == str(group.rank) and writer.rows >= int(crash_after):
+                        os._exit(3)
+                ok.append(job.index)
+    finally:
+        if writer is not None:
+            writer.close()
+
+    counts = group.gather((local.predicted, local.skipped, local.failed, ok))
+    summary.predicted = sum(c[0] for c in counts)
+    summary.skipped = sum(c[1] for c in counts)
+    summary.failed = sum(c[2] for c in counts)
+
+    if rle_path is not None:
+        want = sorted(done.union(*(c[3] for c in counts)))
+
+        def merge() -> int:
+            rows, _ = read_journal(folder, fp, last=run_id)
+            missing = [i for i in want if _journal_key(jobs[i]) not in rows]
+            if missing:
+                raise UserError(f"--rle {rle_path}: {len(missing)} rows written by other processes are not in "
+                                f"{folder} (first: {jobs[missing[0]].path}); put the submission on a "
+                                "filesystem that every machine shares")
+            try:
+                n = write_submission(rle_path, [(jobs[i].id, rows[_journal_key(jobs[i])].rle) for i in want])
+            except (OSError, ValueError) as e:
+                raise UserError(f"--rle {rle_path}: cannot write the submission ({_one_line(e)})") from None
+            if not summary.failed:  # all done: the journal is no longer needed
+                shutil.rmtree(folder, ignore_errors=True)
+            return n
+
+        summary.rle_rows = _on_main(group, merge)
+        summary.rle = rle_path
+        if summary.failed:
+            summary.journal = folder
     summary.seconds = time.perf_counter() - start
     return summary
 

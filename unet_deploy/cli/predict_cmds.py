@@ -56,6 +56,7 @@ def _mask_values(text: str | None) -> list[Any] | None:
 
 @app.command(cls=_SeedStyleCommand)
 def predict(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(None, help="Image files, folders or globs (quote globs).",
                                        show_default=False),
     input_: list[str] = typer.Option(None, "--input", "-i", show_default=False,
@@ -103,34 +104,73 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
     rle: Path | None = typer.Option(None, "--rle",
                                     help="Also write a Kaggle Carvana submission (img,rle_mask)."),
-    skip_existing: bool = typer.Option(False, "--skip-existing",
-                                       help="Skip inputs whose mask file already exists and is valid."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", "--resume",
+                                       help="Resume an interrupted run: skip inputs whose mask file exists and "
+                                            "is valid, and with --rle reuse the submission rows it journaled."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on success."),
+    nproc: int = typer.Option(1, "--nproc", help="Predict in N local processes (one per GPU, or CPU shares): "
+                              "re-runs this command under torch.distributed.run --nproc-per-node N."),
 ) -> None:
     """Predict masks for images with a checkpoint, TorchScript or ONNX model.
 
     Scale, threshold, classes and mask values come from the model unless given. Bad files are reported on
     one line each and skipped; the exit code is 1 when any file failed.
 
+    Under torchrun (or with --nproc) the inputs are split over the processes; rank 0 merges --rle.
+
     Examples: `unet-deploy predict data/test/ --backend ort --rle submission.csv --no-save`;
-    `unet-deploy predict -m MODEL.pth -i a.jpg b.jpg -o a_mask.png b_mask.png`
+    `unet-deploy predict -m MODEL.pth -i a.jpg b.jpg -o a_mask.png b_mask.png`;
+    `unet-deploy predict data/test/ --rle submission.csv --no-save --nproc 4 --resume`
     """
+    from ..errors import UserError
+
+    specs = list(input_ or []) + list(inputs or [])
+    if not specs:
+        raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
+    if nproc != 1:
+        from ..backends import _check_file
+        from ..predict import default_model
+        from ._launch import relaunch
+
+        _check_file(model if model is not None else default_model(backend))  # one error line, not N
+        relaunch(ctx, nproc)
+    from ..shard import SharedError, process_group
+
+    with process_group() as group:
+        try:
+            _predict(group, specs, model, output, backend, device, precision, threads, viz, no_save,
+                     mask_threshold, scale, mask_values, classes, bilinear, batch_size, crf, crf_workers,
+                     (crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
+                      crf_iterations, crf_clip), tta, rle, skip_existing, quiet)
+        except SharedError as e:
+            if group.main:
+                raise
+            raise typer.Exit(e.exit_code) from None  # rank 0 prints it
+
+
+def _predict(group: Any, specs: list[str], model: Path | None, output: list[str] | None, backend: str | None,
+             device: str, precision: str, threads: int | None, viz: bool, no_save: bool,
+             mask_threshold: float | None, scale: float | None, mask_values: str | None, classes: int | None,
+             bilinear: bool | None, batch_size: int, crf: bool, crf_workers: int | None,
+             crf_args: tuple[float, ...], tta: bool, rle: Path | None, skip_existing: bool, quiet: bool) -> None:
+    """The body of ``predict`` in one process (one rank under torchrun)."""
     import os
 
     from ..backends import load_backend
     from ..crf import CRFParams
     from ..errors import UserError
     from ..predict import PredictOptions, default_model, display_available, predict_files
+    from ..shard import rank_device
 
-    specs = list(input_ or []) + list(inputs or [])
-    if not specs:
-        raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
+    # processes on one machine share its cores (ONNX Runtime threads, CRF workers) and its GPUs
+    share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = rank_device(device, group.local_rank, group.world)
+    if group.world > 1 and threads is None and not device.startswith("cuda"):
+        threads = share
     options = PredictOptions(
         scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
         save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf,
-        crf_params=CRFParams(crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
-                             crf_iterations, crf_clip),
-        crf_workers=crf_workers or os.cpu_count() or 1, tta=tta, skip_existing=skip_existing,
+        crf_params=CRFParams(*crf_args), crf_workers=crf_workers or share, tta=tta, skip_existing=skip_existing,
         progress=not quiet)
     if crf:
         from ..crf import require_crf
@@ -146,8 +186,8 @@ def predict(
         raise UserError(f"--{'bilinear' if bilinear else 'transposed'}: {path} uses "
                         f"{'bilinear' if mc.bilinear else 'transposed'} up-sampling; drop the flag (it is "
                         "read from the model)")
-    summary = predict_files(be, specs, options, outputs=output)
-    if not quiet or summary.failed:
+    summary = predict_files(be, specs, options, outputs=output, group=group)
+    if group.main and (not quiet or summary.failed):
         typer.echo(f"{summary.line()} [{be.describe()}]", err=bool(summary.failed))
     if summary.failed:
         raise typer.Exit(summary.exit_code)

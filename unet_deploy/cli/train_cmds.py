@@ -114,33 +114,18 @@ def train(
 
 
 def _relaunch(ctx: typer.Context, nproc: int) -> None:
-    """Re-run this command without --nproc under torch.distributed.run; exit with its exit code."""
+    """Check the data once here, then re-run this command without --nproc under torch.distributed.run."""
     from ..data import find_pairs
-    from ..distributed import launch_torchrun
     from ..errors import UserError
-    from ..train import dist_env
+    from ._launch import relaunch
 
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: must be >= 1")
-    if dist_env().enabled:
-        raise UserError("--nproc: already running under torchrun (WORLD_SIZE is set); drop --nproc")
     opts = ctx.params  # catch the common mistakes here, in one line, before starting N processes
-    if opts["batch_size"] % nproc:
+    if nproc >= 1 and opts["batch_size"] % nproc:
         raise UserError(f"-b/--batch-size {opts['batch_size']}: the global batch must be a multiple of "
                         f"--nproc {nproc}")
     data = opts["data"]
     find_pairs(opts["imgs"] or data / "imgs", opts["masks"] or data / "masks", opts["mask_suffix"])
-    args = [ctx.info_name or "train"]
-    for param in ctx.command.params:  # every option as parsed, so the workers run exactly this command
-        value = ctx.params.get(param.name)
-        if param.name == "nproc" or value is None or param.param_type_name != "option":
-            continue
-        if param.is_flag:
-            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
-            args += [flag] if flag else []
-        else:
-            args += [param.opts[0], str(value)]
-    raise typer.Exit(launch_torchrun(nproc, args))
+    relaunch(ctx, nproc)
 
 
 @app.command()
