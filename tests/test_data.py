@@ -107,7 +107,7 @@ def _png_with_size(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("case,match", [
     ("missing", "not found"),
     ("folder", "is a folder"),
-    ("empty", r"empty file \(0 bytes\)"),
+    ("empty", r"empty image file \(0 bytes\)"),
     ("text", "not a readable image"),
     ("truncated", "broken or truncated"),
     ("bomb", "too large"),

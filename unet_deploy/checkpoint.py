@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import DeployConfig, InferenceConfig, ModelConfig, versions
 from .errors import UserError
-from .fileio import atomic_path, sha256_file
+from .fileio import atomic_path, require_file, sha256_file
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "infer_model_config", "load_model",
            "FORMAT"]
@@ -89,12 +89,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
 
 
 def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint not found; train one with `unet-deploy train` or pass -m")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a .pth checkpoint file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty checkpoint file (0 bytes)")
+    require_file(path, "checkpoint", "train one with `unet-deploy train` or pass -m")
     with open(path, "rb") as f:
         head = f.read(2)
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither zip nor legacy pickle format

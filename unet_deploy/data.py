@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .fileio import require_file
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -40,13 +41,7 @@ MAX_PIXELS = 16 * 1918 * 1280
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found; check the path")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected an {what} file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty file (0 bytes); re-export or remove it")
+    path = require_file(path, what, "check the path", "re-export or remove it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

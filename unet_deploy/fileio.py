@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "require_file"]
 
 
 @contextlib.contextmanager
@@ -60,3 +60,18 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def require_file(path: str | os.PathLike[str], what: str, missing_hint: str, empty_hint: str = "") -> Path:
+    """``path`` as a Path if it is a non-empty file, else a one-line :class:`UserError` saying which of
+    missing / a folder / empty it is (``what``: "image", "checkpoint", ...)."""
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found; {missing_hint}")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what} file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty {what} file (0 bytes)" + (f"; {empty_hint}" if empty_hint else ""))
+    return path
