@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from unet_deploy.synth import generate_dataset
 
@@ -31,3 +33,26 @@ def synth_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_tiny")
     generate_dataset(root, n=12, width=64, height=48, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def fit_tiny_unet() -> Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.nn.Module, object]]:
+    """``fit(x, y, steps)``: a base-8 U-Net fitted on one batch (inputs at scale 0.5, class-index masks)
+    with AdamW, so its masks are not trivial; returns (model in eval mode, DeployConfig)."""
+    from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
+    from unet_deploy.train import segmentation_loss
+
+    def fit(x: torch.Tensor, y: torch.Tensor, steps: int):
+        torch.manual_seed(0)
+        cfg = DeployConfig(model=ModelConfig(base_channels=8),
+                           inference=InferenceConfig(scale=0.5, mask_values=[0, 1]))
+        model = cfg.model.build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = segmentation_loss(model(x), y, 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval(), cfg
+
+    return fit

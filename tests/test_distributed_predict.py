@@ -22,13 +22,11 @@ import torch
 from PIL import Image
 
 from unet_deploy.checkpoint import save_checkpoint
-from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
 from unet_deploy.data import find_pairs, load_image, load_mask, preprocess
 from unet_deploy.predict import CRASH_ENV
 from unet_deploy.rle import read_submission
 from unet_deploy.shard import JournalRow, JournalWriter, journal_dir, read_journal, rle_fits, split
 from unet_deploy.synth import generate_dataset, generate_test_images
-from unet_deploy.train import segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 48), (80, 56), (96, 64)]  # (width, height), 4 images each
@@ -81,7 +79,7 @@ def _journal_rows(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
+def setup(tmp_path_factory, fit_tiny_unet) -> dict[str, Path]:
     """A base-8 U-Net trained a few steps on synthetic cars, 12 test JPEGs of 3 sizes, and the single-process
     reference outputs (masks folder and submission)."""
     root = tmp_path_factory.mktemp("shard")
@@ -90,16 +88,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     x = torch.from_numpy(np.stack([preprocess(load_image(p.image), 0.5) for p in pairs]))
     y = torch.from_numpy(np.stack([np.asarray(Image.fromarray(load_mask(p.mask)).resize(
         (32, 24), Image.Resampling.NEAREST)) for p in pairs])).long()
-    torch.manual_seed(0)
-    cfg = DeployConfig(model=ModelConfig(base_channels=8), inference=InferenceConfig(scale=0.5, mask_values=[0, 1]))
-    model = cfg.model.build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(20):
-        loss = segmentation_loss(model(x), y, 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, cfg = fit_tiny_unet(x, y, 20)
     ckpt = save_checkpoint(root / "m.pth", model, cfg)
     test = root / "test"
     test.mkdir()

@@ -72,13 +72,11 @@ def read_png(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, fit_tiny_unet) -> dict[str, Path]:
     """A base-8 U-Net trained a few steps on ellipse cars (so masks are not trivial) and its exports."""
     from unet_deploy.export import export_onnx, export_torchscript
-    from unet_deploy.train import segmentation_loss
 
     d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
     rng = np.random.default_rng(1)
     xs, ys = [], []
     for _ in range(8):
@@ -86,16 +84,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         xs.append(preprocess(img, 0.5))
         ys.append(np.asarray(Image.fromarray(mask).resize((48, 32), Image.Resampling.NEAREST)))
     x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)).long()
-    cfg = DeployConfig(model=ModelConfig(base_channels=8),
-                       inference=InferenceConfig(scale=0.5, mask_values=[0, 1]))
-    model = cfg.model.build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(25):
-        loss = segmentation_loss(model(x), y, 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, cfg = fit_tiny_unet(x, y, 25)
     paths = {"torch": save_checkpoint(d / "best.pth", model, cfg)}
     paths["torchscript"] = export_torchscript(model, cfg, d / "model.ts")
     paths["ort"] = export_onnx(model, cfg, d / "model.onnx")
