@@ -100,7 +100,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("content,match", [
     (b"", "empty checkpoint"),
     (b"not a zip at all" * 10, "not a PyTorch checkpoint"),
-    (b"PK\x03\x04broken", "not a PyTorch"),
+    (b"PK\x03\x04broken", "truncated or corrupt checkpoint"),
     (b"\xff\xd8\xff\xe0 a jpeg header", "not a PyTorch checkpoint"),
 ])
 def test_broken_files(tmp_path: Path, content: bytes, match: str) -> None:
@@ -158,3 +158,12 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytes
         save_checkpoint(path, model, DeployConfig(model=ModelConfig(base_channels=4)))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_torchscript_export_passed_as_checkpoint_is_named(tmp_path: Path) -> None:
+    from unet_deploy.export import export_torchscript
+
+    model = UNet(3, 2, base_channels=4).eval()
+    export_torchscript(model, DeployConfig(model=ModelConfig(base_channels=4)), tmp_path / "m.ts")
+    with pytest.raises(UserError, match=r"m\.ts: is a TorchScript export, not a checkpoint"):
+        load_checkpoint(tmp_path / "m.ts")

@@ -62,9 +62,24 @@ def test_synth_refuses_to_overwrite(tmp_path: Path) -> None:
     (("train", "--data", "{tmp}", "-e", "0"), ["-e/--epochs 0"]),
     (("evaluate", "-m", "{tmp}/missing.pth", "--data", "{tmp}"), ["missing.pth", "not found"]),
     (("train", "--data", "{tmp}", "--device", "tpu"), ["--device tpu"]),
+    (("evaluate", "-m", "{tmp}/missing.pth", "--data", "{tmp}", "--json", "/proc/no/such/dir/x.json"),
+     ["--json /proc/no/such/dir", "cannot create the folder"]),
+    (("evaluate", "-m", "{tmp}/missing.pth", "--data", "{tmp}", "--mask-values", "0,x"), ["--mask-values 0,x"]),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args, needles) -> None:
     (tmp_path / "imgs").mkdir()
     (tmp_path / "masks").mkdir()
     proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert_one_line_error(proc, *[n.format(tmp=tmp_path) for n in needles])
+
+
+def test_train_f_with_a_conflicting_explicit_flag(tmp_path: Path) -> None:
+    import torch
+
+    from unet_deploy.model import UNet
+
+    torch.save(UNet(3, 2, bilinear=True, base_channels=4).state_dict(), tmp_path / "MODEL.pth")
+    run_cli("synth", "--out", str(tmp_path / "d"), "--n", "4", "--width", "32", "--height", "32")
+    proc = run_cli("train", "--data", str(tmp_path / "d"), "-f", str(tmp_path / "MODEL.pth"), "--transposed",
+                   "--checkpoint-dir", str(tmp_path / "ck"), "--device", "cpu")
+    assert_one_line_error(proc, "--bilinear/--transposed False", "MODEL.pth has True")

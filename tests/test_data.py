@@ -238,3 +238,17 @@ def test_rgb_masks_map_colours_to_classes() -> None:
     values = [[0, 0, 0], [0, 255, 0], [255, 0, 0]]
     idx = mask_to_index(mask, values)
     assert idx.tolist() == [[2, 0, 0], [0, 0, 1]]
+
+
+def test_files_are_closed_after_loading(tmp_path: Path) -> None:
+    import warnings
+
+    _write_pair(tmp_path, "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        load_mask(tmp_path / "masks" / "a_mask.gif")
+        load_image(tmp_path / "masks" / "a_mask.gif")
+        load_image(tmp_path / "imgs" / "a.jpg")
+        import gc
+
+        gc.collect()

@@ -221,7 +221,7 @@ def test_nproc_checks_the_model_before_launching(tmp_path):
     proc = _single(tmp_path, "-m", tmp_path / "missing.pth", "--nproc", "2")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'missing.pth'}: model file not found; export one with `unet-deploy export` or pass -m"]
+        f"error: {tmp_path / 'missing.pth'}: model file not found; train one with `unet-deploy train` or pass -m"]
 
 
 # ------------------------------------------------------------------------------- pieces

@@ -12,7 +12,7 @@ from PIL import Image
 
 from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import load_checkpoint
-from unet_deploy.data import find_pairs
+from unet_deploy.data import find_pairs, load_mask
 from unet_deploy.errors import UserError
 from unet_deploy.train import EpochSampler, TrainConfig, evaluate_model, split_pairs, train
 
@@ -64,21 +64,32 @@ def test_resume_continues_exactly(synth_tiny: Path, tmp_path: Path) -> None:
     assert load_checkpoint(resumed.last_path).training["epoch"] == 2
 
 
-def test_ctrl_c_saves_last_checkpoint(synth_tiny: Path, tmp_path: Path) -> None:
+def test_ctrl_c_keeps_an_exact_resume_point(synth_tiny: Path, tmp_path: Path) -> None:
     calls = {"n": 0}
 
-    def interrupt_on_third(image, mask):
+    def interrupt_in_epoch_two(image, mask):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 9 + 3:  # 9 training images per epoch: the 3rd image of epoch 2
             raise KeyboardInterrupt
         return image, mask
 
-    cfg = _cfg(synth_tiny, tmp_path, epochs=3, hooks={"transform": interrupt_on_third})
-    result = train(cfg, log=lambda _m: None)
+    messages: list[str] = []
+    cfg = _cfg(synth_tiny, tmp_path / "r", epochs=3, hooks={"transform": interrupt_in_epoch_two})
+    result = train(cfg, log=messages.append)
     assert result.interrupted
-    ckpt = load_checkpoint(tmp_path / "last.pth")
-    assert ckpt.training["optimizer"]["state"]  # the optimizer had stepped: its state was saved
-    assert not list(tmp_path.glob(".*tmp"))
+    assert any("interrupted in epoch 2" in m and "-f" in m for m in messages)
+    last = load_checkpoint(tmp_path / "r" / "last.pth")
+    assert last.training["epoch"] == 1  # the last finished epoch, not the interrupted one
+    partial = load_checkpoint(tmp_path / "r" / "interrupted.pth")
+    assert partial.training["interrupted_in_epoch"] == 2
+    assert not list((tmp_path / "r").glob(".*tmp"))
+
+    resumed = train(_cfg(synth_tiny, tmp_path / "r", epochs=3, load=tmp_path / "r" / "last.pth"),
+                    log=lambda _m: None)
+    straight = train(_cfg(synth_tiny, tmp_path / "s", epochs=3), log=lambda _m: None)
+    wr, ws = _weights(resumed.last_path), _weights(straight.last_path)
+    for k in ws:
+        assert torch.allclose(wr[k].float(), ws[k].float(), atol=1e-6), k
 
 
 def test_one_class_sigmoid_model_trains(synth_tiny: Path, tmp_path: Path) -> None:
@@ -99,6 +110,52 @@ def test_more_mask_values_than_classes_is_a_clear_error(synth_tiny: Path, tmp_pa
     img.save(mask_path)
     with pytest.raises(UserError, match=r"masks hold 3 distinct values .* pass --classes 3"):
         train(_cfg(data, tmp_path / "ck"), log=lambda _m: None)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(scale=7.0), r"-s/--scale 7\.0: must be in \(0, 4\]"),
+    (dict(base_channels=3), "--base-channels 3: must be an even number"),
+    (dict(n_classes=0), "-c/--classes 0"),
+    (dict(workers=-1), "--workers -1"),
+    (dict(scale=0.1), r"at --scale 0\.1 is 6x4, too small for the U-Net"),
+])
+def test_option_values_fail_early_in_one_line(synth_tiny: Path, tmp_path: Path, kw: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        train(_cfg(synth_tiny, tmp_path, **kw), log=lambda _m: None)
+
+
+def test_checkpoint_dir_that_is_a_file_fails_before_training(synth_tiny: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="--checkpoint-dir .*afile: is a file"):
+        train(_cfg(synth_tiny, tmp_path / "afile"), log=lambda _m: None)
+
+
+def test_explicit_architecture_flags_must_match_the_loaded_checkpoint(synth_tiny: Path, tmp_path: Path) -> None:
+    first = train(_cfg(synth_tiny, tmp_path / "a", max_steps=1), log=lambda _m: None)
+    with pytest.raises(UserError, match=r"--base-channels 16: the -f checkpoint .* has 4"):
+        train(_cfg(synth_tiny, tmp_path / "b", load=first.last_path, base_channels=16,
+                   explicit=("base_channels",)), log=lambda _m: None)
+    # not given on the command line: the checkpoint's architecture is used silently
+    train(_cfg(synth_tiny, tmp_path / "c", load=first.last_path, base_channels=16, max_steps=1), log=lambda _m: None)
+
+
+def test_evaluate_reads_0_255_masks_like_predict_writes(synth_tiny: Path, tmp_path: Path) -> None:
+    result = train(_cfg(synth_tiny, tmp_path / "ck", max_steps=2), log=lambda _m: None)
+    backend = load_backend(result.last_path, device="cpu")
+    assert backend.config.inference.mask_values == [0, 1]  # Carvana-style GIF masks
+    pairs = find_pairs(synth_tiny / "imgs", synth_tiny / "masks")[:3]
+    data = tmp_path / "png"
+    (data / "imgs").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for p in pairs:
+        shutil.copy(p.image, data / "imgs" / p.image.name)
+        Image.fromarray(load_mask(p.mask) * 255).save(data / "masks" / f"{p.id}_mask.png")
+    png = find_pairs(data / "imgs", data / "masks")
+    reference = evaluate_model(backend, pairs)
+    assert evaluate_model(backend, png)["per_image"] == reference["per_image"]
+    assert evaluate_model(backend, png, mask_values=[0, 255])["per_image"] == reference["per_image"]
+    with pytest.raises(UserError, match="outside the expected mask values"):
+        evaluate_model(backend, png, mask_values=[0, 7])
 
 
 def test_batch_larger_than_data_is_a_clear_error(synth_tiny: Path, tmp_path: Path) -> None:

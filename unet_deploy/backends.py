@@ -9,7 +9,6 @@ the network itself.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 
 from .config import CONFIG_KEY, DeployConfig
 from .errors import UserError
+from .fileio import require_file
 
 __all__ = ["Backend", "BACKENDS", "load_backend", "backend_for_path", "resolve_device",
            "read_embedded_config", "silence_torchscript_deprecation"]
@@ -140,12 +140,9 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise UserError(f"{path}: model file not found; export one with `unet-deploy export` or pass -m")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a model file (.pth, .ts or .onnx)")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty model file (0 bytes); re-export it")
+    how = ("train one with `unet-deploy train` or pass -m" if path.suffix.lower() in (".pth", ".pt", ".ckpt")
+           else "export one with `unet-deploy export` or pass -m")
+    require_file(path, "model file", how, "re-export it")
 
 
 def _load_torch(path: Path, device: str, precision: str, channels_last: bool) -> Backend:
@@ -239,7 +236,3 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     if backend == "torchscript":
         return _load_torchscript(path, device)
     return _load_ort(path, device, threads)
-
-
-def config_json(config: DeployConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True)

@@ -89,12 +89,23 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
 
 
 def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    require_file(path, "checkpoint", "train one with `unet-deploy train` or pass -m")
+    require_file(path, "checkpoint", "check the path (`unet-deploy train` writes checkpoints/best.pth)")
     with open(path, "rb") as f:
         head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither zip nor legacy pickle format
+    is_zip = zipfile.is_zipfile(path)
+    if head == b"PK" and not is_zip:
+        raise UserError(f"{path}: truncated or corrupt checkpoint (its zip directory is missing); "
+                        "re-download or re-save it")
+    if not is_zip and head[:1] != b"\x80":  # neither zip nor legacy pickle format
         raise UserError(f"{path}: not a PyTorch checkpoint (neither zip nor pickle format); pass a .pth "
                         "written by torch.save")
+    if is_zip:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any("/code/" in n or n.startswith("code/") for n in names) and any(
+                n.endswith("constants.pkl") for n in names):
+            raise UserError(f"{path}: is a TorchScript export, not a checkpoint; pass the .pth it was exported "
+                            "from (TorchScript files run with predict/evaluate -m)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

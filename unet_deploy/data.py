@@ -33,6 +33,8 @@ __all__ = [
     "find_pairs",
     "discover_mask_values",
     "list_images",
+    "check_min_size",
+    "MIN_SIDE",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp")
@@ -52,16 +54,20 @@ def _open(path: str | Path, what: str) -> Image.Image:
         raise UserError(f"{path}: image too large (decompression-bomb limit {MAX_PIXELS} px)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot open {what} ({e})") from None
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise UserError(f"{path}: image too large ({w}x{h} px > limit of {MAX_PIXELS} px); "
-                        "downscale it first")
-    if w < 1 or h < 1:
-        raise UserError(f"{path}: image has no pixels ({w}x{h})")
     try:
-        img.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: broken or truncated {what} ({e}); re-download or remove it") from None
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise UserError(f"{path}: image too large ({w}x{h} px > limit of {MAX_PIXELS} px); "
+                            "downscale it first")
+        if w < 1 or h < 1:
+            raise UserError(f"{path}: image has no pixels ({w}x{h})")
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"{path}: broken or truncated {what} ({e}); re-download or remove it") from None
+    except BaseException:
+        img.close()
+        raise
     return img
 
 
@@ -99,31 +105,31 @@ def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
     EXIF orientation is applied; every mode (L, LA, P, RGBA, CMYK, I;16, ...) is accepted. Bad files raise
     :class:`UserError` naming the file.
     """
-    img = _open(path, "image")
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
-        pass
-    rgb = _to_rgb(img)
-    if channels == 3:
-        return np.asarray(rgb, dtype=np.uint8)
-    if channels == 1:
-        return np.asarray(rgb.convert("L"), dtype=np.uint8)[:, :, None]
+    with _open(path, "image") as img:  # closes the file: multi-frame formats (GIF, TIFF) keep it open
+        try:
+            upright = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
+            upright = img
+        rgb = _to_rgb(upright)
+        if channels == 3:
+            return np.asarray(rgb, dtype=np.uint8)
+        if channels == 1:
+            return np.asarray(rgb.convert("L"), dtype=np.uint8)[:, :, None]
     raise UserError(f"models with {channels} input channels are not supported (use 1 or 3)")
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Read a mask file as its raw values: palette indices for GIF/P masks (Carvana: 0/1), grey levels
     for L masks, (H, W, 3) colours for RGB masks."""
-    img = _open(path, "mask")
-    if img.mode in ("1", "L", "P", "I", "I;16"):
-        arr = np.asarray(img)
-    elif img.mode in ("LA", "PA"):
-        arr = np.asarray(img)[..., 0]
-    else:
-        arr = np.asarray(img.convert("RGB"))
-        if (arr == arr[..., :1]).all():
-            arr = arr[..., 0]
+    with _open(path, "mask") as img:
+        if img.mode in ("1", "L", "P", "I", "I;16"):
+            arr = np.array(img)
+        elif img.mode in ("LA", "PA"):
+            arr = np.array(img)[..., 0]
+        else:
+            arr = np.asarray(img.convert("RGB"))
+            if (arr == arr[..., :1]).all():
+                arr = arr[..., 0]
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     return np.ascontiguousarray(arr)
@@ -135,6 +141,20 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     if new_w < 1 or new_h < 1:
         raise UserError(f"--scale {scale} makes a {width}x{height} image empty; use a larger --scale")
     return new_w, new_h
+
+
+#: Four 2x poolings need at least 16 input pixels per side.
+MIN_SIDE = 16
+
+
+def check_min_size(image: str | Path, scale: float, min_side: int = MIN_SIDE) -> None:
+    """One-line error when ``image`` at ``scale`` is too small for the network (read from the header)."""
+    with Image.open(image) as img:
+        w, h = img.size
+    new_w, new_h = scaled_size(w, h, scale)
+    if min(new_w, new_h) < min_side:
+        raise UserError(f"{image}: {w}x{h} px at --scale {scale} is {new_w}x{new_h}, too small for the U-Net "
+                        f"(needs {min_side} px or more per side); use a larger --scale")
 
 
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:

@@ -163,34 +163,31 @@ def _train_one(cfg: ExperimentConfig, data: Path, out: Path, seed: int, options:
 def evaluate_boundary(backend, pairs: Sequence, band: int, scale: float | None = None) -> float:
     """Mean over images of :func:`boundary_accuracy` at the original resolution (same pipeline as
     :func:`unet_deploy.train.evaluate_model`); images whose truth has no edge are skipped."""
-    from .data import discover_mask_values, load_image, load_mask, mask_to_index, resize_image, to_input
-    from .losses import boundary_accuracy
-    from .postprocess import logits_to_mask
+    return _dice_and_boundary(backend, pairs, band, scale)[1]
 
-    inf = backend.config.inference
-    scale = inf.scale if scale is None else scale
-    values = inf.mask_values or discover_mask_values([p.mask for p in pairs])
-    scores = []
-    for p in pairs:
-        image = load_image(p.image, backend.config.model.n_channels)
-        truth = mask_to_index(load_mask(p.mask), values, p.mask)
-        pred = logits_to_mask(backend(to_input(resize_image(image, scale))[None]), image.shape[:2],
-                              inf.threshold)[0]
+
+def _dice_and_boundary(backend, pairs: Sequence, band: int, scale: float | None = None) -> tuple[float, float]:
+    """Held-out dice (Carvana's metric) and boundary accuracy from one prediction per image."""
+    from .losses import boundary_accuracy
+    from .metrics import image_dice
+    from .train import predicted_masks
+
+    dice, boundary = [], []
+    for _pair, pred, truth in predicted_masks(backend, pairs, scale):
+        dice.append(image_dice(pred, truth, backend.config.model.n_classes))
         acc = boundary_accuracy(pred.astype(np.int64), truth, band)
         if not math.isnan(acc):
-            scores.append(acc)
-    return float(np.mean(scores)) if scores else float("nan")
+            boundary.append(acc)
+    return (float(np.mean(dice)) if dice else float("nan"),
+            float(np.mean(boundary)) if boundary else float("nan"))
 
 
 def _score(cfg: ExperimentConfig, ckpt: Path, heldout: Path) -> tuple[float, float]:
     from .backends import load_backend
     from .data import find_pairs
-    from .train import evaluate_model
 
     backend = load_backend(ckpt, "torch", cfg.device)
-    pairs = find_pairs(heldout / "imgs", heldout / "masks")
-    dice = evaluate_model(backend, pairs)["dice"]
-    return dice, evaluate_boundary(backend, pairs, cfg.band)
+    return _dice_and_boundary(backend, find_pairs(heldout / "imgs", heldout / "masks"), cfg.band)
 
 
 def _export_pytorch_unet(ckpt: Path, dest: Path) -> Path:

@@ -5,8 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def _read_umask() -> int:
+    # Read once at import: os.umask can only be read by setting it, which would race with other threads.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "require_file"]
 
@@ -27,10 +37,11 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
     tmp = Path(tmp_name)
     try:
         yield tmp
-        # mkstemp creates 0600 files; give the result the permissions a normal write would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp creates 0600 files; give the result the permissions a normal write would have, and make
+        # the data durable before the rename makes it visible under the real name.
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -44,12 +55,6 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
-
-
-def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    """Run ``writer(tmp_path)`` and move the result to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        writer(tmp)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["dice_score", "dice_per_image", "multiclass_dice_per_image", "dice_loss", "EPS"]
+__all__ = ["dice_score", "image_dice", "dice_per_image", "multiclass_dice_per_image", "dice_loss", "EPS"]
 
 EPS = 1e-6
 
@@ -19,6 +19,13 @@ def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
         raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
     inter = np.logical_and(a, b).sum(dtype=np.float64)
     return float((2.0 * inter + EPS) / (a.sum(dtype=np.float64) + b.sum(dtype=np.float64) + EPS))
+
+
+def image_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
+    """One image's dice between class-index masks: binary foreground, or the mean over classes 1..K-1."""
+    if max(n_classes, 2) > 2:
+        return float(np.mean([dice_score(pred == c, truth == c) for c in range(1, n_classes)]))
+    return dice_score(pred > 0, truth > 0)
 
 
 def dice_per_image(pred: Tensor, target: Tensor) -> Tensor:

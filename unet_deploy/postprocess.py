@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "probs_to_mask", "colorize"]
+__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "colorize"]
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -50,13 +50,6 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
         mask = t.argmax(dim=1)
     dtype = np.uint8 if t.shape[1] <= 256 else np.int32
     return mask.numpy().astype(dtype)
-
-
-def probs_to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(K, H, W) probabilities -> (H, W) class indices; binary uses ``threshold`` on class 1."""
-    if probs.shape[0] == 2:
-        return (probs[1] > threshold).astype(np.uint8)
-    return probs.argmax(0).astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
 
 
 def colorize(mask: np.ndarray, values: list) -> np.ndarray:

@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DeployConfig, InferenceConfig, ModelConfig
 from .data import (
+    MIN_SIDE,
     Pair,
+    check_min_size,
     discover_mask_values,
     find_pairs,
     load_image,
@@ -39,7 +41,7 @@ from .data import (
 from .errors import UserError
 from .metrics import dice_loss, multiclass_dice_per_image
 
-__all__ = ["TrainConfig", "SegmentationDataset", "train", "evaluate_model", "split_pairs", "DistEnv",
+__all__ = ["TrainConfig", "SegmentationDataset", "train", "evaluate_model", "predicted_masks", "split_pairs", "DistEnv",
            "dist_env", "TrainResult"]
 
 
@@ -207,6 +209,7 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, experiments)
     hooks: dict[str, Any] = field(default_factory=dict)  # transform / extras / loss_weight / scheduler
+    explicit: tuple[str, ...] = ()  # fields the user set on the command line (checked against -f)
 
     @property
     def imgs(self) -> Path:
@@ -298,8 +301,42 @@ def _resolve_architecture(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any]
     if cfg.load is None:
         return ModelConfig(3, cfg.n_classes, cfg.bilinear, cfg.base_channels), None, None
     ckpt = load_checkpoint(cfg.load)
+    flags = {"n_classes": "--classes", "bilinear": "--bilinear/--transposed", "base_channels": "--base-channels"}
+    for name in cfg.explicit:
+        have, asked = getattr(ckpt.config.model, name), getattr(cfg, name)
+        if name in flags and have != asked:
+            raise UserError(f"{flags[name]} {asked}: the -f checkpoint {cfg.load} has {have}; its architecture "
+                            f"is kept when loading, so drop {flags[name].split('/')[0]} or start without -f")
     resume = ckpt.training if ckpt.kind == "unet-deploy" and ckpt.training.get("optimizer") else None
     return ckpt.config.model, resume, ckpt
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """One-line errors for option values that would otherwise fail deep inside torch."""
+    if not 0 < cfg.scale <= 4:
+        raise UserError(f"-s/--scale {cfg.scale}: must be in (0, 4]")
+    if cfg.n_classes < 1:
+        raise UserError(f"-c/--classes {cfg.n_classes}: must be >= 1 (1 = one sigmoid output)")
+    if cfg.base_channels < 2 or cfg.base_channels % 2:
+        raise UserError(f"--base-channels {cfg.base_channels}: must be an even number >= 2 (64 = Pytorch-UNet)")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers}: must be >= 0")
+    if not 0 <= cfg.validation < 100:
+        raise UserError(f"-v/--validation {cfg.validation}: must be a percentage in [0, 100)")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(f"--max-steps {cfg.max_steps}: must be >= 1")
+
+
+def ensure_writable_dir(folder: Path, flag: str) -> None:
+    """Create ``folder`` now, so a bad output folder fails before hours of work, not after."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: is a file, not a folder; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot create the folder ({e.strerror}); choose another path") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {folder}: folder is not writable; choose another path")
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
@@ -320,6 +357,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                         f"{env.world} processes (it is the global batch)")
     if cfg.learning_rate <= 0:
         raise UserError(f"-l/--learning-rate {cfg.learning_rate}: must be > 0")
+    _validate(cfg)
     seed_everything(cfg.seed)
 
     model_cfg, resume, loaded = _resolve_architecture(cfg)
@@ -335,9 +373,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         mask_values = list(loaded.config.inference.mask_values)
     n_out = max(model_cfg.n_classes, 2)
     if len(mask_values) > n_out:
+        fix = (f"pass --classes {len(mask_values)}" if loaded is None else
+               f"the -f checkpoint {cfg.load} has {model_cfg.n_classes} class(es): start a new model without -f")
         raise UserError(f"{cfg.masks}: masks hold {len(mask_values)} distinct values {mask_values[:8]} but the "
-                        f"model has {model_cfg.n_classes} class(es); pass --classes {len(mask_values)} "
-                        "or fix the masks")
+                        f"model has {model_cfg.n_classes} class(es); {fix}, or fix the masks")
+    # training BatchNorm needs more than one value per channel at the 1/16 bottleneck
+    check_min_size(pairs[0].image, cfg.scale, 2 * MIN_SIDE)
     if len(mask_values) == 1:
         say(f"warning: every mask holds only the value {mask_values[0]}; dice will be trivial")
         mask_values = sorted({0, *mask_values}) if mask_values[0] != 0 else [0, 1]
@@ -406,6 +447,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     deploy = DeployConfig(model=model_cfg, inference=InferenceConfig(scale=cfg.scale, mask_values=mask_values))
     ckpt_dir = Path(cfg.checkpoint_dir)
     last_path, best_path = ckpt_dir / "last.pth", ckpt_dir / "best.pth"
+    if env.main:
+        ensure_writable_dir(ckpt_dir, "--checkpoint-dir")
     loss_weight_key = hooks.get("loss_weight_key")
     history: list[dict[str, float]] = []
     images_seen, train_time = 0, 0.0
@@ -495,11 +538,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or torchrun's) must not cut the save
         interrupted = True
         if env.main:
-            save_checkpoint(last_path, model, deploy, state(max(epoch - 1, 0)))
-            say(f"interrupted: saved {last_path} (resume with -f {last_path})")
+            # last.pth stays at the last finished epoch, so `-f last.pth` continues exactly; the weights
+            # of the unfinished epoch go to interrupted.pth (usable for predict/export, not for resuming).
+            partial = ckpt_dir / "interrupted.pth"
+            save_checkpoint(partial, model, deploy, {"epoch": max(epoch - 1, 0), "interrupted_in_epoch": epoch,
+                                                     "global_step": global_step, "best_dice": best_dice})
+            if last_path.exists():
+                say(f"interrupted in epoch {epoch}: resume exactly with -f {last_path} (end of epoch "
+                    f"{epoch - 1}); the unfinished epoch's weights are in {partial}")
+            else:
+                say(f"interrupted in epoch {epoch} before any epoch finished: weights so far in {partial}; "
+                    "start again to train from scratch")
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
-    if env.main and not best_path.exists() and last_path.exists():
+    if env.main and not interrupted and not best_path.exists() and last_path.exists():
         save_checkpoint(best_path, model, deploy, state(epoch))
     if env.enabled and not interrupted:  # on Ctrl-C or errors torchrun stops the other ranks
         import torch.distributed as dist
@@ -511,35 +563,56 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                        best_path, last_path, history, interrupted)
 
 
-def evaluate_model(backend, pairs: Sequence[Pair], scale: float | None = None,
-                   mask_values: Sequence | None = None, threshold: float | None = None,
-                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Carvana's metric: mean over images of per-image dice at the original resolution.
+def predicted_masks(backend, pairs: Sequence[Pair], scale: float | None = None,
+                    mask_values: Sequence | None = None,
+                    threshold: float | None = None) -> Iterator[tuple[Pair, np.ndarray, np.ndarray]]:
+    """(pair, predicted class indices, true class indices) at the original resolution, per image.
 
-    ``backend`` is any :class:`unet_deploy.backends.Backend`; predictions use the shared
-    load/preprocess/postprocess path, so this measures exactly what ``predict`` writes.
+    Predictions take the shared load -> preprocess -> model -> postprocess path, so they are exactly
+    what ``predict`` writes. For binary models a mask written by ``predict`` (0/255) is read as well as
+    the training masks' own values (e.g. Carvana's 0/1).
     """
-    from .metrics import dice_score
     from .postprocess import logits_to_mask
 
     inf = backend.config.inference
     scale = inf.scale if scale is None else scale
     threshold = inf.threshold if threshold is None else threshold
+    try:
+        InferenceConfig(scale, threshold)
+    except ValueError as e:
+        raise UserError(f"-s/--scale or -t/--mask-threshold: {e}") from None
     n_classes = backend.config.model.n_classes
     values = list(mask_values) if mask_values is not None else (
         inf.mask_values or discover_mask_values([p.mask for p in pairs]))
-    scores = []
-    for i, p in enumerate(pairs):
+    binary_alias = inf.output_values(n_classes) if max(n_classes, 2) == 2 and mask_values is None else None
+    for p in pairs:
+        check_min_size(p.image, scale)
         image = load_image(p.image, backend.config.model.n_channels)
-        truth = mask_to_index(load_mask(p.mask), values, p.mask)
+        raw = load_mask(p.mask)
+        try:
+            truth = mask_to_index(raw, values, p.mask)
+        except UserError:
+            if binary_alias is None or binary_alias == values or not np.isin(raw, binary_alias).all():
+                raise
+            truth = mask_to_index(raw, binary_alias, p.mask)
         logits = backend(to_input(resize_image(image, scale))[None])
-        pred = logits_to_mask(logits, image.shape[:2], threshold)[0]
-        if max(n_classes, 2) > 2:
-            fg = [dice_score(pred == c, truth == c) for c in range(1, n_classes)]
-            scores.append(float(np.mean(fg)))
-        else:
-            scores.append(dice_score(pred > 0, truth > 0))
+        yield p, logits_to_mask(logits, image.shape[:2], threshold)[0], truth
+
+
+def evaluate_model(backend, pairs: Sequence[Pair], scale: float | None = None,
+                   mask_values: Sequence | None = None, threshold: float | None = None,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Carvana's metric: mean over images of per-image dice at the original resolution.
+
+    ``backend`` is any :class:`unet_deploy.backends.Backend`; see :func:`predicted_masks`.
+    """
+    from .metrics import image_dice
+
+    scores: dict[str, float] = {}
+    n_classes = backend.config.model.n_classes
+    for i, (p, pred, truth) in enumerate(predicted_masks(backend, pairs, scale, mask_values, threshold)):
+        scores[p.id] = image_dice(pred, truth, n_classes)
         if progress:
             progress(i + 1)
-    return {"dice": float(np.mean(scores)) if scores else float("nan"), "n": len(scores),
-            "per_image": dict(zip([p.id for p in pairs], scores, strict=True))}
+    return {"dice": float(np.mean(list(scores.values()))) if scores else float("nan"), "n": len(scores),
+            "per_image": scores}

@@ -40,6 +40,13 @@ def main(args: list[str] | None = None) -> None:
 
         err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a file system problem the commands did not foresee: still one line, no traceback
+        from ..progress import err_console
+
+        where = f"{e.filename}: " if e.filename else ""
+        err_console.print(f"[bold red]error:[/] {where}{e.strerror or e}", markup=True, highlight=False,
+                          soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

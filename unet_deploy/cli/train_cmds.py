@@ -100,6 +100,8 @@ def train(
                       amp=amp, device=device, seed=seed, workers=workers, checkpoint_dir=checkpoint_dir,
                       optimizer=optimizer, weight_decay=weight_decay, sync_bn=sync_bn,
                       channels_last=channels_last, progress=not quiet, max_steps=max_steps,
+                      explicit=_explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear",
+                                               "base_channels": "base_channels"}),
                       hooks=quality.hooks(seed, max_steps))
     if dist_env().main:
         typer.echo(f"training options: {quality.describe()}")
@@ -140,6 +142,9 @@ def evaluate(
     threshold: float | None = typer.Option(None, "--mask-threshold", "-t", help="Override the threshold."),
     backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the file)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    mask_values: str | None = typer.Option(None, "--mask-values",
+                                           help="Mask pixel value per class, e.g. 0,255 (default: the model's; "
+                                                "binary models also read predict's 0/255 masks)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write per-image dice as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -149,17 +154,42 @@ def evaluate(
     """
     from ..backends import load_backend
     from ..data import find_pairs
+    from ..errors import UserError
     from ..fileio import atomic_write_text
     from ..progress import file_progress
-    from ..train import evaluate_model
+    from ..train import ensure_writable_dir, evaluate_model
 
+    values = _parse_values(mask_values) if mask_values else None
+    if json_out is not None:
+        ensure_writable_dir(json_out.parent if str(json_out.parent) else Path("."), "--json")
+        if json_out.is_dir():
+            raise UserError(f"--json {json_out}: is a folder; give a file name")
     be = load_backend(model, backend, device)
     pairs = find_pairs(imgs or data / "imgs", masks or data / "masks", mask_suffix)
     with file_progress(not quiet) as bar:
         task = bar.add_task("evaluate", total=len(pairs))
-        result = evaluate_model(be, pairs, scale, None, threshold,
+        result = evaluate_model(be, pairs, scale, values, threshold,
                                 progress=lambda i: bar.update(task, completed=i))
     typer.echo(f"dice {result['dice']:.6f} over {result['n']} images ({be.describe()})")
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))
         typer.echo(f"wrote {json_out}")
+
+
+def _parse_values(text: str) -> list[int]:
+    from ..errors import UserError
+
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise UserError(f"--mask-values {text}: give integers separated by commas, e.g. 0,255") from None
+    if len(values) < 2 or len(set(values)) != len(values):
+        raise UserError(f"--mask-values {text}: give at least two distinct values, one per class")
+    return values
+
+
+def _explicit(ctx: typer.Context, names: dict[str, str]) -> tuple[str, ...]:
+    """TrainConfig fields whose flags were given on the command line (not left at their defaults)."""
+    # compared by name: typer may ship its own copy of click, with its own ParameterSource enum
+    return tuple(field for param, field in names.items()
+                 if getattr(ctx.get_parameter_source(param), "name", "") == "COMMANDLINE")
