@@ -576,18 +576,17 @@ def test_unwritable_rle_target_fails_before_predicting(models, images, tmp_path,
     assert sorted(q.name for q in tmp_path.iterdir()) == ["file.txt", "in"]  # no journal left
 
 
-def test_ignored_options_are_rejected(models, images, tmp_path, capsys):
+@pytest.mark.parametrize("kind, args, message", [
+    ("ort", ["--threads", "-3"], "--threads -3"),
+    ("ort", ["--threads", "0"], "--threads 0"),
+    ("ort", ["--precision", "fp16"], "torch backend"),
+    ("torchscript", ["--precision", "bf16"], "torch backend"),
+    ("torch", ["--crf", "--crf-workers", "0"], "--crf-workers 0"),
+])
+def test_ignored_options_are_rejected(models, images, tmp_path, capsys, kind, args, message):
     (p,) = copy_images(images[:1], tmp_path)
-    cases = [
-        ([models["ort"], "--threads", "-3"], "--threads -3"),
-        ([models["ort"], "--threads", "0"], "--threads 0"),
-        ([models["ort"], "--precision", "fp16"], "torch backend"),
-        ([models["torchscript"], "--precision", "bf16"], "torch backend"),
-        ([models["torch"], "--crf", "--crf-workers", "0"], "--crf-workers 0"),
-    ]
-    for args, message in cases:
-        code, _, err = run_cli(["predict", p, "-n", "-m", *args], capsys)
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, _, err = run_cli(["predict", p, "-n", "-m", models[kind], *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_classes_message_singular(images, tmp_path, capsys):
