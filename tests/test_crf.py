@@ -206,3 +206,29 @@ def test_crf_map_closing_early_stops_cleanly():
     it.close()  # shuts the pool down; the rest of the input is never read
     assert first.shape == (24, 40)
     assert consumed <= 3
+
+
+@pytest.mark.parametrize("t", [0.0, 0.05, 0.3, 0.5, 0.8, 0.99, 1.0])
+def test_threshold_prior_moves_the_decision_point(t):
+    from unet_deploy.crf import threshold_prior
+
+    p = np.linspace(0, 1, 1001, dtype=np.float32).reshape(7, 143)
+    q = threshold_prior(p, t)
+    assert q.shape == (2, 7, 143) and q.dtype == np.float32
+    assert np.allclose(q.sum(0), 1, atol=1e-6)
+    far = np.abs(p - t) > 1e-4  # float rounding decides pixels exactly at the threshold
+    assert np.array_equal((q[1] > 0.5)[far], (p > t)[far])
+    if t == 0.5:
+        assert np.allclose(q[1], p)
+    assert np.all(np.diff(q[1].ravel()) >= 0)  # order of the pixels kept
+
+
+def test_threshold_prior_changes_crf_output():
+    from unet_deploy.crf import threshold_prior
+
+    image, probs, _ = two_region_case(conf=0.7)
+    base = dense_crf(image, probs).sum()
+    assert dense_crf(image, threshold_prior(probs, 0.9)).sum() < base < dense_crf(
+        image, threshold_prior(probs, 0.1)).sum()
+    with pytest.raises(ValueError, match="two classes"):
+        threshold_prior(np.full((3, 4, 4), 1 / 3, np.float32), 0.5)

@@ -467,3 +467,130 @@ def test_seed_flags_checked_against_model_and_quiet(models, images, tmp_path, ca
                               "-t", "0.5", "-s", "0.5"], capsys)
     assert (code, out, err) == (0, "", "")
     assert p.with_name("car0_OUT.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+def _random_checkpoint(path: Path, n_classes: int = 2, seed: int = 3) -> Path:
+    torch.manual_seed(seed)
+    cfg = DeployConfig(model=ModelConfig(n_classes=n_classes, base_channels=4),
+                       inference=InferenceConfig(scale=0.5))
+    return save_checkpoint(path, cfg.model.build().eval(), cfg)
+
+
+def _one_class_copy(two_class: Path, path: Path) -> Path:
+    """The trained two-class model as a one-class (sigmoid) model: sigmoid(l1 - l0) = softmax p1."""
+    from unet_deploy.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(two_class)
+    cfg = DeployConfig(model=ModelConfig(n_classes=1, base_channels=ckpt.config.model.base_channels),
+                       inference=ckpt.config.inference)
+    model = cfg.model.build()
+    state = dict(ckpt.state_dict)
+    for key in ("outc.conv.weight", "outc.conv.bias"):
+        state[key] = state[key][1:2] - state[key][0:1]
+    model.load_state_dict(state)
+    return save_checkpoint(path, model.eval(), cfg)
+
+
+def test_resume_never_reuses_masks_of_another_model(models, images, tmp_path, capsys):
+    from unet_deploy.predict import mask_fingerprint
+
+    other = _random_checkpoint(tmp_path / "other.pth")
+    paths = copy_images(images, tmp_path / "run")
+    sub_a, sub_b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run_cli(["predict", "-m", models["torch"], *paths, "--rle", sub_a, "-q"], capsys)[0] == 0
+    outs = [p.with_name(f"{p.stem}_OUT.png") for p in paths]
+    stamps_a = [mask_fingerprint(o) for o in outs]
+    assert all(stamps_a) and len(set(stamps_a)) == 1
+    # a fresh run of the other model elsewhere: what the resumed run must reproduce
+    fresh = copy_images(images, tmp_path / "fresh")
+    assert run_cli(["predict", "-m", other, *fresh, "--rle", tmp_path / "fresh.csv", "-q"], capsys)[0] == 0
+    expected = read_submission(tmp_path / "fresh.csv")
+    assert expected != read_submission(sub_a)  # the two models really differ on these images
+
+    code, out, err = run_cli(["predict", "-m", other, *paths, "--resume", "--rle", sub_b], capsys)
+    assert code == 0, err
+    assert "predicted 4 of 4 files" in out and "skipped" not in out
+    assert read_submission(sub_b) == expected
+    for o, f in zip(outs, fresh, strict=True):
+        assert np.array_equal(read_png(o), read_png(f.with_name(f"{f.stem}_OUT.png")))
+        assert mask_fingerprint(o) not in (None, stamps_a[0])
+    # the same model again: everything reused; another threshold is another run
+    code, out, err = run_cli(["predict", "-m", other, *paths, "--resume", "--rle", sub_b], capsys)
+    assert code == 0 and "predicted 0 of 4 files, 4 skipped" in out, err
+    assert read_submission(sub_b) == expected
+    code, out, err = run_cli(["predict", "-m", other, *paths, "--resume", "-t", "0.7", "-n"], capsys)
+    assert code == 0 and "predicted 4 of 4 files" in out, err
+
+
+def test_masks_without_fingerprint_are_predicted_again(models, images, tmp_path, capsys):
+    (p,) = copy_images(images[:1], tmp_path)
+    out = p.with_name("car0_OUT.png")
+    Image.fromarray(np.zeros(read_png(p).shape[:2], np.uint8)).save(out)  # e.g. written by Pytorch-UNet
+    code, text, err = run_cli(["predict", "-m", models["torch"], p, "--resume"], capsys)
+    assert code == 0 and "predicted 1 of 1" in text, err
+    assert read_png(out).any()
+
+
+@pytest.mark.crf
+@pytest.mark.parametrize("n_classes", [1, 2])
+def test_threshold_applies_with_crf(models, images, tmp_path, n_classes):
+    model = models["torch"] if n_classes == 2 else _one_class_copy(models["torch"], tmp_path / "one.pth")
+    fg = {t: sum(int(m.sum()) for m in predict_masks(model, images, crf=True, crf_workers=1, threshold=t))
+          for t in (0.01, 0.5, 0.99)}
+    assert fg[0.99] < fg[0.5] < fg[0.01], fg
+
+
+def test_threshold_applies_to_two_class_softmax(models, images):
+    masks = {t: predict_masks(models["torch"], images, threshold=t) for t in (0.1, 0.5, 0.9)}
+    fg = {t: sum(int(m.sum()) for m in ms) for t, ms in masks.items()}
+    assert fg[0.9] < fg[0.5] < fg[0.1], fg
+    be = load_backend(models["torch"], device="cpu")
+    for img, mask in zip(images, masks[0.9], strict=True):
+        arr = np.asarray(Image.open(img).convert("RGB"))
+        probs = torch.softmax(be(preprocess(arr, 0.5)[None]), 1)
+        up = torch.nn.functional.interpolate(probs, size=arr.shape[:2], mode="bilinear")
+        assert ((up[0, 1].numpy() > 0.9) == mask.astype(bool)).mean() > 0.98
+
+
+@pytest.mark.parametrize("values, message", [
+    ("0,300", "0 to 255"), ("-1,255", "0 to 255"), ("0,128,255", "exactly 2 values"),
+])
+def test_mask_values_checked_before_predicting(models, images, tmp_path, capsys, values, message):
+    (p,) = copy_images(images[:1], tmp_path)
+    code, _, err = run_cli(["predict", "-m", models["torch"], p, f"--mask-values={values}"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not p.with_name("car0_OUT.png").exists()
+    code, _, err = run_cli(["predict", "-m", models["torch"], p, "--mask-values", "7,200", "-q"], capsys)
+    assert code == 0, err
+    assert set(np.unique(read_png(p.with_name("car0_OUT.png")))) <= {7, 200}
+
+
+def test_unwritable_rle_target_fails_before_predicting(models, images, tmp_path, capsys):
+    paths = copy_images(images[:2], tmp_path / "in")
+    (tmp_path / "file.txt").write_text("x")
+    for target, message in ((tmp_path, "is a folder"), (tmp_path / "file.txt" / "s.csv", "not a folder")):
+        code, _, err = run_cli(["predict", "-m", models["torch"], *paths, "--rle", target], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not any(p.with_name(f"{p.stem}_OUT.png").exists() for p in paths)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["file.txt", "in"]  # no journal left
+
+
+@pytest.mark.parametrize("kind, args, message", [
+    ("ort", ["--threads", "-3"], "--threads -3"),
+    ("ort", ["--threads", "0"], "--threads 0"),
+    ("ort", ["--precision", "fp16"], "torch backend"),
+    ("torchscript", ["--precision", "bf16"], "torch backend"),
+    ("torch", ["--crf", "--crf-workers", "0"], "--crf-workers 0"),
+])
+def test_ignored_options_are_rejected(models, images, tmp_path, capsys, kind, args, message):
+    (p,) = copy_images(images[:1], tmp_path)
+    code, _, err = run_cli(["predict", p, "-n", "-m", models[kind], *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_classes_message_singular(images, tmp_path, capsys):
+    model = _random_checkpoint(tmp_path / "one.pth", n_classes=1)
+    (p,) = copy_images(images[:1], tmp_path)
+    code, _, err = run_cli(["predict", "-m", model, p, "-c", "2", "-n"], capsys)
+    assert code == 2 and "predicts 1 class;" in err, err

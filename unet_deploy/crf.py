@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_map"]
+__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_map", "threshold_prior"]
 
 _INSTALL_HINT = "--crf needs pydensecrf: pip install pydensecrf2 (needs g++ and Python headers to build)"
 
@@ -87,6 +87,28 @@ def _as_class_probs(probs: np.ndarray) -> np.ndarray:
         fg = probs[0]
         probs = np.stack([1.0 - fg, fg])
     return probs
+
+
+def threshold_prior(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Re-weight binary probabilities so that a foreground probability of ``threshold`` becomes 0.5.
+
+    The CRF labels each pixel with its most likely class, which for two classes is the threshold 0.5.
+    ``p' = p(1 - t) / (p(1 - t) + (1 - p) t)`` moves the decision point to ``t``: ``p > t`` exactly when
+    ``p' > 0.5``, so ``--mask-threshold`` means the same with and without the CRF (t = 0.5 changes
+    nothing). ``probs``: (2, H, W) ``[1 - p, p]`` or a foreground probability (H, W) / (1, H, W);
+    returns float32 (2, H, W).
+    """
+    probs = _as_class_probs(probs)
+    if probs.shape[0] != 2:
+        raise ValueError(f"a threshold applies to two classes, got {probs.shape[0]}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    if threshold == 0.5:
+        return probs
+    t = min(max(float(threshold), 1e-7), 1 - 1e-7)  # keeps the denominator above zero
+    p = np.clip(probs[1].astype(np.float64), 0.0, 1.0)
+    fg = p * (1 - t) / (p * (1 - t) + (1 - p) * t)
+    return np.stack([1 - fg, fg]).astype(np.float32)
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None) -> np.ndarray:

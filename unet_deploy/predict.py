@@ -40,11 +40,13 @@ if TYPE_CHECKING:
 __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
     "iter_predictions", "predict_files", "write_mask", "write_overlay", "overlay_image",
-    "default_model", "output_values", "MASK_SUFFIX", "OVERLAY_SUFFIX",
+    "default_model", "output_values", "check_rle_target", "run_fingerprint", "mask_fingerprint",
+    "MASK_SUFFIX", "OVERLAY_SUFFIX", "FINGERPRINT_KEY",
 ]
 
 MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
 OVERLAY_SUFFIX = "_OVERLAY"
+FINGERPRINT_KEY = "unet_deploy"  #: PNG text chunk holding the fingerprint of the run that wrote a mask
 _MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 _GLOB_CHARS = set("*?[")
 _MIN_SIDE = 16  #: four 2x poolings need at least 16 input pixels per side
@@ -82,6 +84,11 @@ class PredictOptions:
             raise UserError(f"--mask-threshold {self.threshold}: use a probability in [0, 1]")
         if self.crf_workers < 1:
             raise UserError(f"--crf-workers {self.crf_workers}: use 1 or more")
+        if self.mask_values is not None:
+            flat = np.asarray(self.mask_values, dtype=object).ravel().tolist()
+            if not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in flat):
+                raise UserError(f"--mask-values {_values_text(self.mask_values)}: masks are 8-bit PNGs; give "
+                                "integers from 0 to 255, e.g. 0,255")
 
 
 @dataclass(frozen=True)
@@ -269,14 +276,19 @@ def plan_jobs(inputs: Sequence[Path], outputs: Sequence[str | Path] | None = Non
 
 
 # --------------------------------------------------------------------------------------- outputs
+def _values_text(values: Sequence[Any]) -> str:
+    return ",".join(str(v) for v in values)
+
+
 def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
     """Pixel value written for each class: --mask-values, else the model's config (0/255 for binary)."""
     inf = backend.config.inference
     n_classes = backend.config.model.n_classes
     if options.mask_values is not None:
-        if len(options.mask_values) < max(n_classes, 2):
-            raise UserError(f"--mask-values {options.mask_values}: the model predicts {max(n_classes, 2)} "
-                            "classes; give one value per class")
+        want = max(n_classes, 2)
+        if len(options.mask_values) != want:
+            raise UserError(f"--mask-values {_values_text(options.mask_values)}: {backend.path} predicts "
+                            f"{want} classes; give exactly {want} values, one per class (background first)")
         return list(options.mask_values)
     return inf.output_values(n_classes)
 
@@ -292,14 +304,37 @@ def _mask_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
     return Image.fromarray(pixels.astype(np.int32), mode="I")
 
 
-def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any]) -> Path:
-    """Write class indices ``mask`` (H, W) as an image of the class ``values``, atomically."""
+def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any], fingerprint: str | None = None
+               ) -> Path:
+    """Write class indices ``mask`` (H, W) as an image of the class ``values``, atomically.
+
+    ``fingerprint`` (PNG only): the run's :func:`run_fingerprint`, stored as the ``unet_deploy`` text
+    chunk so that a resumed run reuses the file only when the same model and options made it.
+    """
     path = Path(path)
     fmt = _MASK_FORMATS.get(path.suffix.lower(), "PNG")
     img = _mask_image(mask, values)
+    extra: dict[str, Any] = {}
+    if fingerprint is not None and fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text(FINGERPRINT_KEY, fingerprint)
+        extra["pnginfo"] = info
     with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt)
+        img.save(tmp, format=fmt, **extra)
     return path
+
+
+def mask_fingerprint(path: str | Path) -> str | None:
+    """The run fingerprint stored in a mask PNG by :func:`write_mask`; None when there is none."""
+    try:
+        with Image.open(path) as img:
+            text = getattr(img, "text", None) or {}
+            value = text.get(FINGERPRINT_KEY)
+    except Exception:  # noqa: BLE001 - unreadable or not a PNG: no fingerprint
+        return None
+    return value if isinstance(value, str) else None
 
 
 def overlay_image(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -352,10 +387,13 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _read_existing(job: Job, values: Sequence[Any]) -> np.ndarray | None:
-    """The class mask stored in a previous run's output, if that output is complete and fits the input."""
+def _read_existing(job: Job, values: Sequence[Any], fingerprint: str) -> np.ndarray | None:
+    """The class mask stored in a previous run's output, if that output is complete, fits the input and
+    was made by a run with the same ``fingerprint`` (model and options)."""
     if job.output is None or not job.output.is_file():
         return None
+    if mask_fingerprint(job.output) != fingerprint:
+        return None  # another model / options, or a file this tool did not write: predict again
     try:
         with Image.open(job.output) as img:
             img.verify()
@@ -401,15 +439,23 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOptions | None = None
-                     ) -> Iterator[PredictResult]:
+def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOptions | None = None,
+                     fingerprint: str | None = None) -> Iterator[PredictResult]:
     """Predict every job and yield one :class:`PredictResult` per job, in job order.
 
     Consecutive images of the same network-input size are batched (``options.batch_size``); with
     ``options.tta`` each batch also runs mirrored; with ``options.crf`` the probabilities at the original
     size go through dense CRF in ``options.crf_workers`` processes. Bad files give results with ``error``.
+    With ``options.skip_existing`` an output whose stored fingerprint equals ``fingerprint`` (default:
+    :func:`run_fingerprint` of ``backend`` and ``options``) is read back instead of predicted.
+
+    For binary models (one sigmoid or two softmax outputs) a pixel is foreground when its probability
+    exceeds the threshold; with CRF the probabilities are first re-weighted so that the threshold maps to
+    0.5 (:func:`unet_deploy.crf.threshold_prior`). Models with more classes take the argmax.
     """
     options = options or PredictOptions()
+    if options.skip_existing and fingerprint is None:
+        fingerprint = run_fingerprint(backend, options)
     if options.tta:
         from .tta import flip_tta
 
@@ -425,7 +471,7 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
         if job.error:
             return _Loaded(job, error=job.error)
         if options.skip_existing:
-            existing = _read_existing(job, values)
+            existing = _read_existing(job, values, fingerprint or "")
             if existing is not None:
                 return _Loaded(job, skipped_mask=existing)
         try:
@@ -437,7 +483,8 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
 
     def infer(loaded: Iterable[_Loaded]) -> Iterator[tuple[_Loaded, Any, str | None]]:
         """Yield (loaded, mask or probabilities, error) in order; batches same-size inputs."""
-        from .postprocess import logits_to_mask, probabilities
+        from .crf import threshold_prior
+        from .postprocess import logits_to_mask, probabilities, probs_to_mask
 
         batch: list[tuple[_Loaded, np.ndarray]] = []
 
@@ -457,7 +504,10 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
             for i, (item, _) in enumerate(items):
                 size = item.image.shape[:2]
                 if options.crf:
-                    yield item, probabilities(logits[i], size), None
+                    probs = probabilities(logits[i], size)
+                    yield item, threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs, None
+                elif logits.shape[1] == 2 and threshold != 0.5:  # softmax binary: threshold class 1
+                    yield item, probs_to_mask(probabilities(logits[i], size), threshold), None
                 else:
                     yield item, logits_to_mask(logits[i:i + 1], size, threshold)[0], None
 
@@ -534,8 +584,9 @@ def _journal_key(job: Job) -> str:
     return str(job.path)
 
 
-def _fingerprint(backend: Backend, options: PredictOptions) -> str:
-    """What decides the masks: journal rows made with anything else are not reused."""
+def run_fingerprint(backend: Backend, options: PredictOptions) -> str:
+    """What decides the masks (model file digest, scale, threshold, TTA, CRF, precision): journal rows and
+    mask files made with anything else are not reused by ``skip_existing``."""
     from dataclasses import asdict
 
     from .shard import fingerprint, model_digest
@@ -566,15 +617,31 @@ def _on_main(group: Group, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def _reusable(jobs: Sequence[Job], rows: dict[str, Any]) -> list[int]:
-    """Indices of jobs whose journal row fits the image and whose mask file (if any) was written."""
+def check_rle_target(path: str | Path) -> None:
+    """Raise a one-line UserError unless a submission can be written at ``path`` (checked before a run)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--rle {path}: is a folder; give a file name, e.g. {path / 'submission.csv'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # missing folders are created: the first existing one must take them
+    if not parent.is_dir():
+        raise UserError(f"--rle {path}: {parent} is not a folder; give a submission path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--rle {path}: cannot write in {parent} (permission denied); choose a writable "
+                        "folder")
+
+
+def _reusable(jobs: Sequence[Job], rows: dict[str, Any], fingerprint: str) -> list[int]:
+    """Indices of jobs whose journal row fits the image and whose mask file (if any) was written by a run
+    with the same ``fingerprint``."""
     done = []
     for job in jobs:
         row = rows.get(_journal_key(job))
         if job.error is not None or row is None or row.id != job.id:
             continue
-        if job.output is not None and not job.output.is_file():
-            continue  # predict it again to write the mask
+        if job.output is not None and mask_fingerprint(job.output) != fingerprint:
+            continue  # missing, or overwritten by another model's run: predict it again to write the mask
         if _image_size(job.path) == (row.width, row.height):
             done.append(job.index)
     return done
@@ -614,7 +681,7 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
     summary = PredictSummary(total=len(jobs), processes=group.world)
     rle_path = Path(options.rle) if options.rle is not None else None
     folder = journal_dir(rle_path) if rle_path is not None else None
-    fp = _fingerprint(backend, options) if rle_path is not None else ""
+    fp = run_fingerprint(backend, options)
 
     if group.world > 1:  # every rank must split the same list and make the same masks
         plan = hashlib.sha256("\n".join(f"{j.path}\0{j.output}\0{j.overlay}" for j in jobs).encode()).hexdigest()
@@ -627,8 +694,9 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
                               "give every machine the same model file")
 
     def resume_plan() -> tuple[str, list[int], int]:
-        if folder is None:
+        if rle_path is None or folder is None:
             return new_run_id(), [], 0
+        check_rle_target(rle_path)
         if not options.skip_existing:  # a fresh run: forget an earlier run's journal
             try:
                 shutil.rmtree(folder)
@@ -639,7 +707,7 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
                                 ) from None
             return new_run_id(), [], 0
         rows, untrusted = read_journal(folder, fp)
-        return new_run_id(), _reusable(jobs, rows), untrusted
+        return new_run_id(), _reusable(jobs, rows, fp), untrusted
 
     run_id, reused, summary.untrusted = _on_main(group, resume_plan)
     summary.reused = len(reused)
@@ -669,7 +737,7 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
             label = "predict" if group.world == 1 else f"predict (rank 0 of {group.world})"
             task = bar.add_task(label, total=len(mine))
             show = options.show and display_available()
-            for res in iter_predictions(backend, mine, options):
+            for res in iter_predictions(backend, mine, options, fingerprint=fp):
                 bar.advance(task)
                 job = res.job
                 if res.error is not None:
@@ -680,7 +748,7 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
                 else:
                     try:
                         if job.output is not None:
-                            summary.written.append(write_mask(job.output, res.mask, values))
+                            summary.written.append(write_mask(job.output, res.mask, values, fp))
                         if job.overlay is not None and res.image is not None:
                             summary.written.append(write_overlay(job.overlay, res.image, res.mask))
                     except OSError as e:

@@ -71,20 +71,26 @@ def predict(
     backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the model "
                                                   "file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16 for the torch backend."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16; the torch backend (.pth) only: a "
+                                               ".ts / .onnx model runs at the precision it was exported with."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads, 1 or more (default: all "
+                                                  "cores)."),
     viz: bool = typer.Option(False, "--viz", "-v",
                              help="Write <stem>_OVERLAY.png (mask tinted over the image) beside each mask; "
                                   "also show it where a display exists."),
     no_save: bool = typer.Option(False, "--no-save", "-n", help="Do not write mask files."),
     mask_threshold: float | None = typer.Option(None, "--mask-threshold", "-t",
-                                                help="Foreground probability threshold for one-class models "
-                                                     "(default: the model's, 0.5)."),
+                                                help="Foreground probability threshold for binary models (one "
+                                                     "or two classes; with --crf the probabilities are "
+                                                     "re-weighted so it maps to 0.5). Models with more "
+                                                     "classes take the most likely class. Default: the "
+                                                     "model's, 0.5."),
     scale: float | None = typer.Option(None, "--scale", "-s",
                                        help="Input downscaling factor (default: the model's, 0.5 for "
                                             "Pytorch-UNet)."),
-    mask_values: str | None = typer.Option(None, help="Pixel value per class, e.g. 0,255 (default: the "
-                                                      "model's; 0/255 for binary)."),
+    mask_values: str | None = typer.Option(None, help="Pixel value per class, 0-255 (8-bit PNG), exactly one "
+                                                      "per class, e.g. 0,255 (default: the model's; 0/255 "
+                                                      "for binary)."),
     classes: int | None = typer.Option(None, "--classes", "-c",
                                        help="Pytorch-UNet compatibility: checked against the model."),
     bilinear: bool | None = typer.Option(None, "--bilinear/--transposed",
@@ -93,7 +99,8 @@ def predict(
     batch_size: int = typer.Option(1, "--batch-size", "-b",
                                    help="Images per network call (consecutive images of one size)."),
     crf: bool = typer.Option(False, "--crf/--no-crf", help="Refine masks with a dense CRF (pydensecrf2)."),
-    crf_workers: int | None = typer.Option(None, help="CRF worker processes (default: CPU count)."),
+    crf_workers: int | None = typer.Option(None, help="CRF worker processes, 1 or more (default: CPU "
+                                                      "count)."),
     crf_gauss_sxy: float = typer.Option(20.0, help="CRF smoothness kernel spatial std-dev (pixels)."),
     crf_gauss_compat: float = typer.Option(3.0, help="CRF smoothness kernel weight."),
     crf_bilat_sxy: float = typer.Option(30.0, help="CRF appearance kernel spatial std-dev (pixels)."),
@@ -105,8 +112,9 @@ def predict(
     rle: Path | None = typer.Option(None, "--rle",
                                     help="Also write a Kaggle Carvana submission (img,rle_mask)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", "--resume",
-                                       help="Resume an interrupted run: skip inputs whose mask file exists and "
-                                            "is valid, and with --rle reuse the submission rows it journaled."),
+                                       help="Resume an interrupted run: skip inputs whose mask PNG exists, is "
+                                            "valid and was made with the same model and options, and with "
+                                            "--rle reuse the submission rows it journaled."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on success."),
     nproc: int = typer.Option(1, "--nproc", help="Predict in N local processes (one per GPU, or CPU shares): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
@@ -167,10 +175,15 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
     device = rank_device(device, group.local_rank, group.world)
     if group.world > 1 and threads is None and not device.startswith("cuda"):
         threads = share
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: use 1 or more (or leave it out for all cores)")
+    if crf_workers is not None and crf_workers < 1:
+        raise UserError(f"--crf-workers {crf_workers}: use 1 or more (or leave it out for one per core)")
     options = PredictOptions(
         scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
         save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf,
-        crf_params=CRFParams(*crf_args), crf_workers=crf_workers or share, tta=tta, skip_existing=skip_existing,
+        crf_params=CRFParams(*crf_args), crf_workers=share if crf_workers is None else crf_workers, tta=tta,
+        skip_existing=skip_existing,
         progress=not quiet)
     if crf:
         from ..crf import require_crf
@@ -178,9 +191,13 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
         require_crf()
     path = model if model is not None else default_model(backend)
     be = load_backend(path, backend, device, precision=precision, threads=threads)
+    if precision != "fp32" and be.name != "torch":
+        raise UserError(f"--precision {precision}: applies to the torch backend (.pth) only; {path} runs at "
+                        "the precision it was exported with (for ONNX fp16, export an fp16 model)")
     mc = be.config.model
     if classes is not None and max(classes, 1) != mc.n_classes:
-        raise UserError(f"--classes {classes}: {path} predicts {mc.n_classes} classes; drop --classes "
+        noun = "class" if mc.n_classes == 1 else "classes"
+        raise UserError(f"--classes {classes}: {path} predicts {mc.n_classes} {noun}; drop --classes "
                         "(it is read from the model)")
     if bilinear is not None and bilinear != mc.bilinear:
         raise UserError(f"--{'bilinear' if bilinear else 'transposed'}: {path} uses "
