@@ -37,7 +37,8 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
                    threshold: float = 0.5) -> np.ndarray:
     """(N, C, h, w) logits -> (N, H, W) class indices (uint8 below 256 classes).
 
-    C > 1: argmax over classes; C == 1: sigmoid > threshold.
+    Binary models: foreground where its probability exceeds ``threshold`` (C == 1: sigmoid; C == 2:
+    softmax of class 1, which at 0.5 is the argmax). More classes: argmax, ``threshold`` does not apply.
     """
     t = logits.detach().float().cpu()
     if t.ndim == 3:
@@ -46,6 +47,8 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
         t = upsample_logits(t, size)
     if t.shape[1] == 1:
         mask = torch.sigmoid(t[:, 0]) > threshold
+    elif t.shape[1] == 2 and threshold != 0.5:
+        mask = torch.softmax(t, dim=1)[:, 1] > threshold
     else:
         mask = t.argmax(dim=1)
     dtype = np.uint8 if t.shape[1] <= 256 else np.int32

@@ -484,7 +484,7 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
     def infer(loaded: Iterable[_Loaded]) -> Iterator[tuple[_Loaded, Any, str | None]]:
         """Yield (loaded, mask or probabilities, error) in order; batches same-size inputs."""
         from .crf import threshold_prior
-        from .postprocess import logits_to_mask, probabilities, probs_to_mask
+        from .postprocess import logits_to_mask, probabilities
 
         batch: list[tuple[_Loaded, np.ndarray]] = []
 
@@ -506,8 +506,6 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
                 if options.crf:
                     probs = probabilities(logits[i], size)
                     yield item, threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs, None
-                elif logits.shape[1] == 2 and threshold != 0.5:  # softmax binary: threshold class 1
-                    yield item, probs_to_mask(probabilities(logits[i], size), threshold), None
                 else:
                     yield item, logits_to_mask(logits[i:i + 1], size, threshold)[0], None
 
