@@ -189,7 +189,7 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("args, expected", [
     (["--backends", "tensorrt"], "--backends tensorrt: unknown backend"),
     (["--backends", "torch", "tensorrt"], "tensorrt: not a backend"),
-    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort) nor a scale"),
+    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort), precision"),
     (["--scales", "0"], "--scales 0: a scale must be in (0, 4]"),
     (["--scales", "x"], "--scales x: not a number"),
     (["--plot", "out.jpg"], "--plot out.jpg: the plot is a PNG"),

@@ -1164,6 +1164,7 @@ def render_markdown(report: dict[str, Any], command: str | None = None,
     out = ["# unet-deploy benchmark results", "",
            "Every number below is written by the commands quoted with it; none is typed in.", ""]
     runs = [(report, command)] + [(r, r.get("command", "")) for r in merged if r.get("schema") == SCHEMA]
+    runs.sort(key=lambda rc: min((c["input_width"] for c in rc[0]["cases"]), default=0))  # smallest input first
     for i, (r, cmd) in enumerate(runs):
         scales = ", ".join(sorted({c["input"] for c in r["cases"]}, key=lambda x: int(x.split("x")[0])))
         out += _bench_section(r, cmd, f"Run {i + 1}: {r['settings']['device']}, {scales}")

@@ -24,20 +24,28 @@ def _is_variant(word: str) -> bool:
     return word.lower().replace("_", "-").split("-")[0] in _BACKENDS
 
 
-def _sort_extras(extras: list[str], backends: list[str], scales: list[str]) -> None:
-    """Words after ``--backends``/``--scales`` that click leaves over: numbers are scales, names backends."""
+_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def _sort_extras(extras: list[str], backends: list[str], scales: list[str], precisions: list[str]) -> None:
+    """Words after ``--backends``/``--scales``/``--precision`` that click leaves over: numbers are scales,
+    fp32/fp16/bf16/int8 precisions, names backends."""
     for word in extras:
         for part in _split([word]):
             if _is_variant(part):
                 backends.append(part)
+                continue
+            if part.lower() in _PRECISIONS:
+                precisions.append(part.lower())
                 continue
             try:
                 float(part)
             except ValueError:
                 if part.startswith("-"):
                     raise UserError(f"{part}: unknown option; see `unet-deploy benchmark --help`") from None
-                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}) nor a scale (a number "
-                                "like 0.5); check --backends and --scales") from None
+                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}), precision ("
+                                f"{', '.join(_PRECISIONS)}) nor a scale (a number like 0.5); check --backends, "
+                                "--precision and --scales") from None
             scales.append(part)
 
 
@@ -141,8 +149,8 @@ def benchmark(
     )
     from ..fileio import atomic_write_text
 
-    backend_words, scale_words = _split(backends), _split(scales)
-    _sort_extras(list(ctx.args), backend_words, scale_words)
+    backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
+    _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
     for b in backend_words:
         if not _is_variant(b):
             raise UserError(f"--backends {b}: unknown backend; use {VARIANT_HELP}")
@@ -159,10 +167,10 @@ def benchmark(
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"--merge {path}: not a JSON file") from None
     words = backend_words or list(_BACKENDS)
-    if precision or channels_last or compile_:
+    if precision_words or channels_last or compile_:
         from ..backends import resolve_device
 
-        words = expand_variants(words, _split(precision), channels_last, compile_mode if compile_ else None,
+        words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
                                 resolve_device(device))
     for out in (json_out, plot, markdown):
         if out is not None and out.is_dir():

@@ -71,7 +71,12 @@ def predict(
                                                   "file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16 for the torch backend."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
+    channels_last: bool = typer.Option(False, "--channels-last",
+                                       help="torch backend: channels_last (NHWC) memory, faster convolutions."),
+    compile_mode: str | None = typer.Option(None, "--compile",
+                                            help="torch backend: torch.compile mode (default, reduce-overhead "
+                                                 "= CUDA graphs, max-autotune)."),
     viz: bool = typer.Option(False, "--viz", "-v",
                              help="Write <stem>_OVERLAY.png (mask tinted over the image) beside each mask; "
                                   "also show it where a display exists."),
@@ -137,7 +142,8 @@ def predict(
 
         require_crf()
     path = model if model is not None else default_model(backend)
-    be = load_backend(path, backend, device, precision=precision, threads=threads)
+    be = load_backend(path, backend, device, precision=precision, threads=threads, channels_last=channels_last,
+                      compile=compile_mode)
     mc = be.config.model
     if classes is not None and max(classes, 1) != mc.n_classes:
         raise UserError(f"--classes {classes}: {path} predicts {mc.n_classes} classes; drop --classes "
