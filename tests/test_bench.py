@@ -129,7 +129,7 @@ def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
     assert len(table_rows) == len(cli_run["report"]["cases"])
     assert cli_run["report"]["command"] in text
     assert bench.FULL_RUN in text
-    assert "## Ratios against eager PyTorch (same run)" in text
+    assert "### Ratios against eager PyTorch fp32 (same run)" in text
 
 
 def test_checkpoint_without_eager_backend_still_gets_parity(tmp_path: Path) -> None:

@@ -365,6 +365,13 @@ def test_benchmark_cli_runs_variants_and_stages(tmp_path: Path) -> None:
     md = (tmp_path / "R.md").read_text()
     assert "End-to-end prediction stages" in md and "int8 accuracy on a held-out set" in md
     assert "onnxruntime int8" in md and "torch (eager) bf16 cl" in md
+    # render again from the JSON alone: same numbers, nothing re-run
+    again = _cli("benchmark", "--from-json", str(tmp_path / "r.json"), "--merge",
+                 str(ROOT / "benchmarks" / "int8-eval.json"), "--markdown", str(tmp_path / "R2.md"), "--quiet")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "R2.md").read_text() == md
+    wrong = _cli("benchmark", "--from-json", str(ROOT / "benchmarks" / "int8-eval.json"))
+    assert wrong.returncode != 0 and "not a benchmark result" in wrong.stderr
 
 
 def test_measure_stages_with_crf(trained: dict, tmp_path: Path) -> None:

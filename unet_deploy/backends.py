@@ -154,7 +154,9 @@ class _OrtIoBindingRunner:
         self.device_id = (self.torch_device.index or 0) if self.cuda else 0
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(batch).to(self.torch_device, dtype=self.in_torch).contiguous()
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(np.ascontiguousarray(batch))
+        x = batch.to(self.torch_device, dtype=self.in_torch).contiguous()
         n, _, h, w = x.shape
         y = torch.empty((n, self.n_classes, h, w), dtype=self.out_torch, device=self.torch_device)
         io = self.session.io_binding()

@@ -804,6 +804,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
     settings = resolve_settings(settings)
     say = log or (lambda _msg: None)
     started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     key = f"{'ckpt' if settings.checkpoint else 'fresh'}-{_cache_key(settings)}"
     width, height = settings.image_size or CARVANA_SIZE
     cases: list[dict[str, Any]] = []
@@ -841,6 +842,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
                     "file": str(path) if cache_dir or path.parent != model_dir else path.name,
                     "file_mb": path.stat().st_size / 1e6, "export_s": files.export_s.get(backend),
                 })
+        stages = _run_stages(settings, cases, files, scratch, say) if settings.stages else None
     report = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
         "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
@@ -856,30 +858,29 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
         "machine": machine_facts(settings.device),
         "cases": cases,
     }
+    report["load_avg"] = {"start": load_start, "end": report["machine"].get("load_avg_1m")}
     report["speedups"] = speedups(report)
     report["targets"] = targets(report)
     report["before_after"] = before_after(report)
-    if settings.stages:
-        report["stages"] = _run_stages(settings, report, say)
+    if stages is not None:
+        report["stages"] = stages
     report["command"] = reproduce_command(settings)
     return report
 
 
-def _run_stages(settings: BenchSettings, report: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+def _run_stages(settings: BenchSettings, cases: list[dict[str, Any]], files: ModelFiles, scratch: Path,
+                say: Callable[[str], None]) -> dict[str, Any]:
     """Stage timing with the fastest variant whose parity passed at the model's (first) scale."""
     scale = settings.scales[0]
-    ok = [c for c in report["cases"] if c["scale"] == scale and c["parity"].get("passed", True)]
+    ok = [c for c in cases if c["scale"] == scale and c["parity"].get("passed", True)]
     best = min(ok, key=lambda c: c["latency"]["p50_ms"]) if ok else None
     variant = best["backend"] if best else settings.backends[0]
     width, height = settings.image_size or CARVANA_SIZE
-    key = f"{'ckpt' if settings.checkpoint else 'fresh'}-{_cache_key(settings)}"
-    with _work_folder(None, key) as (model_dir, scratch):
-        files = prepare_models(replace(settings, backends=(variant,)), model_dir)
-        images = [write_jpeg(synthetic_image(width, height, settings.seed + 2000 + i), scratch / f"car{i:03d}.jpg")
-                  for i in range(settings.stages)]
-        say(f"stages: {variant} on {len(images)} {width}x{height} JPEGs{' with CRF' if settings.stages_crf else ''}")
-        return measure_stages(files.paths[parse_variant(variant).file_key], variant, settings.device, images,
-                              scratch / "out", crf=settings.stages_crf, threads=settings.threads)
+    images = [write_jpeg(synthetic_image(width, height, settings.seed + 2000 + i), scratch / f"car{i:03d}.jpg")
+              for i in range(settings.stages)]
+    say(f"stages: {variant} on {len(images)} {width}x{height} JPEGs{' with CRF' if settings.stages_crf else ''}")
+    return measure_stages(files.paths[parse_variant(variant).file_key], variant, settings.device, images,
+                          scratch / "stages", crf=settings.stages_crf, threads=settings.threads)
 
 
 def speedups(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1075,11 +1076,23 @@ def reproduce_command(settings: BenchSettings, extra: Sequence[str] = ()) -> str
 
 FULL_RUN = ("unet-deploy benchmark --device cpu --markdown benchmarks/RESULTS.md "
             "--json benchmarks/results.json --plot benchmarks/results.png")
+#: The CPU fast-path record in benchmarks/RESULTS.md: one run per scale (fewer timed runs at full size,
+#: where eager takes tens of seconds an image on 2 cores) and the int8 accuracy script, rendered together.
+FAST_PATH_RUNS = (
+    "V='torch torch-cl torch-bf16-cl torchscript ort-default ort ort-int8'\n"
+    "unet-deploy benchmark --device cpu --backends $V --scales 0.5 --warmup 1 --runs 3 --threads 2 --stages 4 "
+    "--json benchmarks/results-959x640.json\n"
+    "unet-deploy benchmark --device cpu --backends $V --scales 1.0 --warmup 1 --runs 2 --threads 2 "
+    "--json benchmarks/results-1918x1280.json\n"
+    "python benchmarks/int8_eval.py --out /tmp/int8-eval --json benchmarks/int8-eval.json\n"
+    "unet-deploy benchmark --from-json benchmarks/results-959x640.json --merge benchmarks/results-1918x1280.json "
+    "--merge benchmarks/int8-eval.json --markdown benchmarks/RESULTS.md"
+)
 
 
 def _bench_section(report: dict[str, Any], command: str, title: str) -> list[str]:
     """One benchmark run: what ran, the table, ratios, before/after, targets, the command."""
-    s, m = report["settings"], report["machine"]
+    s = report["settings"]
     out = [f"## {title}", ""]
     if s["quick"]:
         out += ["> **Quick mode** (small width on a small image): a smoke test of the benchmark itself, "
@@ -1089,7 +1102,7 @@ def _bench_section(report: dict[str, Any], command: str, title: str) -> list[str
         f"Model: `{report['model']['architecture']}` ({report['model']['source']}). Source image "
         f"{s['image_size'][0]}x{s['image_size'][1]}, batch 1, device `{s['device']}`, warmup {s['warmup']}, "
         f"timed runs {s['runs']}, threads per case: {s['threads'] or 'library defaults'}; load average "
-        f"(1 min) at the start {m.get('load_avg_1m')}.", "",
+        f"(1 min) {_load_text(report)}.", "",
         "### Latency and peak memory (model only)", "",
         _md_table(COLUMNS, _rows(report)), "",
         "### Ratios against eager PyTorch fp32 (same run)", "",
@@ -1114,6 +1127,14 @@ def _bench_section(report: dict[str, Any], command: str, title: str) -> list[str
     if report.get("stages"):
         out += _stages_section(report["stages"])
     return out
+
+
+def _load_text(report: dict[str, Any]) -> str:
+    """The machine's 1-minute load average around the run (other work on a shared machine skews timings)."""
+    load = report.get("load_avg")
+    if load:
+        return f"{load['start']} at the start, {load['end']} at the end"
+    return f"{report['machine'].get('load_avg_1m')} at the end of the run"
 
 
 def _stages_section(st: dict[str, Any]) -> list[str]:
@@ -1197,6 +1218,11 @@ def render_markdown(report: dict[str, Any], command: str | None = None,
         "## Reproduce", "",
         "The full seed-width (base 64) run on CPU (slow: minutes on 2 cores):", "",
         "```", FULL_RUN, "```", "",
+        "This file's fast-path record (each section above quotes its own command; add `--cache-dir DIR` to "
+        "both benchmark runs to export once):", "",
+        "```", FAST_PATH_RUNS, "```", "",
+        "On a GPU machine, `benchmarks/gpu_check.sh OUT_DIR` measures every variant at both scales plus "
+        "training throughput in about 8 minutes and writes OUT_DIR/RESULTS.md.", "",
         "Quick mode (width 8, 240x160 source image; seconds): add `--quick` or set "
         f"`{QUICK_ENV}=1`. The pytest-benchmark suites: `pytest benchmarks/` (full) or "
         f"`{QUICK_ENV}=1 pytest benchmarks/` (quick).", "",

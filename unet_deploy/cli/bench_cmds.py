@@ -85,6 +85,9 @@ def benchmark(
                                     "post-process, write) and the overlapped pipeline on N synthetic JPEGs, "
                                     "with the fastest variant."),
     stages_crf: bool = typer.Option(False, "--stages-crf", help="Include dense CRF in the --stages run."),
+    from_json: Path | None = typer.Option(None, "--from-json",
+                                          help="Run nothing: render the table/--markdown from a --json file of "
+                                               "an earlier run (with --merge: several runs in one RESULTS.md)."),
     merge: list[Path] | None = typer.Option(None, "--merge",
                                             help="Earlier JSON results (another benchmark run, "
                                                  "benchmarks/int8_eval.py) to include in --markdown."),
@@ -135,6 +138,7 @@ def benchmark(
 
     from ..backends import COMPILE_MODES
     from ..bench import (
+        SCHEMA,
         VARIANT_HELP,
         BenchSettings,
         expand_variants,
@@ -187,11 +191,21 @@ def benchmark(
     )
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
-    report = run_benchmark(settings, cache_dir=cache_dir, log=log)
-    outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
-               *(["--markdown", str(markdown)] if markdown else []),
-               *[w for p in merge or [] for w in ("--merge", str(p))]]
-    report["command"] = reproduce_command(resolve_settings(settings), outputs)
+    if from_json is not None:
+        if not from_json.is_file():
+            raise UserError(f"--from-json {from_json}: no such file; give a JSON written by --json")
+        try:
+            report = json.loads(from_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"--from-json {from_json}: not a JSON file") from None
+        if report.get("schema") != SCHEMA:
+            raise UserError(f"--from-json {from_json}: not a benchmark result (schema {report.get('schema')!r})")
+    else:
+        report = run_benchmark(settings, cache_dir=cache_dir, log=log)
+        outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
+                   *(["--markdown", str(markdown)] if markdown else []),
+                   *[w for p in merge or [] for w in ("--merge", str(p))]]
+        report["command"] = reproduce_command(resolve_settings(settings), outputs)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
