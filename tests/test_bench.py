@@ -129,7 +129,7 @@ def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
     assert len(table_rows) == len(cli_run["report"]["cases"])
     assert cli_run["report"]["command"] in text
     assert bench.FULL_RUN in text
-    assert "## Ratios against eager PyTorch (same run)" in text
+    assert "### Ratios against eager PyTorch fp32 (same run)" in text
 
 
 def test_checkpoint_without_eager_backend_still_gets_parity(tmp_path: Path) -> None:
@@ -189,7 +189,7 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("args, expected", [
     (["--backends", "tensorrt"], "--backends tensorrt: unknown backend"),
     (["--backends", "torch", "tensorrt"], "tensorrt: not a backend"),
-    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort) nor a scale"),
+    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort), precision"),
     (["--scales", "0"], "--scales 0: a scale must be in (0, 4]"),
     (["--scales", "x"], "--scales x: not a number"),
     (["--plot", "out.jpg"], "--plot out.jpg: the plot is a PNG"),

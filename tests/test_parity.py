@@ -51,8 +51,10 @@ def test_thresholds_by_precision() -> None:
     fp16 = ParityThresholds.for_precision("fp16")
     assert (fp16.max_rel_err, fp16.min_pixel_agreement, fp16.min_dice) == (1e-2, 0.999, 0.999)
     assert ParityThresholds.for_precision("bf16").precision == "bf16"
-    with pytest.raises(UserError, match="int8"):
-        ParityThresholds.for_precision("int8")
+    int8 = ParityThresholds.for_precision("int8")  # mask criteria only (see tests/test_fastpaths.py)
+    assert int8.precision == "int8" and int8.max_rel_err == float("inf")
+    with pytest.raises(UserError, match="int4"):
+        ParityThresholds.for_precision("int4")
 
 
 def test_default_cases_shapes(tmp_path) -> None:

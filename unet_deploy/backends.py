@@ -22,10 +22,19 @@ from .config import CONFIG_KEY, DeployConfig
 from .errors import UserError
 from .fileio import require_file
 
-__all__ = ["Backend", "BACKENDS", "load_backend", "backend_for_path", "resolve_device",
-           "read_embedded_config", "silence_torchscript_deprecation"]
+__all__ = ["Backend", "BACKENDS", "ORT_PROFILES", "COMPILE_MODES", "load_backend", "backend_for_path",
+           "resolve_device", "read_embedded_config", "silence_torchscript_deprecation", "physical_cores",
+           "ort_session_options", "ort_providers", "cpu_supports_bf16", "configure_cudnn"]
 
 BACKENDS = ("torch", "torchscript", "ort")
+#: ONNX Runtime session settings: "tuned" (this package's, see :func:`ort_session_options`) or "default"
+#: (ONNX Runtime's own defaults, kept to measure the tuning against).
+ORT_PROFILES = ("tuned", "default")
+#: ``torch.compile`` modes accepted by ``load_backend(compile=...)``; "reduce-overhead" uses CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+#: cuDNN convolution workspace cap (MiB) applied with ``configure_cudnn``: autotuning may not pick an
+#: algorithm that needs more scratch memory than this.
+CUDNN_WORKSPACE_MIB = 1024
 _SUFFIXES = {
     ".pth": "torch", ".pt": "torch", ".ckpt": "torch",
     ".ts": "torchscript", ".torchscript": "torchscript", ".jit": "torchscript",
@@ -83,22 +92,28 @@ class Backend:
 
 
 class _TorchRunner:
-    def __init__(self, module: torch.nn.Module, device: str, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False):
+    def __init__(self, module: Any, device: str, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, cuda_graphs: bool = False):
         self.module = module
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
+        self.cuda_graphs = cuda_graphs  # torch.compile(mode="reduce-overhead"): outputs are reused buffers
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(batch).to(self.device, dtype=self.dtype, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.module(x).float().clone()
         return self.module(x).float()
 
 
 class _OrtRunner:
+    """``session.run`` with numpy in and out (the simple path; fine on CPU)."""
+
     def __init__(self, session: Any):
         self.session = session
         self.input_name = session.get_inputs()[0].name
@@ -110,6 +125,50 @@ class _OrtRunner:
         x = np.ascontiguousarray(batch, dtype=np.float16 if "float16" in self.input_type else np.float32)
         out = self.session.run(None, {self.input_name: x})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+_ORT_DTYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16)}
+
+
+class _OrtIoBindingRunner:
+    """``run_with_iobinding``: input and output stay in torch tensors on the session's device.
+
+    On CUDA the input is bound straight from (a copy on) the GPU and the logits are written into a torch
+    CUDA tensor, so no host round trip happens; on CPU the same code binds CPU tensors (used in tests).
+    """
+
+    def __init__(self, session: Any, device: str, n_classes: int):
+        self.session = session
+        inp, out = session.get_inputs()[0], session.get_outputs()[0]
+        if inp.type not in _ORT_DTYPES or out.type not in _ORT_DTYPES:
+            raise UserError(f"IO binding supports float32/float16 inputs and outputs, not {inp.type} -> "
+                            f"{out.type}; re-export the model")
+        self.input_name, self.output_name = inp.name, out.name
+        self.in_np, self.in_torch = _ORT_DTYPES[inp.type]
+        self.out_np, self.out_torch = _ORT_DTYPES[out.type]
+        channels = out.shape[1] if len(out.shape) == 4 else None
+        self.n_classes = channels if isinstance(channels, int) else n_classes
+        self.cuda = device.startswith("cuda")
+        self.torch_device = torch.device(device)
+        self.device_type = "cuda" if self.cuda else "cpu"
+        self.device_id = (self.torch_device.index or 0) if self.cuda else 0
+
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(np.ascontiguousarray(batch))
+        x = batch.to(self.torch_device, dtype=self.in_torch).contiguous()
+        n, _, h, w = x.shape
+        y = torch.empty((n, self.n_classes, h, w), dtype=self.out_torch, device=self.torch_device)
+        io = self.session.io_binding()
+        io.bind_input(self.input_name, self.device_type, self.device_id, self.in_np, tuple(x.shape),
+                      x.data_ptr())
+        io.bind_output(self.output_name, self.device_type, self.device_id, self.out_np, tuple(y.shape),
+                       y.data_ptr())
+        if self.cuda:  # torch wrote the input on its own stream; ORT reads it on another
+            torch.cuda.synchronize(self.torch_device)
+        self.session.run_with_iobinding(io)
+        io.synchronize_outputs()
+        return y.float()
 
 
 def read_embedded_config(path: str | Path) -> DeployConfig | None:
@@ -145,18 +204,76 @@ def _check_file(path: Path) -> None:
     require_file(path, "model file", how, "re-export it")
 
 
-def _load_torch(path: Path, device: str, precision: str, channels_last: bool) -> Backend:
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's vector units)."""
+    import os
+
+    import psutil
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or usable
+    return max(1, min(physical, usable))
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN can run bfloat16 convolutions natively (AVX-512 BF16 or AMX), not emulated."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def configure_cudnn(workspace_mib: int | None = CUDNN_WORKSPACE_MIB) -> None:
+    """cuDNN autotuning (``cudnn.benchmark``: the fastest algorithm per input shape, found on the first
+    call of each shape) with its scratch workspace capped at ``workspace_mib`` MiB.
+
+    The cap is cuDNN's ``CUDNN_CONV_WSCAP_DBG`` variable, read when cuDNN first runs a convolution; an
+    explicit value in the environment wins.
+    """
+    import os
+
+    if workspace_mib is not None:
+        os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", str(int(workspace_mib)))
+    torch.backends.cudnn.benchmark = True
+
+
+def _compile(model: torch.nn.Module, mode: str, path: Path) -> Any:
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile {mode}: unknown mode; use {', '.join(COMPILE_MODES)}")
+    try:
+        return torch.compile(model, mode=mode, dynamic=False)
+    except Exception as e:  # noqa: BLE001 - compile errors come in many types; one line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: torch.compile failed ({first[:200]}); run without --compile") from None
+
+
+def _load_torch(path: Path, device: str, precision: str, channels_last: bool,
+                compile: str | None = None) -> Backend:
     from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     model = ckpt.build_model(device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device.startswith("cuda"):
+        configure_cudnn()
+    elif precision == "bf16" and not cpu_supports_bf16():
+        log.warning("%s: this CPU has no native bfloat16 (AVX-512 BF16/AMX); bf16 will be slow", path)
     if dtype != torch.float32:
         model = model.to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Backend("torch", path, device, ckpt.config, f"torch {device}", precision,
-                   _TorchRunner(model, device, dtype, channels_last))
+    module: Any = model
+    provider = f"torch {device}"
+    if compile:
+        module = _compile(model, compile, path)
+        provider += f" compiled ({compile})"
+    cuda_graphs = bool(compile == "reduce-overhead" and device.startswith("cuda"))
+    return Backend("torch", path, device, ckpt.config, provider, precision,
+                   _TorchRunner(module, device, dtype, channels_last, cuda_graphs))
 
 
 def _load_torchscript(path: Path, device: str) -> Backend:
@@ -179,25 +296,53 @@ def _load_torchscript(path: Path, device: str) -> Backend:
 
 
 def ort_providers(device: str) -> list[Any]:
+    """CPU, or CUDA with CPU as fallback for the few ops CUDA lacks. CUDA options: HEURISTIC cuDNN
+    algorithm choice (no slow exhaustive search on each new input shape) and cuDNN's default workspace
+    instead of the largest one (``cudnn_conv_use_max_workspace`` 0: bounded memory)."""
     if device.startswith("cuda"):
         index = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index, "cudnn_conv_algo_search": "HEURISTIC"}),
-                "CPUExecutionProvider"]
+        cuda = {"device_id": index, "cudnn_conv_algo_search": "HEURISTIC", "cudnn_conv_use_max_workspace": "0",
+                "do_copy_in_default_stream": "1"}
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def _load_ort(path: Path, device: str, threads: int | None) -> Backend:
+def ort_session_options(threads: int | None = None, profile: str = "tuned") -> Any:
+    """ONNX Runtime session options.
+
+    ``tuned`` (the default): all graph optimisations (on x86 this includes the NCHWc convolution layout),
+    ``intra_op_num_threads`` = ``threads`` or the physical cores this process may use (hyper-threads only
+    contend for the same vector units), sequential execution, and no memory arena: the arena keeps every
+    block it ever grew to, which doubled peak memory in our measurements at no speed gain (see
+    benchmarks/RESULTS.md). ``default``: ONNX Runtime's own defaults, only ``threads`` applied.
+    """
+    import onnxruntime as ort
+
+    if profile not in ORT_PROFILES:
+        raise UserError(f"ORT profile {profile!r}: use {' or '.join(ORT_PROFILES)}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if profile == "default":
+        if threads:
+            opts.intra_op_num_threads = threads
+        return opts
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
+def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tuned",
+              io_binding: bool | None = None) -> Backend:
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("--backend ort needs ONNX Runtime: pip install onnxruntime-gpu (Linux x86-64) "
                         "or onnxruntime") from None
     config = read_embedded_config(path) or DeployConfig()
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = ort_session_options(threads, profile)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device))
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad models
@@ -211,12 +356,29 @@ def _load_ort(path: Path, device: str, threads: int | None) -> Backend:
     precision = "fp16" if "float16" in in_type else "fp32"
     meta = session.get_modelmeta().custom_metadata_map
     precision = meta.get("unet_deploy.precision", precision)
-    return Backend("ort", path, device, config, active, precision, _OrtRunner(session))
+    on_cuda = active == "CUDAExecutionProvider"
+    if io_binding is None:
+        io_binding = on_cuda  # on CPU plain numpy in/out costs nothing extra
+    runner: Any = (_OrtIoBindingRunner(session, device if on_cuda else "cpu", config.model.n_classes)
+                   if io_binding else _OrtRunner(session))
+    if profile != "tuned":
+        active = f"{active}, {profile} options"
+    return Backend("ort", path, device, config, active, precision, runner)
 
 
 def load_backend(path: str | Path, backend: str | None = None, device: str = "auto",
-                 precision: str = "fp32", channels_last: bool = False, threads: int | None = None) -> Backend:
-    """Load a checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx) model for inference."""
+                 precision: str = "fp32", channels_last: bool = False, threads: int | None = None,
+                 compile: str | None = None, ort_profile: str = "tuned",
+                 io_binding: bool | None = None) -> Backend:
+    """Load a checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx) model for inference.
+
+    Eager torch only: ``precision`` (fp32; bf16 on CPUs with native bfloat16 or CUDA; fp16 on CUDA),
+    ``channels_last`` (NHWC memory layout, faster convolutions on oneDNN and tensor cores) and
+    ``compile`` (a ``torch.compile`` mode; "reduce-overhead" = CUDA graphs). On CUDA, cuDNN autotuning is
+    on with a bounded workspace (:func:`configure_cudnn`). ONNX Runtime only: ``ort_profile`` ("tuned" or
+    "default", :func:`ort_session_options`) and ``io_binding`` (default: on when running on CUDA). The
+    precision of an ONNX file (fp32, fp16, int8) is the one it was exported with.
+    """
     path = Path(path)
     _check_file(path)
     backend = backend or backend_for_path(path)
@@ -232,7 +394,9 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     if backend == "torch":
         if precision == "fp16" and device == "cpu":
             raise UserError("--precision fp16 needs a GPU for the torch backend; use bf16 or fp32 on CPU")
-        return _load_torch(path, device, precision, channels_last)
+        return _load_torch(path, device, precision, channels_last, compile)
+    if compile:
+        raise UserError(f"--compile applies to the eager torch backend (a .pth model), not to {backend}")
     if backend == "torchscript":
         return _load_torchscript(path, device)
-    return _load_ort(path, device, threads)
+    return _load_ort(path, device, threads, ort_profile, io_binding)

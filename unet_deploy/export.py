@@ -16,10 +16,11 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,9 +29,12 @@ from .config import CONFIG_KEY, DeployConfig, versions
 from .errors import UserError
 from .fileio import atomic_path
 
-__all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "DEFAULT_OPSET", "EXAMPLE_SHAPE"]
+__all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "quantize_onnx_int8", "convert_onnx_fp16",
+           "calibration_batches", "DEFAULT_OPSET", "EXAMPLE_SHAPE", "DEFAULT_CALIBRATION_COUNT"]
 
 DEFAULT_OPSET = 18
+#: Images used to calibrate int8 activation ranges when --calibration-count is not given.
+DEFAULT_CALIBRATION_COUNT = 16
 #: Example input for tracing/exporting: batch > 1 and sizes > 1 so no dimension is specialised.
 EXAMPLE_SHAPE = (2, 3, 64, 96)
 
@@ -123,4 +127,117 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Derived ONNX files: int8 (static QDQ) and fp16, made from a verified fp32 export
+
+
+def _set_metadata(proto: object, config: DeployConfig, precision: str) -> None:
+    meta = onnx_metadata(replace(config, versions=versions()), precision)
+    del proto.metadata_props[:]  # type: ignore[attr-defined]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()  # type: ignore[attr-defined]
+        entry.key, entry.value = key, value
+
+
+def calibration_batches(images: list[Path], config: DeployConfig, scale: float | None = None
+                        ) -> Iterator[np.ndarray]:
+    """Each image decoded and preprocessed exactly as ``predict`` does (``data.preprocess`` at the
+    model's scale), as a (1, C, H, W) float32 batch."""
+    from .data import load_image, preprocess
+
+    scale = config.inference.scale if scale is None else scale
+    for path in images:
+        yield preprocess(load_image(path, config.model.n_channels), scale)[None]
+
+
+def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Path,
+                       calibration: Iterable[np.ndarray], per_channel: bool = True) -> Path:
+    """Static int8 quantisation of the fp32 ONNX file ``source`` into ``path`` (QDQ format).
+
+    ``quant_pre_process`` (shape inference, constant folding, BatchNorm folded into Conv) runs first;
+    then ``quantize_static`` calibrates activation ranges (min/max) on the ``calibration`` batches and
+    writes QuantizeLinear/DequantizeLinear pairs: weights int8 per output channel, activations uint8
+    (ONNX Runtime runs u8 x s8 convolutions with AVX-512 VNNI / AVX2 on x86). The config is embedded
+    with precision "int8". Written atomically.
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batches = iter(calibration)
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            self.count += 1
+            return {"input": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    path = Path(path)
+    reader = _Reader()
+    with tempfile.TemporaryDirectory(prefix="unet-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            with _quiet_exporter():
+                quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        except Exception as e:  # noqa: BLE001 - the pre-processor raises many types
+            raise UserError(f"{source}: int8 pre-processing failed ({str(e).splitlines()[0][:200]})") from None
+        out = Path(tmp) / "int8.onnx"
+        try:
+            with _quiet_exporter():
+                quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+        except Exception as e:  # noqa: BLE001
+            if reader.count == 0:
+                raise UserError("int8 calibration: no calibration images; pass --calibration DIR") from None
+            raise UserError(f"{source}: int8 quantisation failed ({str(e).splitlines()[0][:200]})") from None
+        if reader.count == 0:
+            raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
+        proto = onnx.load(str(out))
+        proto.producer_name = "unet-deploy"
+        _set_metadata(proto, config, "int8")
+        onnx.checker.check_model(proto)
+        with atomic_path(path) as tmp_path:
+            onnx.save_model(proto, str(tmp_path))
+    return path
+
+
+def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path) -> Path:
+    """Half-precision weights and activations, float32 input and output (``keep_io_types``), so callers
+    feed the same float32 batches; made with onnxconverter-common. Precision "fp16" in the metadata.
+
+    Meant for CUDA (tensor cores). ONNX Runtime's CPU provider runs it too, but slowly: it lacks fp16
+    kernels for most ops and inserts casts.
+    """
+    import onnx
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise UserError("--fp16 needs onnxconverter-common: pip install onnxconverter-common") from None
+    path = Path(path)
+    proto = onnx.load(str(source))
+    with _quiet_exporter():
+        half = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    half.producer_name = "unet-deploy"
+    _set_metadata(half, config, "fp16")
+    onnx.checker.check_model(half)
+    with atomic_path(path) as tmp:
+        onnx.save_model(half, str(tmp))
     return path

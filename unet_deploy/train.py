@@ -415,6 +415,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if device.startswith("cuda"):  # cuDNN autotuning (fixed training shapes), bounded workspace
+        from .backends import configure_cudnn
+
+        configure_cudnn()
     net: nn.Module = model
     if env.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -534,6 +538,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                     f"lr {row['lr']:.2e}  {row['img_per_s']:.1f} img/s" + ("  (best)" if improved else ""))
                 if cfg.max_steps and global_step >= cfg.max_steps:
                     break
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"{device}: out of GPU memory at scale {cfg.scale}, batch {cfg.batch_size}"
+                        + ("" if cfg.amp else ", fp32") + "; use a smaller --scale or --batch-size"
+                        + ("" if cfg.amp else ", or --amp (half the activation memory)")) from None
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or torchrun's) must not cut the save
         interrupted = True

@@ -20,20 +20,32 @@ def _split(values: list[str] | None) -> list[str]:
     return out
 
 
-def _sort_extras(extras: list[str], backends: list[str], scales: list[str]) -> None:
-    """Words after ``--backends``/``--scales`` that click leaves over: numbers are scales, names backends."""
+def _is_variant(word: str) -> bool:
+    return word.lower().replace("_", "-").split("-")[0] in _BACKENDS
+
+
+_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def _sort_extras(extras: list[str], backends: list[str], scales: list[str], precisions: list[str]) -> None:
+    """Words after ``--backends``/``--scales``/``--precision`` that click leaves over: numbers are scales,
+    fp32/fp16/bf16/int8 precisions, names backends."""
     for word in extras:
         for part in _split([word]):
-            if part.lower() in _BACKENDS:
+            if _is_variant(part):
                 backends.append(part)
+                continue
+            if part.lower() in _PRECISIONS:
+                precisions.append(part.lower())
                 continue
             try:
                 float(part)
             except ValueError:
                 if part.startswith("-"):
                     raise UserError(f"{part}: unknown option; see `unet-deploy benchmark --help`") from None
-                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}) nor a scale (a number "
-                                "like 0.5); check --backends and --scales") from None
+                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}), precision ("
+                                f"{', '.join(_PRECISIONS)}) nor a scale (a number like 0.5); check --backends, "
+                                "--precision and --scales") from None
             scales.append(part)
 
 
@@ -54,8 +66,31 @@ def benchmark(
                                       help="Checkpoint (.pth, also Pytorch-UNet's) to benchmark. Default: a "
                                            "freshly initialised model of the seed architecture."),
     backends: list[str] | None = typer.Option(None, "--backends", "-b",
-                                              help="Backends: torch (eager), torchscript, ort. Several may "
-                                                   "follow one flag. Default: all three."),
+                                              help="Backends: torch (eager), torchscript, ort, or variants "
+                                                   "like torch-bf16-cl, ort-int8, ort-default (untuned), "
+                                                   "torch-fp16-cl-compile (CUDA). Several may follow one "
+                                                   "flag. Default: torch torchscript ort."),
+    precision: list[str] | None = typer.Option(None, "--precision", "-p",
+                                               help="Precisions for every backend that has them: fp32, bf16 "
+                                                    "(torch), fp16 (torch on CUDA, ort), int8 (ort). Several "
+                                                    "may follow one flag."),
+    channels_last: bool = typer.Option(False, "--channels-last",
+                                       help="Eager torch variants use channels_last (NHWC) memory."),
+    compile_: bool = typer.Option(False, "--compile", help="Eager torch variants use torch.compile."),
+    compile_mode: str = typer.Option("default", "--compile-mode",
+                                     help="torch.compile mode with --compile: default, reduce-overhead "
+                                          "(CUDA graphs) or max-autotune."),
+    stages: int = typer.Option(0, "--stages",
+                               help="Also time prediction stage by stage (decode, preprocess, model, "
+                                    "post-process, write) and the overlapped pipeline on N synthetic JPEGs, "
+                                    "with the fastest variant."),
+    stages_crf: bool = typer.Option(False, "--stages-crf", help="Include dense CRF in the --stages run."),
+    from_json: Path | None = typer.Option(None, "--from-json",
+                                          help="Run nothing: render the table/--markdown from a --json file of "
+                                               "an earlier run (with --merge: several runs in one RESULTS.md)."),
+    merge: list[Path] | None = typer.Option(None, "--merge",
+                                            help="Earlier JSON results (another benchmark run, "
+                                                 "benchmarks/int8_eval.py) to include in --markdown."),
     scales: list[str] | None = typer.Option(None, "--scales", "-s",
                                             help="Input scales of a 1918x1280 Carvana image (0.5 = 959x640). "
                                                  "Several may follow one flag. Default: 0.5 1.0."),
@@ -96,12 +131,17 @@ def benchmark(
       `unet-deploy benchmark -m checkpoints/best.pth --backends torch ort --scales 0.5 --runs 5`;
       `unet-deploy benchmark --device cpu --json bench.json --plot bench.png --markdown RESULTS.md`
     """
+    import json
     import sys
 
     from rich.console import Console
 
+    from ..backends import COMPILE_MODES
     from ..bench import (
+        SCHEMA,
+        VARIANT_HELP,
         BenchSettings,
+        expand_variants,
         render_markdown,
         render_speedups,
         render_table,
@@ -113,11 +153,29 @@ def benchmark(
     )
     from ..fileio import atomic_write_text
 
-    backend_words, scale_words = _split(backends), _split(scales)
-    _sort_extras(list(ctx.args), backend_words, scale_words)
+    backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
+    _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
     for b in backend_words:
-        if b.lower() not in _BACKENDS:
-            raise UserError(f"--backends {b}: unknown backend; use {', '.join(_BACKENDS)}")
+        if not _is_variant(b):
+            raise UserError(f"--backends {b}: unknown backend; use {VARIANT_HELP}")
+    if compile_ and compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile-mode {compile_mode}: use {', '.join(COMPILE_MODES)}")
+    if stages < 0:
+        raise UserError(f"--stages {stages}: use 0 (off) or a number of images")
+    merged = []
+    for path in merge or []:
+        if not path.is_file():
+            raise UserError(f"--merge {path}: no such file; give a JSON written by --json or int8_eval.py")
+        try:
+            merged.append(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"--merge {path}: not a JSON file") from None
+    words = backend_words or list(_BACKENDS)
+    if precision_words or channels_last or compile_:
+        from ..backends import resolve_device
+
+        words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
+                                resolve_device(device))
     for out in (json_out, plot, markdown):
         if out is not None and out.is_dir():
             raise UserError(f"{out}: is a folder; give a file name")
@@ -127,19 +185,37 @@ def benchmark(
         raise UserError(f"-m {model}: checkpoint not found; omit -m to benchmark a fresh seed-architecture "
                         "model")
     settings = BenchSettings(
-        checkpoint=model, backends=tuple(backend_words) or _BACKENDS,
+        checkpoint=model, backends=tuple(words), stages=stages, stages_crf=stages_crf,
         scales=tuple(_floats(scale_words)) or (0.5, 1.0), device=device, runs=runs, warmup=warmup,
         base_channels=base_channels, bilinear=bilinear, quick=quick, threads=threads,
     )
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
-    report = run_benchmark(settings, cache_dir=cache_dir, log=log)
-    outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
-               *(["--markdown", str(markdown)] if markdown else [])]
-    report["command"] = reproduce_command(resolve_settings(settings), outputs)
+    if from_json is not None:
+        if not from_json.is_file():
+            raise UserError(f"--from-json {from_json}: no such file; give a JSON written by --json")
+        try:
+            report = json.loads(from_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"--from-json {from_json}: not a JSON file") from None
+        if report.get("schema") != SCHEMA:
+            raise UserError(f"--from-json {from_json}: not a benchmark result (schema {report.get('schema')!r})")
+    else:
+        report = run_benchmark(settings, cache_dir=cache_dir, log=log)
+        outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
+                   *(["--markdown", str(markdown)] if markdown else []),
+                   *[w for p in merge or [] for w in ("--merge", str(p))]]
+        report["command"] = reproduce_command(resolve_settings(settings), outputs)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
+    for goal in report.get("targets", []):
+        typer.echo(f"target: {goal['target']}: {goal['measured']} ({'met' if goal['met'] else 'NOT met'})")
+    if report.get("stages"):
+        st = report["stages"]
+        typer.echo("stages (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_ms"].items())
+                   + f"; pipeline {st['pipeline_images_per_s']:.2f} img/s, slowest stage {st['slowest_stage']} "
+                   f"{st['slowest_ratio']:.2f}x the pipeline rate")
     if json_out:
         write_json(report, json_out)
         typer.echo(f"wrote {json_out}")
@@ -147,5 +223,5 @@ def benchmark(
         write_plot(report, plot)
         typer.echo(f"wrote {plot}")
     if markdown:
-        atomic_write_text(markdown, render_markdown(report))
+        atomic_write_text(markdown, render_markdown(report, merged=merged))
         typer.echo(f"wrote {markdown}")

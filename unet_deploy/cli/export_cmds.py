@@ -113,6 +113,18 @@ def export(
                                       help="Check parity at 239x160 instead of Carvana's 959x640 "
                                            "(faster on CPU; still odd sizes and batch 2)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the parity reports as JSON."),
+    int8: bool = typer.Option(False, "--int8",
+                              help="Also write NAME.int8.onnx: static int8 (QDQ) quantisation of the ONNX "
+                                   "export, calibrated on --calibration images."),
+    calibration: Path | None = typer.Option(None, "--calibration",
+                                            help="Folder of training images for int8 calibration, "
+                                                 "preprocessed as predict does [default: data/imgs]."),
+    calibration_count: int = typer.Option(16, "--calibration-count",
+                                          help="Images used for calibration (the first N by name); up to "
+                                               "4 of the rest check the int8 masks."),
+    fp16: bool = typer.Option(False, "--fp16",
+                              help="Also write NAME.fp16.onnx: half-precision weights and activations with "
+                                   "float32 input/output (for ONNX Runtime on CUDA)."),
 ) -> None:
     """Export a checkpoint to ONNX and/or TorchScript and check each file against eager PyTorch.
 
@@ -123,10 +135,22 @@ def export(
     parity table is printed and the exit code is 1. Pass criteria (fp32): relative logit error <= 1e-5,
     mask pixel agreement >= 99.99 %, dice between the masks >= 0.9999.
 
+    --int8 also writes NAME.int8.onnx (per-channel int8 weights, uint8 activations, ranges calibrated on
+    --calibration images) and checks it on real images only (calibrated ranges do not cover random
+    noise): the held-out calibration-folder images plus --images, by mask criteria (pixel agreement >=
+    99 %, dice >= 0.98). --fp16 also writes NAME.fp16.onnx (float32 input/output), checked like the
+    fp32 file with fp16 thresholds.
+
     Example: `unet-deploy export --format onnx` (after `unet-deploy train`), or
-    `unet-deploy export -m MODEL.pth --format all -o exported --images data/imgs`
+    `unet-deploy export -m MODEL.pth --format all -o exported --images data/imgs`, or
+    `unet-deploy export --format onnx --int8 --calibration data/imgs --calibration-count 16`
     """
     formats = _formats(fmt)
+    if (int8 or fp16) and "onnx" not in formats:
+        raise UserError(f"--{'int8' if int8 else 'fp16'} derives from the ONNX export; use --format onnx or all")
+    calib_images: list[Path] = []
+    if int8:
+        calib_images = _calibration_images(calibration, calibration_count)
     if "onnx" in formats:
         _check_opset(opset)
     ckpt_path = _checkpoint_path(model)
@@ -175,6 +199,22 @@ def export(
             written.append((f, target))
             console.print(f"wrote {target} ({_size(target)}, exported in {seconds:.1f} s"
                           f"{', parity not checked' if no_verify else ', parity ok'})")
+        onnx_written = next((t for f, t in written if f == "onnx"), None)
+        for kind, wanted in (("int8", int8), ("fp16", fp16)):
+            if not wanted:
+                continue
+            if onnx_written is None:
+                failed.append(kind)
+                console.print(f"[bold red]{kind}: skipped, the fp32 ONNX export was not written[/]")
+                continue
+            entry, ok = _derived(kind, onnx_written, ckpt.config, eager, staging, output / f"{stem}.{kind}.onnx",
+                                 calib_images, calibration_count, image_paths, cases, no_verify, quick_verify,
+                                 console)
+            results[f"onnx-{kind}"] = entry
+            if ok:
+                written.append(("onnx", Path(entry["path"])))
+            else:
+                failed.append(kind)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if json_out:
@@ -185,6 +225,59 @@ def export(
         console.print(f"next: unet-deploy predict --backend {backend} -m {target} data/imgs")
     if failed:
         raise typer.Exit(1)
+
+
+def _calibration_images(folder: Path | None, count: int) -> list[Path]:
+    """All images of the calibration folder, sorted by name (the first ``count`` calibrate)."""
+    from ..data import list_images
+
+    if count < 1:
+        raise UserError(f"--calibration-count {count}: use 1 or more images")
+    folder = folder or Path("data/imgs")
+    if not folder.is_dir():
+        raise UserError(f"--calibration {folder}: no such folder; pass training images with --calibration DIR")
+    found = list_images(folder)
+    if not found:
+        raise UserError(f"--calibration {folder}: no images in this folder (.jpg, .png, .gif, ...)")
+    return found
+
+
+def _derived(kind: str, source: Path, config: Any, eager: Any, staging: Path, target: Path,
+             calib_images: list[Path], count: int, image_paths: list[Path], cases: Any, no_verify: bool,
+             quick: bool, console: Any) -> tuple[dict[str, Any], bool]:
+    """Write NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 export, check it, move it into place."""
+    from ..export import calibration_batches, convert_onnx_fp16, quantize_onnx_int8
+
+    staged = staging / target.name
+    t0 = time.perf_counter()
+    entry: dict[str, Any] = {"path": str(target)}
+    if kind == "int8":
+        used, held_out = calib_images[:count], calib_images[count:count + 4]
+        console.print(f"int8: calibrating on {len(used)} image(s) from {used[0].parent}")
+        quantize_onnx_int8(source, config, staged, calibration_batches(used, config))
+        entry["calibration_images"] = [str(p) for p in used]
+        if not no_verify:
+            from ..parity import image_cases
+
+            cases = image_cases([*(held_out or used[:2]), *image_paths], config)
+            if quick:
+                cases = cases[:2]
+    else:
+        convert_onnx_fp16(source, config, staged)
+    seconds = time.perf_counter() - t0
+    entry["export_s"] = round(seconds, 3)
+    if cases is not None and not no_verify:
+        report = _verify_file(staged, target, "ort", eager, cases, console)
+        entry["parity"] = report.to_dict()
+        if not report.passed:
+            entry["written"] = False
+            console.print(f"[bold red]{kind}: parity FAILED; {target} was not written[/]")
+            return entry, False
+    os.replace(staged, target)
+    entry.update(written=True, bytes=target.stat().st_size)
+    console.print(f"wrote {target} ({_size(target)}, made in {seconds:.1f} s"
+                  f"{', parity not checked' if no_verify else ', parity ok'})")
+    return entry, True
 
 
 def _write(fmt: str, eager: Any, config: Any, path: Path, opset: int) -> float:

@@ -73,8 +73,13 @@ def predict(
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16; the torch backend (.pth) only: a "
                                                ".ts / .onnx model runs at the precision it was exported with."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads, 1 or more (default: all "
-                                                  "cores)."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads, 1 or more (default: the "
+                                                  "physical cores)."),
+    channels_last: bool = typer.Option(False, "--channels-last",
+                                       help="torch backend: channels_last (NHWC) memory, faster convolutions."),
+    compile_mode: str | None = typer.Option(None, "--compile",
+                                            help="torch backend: torch.compile mode (default, reduce-overhead "
+                                                 "= CUDA graphs, max-autotune)."),
     viz: bool = typer.Option(False, "--viz", "-v",
                              help="Write <stem>_OVERLAY.png (mask tinted over the image) beside each mask; "
                                   "also show it where a display exists."),
@@ -146,7 +151,8 @@ def predict(
 
     with process_group() as group:
         try:
-            _predict(group, specs, model, output, backend, device, precision, threads, viz, no_save,
+            _predict(group, specs, model, output, backend, device, precision, threads, channels_last,
+                     compile_mode, viz, no_save,
                      mask_threshold, scale, mask_values, classes, bilinear, batch_size, crf, crf_workers,
                      (crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
                       crf_iterations, crf_clip), tta, rle, skip_existing, quiet)
@@ -157,7 +163,8 @@ def predict(
 
 
 def _predict(group: Any, specs: list[str], model: Path | None, output: list[str] | None, backend: str | None,
-             device: str, precision: str, threads: int | None, viz: bool, no_save: bool,
+             device: str, precision: str, threads: int | None, channels_last: bool, compile_mode: str | None,
+             viz: bool, no_save: bool,
              mask_threshold: float | None, scale: float | None, mask_values: str | None, classes: int | None,
              bilinear: bool | None, batch_size: int, crf: bool, crf_workers: int | None,
              crf_args: tuple[float, ...], tta: bool, rle: Path | None, skip_existing: bool, quiet: bool) -> None:
@@ -190,7 +197,8 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
 
         require_crf()
     path = model if model is not None else default_model(backend)
-    be = load_backend(path, backend, device, precision=precision, threads=threads)
+    be = load_backend(path, backend, device, precision=precision, threads=threads, channels_last=channels_last,
+                      compile=compile_mode)
     if precision != "fp32" and be.name != "torch":
         raise UserError(f"--precision {precision}: applies to the torch backend (.pth) only; {path} runs at "
                         "the precision it was exported with (for ONNX fp16, export an fp16 model)")
