@@ -88,7 +88,7 @@ def setup(tmp_path_factory, fit_tiny_unet) -> dict[str, Path]:
     x = torch.from_numpy(np.stack([preprocess(load_image(p.image), 0.5) for p in pairs]))
     y = torch.from_numpy(np.stack([np.asarray(Image.fromarray(load_mask(p.mask)).resize(
         (32, 24), Image.Resampling.NEAREST)) for p in pairs])).long()
-    model, cfg = fit_tiny_unet(x, y, 20)
+    model, cfg = fit_tiny_unet(x, y, 40)
     ckpt = save_checkpoint(root / "m.pth", model, cfg)
     test = root / "test"
     test.mkdir()

@@ -79,12 +79,12 @@ def models(tmp_path_factory, fit_tiny_unet) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
     rng = np.random.default_rng(1)
     xs, ys = [], []
-    for _ in range(8):
+    for _ in range(16):  # enough cars that the model generalises to the test images, not just these
         img, mask = make_car(rng, 96, 64)
         xs.append(preprocess(img, 0.5))
         ys.append(np.asarray(Image.fromarray(mask).resize((48, 32), Image.Resampling.NEAREST)))
     x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)).long()
-    model, cfg = fit_tiny_unet(x, y, 25)
+    model, cfg = fit_tiny_unet(x, y, 40)
     paths = {"torch": save_checkpoint(d / "best.pth", model, cfg)}
     paths["torchscript"] = export_torchscript(model, cfg, d / "model.ts")
     paths["ort"] = export_onnx(model, cfg, d / "model.onnx")
