@@ -98,7 +98,6 @@ def _quiet_exporter() -> Iterator[None]:
 def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset: int = DEFAULT_OPSET,
                 example_shape: tuple[int, ...] | None = None, dynamic: bool = True) -> Path:
     """Export with dynamic (batch, height, width), embed metadata, run ``onnx.checker``, save atomically."""
-    import onnx
     from torch.export import Dim
 
     if opset < 17:
@@ -117,29 +116,28 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: ONNX export failed ({first[:300]})") from None
-    proto = program.model_proto
-    proto.producer_name = "unet-deploy"
     precision = "fp16" if next(model.parameters()).dtype == torch.float16 else "fp32"
-    del proto.metadata_props[:]
-    for key, value in onnx_metadata(cfg, precision).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto, full_check=True)
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    return path
+    return _save_onnx(program.model_proto, cfg, precision, path, full_check=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Derived ONNX files: int8 (static QDQ) and fp16, made from a verified fp32 export
 
 
-def _set_metadata(proto: object, config: DeployConfig, precision: str) -> None:
-    meta = onnx_metadata(replace(config, versions=versions()), precision)
+def _save_onnx(proto: object, config: DeployConfig, precision: str, path: str | Path,
+               full_check: bool = False) -> Path:
+    """Embed the config as metadata, run ``onnx.checker`` and write ``path`` atomically."""
+    import onnx
+
+    proto.producer_name = "unet-deploy"  # type: ignore[attr-defined]
     del proto.metadata_props[:]  # type: ignore[attr-defined]
-    for key, value in meta.items():
+    for key, value in onnx_metadata(replace(config, versions=versions()), precision).items():
         entry = proto.metadata_props.add()  # type: ignore[attr-defined]
         entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=full_check)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return Path(path)
 
 
 def calibration_batches(images: list[Path], config: DeployConfig, scale: float | None = None
@@ -209,13 +207,7 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
             raise UserError(f"{source}: int8 quantisation failed ({str(e).splitlines()[0][:200]})") from None
         if reader.count == 0:
             raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
-        proto = onnx.load(str(out))
-        proto.producer_name = "unet-deploy"
-        _set_metadata(proto, config, "int8")
-        onnx.checker.check_model(proto)
-        with atomic_path(path) as tmp_path:
-            onnx.save_model(proto, str(tmp_path))
-    return path
+        return _save_onnx(onnx.load(str(out)), config, "int8", path)
 
 
 def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path) -> Path:
@@ -235,9 +227,4 @@ def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path
     proto = onnx.load(str(source))
     with _quiet_exporter():
         half = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
-    half.producer_name = "unet-deploy"
-    _set_metadata(half, config, "fp16")
-    onnx.checker.check_model(half)
-    with atomic_path(path) as tmp:
-        onnx.save_model(half, str(tmp))
-    return path
+    return _save_onnx(half, config, "fp16", path)
