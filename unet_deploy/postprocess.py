@@ -16,21 +16,26 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def _prepare(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
+    """float32 (N, C, H, W) logits at ``size``, on the device they came from (a GPU upsamples there and
+    only the final mask or probabilities cross to the host)."""
+    t = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
+    t = t.detach().float()
+    if t.ndim == 3:
+        t = t[None]
+    return upsample_logits(t, size) if size is not None else t
+
+
 def probabilities(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
     """One image's (C, h, w) logits -> float32 (K, H, W) class probabilities, K = max(C, 2).
 
     One-class (sigmoid) models give [1 - p, p], so dense CRF and TTA treat every model alike.
     """
-    t = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
-    t = t.detach().float().cpu()
-    if t.ndim == 3:
-        t = t[None]
-    if size is not None:
-        t = upsample_logits(t, size)
+    t = _prepare(logits, size)
     if t.shape[1] == 1:
         p = torch.sigmoid(t[0, 0])
-        return torch.stack([1 - p, p]).numpy()
-    return torch.softmax(t[0], dim=0).numpy()
+        return torch.stack([1 - p, p]).cpu().numpy()
+    return torch.softmax(t[0], dim=0).cpu().numpy()
 
 
 def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
@@ -40,11 +45,7 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
     Binary models: foreground where its probability exceeds ``threshold`` (C == 1: sigmoid; C == 2:
     softmax of class 1, which at 0.5 is the argmax). More classes: argmax, ``threshold`` does not apply.
     """
-    t = logits.detach().float().cpu()
-    if t.ndim == 3:
-        t = t[None]
-    if size is not None:
-        t = upsample_logits(t, size)
+    t = _prepare(logits, size)
     if t.shape[1] == 1:
         mask = torch.sigmoid(t[:, 0]) > threshold
     elif t.shape[1] == 2 and threshold != 0.5:
@@ -52,7 +53,7 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
     else:
         mask = t.argmax(dim=1)
     dtype = np.uint8 if t.shape[1] <= 256 else np.int32
-    return mask.numpy().astype(dtype)
+    return mask.cpu().numpy().astype(dtype)
 
 
 def colorize(mask: np.ndarray, values: list) -> np.ndarray:
