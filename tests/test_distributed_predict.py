@@ -271,3 +271,15 @@ def test_nproc_relaunch_reproduces_the_parsed_command():
         again = predict.make_context("predict", args[1:])
         assert {k: v for k, v in again.params.items() if k != "nproc"} == \
                {k: v for k, v in ctx.params.items() if k != "nproc"}
+
+
+def test_model_digest_reuses_the_hash_taken_at_load(tmp_path):
+    from unet_deploy.fileio import sha256_file
+    from unet_deploy.shard import model_digest
+
+    f = tmp_path / "m.pth"
+    f.write_bytes(b"weights")
+    assert model_digest(f) == sha256_file(f)
+    assert model_digest(f, {"path": str(f), "sha256": "feedbeef"}) == "feedbeef"  # not read again
+    other = {"path": str(tmp_path / "source.pth"), "sha256": "feedbeef"}  # an export's source checkpoint
+    assert model_digest(f, other) == sha256_file(f)

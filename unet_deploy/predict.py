@@ -591,7 +591,7 @@ def run_fingerprint(backend: Backend, options: PredictOptions) -> str:
 
     inf = backend.config.inference
     return fingerprint({
-        "model": model_digest(backend.path), "n_classes": backend.config.model.n_classes,
+        "model": model_digest(backend.path, backend.config.source), "n_classes": backend.config.model.n_classes,
         "scale": inf.scale if options.scale is None else options.scale,
         "threshold": inf.threshold if options.threshold is None else options.threshold,
         "tta": options.tta, "crf": asdict(options.crf_params) if options.crf else None,

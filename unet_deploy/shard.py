@@ -269,10 +269,16 @@ def new_run_id() -> str:
     return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
-def model_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a model file (the same model under another name or on another machine matches)."""
+def model_digest(path: str | os.PathLike[str], known: dict[str, Any] | None = None) -> str:
+    """sha256 of a model file (the same model under another name or on another machine matches).
+
+    ``known``: a config ``source`` dict; when it already holds this very file's hash (checkpoints are
+    hashed as they load), it is used instead of reading the file again.
+    """
     from .fileio import sha256_file
 
+    if known and known.get("sha256") and os.path.abspath(str(known.get("path", ""))) == os.path.abspath(path):
+        return str(known["sha256"])
     return sha256_file(path)
 
 
