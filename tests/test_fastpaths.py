@@ -92,6 +92,20 @@ def test_int8_export_has_qdq_nodes_and_metadata(int8_model: Path) -> None:
     assert int8_model.stat().st_size < 0.5 * (int8_model.parent / "model.onnx").stat().st_size
 
 
+def test_int8_up_path_runs_in_int8(int8_model: Path) -> None:
+    """No float islands: the up-convolutions became int8 1x1 convolutions + DepthToSpace, and DepthToSpace
+    and Pad read the uint8 tensors directly instead of sitting between Dequantize/Quantize pairs."""
+    model = onnx.load(str(int8_model))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    ops = [n.op_type for n in model.graph.node]
+    assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == 4
+    moved = [n for n in model.graph.node if n.op_type in ("DepthToSpace", "Pad")]
+    assert len(moved) == 8
+    for node in moved:
+        source = producers.get(node.input[0])
+        assert source is not None and source.op_type != "DequantizeLinear", node.name
+
+
 def test_int8_masks_agree_with_fp32_on_heldout_images(trained: dict, int8_model: Path) -> None:
     fp32 = load_backend(trained["onnx"], device="cpu")
     int8 = load_backend(int8_model, device="cpu")

@@ -28,6 +28,7 @@ from .backends import silence_torchscript_deprecation
 from .config import CONFIG_KEY, DeployConfig, versions
 from .errors import UserError
 from .fileio import atomic_path
+from .onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
 
 __all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "quantize_onnx_int8", "convert_onnx_fp16",
            "calibration_batches", "DEFAULT_OPSET", "EXAMPLE_SHAPE", "DEFAULT_CALIBRATION_COUNT"]
@@ -190,9 +191,14 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
     reader = _Reader()
     with tempfile.TemporaryDirectory(prefix="unet-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
+        source_proto = onnx.load(str(source))
+        conv_transpose_to_depth_to_space(source_proto)  # int8 QLinearConv instead of a float ConvTranspose
+        rewritten = Path(tmp) / "rewritten.onnx"
+        onnx.save_model(source_proto, str(rewritten))
+        del source_proto
         try:
             with _quiet_exporter():
-                quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+                quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
         except Exception as e:  # noqa: BLE001 - the pre-processor raises many types
             raise UserError(f"{source}: int8 pre-processing failed ({str(e).splitlines()[0][:200]})") from None
         out = Path(tmp) / "int8.onnx"
@@ -207,7 +213,9 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
             raise UserError(f"{source}: int8 quantisation failed ({str(e).splitlines()[0][:200]})") from None
         if reader.count == 0:
             raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
-        return _save_onnx(onnx.load(str(out)), config, "int8", path)
+        quantized = onnx.load(str(out))
+        fold_qdq_data_movement(quantized)  # DepthToSpace and Pad on uint8, not float between DQ/Q pairs
+        return _save_onnx(quantized, config, "int8", path)
 
 
 def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path) -> Path:
