@@ -39,7 +39,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench-cli")
     proc = _cli("benchmark", "--quick", "--backends", "torch", "torchscript", "ort", "--scales", "0.5", "1.0",
                 "--device", "cpu", "--runs", "2", "--warmup", "0", "--base-channels", "4", "--threads", "1",
-                "--json", str(out / "r.json"),
+                "--roofline", "--json", str(out / "r.json"),
                 "--plot", str(out / "r.png"), "--markdown", str(out / "RESULTS.md"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"proc": proc, "dir": out, "report": json.loads((out / "r.json").read_text())}
@@ -130,6 +130,21 @@ def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
     assert cli_run["report"]["command"] in text
     assert bench.FULL_RUN in text
     assert "### Ratios against eager PyTorch fp32 (same run)" in text
+
+
+def test_roofline_reports_work_throughput_and_floors(cli_run: dict) -> None:
+    report = cli_run["report"]
+    roof = report["roofline"]
+    assert roof["peaks"]["fp32_gflops"] > 0 and roof["peaks"]["int8_gops"] > 0
+    assert {e["input"] for e in roof["sizes"]} == {c["input"] for c in report["cases"]}
+    for entry in roof["sizes"]:
+        for c in (c for c in report["cases"] if c["input"] == entry["input"]):
+            achieved = entry["cases"][c["backend"]]["gflops"]
+            assert achieved == pytest.approx(entry["gflop"] / (c["latency"]["p50_ms"] / 1e3))
+        assert entry["ceiling_speedup"]["int8"] > entry["ceiling_speedup"]["fp32"] > 0
+    assert "--roofline" in report["command"]
+    assert "roofline" in cli_run["proc"].stdout
+    assert "### Compute ceiling (roofline)" in (cli_run["dir"] / "RESULTS.md").read_text()
 
 
 def test_checkpoint_without_eager_backend_still_gets_parity(tmp_path: Path) -> None:

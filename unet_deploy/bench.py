@@ -208,6 +208,7 @@ class BenchSettings:
     timeout_s: float = 3600.0  # per case (fresh process)
     stages: int = 0  # > 0: also time prediction's stages and the pipeline on this many images
     stages_crf: bool = False  # ... with dense CRF
+    roofline: bool = False  # also measure ORT's peak conv throughput and report each backend against it
 
 
 def _default_counts(device: str, quick: bool) -> tuple[int, int]:
@@ -281,6 +282,7 @@ class ModelFiles:
     architecture: str
     source: str  # "checkpoint <path>" or "fresh init (seed N)"
     export_s: dict[str, float] = field(default_factory=dict)  # backend -> seconds spent exporting
+    model_config: Any = None  # the ModelConfig (architecture) of these files
 
 
 def _cache_key(settings: BenchSettings) -> str:
@@ -288,7 +290,8 @@ def _cache_key(settings: BenchSettings) -> str:
 
     from .fileio import sha256_file
 
-    what: dict[str, Any] = {"torch": str(torch.__version__)}
+    # recipe: bump when the export/quantisation recipe changes, so cached files are made again
+    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 2}
     with contextlib.suppress(ImportError):
         import onnx
 
@@ -378,7 +381,7 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
             say(f"converting fp16 -> {target}")
             convert_onnx_fp16(paths["ort"], ckpt.config, target)
         export_s[key] = time.perf_counter() - t0
-    return ModelFiles(paths, config.model.architecture, source, export_s)
+    return ModelFiles(paths, config.model.architecture, source, export_s, config.model)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -843,6 +846,15 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
                     "file_mb": path.stat().st_size / 1e6, "export_s": files.export_s.get(backend),
                 })
         stages = _run_stages(settings, cases, files, scratch, say) if settings.stages else None
+    roof = None
+    if settings.roofline:
+        from .roofline import measure_peaks, roofline_report
+
+        peaks = None
+        if settings.device == "cpu":
+            say("roofline: timing ONNX Runtime's fp32 and int8 convolutions on one large layer")
+            peaks = measure_peaks(settings.threads)
+        roof = roofline_report({"cases": cases}, files.model_config, peaks)
     report = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
         "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
@@ -864,6 +876,9 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
     report["before_after"] = before_after(report)
     if stages is not None:
         report["stages"] = stages
+    if roof is not None:
+        report["roofline"] = roof
+        report["targets"] = targets(report)
     report["command"] = reproduce_command(settings)
     return report
 
@@ -922,11 +937,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         size = next(iter(rows.values()))["input"]
         width = next(iter(rows.values()))["input_width"]
         if not cuda and eager is not None:
+            ceilings = _ceilings(report, size)
             for name, want in CPU_TARGETS.items():
                 if name in rows and width == 959:
                     got = eager["latency"]["p50_ms"] / rows[name]["latency"]["p50_ms"]
-                    out.append({"target": f"{_label(name)} >= {want:g}x eager fp32 at {size}",
-                                "measured": f"{got:.2f}x", "met": got >= want})
+                    goal = {"target": f"{_label(name)} >= {want:g}x eager fp32 at {size}",
+                            "measured": f"{got:.2f}x", "met": got >= want}
+                    ceiling = ceilings.get("int8" if name == "ort-int8" else "fp32")
+                    if ceiling is not None:
+                        goal["ceiling"] = ceiling
+                        goal["reachable"] = ceiling >= want
+                    out.append(goal)
             if "ort" in rows and eager["peak_mib"] > 0:
                 got = rows["ort"]["peak_mib"] / eager["peak_mib"]
                 out.append({"target": f"onnxruntime peak RSS <= {CPU_MEMORY_TARGET:g}x eager at {size}",
@@ -945,6 +966,14 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append({"target": f"peak memory <= {GPU_MEMORY_TARGET:g}x the seed default at {size}",
                             "measured": f"{got:.2f}x ({_label(lowest['backend'])})", "met": got <= GPU_MEMORY_TARGET})
     return out
+
+
+def _ceilings(report: dict[str, Any], size: str) -> dict[str, float]:
+    """Largest speed-up over eager that ORT's measured peak allows at ``size`` (``--roofline`` runs)."""
+    for entry in (report.get("roofline") or {}).get("sizes", []):
+        if entry["input"] == size:
+            return dict(entry.get("ceiling_speedup") or {})
+    return {}
 
 
 #: (before, after) variant pairs shown in the before/after table when both were measured.
@@ -1071,6 +1100,8 @@ def reproduce_command(settings: BenchSettings, extra: Sequence[str] = ()) -> str
         args += ["--threads", str(s.threads)]
     if s.stages:
         args += ["--stages", str(s.stages), *(["--stages-crf"] if s.stages_crf else [])]
+    if s.roofline:
+        args.append("--roofline")
     return shlex.join([*args, *extra])
 
 
@@ -1081,8 +1112,8 @@ FULL_RUN = ("unet-deploy benchmark --device cpu --markdown benchmarks/RESULTS.md
 FAST_PATH_RUNS = (
     "V='torch torch-cl torch-bf16-cl torchscript ort-default ort ort-int8'\n"
     "unet-deploy benchmark --device cpu --backends $V --scales 0.5 --warmup 1 --runs 3 --threads 2 --stages 4 "
-    "--json benchmarks/results-959x640.json\n"
-    "unet-deploy benchmark --device cpu --backends $V --scales 1.0 --warmup 1 --runs 2 --threads 2 "
+    "--roofline --json benchmarks/results-959x640.json\n"
+    "unet-deploy benchmark --device cpu --backends $V --scales 1.0 --warmup 1 --runs 2 --threads 2 --roofline "
     "--json benchmarks/results-1918x1280.json\n"
     "python benchmarks/int8_eval.py --out /tmp/int8-eval --json benchmarks/int8-eval.json\n"
     "unet-deploy benchmark --from-json benchmarks/results-959x640.json --merge benchmarks/results-1918x1280.json "
@@ -1120,12 +1151,70 @@ def _bench_section(report: dict[str, Any], command: str, title: str) -> list[str
                             f"{r['before_ms']:.1f} -> {r['after_ms']:.1f}", f"{r['speedup']:.2f}x",
                             f"{r['before_mib']:.0f} -> {r['after_mib']:.0f}"] for r in pairs]), ""]
     goals = report.get("targets") if "targets" in report else targets(report)
+    if report.get("roofline"):
+        out += _roofline_section(report)
     if goals:
-        out += ["### Targets", "",
-                _md_table(["target", "measured", "met"],
-                          [[g["target"], g["measured"], "met" if g["met"] else "NOT met"] for g in goals]), ""]
+        if any("ceiling" in g for g in goals):
+            out += ["### Targets", "",
+                    _md_table(["target", "measured", "met", "ceiling on this machine (at ORT's measured peak)"],
+                              [[g["target"], g["measured"], "met" if g["met"] else "NOT met",
+                                f"{g['ceiling']:.2f}x ({'reachable' if g['reachable'] else 'out of reach'})"
+                                if "ceiling" in g else "-"] for g in goals]), ""]
+        else:
+            out += ["### Targets", "",
+                    _md_table(["target", "measured", "met"],
+                              [[g["target"], g["measured"], "met" if g["met"] else "NOT met"] for g in goals]), ""]
     if report.get("stages"):
         out += _stages_section(report["stages"])
+    return out
+
+
+def _roofline_section(report: dict[str, Any]) -> list[str]:
+    """Work per image, achieved throughput per backend, and the floors at ORT's measured peaks."""
+    roof = report["roofline"]
+    peaks = roof.get("peaks")
+    out = ["### Compute ceiling (roofline)", ""]
+    if peaks:
+        out += [f"ONNX Runtime's own convolution kernels on one compute-bound layer ({peaks['layer']}, "
+                f"{peaks['gflop']:.1f} GFLOP, best of {peaks['runs']}, {peaks['threads'] or 'physical-core'} threads, "
+                f"this run): float32 **{peaks['fp32_gflops']:.0f} GFLOP/s**, int8 QDQ "
+                f"**{peaks['int8_gops']:.0f} GOP/s**. No session setting makes the whole network run faster "
+                "than its work at these rates.", ""]
+    rows = []
+    for entry in roof["sizes"]:
+        for name, c in entry["cases"].items():
+            share = "-" if c["share_of_peak"] is None else f"{100 * c['share_of_peak']:.0f}%"
+            rows.append([entry["input"], f"{entry['gflop']:.4g}", _label(name),
+                         "-" if c["gflops"] is None else f"{c['gflops']:.3g}", share])
+    out += [_md_table(["input", "network GFLOP", "backend", "achieved GFLOP/s", "of ORT's peak"], rows), ""]
+    for entry in roof["sizes"]:
+        if entry.get("floor_ms"):
+            f, c = entry["floor_ms"], entry.get("ceiling_speedup") or {}
+            line = (f"- {entry['input']}: floor {f['fp32']:.4g} ms at the fp32 peak, {f['int8']:.4g} ms at the "
+                    "int8 peak")
+            if c:
+                line += f"; largest speed-up over eager fp32: {c['fp32']:.2f}x (fp32), {c['int8']:.2f}x (int8)"
+            out.append(line)
+    return out + [""]
+
+
+def render_roofline(report: dict[str, Any]) -> list[str]:
+    """Plain-text roofline lines for the terminal (empty without ``--roofline``)."""
+    roof = report.get("roofline")
+    if not roof:
+        return []
+    out = []
+    peaks = roof.get("peaks")
+    if peaks:
+        out.append(f"roofline: ONNX Runtime peak on {peaks['layer']}: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s, "
+                   f"int8 {peaks['int8_gops']:.0f} GOP/s")
+    for entry in roof["sizes"]:
+        parts = [f"{_label(n)} {c['gflops']:.3g}" for n, c in entry["cases"].items() if c["gflops"]]
+        line = f"roofline {entry['input']}: {entry['gflop']:.4g} GFLOP per image; GFLOP/s: " + ", ".join(parts)
+        if entry.get("ceiling_speedup"):
+            c = entry["ceiling_speedup"]
+            line += f"; largest speed-up over eager allowed: fp32 {c['fp32']:.2f}x, int8 {c['int8']:.2f}x"
+        out.append(line)
     return out
 
 

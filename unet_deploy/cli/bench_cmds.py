@@ -85,6 +85,10 @@ def benchmark(
                                     "post-process, write) and the overlapped pipeline on N synthetic JPEGs, "
                                     "with the fastest variant."),
     stages_crf: bool = typer.Option(False, "--stages-crf", help="Include dense CRF in the --stages run."),
+    roofline: bool = typer.Option(False, "--roofline",
+                                  help="Also time ONNX Runtime's fp32 and int8 convolutions on one large layer "
+                                       "(CPU) and report each backend's GFLOP/s, the network's floor latency "
+                                       "and the largest speed-up over eager this machine allows."),
     from_json: Path | None = typer.Option(None, "--from-json",
                                           help="Run nothing: render the table/--markdown from a --json file of "
                                                "an earlier run (with --merge: several runs in one RESULTS.md)."),
@@ -143,6 +147,7 @@ def benchmark(
         BenchSettings,
         expand_variants,
         render_markdown,
+        render_roofline,
         render_speedups,
         render_table,
         reproduce_command,
@@ -185,7 +190,7 @@ def benchmark(
         raise UserError(f"-m {model}: checkpoint not found; omit -m to benchmark a fresh seed-architecture "
                         "model")
     settings = BenchSettings(
-        checkpoint=model, backends=tuple(words), stages=stages, stages_crf=stages_crf,
+        checkpoint=model, backends=tuple(words), stages=stages, stages_crf=stages_crf, roofline=roofline,
         scales=tuple(_floats(scale_words)) or (0.5, 1.0), device=device, runs=runs, warmup=warmup,
         base_channels=base_channels, bilinear=bilinear, quick=quick, threads=threads,
     )
@@ -209,8 +214,12 @@ def benchmark(
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
+    for line in render_roofline(report):
+        typer.echo(line)
     for goal in report.get("targets", []):
-        typer.echo(f"target: {goal['target']}: {goal['measured']} ({'met' if goal['met'] else 'NOT met'})")
+        ceiling = (f"; ceiling here {goal['ceiling']:.2f}x, {'reachable' if goal['reachable'] else 'out of reach'}"
+                   if "ceiling" in goal else "")
+        typer.echo(f"target: {goal['target']}: {goal['measured']} ({'met' if goal['met'] else 'NOT met'}{ceiling})")
     if report.get("stages"):
         st = report["stages"]
         typer.echo("stages (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_ms"].items())

@@ -1,0 +1,176 @@
+"""How close each backend runs to what this machine can do: the network's work and the CPU's measured peak.
+
+Speed-up targets are ratios, and a ratio is bounded by the hardware: if ONNX Runtime's own convolution
+kernels cannot run faster than P GFLOP/s here, no session setting gets the network below its work / P.
+This module measures both sides so a benchmark says *how far* a backend is from that floor:
+
+* :func:`network_work` - multiply-accumulates of every convolution of a U-Net at an input size
+  (counted with hooks on the ``meta`` device: no memory, no compute). The seed architecture (bilinear) at
+  959x640 is 373 GMAC = 746 GFLOP, the figure in the design notes.
+* :func:`measure_peaks` - the sustained throughput of ONNX Runtime's float32 convolution (NCHWc kernels)
+  and of its static int8 QDQ convolution (u8 x s8, VNNI on AVX-512 CPUs) on one large, compute-bound 3x3
+  layer, with the same session options the ``ort`` backend uses and the same quantisation recipe as
+  ``export --int8``. The best of several runs is the peak.
+
+``unet-deploy benchmark --roofline`` adds both to the report: achieved GFLOP/s per backend, the floor
+latency of the whole network at each peak, and the largest speed-up over eager those floors allow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["network_work", "measure_peaks", "roofline_report", "PEAK_LAYER"]
+
+#: The probe layer: 3x3 convolution, 256 -> 256 channels on a 160x120 map (11.3 GMAC): big enough to be
+#: compute-bound on a CPU, small enough to time in well under a second per run.
+PEAK_LAYER = {"channels": 256, "height": 120, "width": 160}
+
+
+def network_work(config: Any, width: int, height: int) -> dict[str, float]:
+    """Multiply-accumulates of the U-Net described by ``config`` (a ModelConfig) at ``width`` x ``height``
+    (batch 1): ``{"gmac": ..., "gflop": ...}`` with one multiply-add = 2 FLOP."""
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):
+        model = config.build().eval()
+    macs = 0
+
+    def conv_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        nonlocal macs
+        w = module.weight  # type: ignore[union-attr]
+        if isinstance(module, nn.ConvTranspose2d):  # every input pixel feeds C_out x kH x kW outputs
+            macs += inputs[0].numel() * w.shape[1] * w.shape[2] * w.shape[3]
+        else:  # every output pixel reads C_in / groups x kH x kW inputs
+            macs += output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, config.n_channels, height, width, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"gmac": macs / 1e9, "gflop": 2 * macs / 1e9}
+
+
+def _probe_model(channels: int, height: int, width: int) -> Any:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    b = np.zeros(channels, np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, height, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, height, width])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _time_session(path: Path, feed: np.ndarray, threads: int | None, runs: int) -> float:
+    import onnxruntime as ort
+
+    from .backends import ort_session_options
+
+    session = ort.InferenceSession(str(path), sess_options=ort_session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: feed})  # warm-up: weight packing, thread pool start
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, {name: feed})
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The quantiser logs advice on the root logger ("consider pre-processing"); a one-layer probe needs none."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def measure_peaks(threads: int | None = None, runs: int = 5, layer: dict[str, int] | None = None) -> dict[str, Any]:
+    """Peak GFLOP/s (float32) and GOP/s (int8) of ONNX Runtime's CPU convolutions on the probe layer."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from .onnx_passes import fold_qdq_data_movement
+
+    spec = dict(PEAK_LAYER if layer is None else layer)
+    c, h, w = spec["channels"], spec["height"], spec["width"]
+    gflop = 2 * c * c * 9 * h * w / 1e9
+    feed = np.random.default_rng(1).random((1, c, h, w), dtype=np.float32)
+
+    class _One(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.done = False
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.done:
+                return None
+            self.done = True
+            return {"x": feed}
+
+    with tempfile.TemporaryDirectory(prefix="unet-roofline-") as tmp, _quiet():
+        fp32 = Path(tmp) / "fp32.onnx"
+        onnx.save_model(_probe_model(c, h, w), str(fp32))
+        int8 = Path(tmp) / "int8.onnx"
+        quantize_static(str(fp32), str(int8), _One(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantized = onnx.load(str(int8))
+        fold_qdq_data_movement(quantized)
+        onnx.save_model(quantized, str(int8))
+        t_fp32 = _time_session(fp32, feed, threads, runs)
+        t_int8 = _time_session(int8, feed, threads, runs)
+    return {"layer": f"conv 3x3 {c}->{c} on {w}x{h}", "gflop": gflop, "threads": threads, "runs": runs,
+            "fp32_ms": 1e3 * t_fp32, "int8_ms": 1e3 * t_int8,
+            "fp32_gflops": gflop / t_fp32, "int8_gops": gflop / t_int8}
+
+
+def roofline_report(report: dict[str, Any], config: Any, peaks: dict[str, Any] | None) -> dict[str, Any]:
+    """Per input size of a benchmark ``report``: the network's GFLOP, each case's achieved GFLOP/s and
+    share of the matching peak, and the floor latency / largest speed-up over eager at each peak."""
+    sizes: dict[str, Any] = {}
+    for case in report["cases"]:
+        size = case["input"]
+        if size not in sizes:
+            work = network_work(config, case["input_width"], case["input_height"])
+            sizes[size] = {"input": size, "gflop": work["gflop"], "cases": {}}
+        entry = sizes[size]
+        p50_s = case["latency"]["p50_ms"] / 1e3
+        achieved = entry["gflop"] / p50_s if p50_s > 0 else None
+        peak = None
+        if peaks:
+            peak = peaks["int8_gops"] if case.get("precision") == "int8" else peaks["fp32_gflops"]
+        entry["cases"][case["backend"]] = {
+            "gflops": achieved, "share_of_peak": (achieved / peak) if (achieved and peak and
+                                                                       case.get("precision") in ("fp32", "int8")
+                                                                       and "ort" in case["backend"]) else None}
+    for size, entry in sizes.items():
+        eager = next((c for c in report["cases"] if c["input"] == size and c["backend"] == "torch"), None)
+        if peaks:
+            entry["floor_ms"] = {"fp32": 1e3 * entry["gflop"] / peaks["fp32_gflops"],
+                                 "int8": 1e3 * entry["gflop"] / peaks["int8_gops"]}
+            if eager is not None:
+                entry["ceiling_speedup"] = {k: eager["latency"]["p50_ms"] / v for k, v in entry["floor_ms"].items()}
+    return {"peaks": peaks, "sizes": list(sizes.values())}
