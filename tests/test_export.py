@@ -166,6 +166,12 @@ def test_onnx_file_checker_opset_dynamic_dims_and_metadata(cli_export) -> None:
     embedded = DeployConfig.from_json(meta[CONFIG_KEY])
     assert embedded.source["path"] == str(Path("checkpoints/best.pth"))
     assert embedded.model == ModelConfig(base_channels=8, bilinear=False)
+    # the decoder is exported without its skip concatenations (model.export_form): no Concat of feature
+    # maps along channels, a convolution pair + Add per decoder block instead
+    channel_concats = [n for n in proto.graph.node if n.op_type == "Concat"
+                       and any(a.name == "axis" and a.i == 1 for a in n.attribute)]
+    assert not channel_concats
+    assert sum(n.op_type == "Add" for n in proto.graph.node) >= 4
 
 
 def test_torchscript_embeds_config(cli_export) -> None:

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from unet_deploy.model import UNet, count_parameters, pad_to
+from unet_deploy.model import SplitUp, UNet, count_parameters, export_form, pad_to
 
 
 def pytorch_unet_keys(bilinear: bool) -> dict[str, tuple[int, ...]]:
@@ -95,3 +95,26 @@ def test_pad_to_splits_odd_differences_like_pytorch_unet() -> None:
 def test_invalid_arguments_raise(bad: dict) -> None:
     with pytest.raises(ValueError, match=re.compile("must be", re.I)):
         UNet(**bad)
+
+
+@pytest.mark.parametrize("bilinear,conv_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", [(1, 3, 61, 97), (2, 3, 64, 48)])
+def test_export_form_computes_the_same_function(bilinear: bool, conv_bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = UNet(3, 2, bilinear=bilinear, base_channels=8, conv_bias=conv_bias).eval()
+    with torch.no_grad():  # trained-like BatchNorm statistics, so folding them is exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.3, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    form = export_form(model)
+    assert all(isinstance(getattr(form, f"up{i}"), SplitUp) for i in range(1, 5))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in form.named_modules() if n.startswith("up"))
+    assert isinstance(model.up1, torch.nn.Module) and not isinstance(model.up1, SplitUp)  # original untouched
+    x = torch.rand(shape)
+    with torch.no_grad():
+        want, got = model(x), form(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

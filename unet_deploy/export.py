@@ -28,6 +28,7 @@ from .backends import silence_torchscript_deprecation
 from .config import CONFIG_KEY, DeployConfig, versions
 from .errors import UserError
 from .fileio import atomic_path
+from .model import export_form
 from .onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
 
 __all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "quantize_onnx_int8", "convert_onnx_fp16",
@@ -105,7 +106,7 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
         raise UserError(f"--opset {opset}: use 17 or newer (bilinear Resize with align_corners needs a "
                         "recent opset; the dynamo exporter targets 18)")
     path = Path(path)
-    model = model.eval()
+    model = export_form(model)  # decoder without concatenations: less memory in ONNX Runtime
     x = _example(model, config, example_shape)
     dynamic_shapes = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},) if dynamic else None
     cfg = replace(config, versions=versions())

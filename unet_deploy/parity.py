@@ -55,7 +55,9 @@ class ParityThresholds:
     """Pass criteria of one parity case.
 
     fp32 defaults: relative logit error <= 1e-5, pixel agreement >= 99.99 %, dice >= 0.9999.
-    fp16/bf16 (:meth:`for_precision`): relative error <= 1e-2, agreement >= 99.9 %, dice >= 0.999.
+    fp16/bf16 (:meth:`for_precision`): relative error <= 1e-2, agreement >= 99.9 %, dice >= 0.998 (half
+    precision moves logits by ~1e-3 relative, which flips the pixels whose two classes are that close: a
+    handful on a small mask already costs 1e-3 of dice, while a real drift costs far more).
     int8: masks only (quantised logits are not close in relative terms; they must just give the same
     masks): pixel agreement >= INT8_MIN_AGREEMENT, dice >= INT8_MIN_DICE.
     Whatever the percentages, up to ``max_flipped_pixels`` differing mask pixels per image pass.
@@ -73,7 +75,7 @@ class ParityThresholds:
         if precision == "fp32":
             return cls()
         if precision in ("fp16", "bf16"):
-            return cls(max_rel_err=1e-2, min_pixel_agreement=0.999, min_dice=0.999, precision=precision)
+            return cls(max_rel_err=1e-2, min_pixel_agreement=0.999, min_dice=0.998, precision=precision)
         if precision == "int8":
             return cls(max_rel_err=math.inf, min_pixel_agreement=INT8_MIN_AGREEMENT, min_dice=INT8_MIN_DICE,
                        precision=precision)
