@@ -291,7 +291,7 @@ def _cache_key(settings: BenchSettings) -> str:
     from .fileio import sha256_file
 
     # recipe: bump when the export/quantisation recipe changes, so cached files are made again
-    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 3}
+    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 4}
     with contextlib.suppress(ImportError):
         import onnx
 

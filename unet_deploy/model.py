@@ -178,7 +178,7 @@ class SplitUp(nn.Module):
     BatchNorms folded into the convolutions. ONNX Runtime fuses the addition and the ReLU into the second
     convolution, so the decoder holds neither the concatenated tensor (the largest activation of the
     network: 2x the channels at full resolution) nor its layout-converted copy; in our measurements this
-    cut ONNX Runtime's peak memory by a fifth at 1918x1280 at unchanged speed.
+    cut ONNX Runtime's peak memory by a fifth at 1918x1280 at unchanged speed (benchmarks/RESULTS.md).
     """
 
     def __init__(self, up: Up):
@@ -192,9 +192,11 @@ class SplitUp(nn.Module):
         self.conv2 = _conv_like(*_fold_bn(second, bn2), second)
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        x1 = pad_to(self.up(x1), x2)
-        y = F.relu(self.conv_skip(x2) + self.conv_up(x1))
-        return F.relu(self.conv2(y))
+        # The skip tensor's half first, sizing the padding from its result: the skip tensor is then dead
+        # before the up-sampled map is made, so the two never coexist in memory.
+        skip = self.conv_skip(x2)
+        x1 = pad_to(self.up(x1), skip)
+        return F.relu(self.conv2(F.relu(self.conv_up(x1) + skip)))
 
 
 def export_form(model: nn.Module) -> nn.Module:
