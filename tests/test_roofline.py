@@ -69,3 +69,21 @@ def test_ceilings_follow_from_work_and_peaks_and_mark_targets_out_of_reach() -> 
     assert fp32["reachable"] is (fp32["ceiling"] >= 2.5) and not fp32["met"]
     text = "\n".join(bench._roofline_section(report))
     assert "200 GFLOP/s" in text and "898.6" in text
+
+
+def test_a_disturbed_probe_never_gives_a_ceiling_below_what_was_observed() -> None:
+    config = ModelConfig(bilinear=False)
+    gflop = network_work(config, 959, 640)["gflop"]
+    # the probe ran while the machine was busy: 100 GFLOP/s, but ORT did the whole network at ~195
+    peaks = {"layer": "probe", "gflop": 1.0, "threads": 2, "runs": 3, "fp32_ms": 1.0, "int8_ms": 1.0,
+             "fp32_gflops": 100.0, "int8_gops": 5000.0}
+    cases = [_case("torch", "fp32", 6800.0), _case("ort", "fp32", 4600.0), _case("ort-int8", "int8", 1500.0)]
+    roof = roofline_report({"cases": cases}, config, peaks)
+    assert roof["peaks"]["raised"] == ["fp32"]
+    assert roof["peaks"]["fp32_gflops"] == pytest.approx(gflop / 4.6)
+    assert roof["peaks"]["int8_gops"] == 5000.0  # not disturbed: kept
+    (entry,) = roof["sizes"]
+    assert entry["cases"]["ort"]["share_of_peak"] == pytest.approx(1.0)
+    assert entry["ceiling_speedup"]["fp32"] == pytest.approx(6800.0 / 4600.0)
+    report = {"settings": {"scales": [0.5]}, "cases": cases, "roofline": roof}
+    assert "probe was slower than the whole network for fp32" in "\n".join(bench._roofline_section(report))
