@@ -97,7 +97,7 @@ def test_invalid_arguments_raise(bad: dict) -> None:
         UNet(**bad)
 
 
-@pytest.mark.parametrize("bilinear,conv_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("bilinear,conv_bias", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("shape", [(1, 3, 61, 97), (2, 3, 64, 48)])
 def test_export_form_computes_the_same_function(bilinear: bool, conv_bias: bool, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -118,3 +118,15 @@ def test_export_form_computes_the_same_function(bilinear: bool, conv_bias: bool,
         want, got = model(x), form(x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_form_keeps_the_models_dtype() -> None:
+    model = UNet(3, 2, bilinear=False, base_channels=8).eval().to(torch.bfloat16)
+    form = export_form(model)
+    assert {p.dtype for p in form.parameters()} == {torch.bfloat16}
+    x = torch.rand(1, 3, 40, 56)
+    with torch.no_grad():
+        want = model.float()(x)
+        got = form(x.to(torch.bfloat16)).float()
+    assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.99
+    torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * float(want.abs().max()))

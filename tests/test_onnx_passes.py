@@ -60,12 +60,13 @@ def test_conv_transpose_rewrite_is_exact_on_a_real_export(transposed_onnx: Path,
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
-def _conv_transpose_graph(kernel: int, stride: int, pads: list[int] | None = None) -> onnx.ModelProto:
+def _conv_transpose_graph(kernel: int, stride: int, pads: list[int] | None = None, group: int = 1
+                          ) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, kernel, kernel)).astype(np.float32)
-    b = rng.standard_normal(3).astype(np.float32)
+    b = rng.standard_normal(3 * group).astype(np.float32)
     node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], kernel_shape=[kernel, kernel],
-                            strides=[stride, stride], pads=pads or [0, 0, 0, 0])
+                            strides=[stride, stride], pads=pads or [0, 0, 0, 0], group=group)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 7])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
@@ -79,20 +80,24 @@ def test_conv_transpose_rewrite_handles_other_block_sizes_and_skips_overlapping_
     assert conv_transpose_to_depth_to_space(three) == 1
     (got,) = _run(three, {"x": x})
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # overlapping windows (kernel 3, stride 2) and padded ones are not per-pixel blocks: left as they are
-    for model in (_conv_transpose_graph(3, 2), _conv_transpose_graph(2, 2, pads=[1, 1, 1, 1])):
+    # overlapping windows (kernel 3, stride 2), padded and grouped ones: left as they are
+    for model in (_conv_transpose_graph(3, 2), _conv_transpose_graph(2, 2, pads=[1, 1, 1, 1]),
+                  _conv_transpose_graph(2, 2, group=2)):
         before = model.SerializeToString()
         assert conv_transpose_to_depth_to_space(model) == 0
         assert model.SerializeToString() == before
 
 
-def _qdq_graph(op: str, out_scale: float = 0.05, pad_value: float | None = None) -> onnx.ModelProto:
+def _qdq_graph(op: str, out_scale: float = 0.05, pad_value: float | None = None, out_zero: int = 128,
+               per_channel: bool = False) -> onnx.ModelProto:
     """uint8 x -> DequantizeLinear(0.05, 128) -> op -> QuantizeLinear(out_scale, 128) -> y."""
-    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s_in"),
-             numpy_helper.from_array(np.array(128, np.uint8), "z_in"),
-             numpy_helper.from_array(np.array(out_scale, np.float32), "s_out"),
-             numpy_helper.from_array(np.array(128, np.uint8), "z_out")]
-    nodes = [helper.make_node("DequantizeLinear", ["x", "s_in", "z_in"], ["xf"])]
+    shape = (8,) if per_channel else ()
+    inits = [numpy_helper.from_array(np.full(shape, 0.05, np.float32), "s_in"),
+             numpy_helper.from_array(np.full(shape, 128, np.uint8), "z_in"),
+             numpy_helper.from_array(np.full(shape, out_scale, np.float32), "s_out"),
+             numpy_helper.from_array(np.full(shape, out_zero, np.uint8), "z_out")]
+    axis = {"axis": 1} if per_channel else {}
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s_in", "z_in"], ["xf"], **axis)]
     if op == "Pad":
         inits.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"))
         pad_inputs = ["xf", "pads"]
@@ -102,7 +107,7 @@ def _qdq_graph(op: str, out_scale: float = 0.05, pad_value: float | None = None)
         nodes.append(helper.make_node("Pad", pad_inputs, ["yf"], mode="constant"))
     else:
         nodes.append(helper.make_node("DepthToSpace", ["xf"], ["yf"], blocksize=2, mode="CRD"))
-    nodes.append(helper.make_node("QuantizeLinear", ["yf", "s_out", "z_out"], ["y"]))
+    nodes.append(helper.make_node("QuantizeLinear", ["yf", "s_out", "z_out"], ["y"], **axis))
     out_shape = [1, 8, 4, 6] if op == "Pad" else [1, 2, 6, 10]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 3, 5])],
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, out_shape)], initializer=inits)
@@ -124,7 +129,8 @@ def test_qdq_folding_runs_the_op_on_uint8_with_identical_results(op: str, pad_va
         assert (got[..., -1] == 128).all() and (got[..., -1, :] == 128).all()
 
 
-@pytest.mark.parametrize("op,kwargs", [("DepthToSpace", {"out_scale": 0.1}), ("Pad", {"pad_value": 1.0})])
+@pytest.mark.parametrize("op,kwargs", [("DepthToSpace", {"out_scale": 0.1}), ("Pad", {"pad_value": 1.0}),
+                                       ("Pad", {"out_zero": 127}), ("DepthToSpace", {"per_channel": True})])
 def test_qdq_folding_leaves_inexact_cases_alone(op: str, kwargs: dict) -> None:
     model = _qdq_graph(op, **kwargs)
     assert fold_qdq_data_movement(model) == 0

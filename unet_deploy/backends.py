@@ -314,7 +314,8 @@ def ort_session_options(threads: int | None = None, profile: str = "tuned") -> A
     ``intra_op_num_threads`` = ``threads`` or the physical cores this process may use (hyper-threads only
     contend for the same vector units), sequential execution, and no memory arena: the arena keeps every
     block it ever grew to, which nearly doubled peak memory at 1918x1280 in our measurements for 1-2 %
-    of speed (see benchmarks/RESULTS.md); loading a tuned session also calls :func:`release_large_frees`.
+    of speed (see benchmarks/RESULTS.md). The ``ort`` backend also calls :func:`release_large_frees` before
+    it builds a tuned session (sessions made elsewhere from these options do not get that).
     ``default``: ONNX Runtime's own defaults, only ``threads`` applied.
     """
     import onnxruntime as ort

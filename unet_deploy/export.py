@@ -192,12 +192,12 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
     reader = _Reader()
     with tempfile.TemporaryDirectory(prefix="unet-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        source_proto = onnx.load(str(source))
-        conv_transpose_to_depth_to_space(source_proto)  # int8 QLinearConv instead of a float ConvTranspose
         rewritten = Path(tmp) / "rewritten.onnx"
-        onnx.save_model(source_proto, str(rewritten))
-        del source_proto
         try:
+            source_proto = onnx.load(str(source))
+            conv_transpose_to_depth_to_space(source_proto)  # int8 QLinearConv instead of a float ConvTranspose
+            onnx.save_model(source_proto, str(rewritten))
+            del source_proto
             with _quiet_exporter():
                 quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
         except Exception as e:  # noqa: BLE001 - the pre-processor raises many types

@@ -161,8 +161,8 @@ def fold_qdq_data_movement(model: Any) -> int:
             if value:
                 if value not in inits or float(numpy_helper.to_array(inits[value]).reshape(-1)[0]) != 0.0:
                     continue
-            if len(node.input) > 3 and node.input[3]:
-                continue  # explicit axes: keep the float op
+            if len(node.input) < 2 or (len(node.input) > 3 and node.input[3]):
+                continue  # pads as an attribute (opset < 11) or explicit axes: keep the float op
             inputs = [dq.input[0], node.input[1], dq.input[2]]  # fill with the zero point (= 0.0)
         new = helper.make_node(node.op_type, inputs, [q.output[0]], name=_unique(names, f"{node.name}_quantized"))
         new.attribute.extend(node.attribute)
