@@ -36,3 +36,28 @@ def test_colorize_maps_classes_to_written_values() -> None:
     mask = np.array([[0, 1], [2, 1]], np.uint8)
     assert colorize(mask, [0, 128, 255]).tolist() == [[0, 128], [255, 128]]
     assert colorize(mask, [[0, 0, 0], [255, 0, 0], [0, 0, 255]])[1, 0].tolist() == [0, 0, 255]
+
+
+def test_binary_masks_equal_thresholding_the_resized_probabilities() -> None:
+    """The margin shortcut (resize z1 - z0 or z, compare with logit(t)) gives the mask of the textbook
+    route (resize every logit, softmax/sigmoid, threshold); only pixels whose margin sits within float
+    rounding of the threshold may differ."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    for classes in (1, 2):
+        logits = 3 * torch.randn(2, classes, 61, 97, generator=g)
+        up = F.interpolate(logits, size=(122, 195), mode="bilinear", align_corners=False)
+        for t in (0.5, 0.2, 0.85):
+            if classes == 1:
+                prob = torch.sigmoid(up[:, 0])
+                margin = up[:, 0]
+            else:
+                prob = torch.softmax(up, dim=1)[:, 1]
+                margin = up[:, 1] - up[:, 0]
+            want = (prob > t).numpy()
+            got = logits_to_mask(logits, (122, 195), t).astype(bool)
+            assert got.shape == want.shape == (2, 122, 195)
+            near = (margin - float(np.log(t / (1 - t)))).abs().numpy() < 1e-5
+            assert not (got != want)[~near].any()
+            assert (got != want).sum() <= near.sum()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,10 +47,21 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
     Binary models: foreground where its probability exceeds ``threshold`` (C == 1: sigmoid; C == 2:
     softmax of class 1, which at 0.5 is the argmax). More classes: argmax, ``threshold`` does not apply.
     """
+    classes = int(logits.shape[-3])
+    if classes <= 2 and 0.0 < threshold < 1.0:
+        # Decide on one margin: sigmoid(z) > t and softmax(z)[1] > t both mean margin > logit(t), with
+        # margin = z (one class) or z1 - z0 (two). Bilinear resizing is linear, so resizing the margin equals
+        # the margin of the resized logits: half the full-resolution work and no sigmoid/softmax there.
+        t = _prepare(logits, None)
+        margin = t[:, :1] if classes == 1 else t[:, 1:2] - t[:, :1]
+        if size is not None:
+            margin = upsample_logits(margin, size)
+        mask = margin[:, 0] > math.log(threshold / (1.0 - threshold))
+        return mask.cpu().numpy().astype(np.uint8)
     t = _prepare(logits, size)
     if t.shape[1] == 1:
         mask = torch.sigmoid(t[:, 0]) > threshold
-    elif t.shape[1] == 2 and threshold != 0.5:
+    elif t.shape[1] == 2:
         mask = torch.softmax(t, dim=1)[:, 1] > threshold
     else:
         mask = t.argmax(dim=1)
