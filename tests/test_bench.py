@@ -229,3 +229,21 @@ def test_cli_bad_option_exits_nonzero_without_traceback() -> None:
     proc = _cli("benchmark", "--backends", "onnx", "--device", "cpu")
     assert proc.returncode != 0
     assert "--backends onnx: unknown backend" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc peak-RSS reset")
+def test_peak_rss_after_reset_sees_a_short_allocation_below_an_earlier_peak() -> None:
+    """A 300 MiB peak during 'imports', then a 100 MiB temporary: the reset counter reports the 100 MiB
+    that ru_maxrss (stuck at the import-time peak) cannot see."""
+    code = (
+        "import numpy as np\n"
+        "from unet_deploy import bench\n"
+        "a = np.ones(300 << 17); del a\n"  # 300 MiB of float64, touched
+        "assert bench.reset_peak_rss()\n"
+        "import psutil; base = psutil.Process().memory_info().rss\n"
+        "b = np.ones(100 << 17); del b\n"
+        "print((bench.peak_rss_bytes() - base) >> 20)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 90 <= int(proc.stdout.strip()) <= 130
