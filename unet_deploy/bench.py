@@ -875,20 +875,20 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
                     "file": str(path) if cache_dir or path.parent != model_dir else path.name,
                     "file_mb": path.stat().st_size / 1e6, "export_s": files.export_s.get(backend),
                 })
-        stages = _run_stages(settings, cases, files, scratch, say) if settings.stages else None
-    roof = None
-    if settings.roofline:
-        from .roofline import measure_peaks, roofline_report
+        roof = None  # the probe runs before the in-process stage timing: no threads of that around
+        if settings.roofline:
+            from .roofline import measure_peaks, roofline_report
 
-        peaks = None
-        if settings.device == "cpu":
-            say("roofline: timing ONNX Runtime's fp32 and int8 convolutions on one large layer")
-            try:
-                peaks = measure_peaks(settings.threads)
-            except Exception as e:  # noqa: BLE001 - keep the timings already measured; report without peaks
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                say(f"roofline: the peak probe failed ({first[:200]}); reporting GFLOP/s without floors")
-        roof = roofline_report({"cases": cases}, files.model_config, peaks)
+            peaks = None
+            if settings.device == "cpu":
+                say("roofline: timing ONNX Runtime's fp32 and int8 convolutions on one large layer")
+                try:
+                    peaks = measure_peaks(settings.threads)
+                except Exception as e:  # noqa: BLE001 - keep the timings already measured; report without peaks
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    say(f"roofline: the peak probe failed ({first[:200]}); reporting GFLOP/s without floors")
+            roof = roofline_report({"cases": cases}, files.model_config, peaks)
+        stages = _run_stages(settings, cases, files, scratch, say) if settings.stages else None
     report = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
         "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
