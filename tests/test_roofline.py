@@ -85,4 +85,4 @@ def test_a_disturbed_probe_never_gives_a_ceiling_below_what_was_observed() -> No
     assert entry["cases"]["ort"]["share_of_peak"] == pytest.approx(1.0)
     assert entry["ceiling_speedup"]["fp32"] == pytest.approx(6800.0 / 4600.0)
     report = {"settings": {"scales": [0.5]}, "cases": cases, "roofline": roof}
-    assert "probe was slower than the whole network for fp32" in "\n".join(bench._roofline_section(report))
+    assert "For fp32 a whole-network run beat the probe layer" in "\n".join(bench._roofline_section(report))

@@ -1214,9 +1214,9 @@ def _roofline_section(report: dict[str, Any]) -> list[str]:
                 f"this run): float32 **{peaks['fp32_gflops']:.0f} GFLOP/s**, int8 QDQ "
                 f"**{peaks['int8_gops']:.0f} GOP/s**. No session setting makes the whole network run faster "
                 "than its work at these rates."
-                + (f" (The probe was slower than the whole network for {' and '.join(peaks['raised'])} - other "
-                   "work on the machine - so that peak is the network's own best rate.)" if peaks.get("raised")
-                   else ""), ""]
+                + (f" (For {' and '.join(peaks['raised'])} a whole-network run beat the probe layer, which can "
+                   "happen when other work disturbs the probe, so that peak is the network's own best rate.)"
+                   if peaks.get("raised") else ""), ""]
     rows = []
     for entry in roof["sizes"]:
         for name, c in entry["cases"].items():
