@@ -149,24 +149,30 @@ def measure_peaks(threads: int | None = None, runs: int = 10, layer: dict[str, i
             "fp32_gflops": gflop / t_fp32, "int8_gops": gflop / t_int8}
 
 
-def _effective_peaks(report: dict[str, Any], config: Any, peaks: dict[str, Any]) -> dict[str, Any]:
+_PEAK_KEYS = {"fp32": "fp32_gflops", "int8": "int8_gops"}
+
+
+def _ort_cpu_rate(case: dict[str, Any], gflop: float) -> tuple[str, float] | None:
+    """(precision, GFLOP/s) of an ONNX Runtime CPU case at fp32 or int8, the kernels the probe times."""
+    if (case["backend"].startswith("ort") and case.get("device", "cpu") == "cpu"
+            and case.get("precision") in _PEAK_KEYS and case["latency"]["p50_ms"] > 0):
+        return case["precision"], gflop / (case["latency"]["p50_ms"] / 1e3)
+    return None
+
+
+def _effective_peaks(report: dict[str, Any], gflop: dict[str, float], peaks: dict[str, Any]) -> dict[str, Any]:
     """The probe's peaks, raised to the best rate an ONNX Runtime case of the same precision reached on the
     whole network (a probe disturbed by other work on a shared machine must not give a ceiling below what
-    was observed); ``raised`` names the precisions where that happened."""
+    was observed); ``raised`` names the precisions where that happened. ``gflop``: work per input size."""
     peaks = dict(peaks)
-    raised = []
-    work: dict[tuple[int, int], float] = {}
-    for c in report["cases"]:
-        size = (c["input_width"], c["input_height"])
-        if size not in work:
-            work[size] = network_work(config, *size)["gflop"]
-    for precision, key in (("fp32", "fp32_gflops"), ("int8", "int8_gops")):
-        rates = [work[(c["input_width"], c["input_height"])] / (c["latency"]["p50_ms"] / 1e3)
-                 for c in report["cases"] if c["backend"].startswith("ort") and c.get("device", "cpu") == "cpu"
-                 and c.get("precision") == precision and c["latency"]["p50_ms"] > 0]
-        if rates and max(rates) > peaks[key]:
-            peaks[key] = max(rates)
-            raised.append(precision)
+    best: dict[str, float] = {}
+    for case in report["cases"]:
+        rate = _ort_cpu_rate(case, gflop[case["input"]])
+        if rate is not None:
+            best[rate[0]] = max(best.get(rate[0], 0.0), rate[1])
+    raised = [p for p, key in _PEAK_KEYS.items() if best.get(p, 0.0) > peaks[key]]
+    for p in raised:
+        peaks[_PEAK_KEYS[p]] = best[p]
     peaks["raised"] = raised
     return peaks
 
@@ -174,24 +180,21 @@ def _effective_peaks(report: dict[str, Any], config: Any, peaks: dict[str, Any])
 def roofline_report(report: dict[str, Any], config: Any, peaks: dict[str, Any] | None) -> dict[str, Any]:
     """Per input size of a benchmark ``report``: the network's GFLOP, each case's achieved GFLOP/s and
     share of the matching peak, and the floor latency / largest speed-up over eager at each peak."""
+    gflop: dict[str, float] = {}
+    for case in report["cases"]:
+        if case["input"] not in gflop:
+            gflop[case["input"]] = network_work(config, case["input_width"], case["input_height"])["gflop"]
     if peaks:
-        peaks = _effective_peaks(report, config, peaks)
+        peaks = _effective_peaks(report, gflop, peaks)
     sizes: dict[str, Any] = {}
     for case in report["cases"]:
         size = case["input"]
-        if size not in sizes:
-            work = network_work(config, case["input_width"], case["input_height"])
-            sizes[size] = {"input": size, "gflop": work["gflop"], "cases": {}}
-        entry = sizes[size]
+        entry = sizes.setdefault(size, {"input": size, "gflop": gflop[size], "cases": {}})
         p50_s = case["latency"]["p50_ms"] / 1e3
         achieved = entry["gflop"] / p50_s if p50_s > 0 else None
-        peak = None
-        if peaks:
-            peak = peaks["int8_gops"] if case.get("precision") == "int8" else peaks["fp32_gflops"]
-        entry["cases"][case["backend"]] = {
-            "gflops": achieved, "share_of_peak": (achieved / peak) if (achieved and peak and
-                                                                       case.get("precision") in ("fp32", "int8")
-                                                                       and "ort" in case["backend"]) else None}
+        rate = _ort_cpu_rate(case, entry["gflop"])
+        share = rate[1] / peaks[_PEAK_KEYS[rate[0]]] if (rate is not None and peaks) else None
+        entry["cases"][case["backend"]] = {"gflops": achieved, "share_of_peak": share}
     for size, entry in sizes.items():
         eager = next((c for c in report["cases"] if c["input"] == size and c["backend"] == "torch"), None)
         if peaks:
