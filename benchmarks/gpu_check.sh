@@ -110,7 +110,7 @@ from pathlib import Path
 from unet_deploy.bench import render_markdown
 out = Path(sys.argv[1])
 reports = [json.loads(Path(p).read_text()) for p in sys.argv[2:]]
-text = render_markdown(reports[0], merged=reports[1:])
+text = render_markdown(reports[0], merged=reports[1:], show_targets=True)
 train = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
 text += f"\n## Training throughput\n\nAMP + channels_last, scale 0.5: {train.get('images_per_s')} img/s\n"
 (out / "RESULTS.md").write_text(text)

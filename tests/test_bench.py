@@ -60,7 +60,10 @@ def test_json_has_every_backend_and_scale_with_sane_numbers(cli_run: dict) -> No
         assert lat["runs"] == 2 and len(lat["times_ms"]) == 2
         assert all(t > 0 for t in lat["times_ms"])
         assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["max_ms"]
-        assert lat["images_per_s"] > 0 and math.isfinite(lat["images_per_s"])
+        assert lat["images_per_s"] == pytest.approx(1000 / lat["p50_ms"])  # what the img/s column shows
+        assert lat["images_per_s_mean"] == pytest.approx(1000 / lat["mean_ms"])
+        assert c["warmup_calls"] == 0  # --warmup 0: no untimed call
+        assert c["unsteady"] is (lat["p90_ms"] > 1.25 * lat["p50_ms"])
         assert c["peak_mib"] > 0 and math.isfinite(c["peak_mib"]), c
         assert c["memory_method"].startswith("peak RSS growth")
         assert c["file_mb"] > 0
@@ -78,6 +81,13 @@ def test_json_has_every_backend_and_scale_with_sane_numbers(cli_run: dict) -> No
     assert len(speed) == len(cases)
     assert all(r["speedup_p50"] > 0 for r in speed)
     assert all(r["speedup_p50"] == 1 for r in speed if r["backend"] == "torch")
+    flags = report["reliability"]
+    assert flags["cores"] == report["machine"]["cores_usable"]
+    assert flags["busy"] is (max(report["load_avg"].values()) > flags["cores"])
+    assert flags["reliable"] is (not flags["busy"] and not any(c["unsteady"] for c in cases))
+    assert all(r["unreliable"] is (flags["busy"] or any(c["unsteady"] for c in cases if c["scale"] == r["scale"]
+                                                        and c["backend"] in ("torch", r["backend"])))
+               for r in speed)
 
 
 def test_json_has_machine_facts(cli_run: dict) -> None:
@@ -118,13 +128,16 @@ def test_table_has_a_row_per_backend_and_scale(cli_run: dict) -> None:
         assert len(rows) == 1, (c["backend"], c["scale"], out)
         assert f"{c['latency']['p50_ms']:.1f}" in rows[0]
     assert "speed-up vs eager" in out
+    assert ("machine busy (load" in out) is cli_run["report"]["reliability"]["busy"]  # a real run: either way
+    assert "target:" not in out
 
 
 def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
     text = (cli_run["dir"] / "RESULTS.md").read_text()
     assert "**Quick mode**" in text
-    assert "| backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s | peak MiB | " \
+    assert "| backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s (p50) | peak MiB | " \
            "file MB |" in text
+    assert "### Targets" not in text  # the project's targets only with --targets
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and " fp32 " in line]
     assert len(table_rows) == len(cli_run["report"]["cases"])
     assert cli_run["report"]["command"] in text
@@ -178,9 +191,11 @@ def test_parity_and_latency_stats() -> None:
     assert bench.parity(a, a + 1e-7)["passed"] is True
     with pytest.raises(ValueError, match="shapes differ"):
         bench.parity(a, a[:, :, :2])
-    s = bench.latency_stats([0.01, 0.02, 0.03, 0.04])
-    assert s["p50_ms"] == pytest.approx(25.0) and s["mean_ms"] == pytest.approx(25.0)
-    assert s["images_per_s"] == pytest.approx(40.0) and s["runs"] == 4
+    s = bench.latency_stats([0.01, 0.01, 0.04])  # one slow run: the mean (20 ms) is not the median
+    assert s["p50_ms"] == pytest.approx(10.0) and s["mean_ms"] == pytest.approx(20.0)
+    assert s["images_per_s"] == pytest.approx(100.0)  # agrees with p50
+    assert s["images_per_s_mean"] == pytest.approx(50.0) and s["runs"] == 3
+    assert bench.latency_stats([0.01, 0.01, 0.04], batch=4)["images_per_s"] == pytest.approx(400.0)
 
 
 def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,3 +262,136 @@ def test_peak_rss_after_reset_sees_a_short_allocation_below_an_earlier_peak() ->
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 90 <= int(proc.stdout.strip()) <= 130
+
+
+# ------------------------------------------------------------------ output for a person (synthetic runs)
+
+
+def _report(p50: dict[str, float], load: tuple[float, float] = (0.3, 0.5), cores: int = 2,
+            spread: dict[str, float] | None = None) -> dict:
+    """A full-size CPU report as run_benchmark writes it, from p50 ms per variant at 959x640."""
+    cases = []
+    for name, ms in p50.items():
+        p90 = ms * (spread or {}).get(name, 1.02)
+        cases.append({"backend": name, "runtime": name.split("-")[0], "scale": 0.5, "input": "959x640",
+                      "input_width": 959, "input_height": 640, "precision": "fp32",
+                      "provider": "CPUExecutionProvider" if name.startswith("ort") else "cpu",
+                      "latency": {"p50_ms": ms, "p90_ms": p90, "mean_ms": ms * 1.3, "runs": 3},
+                      "peak_mib": 1000.0 if name == "torch" else 400.0, "file_mb": 124.2,
+                      "memory_method": "peak RSS growth", "parity": {"reference": name == "torch", "passed": True,
+                                                                     "max_rel_err": 1e-6, "pixel_agreement": 1.0}})
+    report = {"schema": bench.SCHEMA, "started": "2026-11-30T12:00:00+00:00", "duration_s": 60.0,
+              "settings": {"quick": False, "image_size": list(bench.CARVANA_SIZE), "device": "cpu", "scales": [0.5],
+                           "warmup": 1, "runs": 3, "threads": None, "backends": list(p50)},
+              "model": {"architecture": "unet-transposed-w64-c3-k2", "source": "fresh init (seed 0)"},
+              "machine": {"cpu": "test CPU", "cores_usable": cores, "cores_logical": cores, "ram_gib": 8,
+                          "torch_threads": cores, "gpu": None, "python": "3", "platform": "linux",
+                          "versions": {"torch": "2", "numpy": "2"}, "load_avg_1m": load[1]},
+              "load_avg": {"start": load[0], "end": load[1]}, "cases": cases,
+              "command": "unet-deploy benchmark --device cpu"}
+    report["speedups"] = bench.speedups(report)
+    report["targets"] = bench.targets(report)
+    return report
+
+
+def _terminal(report: dict) -> str:
+    """What `unet-deploy benchmark` prints for the report: the table and the lines below it."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    console.print(bench.render_table(report))
+    return console.file.getvalue() + bench.render_speedups(report)
+
+
+def _row(text: str, label: str) -> str:
+    return next(line for line in text.splitlines() if f" {label} " in line and "959x640" in line)
+
+
+def test_busy_machine_marks_every_ratio_and_says_why() -> None:
+    report = _report({"torch": 5000.0, "ort": 140.0}, load=(1.2, 4.1), cores=2)
+    warning = "machine busy (load 4.1 on 2 cores): ratios unreliable, rerun on a quiet machine"
+    text = _terminal(report)
+    assert warning in text
+    assert "onnxruntime 35.71x ?" in text  # the ratio is flagged, not stated with confidence
+    assert "5000.0 ?" in _row(text, "torch (eager)") and "140.0 ?" in _row(text, "onnxruntime (CPU)")
+    md = bench.render_markdown(report)
+    assert f"> ? {warning}" in md and "| 0.5 | 959x640 | onnxruntime | 35.71x ? | 0.40x |" in md
+    flags = bench.reliability(report)
+    assert flags["busy"] is True and flags["reliable"] is False and flags["load"] == 4.1
+    assert all(r["unreliable"] for r in bench.speedups(report))
+    assert bench.reliability(_report({"torch": 1.0}, load=(2.5, 0.4), cores=2))["busy"]  # busy at the start
+
+
+def test_unsteady_case_is_marked_alone_and_named() -> None:
+    report = _report({"torch": 5000.0, "torchscript": 4000.0, "ort": 2000.0}, spread={"ort": 1.5})
+    text = _terminal(report)
+    assert "unsteady timings, p90/p50 above 1.25: onnxruntime at 0.5 (1.50x)" in text
+    assert "machine busy" not in text
+    assert "2000.0 ?" in _row(text, "onnxruntime (CPU)")
+    assert "?" not in _row(text, "torch (eager)") and "?" not in _row(text, "torchscript")
+    assert "onnxruntime 2.50x ?" in text and "torchscript 1.25x (" in text  # only the unsteady one's ratio
+    flags = bench.reliability(report)
+    assert [(c["backend"], c["spread"]) for c in flags["unsteady"]] == [("ort", pytest.approx(1.5))]
+    assert bench.unsteady(report["cases"][2]) and not bench.unsteady(report["cases"][1])
+    assert "unsteady timings" in bench.render_markdown(report)
+
+
+def test_quiet_run_shows_no_warning_and_img_s_agrees_with_p50() -> None:
+    report = _report({"torch": 5000.0, "ort": 2000.0})  # mean 1.3x p50, p90 1.02x p50
+    text = _terminal(report)
+    assert "?" not in text and "busy" not in text and "unsteady" not in text
+    assert "onnxruntime 2.50x (0.40x memory)" in text
+    assert "img/s (p50)" in text
+    assert " 0.50 " in _row(text, "onnxruntime (CPU)")  # 1000 / 2000 ms, not 1000 / the mean
+    assert bench.reliability(report)["reliable"] is True
+    assert not bench.reliability_notes(report)
+
+
+def test_targets_only_with_the_flag() -> None:
+    report = _report({"torch": 5000.0, "ort": 2000.0})
+    assert report["targets"]  # a full-size CPU run: the project's targets are judged and kept in the JSON
+    assert "target" not in _terminal(report).lower()
+    assert "target" not in bench.render_markdown(report).split("## Reproduce")[0].lower()
+    md = bench.render_markdown(report, show_targets=True)
+    assert "### Targets" in md and "| onnxruntime >= 2.5x eager fp32 at 959x640 | 2.50x | met |" in md
+    assert bench.render_targets(report)[0] == "target: onnxruntime >= 2.5x eager fp32 at 959x640: 2.50x (met)"
+
+
+def test_cli_prints_targets_only_with_targets_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from unet_deploy.cli import main
+
+    path = tmp_path / "r.json"
+    bench.write_json(_report({"torch": 5000.0, "ort": 140.0}, load=(4.1, 4.1)), path)
+    outs = []
+    for extra in ([], ["--targets", "--markdown", str(tmp_path / "R.md")]):
+        with pytest.raises(SystemExit) as exc:
+            main(["benchmark", "--from-json", str(path), "--quiet", *extra])
+        assert exc.value.code == 0
+        outs.append(capsys.readouterr().out)
+    assert "target:" not in outs[0] and "machine busy (load 4.1 on 2 cores)" in outs[0]
+    assert "target: onnxruntime >= 2.5x eager fp32 at 959x640: 35.71x (met)" in outs[1]
+    assert "### Targets" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.parametrize("warmup, runs", [(0, 2), (3, 1)])
+def test_warmup_n_makes_exactly_n_untimed_calls(warmup: int, runs: int, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    class Counting:
+        precision, provider = "fp32", "cpu"
+
+        def __call__(self, batch: np.ndarray) -> torch.Tensor:
+            calls.append(1)
+            return torch.full((1, 2, 4, 4), float(len(calls)))
+
+    monkeypatch.setattr("unet_deploy.backends.load_backend", lambda *a, **k: Counting())
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 4, 4), np.float32))
+    spec = bench.CaseSpec("torch", "unused.pth", "cpu", str(tmp_path / "x.npy"), runs=runs, warmup=warmup,
+                          logits_out=str(tmp_path / "logits.npy"))
+    result = bench.run_case(spec)
+    assert len(calls) == warmup + runs
+    assert result["latency"]["runs"] == runs and result["warmup_calls"] == warmup
+    assert np.load(tmp_path / "logits.npy")[0, 0, 0, 0] == 1.0  # the first call's logits, for parity

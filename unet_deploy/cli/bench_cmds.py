@@ -103,8 +103,8 @@ def benchmark(
                                     help="Timed runs per case. Default: 3 on CPU (full width), 5 in quick "
                                          "mode, 50 on CUDA."),
     warmup: int | None = typer.Option(None, "--warmup",
-                                      help="Untimed warm-up runs per case. Default: 1 on CPU and in quick "
-                                           "mode, 10 on CUDA."),
+                                      help="Untimed warm-up calls per case, exactly N (0: the first call is "
+                                           "timed). Default: 1 on CPU and in quick mode, 10 on CUDA."),
     quick: bool = typer.Option(False, "--quick",
                                help="Small width (8) on a small 240x160 image: checks the setup in seconds. "
                                     "Also on with UNET_DEPLOY_BENCH_QUICK=1."),
@@ -122,41 +122,32 @@ def benchmark(
     cache_dir: Path | None = typer.Option(None, "--cache-dir",
                                           help="Keep the exported models here and reuse them next time "
                                                "(default: a temporary folder)."),
+    show_targets: bool = typer.Option(False, "--targets",
+                                      help="Also print this project's own speed/memory targets (met / NOT met) "
+                                           "and put them in --markdown: for the project's record in "
+                                           "benchmarks/RESULTS.md, not needed to compare backends."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the table."),
 ) -> None:
     """Time every backend at every scale and print one table to paste into an issue.
 
-    Columns: backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s | peak MiB |
-    file MB. Each case runs in a fresh process, so peak memory is that backend's own (CPU: peak RSS growth
-    after imports; CUDA: device memory). Exports are made once per run.
+    Columns: backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s (p50) |
+    peak MiB | file MB; img/s is 1000 / p50 ms, and the speed-ups under the table are ratios of p50s
+    against eager torch. Each case runs in a fresh process, so peak memory is that backend's own (CPU:
+    peak RSS growth after imports; CUDA: device memory). Exports are made once per run.
+
+    A "?" marks numbers not to trust, with a footnote saying why: the machine was busy (1-minute load
+    average above its cores at the start or end) or a case's timings were unsteady (p90 more than 1.25x
+    p50). Rerun on a quiet machine, or with more --runs.
 
     Examples:
       `unet-deploy benchmark --quick`;
       `unet-deploy benchmark -m checkpoints/best.pth --backends torch ort --scales 0.5 --runs 5`;
       `unet-deploy benchmark --device cpu --json bench.json --plot bench.png --markdown RESULTS.md`
     """
-    import json
-    import sys
-
     from rich.console import Console
 
     from ..backends import COMPILE_MODES
-    from ..bench import (
-        SCHEMA,
-        VARIANT_HELP,
-        BenchSettings,
-        expand_variants,
-        render_markdown,
-        render_roofline,
-        render_speedups,
-        render_table,
-        reproduce_command,
-        resolve_settings,
-        run_benchmark,
-        write_json,
-        write_plot,
-    )
-    from ..fileio import atomic_write_text
+    from ..bench import VARIANT_HELP, BenchSettings, expand_variants, reproduce_command, resolve_settings, run_benchmark
 
     backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
     _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
@@ -167,14 +158,7 @@ def benchmark(
         raise UserError(f"--compile-mode {compile_mode}: use {', '.join(COMPILE_MODES)}")
     if stages < 0:
         raise UserError(f"--stages {stages}: use 0 (off) or a number of images")
-    merged = []
-    for path in merge or []:
-        if not path.is_file():
-            raise UserError(f"--merge {path}: no such file; give a JSON written by --json or int8_eval.py")
-        try:
-            merged.append(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"--merge {path}: not a JSON file") from None
+    merged = [_read_json(path, "--merge", "give a JSON written by --json or int8_eval.py") for path in merge or []]
     words = backend_words or list(_BACKENDS)
     if precision_words or channels_last or compile_:
         from ..backends import resolve_device
@@ -197,34 +181,64 @@ def benchmark(
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
     if from_json is not None:
-        if not from_json.is_file():
-            raise UserError(f"--from-json {from_json}: no such file; give a JSON written by --json")
-        try:
-            report = json.loads(from_json.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"--from-json {from_json}: not a JSON file") from None
-        if report.get("schema") != SCHEMA:
-            raise UserError(f"--from-json {from_json}: not a benchmark result (schema {report.get('schema')!r})")
+        report = _read_report(from_json)
     else:
         report = run_benchmark(settings, cache_dir=cache_dir, log=log)
-        outputs = [*(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
+        outputs = [*(["--targets"] if show_targets else []),
+                   *(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
                    *(["--markdown", str(markdown)] if markdown else []),
                    *[w for p in merge or [] for w in ("--merge", str(p))]]
         report["command"] = reproduce_command(resolve_settings(settings), outputs)
+    _show(report, show_targets)
+    _write(report, json_out, plot, markdown, merged, show_targets)
+
+
+def _read_json(path: Path, flag: str, hint: str) -> dict:
+    import json
+
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{flag} {path}: not a JSON file") from None
+
+
+def _read_report(path: Path) -> dict:
+    """A ``--json`` result of an earlier run (``--from-json``)."""
+    from ..bench import SCHEMA
+
+    report = _read_json(path, "--from-json", "give a JSON written by --json")
+    if report.get("schema") != SCHEMA:
+        raise UserError(f"--from-json {path}: not a benchmark result (schema {report.get('schema')!r})")
+    return report
+
+
+def _show(report: dict, show_targets: bool) -> None:
+    """The table, the speed-ups (with any "?" footnotes), roofline, targets (``--targets``) and stages."""
+    import sys
+
+    from rich.console import Console
+
+    from ..bench import render_roofline, render_speedups, render_table, render_targets
+
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
-    for line in render_roofline(report):
+    for line in render_roofline(report) + (render_targets(report) if show_targets else []):
         typer.echo(line)
-    for goal in report.get("targets", []):
-        ceiling = (f"; ceiling here {goal['ceiling']:.2f}x, {'reachable' if goal['reachable'] else 'out of reach'}"
-                   if "ceiling" in goal else "")
-        typer.echo(f"target: {goal['target']}: {goal['measured']} ({'met' if goal['met'] else 'NOT met'}{ceiling})")
     if report.get("stages"):
         st = report["stages"]
         typer.echo("stages (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_ms"].items())
                    + f"; pipeline {st['pipeline_images_per_s']:.2f} img/s, slowest stage {st['slowest_stage']} "
                    f"{st['slowest_ratio']:.2f}x the pipeline rate")
+
+
+def _write(report: dict, json_out: Path | None, plot: Path | None, markdown: Path | None, merged: list[dict],
+           show_targets: bool) -> None:
+    from ..bench import render_markdown, write_json, write_plot
+    from ..fileio import atomic_write_text
+
     if json_out:
         write_json(report, json_out)
         typer.echo(f"wrote {json_out}")
@@ -232,5 +246,5 @@ def benchmark(
         write_plot(report, plot)
         typer.echo(f"wrote {plot}")
     if markdown:
-        atomic_write_text(markdown, render_markdown(report, merged=merged))
+        atomic_write_text(markdown, render_markdown(report, merged=merged, show_targets=show_targets))
         typer.echo(f"wrote {markdown}")
