@@ -15,6 +15,7 @@ from unet_deploy.data import (
     MAX_PIXELS,
     discover_mask_values,
     find_pairs,
+    list_images,
     load_image,
     load_mask,
     mask_to_index,
@@ -252,3 +253,24 @@ def test_files_are_closed_after_loading(tmp_path: Path) -> None:
         import gc
 
         gc.collect()
+
+
+def test_predict_outputs_in_an_images_folder_are_not_read_as_images(tmp_path: Path) -> None:
+    """Masks and overlays that `predict` wrote into the images folder (default names, or any name with the
+    run stamp) break neither pairing for `train`/`evaluate` nor folder expansion for `predict`."""
+    from unet_deploy.predict import expand_inputs, write_mask
+    from unet_deploy.synth import generate_dataset
+
+    generate_dataset(tmp_path, n=3, width=64, height=48, seed=0)
+    imgs = tmp_path / "imgs"
+    originals = list_images(imgs)
+    mask = np.zeros((48, 64), np.uint8)
+    write_mask(imgs / f"{originals[0].stem}_OUT.png", mask, [0, 255], fingerprint="run-1")
+    Image.new("RGB", (64, 48)).save(imgs / f"{originals[0].stem}_OVERLAY.png")
+    write_mask(imgs / "custom-name.png", mask, [0, 255], fingerprint="run-2")  # stamped: also left out
+    Image.new("RGB", (64, 48)).save(imgs / "user-photo.png")  # a user's own PNG is an image
+    assert list_images(imgs) == sorted([*originals, imgs / "user-photo.png"])
+    (imgs / "user-photo.png").unlink()
+    assert [p.image for p in find_pairs(imgs, tmp_path / "masks")] == originals
+    assert expand_inputs([imgs])[0] == originals
+    assert expand_inputs([str(imgs / "*.png")])[0] == []

@@ -1,4 +1,4 @@
-"""`unet-deploy demo --quick`: the whole journey end to end on a fresh folder."""
+"""`unet-deploy demo` with its default options, then the headline command from the same folder."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,29 +20,78 @@ from unet_deploy.rle import rle_decode
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_quick_demo_runs_every_step(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+def _cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "unet_deploy", "demo", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    return subprocess.run([sys.executable, "-m", "unet_deploy", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _val_dice(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^epoch \d+/\d+: .*val dice ([0-9.]+)", stdout, re.M)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_demo_then_headline_predict(tmp_path: Path) -> None:
+    proc = _cli(["demo"], tmp_path, timeout=1400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    for step in range(1, 8):
-        assert f"[{step}/7]" in proc.stdout
-    dice = float(re.search(r"^dice ([0-9.]+) over 8 images", proc.stdout, re.M).group(1))
-    assert dice >= 0.85  # held-out cars, Carvana's metric
-    assert (out / "checkpoints" / "best.pth").exists()
-    assert (out / "exported" / "best.onnx").exists() and (out / "exported" / "best.ts").exists()
+    out = tmp_path / "demo"
+    for step in range(1, 7):
+        assert f"[{step}/6]" in proc.stdout
+
+    # the default recipe learns, steadily: after epoch 3 validation dice never drops by more than 0.05
+    dice = _val_dice(proc.stdout)
+    assert len(dice) == 12, proc.stdout[-3000:]
+    assert all(b >= a - 0.05 for a, b in zip(dice[2:], dice[3:])), dice
+    held = float(re.search(r"^dice ([0-9.]+) over 24 images", proc.stdout, re.M).group(1))
+    assert held >= 0.95, held  # held-out cars, Carvana's metric (target 0.97 is measured in the closing note)
+
     masks = sorted((out / "predictions").glob("*_OUT.png"))
-    overlays = sorted((out / "predictions").glob("*_OVERLAY.png"))
-    assert len(masks) == 8 and len(overlays) == 8
+    assert len(masks) == 24 and len(sorted((out / "predictions").glob("*_OVERLAY.png"))) == 24
     with open(out / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["img", "rle_mask"] and len(rows) == 9
-    first = rows[1]
-    mask = np.asarray(Image.open(out / "predictions" / first[0].replace(".jpg", "_OUT.png")))
-    assert np.array_equal(rle_decode(first[1], mask.shape), (mask > 0).astype(np.uint8))
-    assert mask.any()
+    assert rows[0] == ["img", "rle_mask"] and len(rows) == 25
+    mask = np.asarray(Image.open(out / "predictions" / rows[1][0].replace(".jpg", "_OUT.png")))
+    assert np.array_equal(rle_decode(rows[1][1], mask.shape), (mask > 0).astype(np.uint8)) and mask.any()
     report = json.loads((out / "benchmark.json").read_text())
     assert {c["backend"] for c in report["cases"]} >= {"torch", "torchscript", "ort"}
+
+    # the headline, pasted from the demo's last line, with no other flag
+    hint = proc.stdout.strip().splitlines()[-1]
+    assert hint == "next: unet-deploy predict --backend ort demo/car.jpg", hint
+    pred = _cli(shlex.split(hint.removeprefix("next: unet-deploy ")), tmp_path, timeout=120)
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    assert "demo/exported/best.onnx" in pred.stderr  # says which model it found
+    written = tmp_path / "demo" / "car_OUT.png"
+    assert str(written.relative_to(tmp_path)) in pred.stdout  # says where the mask went
+    car_mask = np.asarray(Image.open(written))
+    assert car_mask.shape == np.asarray(Image.open(out / "car.jpg")).shape[:2]
+    assert set(np.unique(car_mask)) <= {0, 255} and 0.05 < (car_mask > 0).mean() < 0.9
+
+
+@pytest.mark.slow
+def test_next_hints_work_when_pasted(tmp_path: Path) -> None:
+    """synth -> train -> export: each printed `next:` command runs from the same folder and never
+    evaluates on training data or writes into the data folder."""
+    def next_of(p: subprocess.CompletedProcess) -> list[str]:
+        assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-1500:]
+        hints = [ln.removeprefix("next: unet-deploy ") for ln in p.stdout.splitlines() if ln.startswith("next: ")]
+        assert hints, p.stdout
+        return shlex.split(hints[0])
+
+    synth = _cli(["synth", "--out", "data", "--n", "20", "--heldout", "6", "--width", "128", "--height", "96"],
+                 tmp_path, 120)
+    train_args = next_of(synth)
+    assert train_args[:3] == ["train", "--data", "data"]
+    train = _cli([*train_args, "-e", "1", "-b", "4", "-s", "1.0", "--max-steps", "3", "-q"], tmp_path, 300)
+    evaluate_args = next_of(train)
+    assert evaluate_args[0] == "evaluate" and evaluate_args[evaluate_args.index("--data") + 1] == "data/heldout"
+    assert _cli(evaluate_args, tmp_path, 120).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "data").rglob("*"))
+    export = _cli(["export", "--format", "onnx", "--quick-verify"], tmp_path, 300)
+    predict_args = next_of(export)
+    predicted = _cli(predict_args, tmp_path, 120)
+    assert predicted.returncode == 0, predicted.stderr[-1500:]
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == before  # nothing written into data/
+    assert len(list((tmp_path / "predictions").glob("*_OUT.png"))) == 6

@@ -33,6 +33,10 @@ __all__ = [
     "find_pairs",
     "discover_mask_values",
     "list_images",
+    "is_own_output",
+    "MASK_SUFFIX",
+    "OVERLAY_SUFFIX",
+    "FINGERPRINT_KEY",
     "check_min_size",
     "MIN_SIDE",
 ]
@@ -40,6 +44,9 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp")
 #: Decompression-bomb limit: 16x a Carvana image (1918x1280); larger files are refused, not decoded.
 MAX_PIXELS = 16 * 1918 * 1280
+MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
+OVERLAY_SUFFIX = "_OVERLAY"  #: predict --viz: <stem>_OVERLAY.png
+FINGERPRINT_KEY = "unet_deploy"  #: PNG text chunk holding the fingerprint of the run that wrote a mask
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
@@ -212,9 +219,24 @@ def mask_to_index(mask: np.ndarray, mask_values: Sequence, source: str | Path = 
     return out
 
 
+def is_own_output(path: Path) -> bool:
+    """True for files ``predict`` writes: ``*_OUT``/``*_OVERLAY`` names, or a PNG stamped with a run
+    fingerprint (a mask saved under any name). They are never read back as images to train on or predict."""
+    if path.stem.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)):
+        return True
+    if path.suffix.lower() != ".png":
+        return False
+    try:
+        with Image.open(path) as img:  # reads the chunks before the pixel data only
+            return FINGERPRINT_KEY in img.info
+    except (OSError, ValueError, UnidentifiedImageError):
+        return False  # a broken file is reported where it is loaded
+
+
 def list_images(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (not recursive), sorted, without hidden files and this tool's outputs."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
+                  and not p.name.startswith(".") and not is_own_output(p))
 
 
 @dataclass(frozen=True)

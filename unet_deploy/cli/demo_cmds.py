@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -10,22 +11,26 @@ import typer
 
 from ._app import app
 
+DEFAULT_OUT = Path("demo")  #: predict's model discovery falls back to this folder (predict.DEMO_DIR)
+
 
 def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
-    """(title, argv) for each step; the same commands the README shows."""
-    size = ["--width", "192", "--height", "128"] if quick else ["--width", "480", "--height", "320"]
-    n_train, epochs = ("96", "6") if quick else ("128", "8")
-    data, held = out / "data", out / "heldout"
+    """(title, argv) for each step; the same commands the README shows.
+
+    Training uses the default recipe: 72 cars at 192x128 (full scale), base width 16, 12 epochs, batch 4
+    (``--quick``: 48 cars at half scale, 6 epochs). Held-out cars come from another seed, inside DATA/heldout.
+    """
+    n_train, n_held, epochs, scale = ("48", "8", "6", "0.5") if quick else ("72", "24", "12", "1.0")
+    data, held = out / "data", out / "data" / "heldout"
     ck, exp, pred = out / "checkpoints", out / "exported", out / "predictions"
     return [
-        ("synthetic Carvana-like training data",
-         ["synth", "--out", str(data), "--n", n_train, *size, "--seed", "0", "--overwrite"]),
-        ("held-out data (other cars)",
-         ["synth", "--out", str(held), "--n", "8", *size, "--seed", "1", "--overwrite"]),
-        ("train a small U-Net (base width 16) on the CPU",
-         ["train", "--data", str(data), "-e", epochs, "-b", "8", "-l", "3e-3", "--optimizer", "adamw",
-          "--base-channels", "16", "--bilinear", "-s", "0.5", "-v", "10", "--checkpoint-dir", str(ck), "-q"]),
-        ("held-out dice (Carvana's metric)",
+        ("synthetic Carvana-like data: training cars and held-out cars",
+         ["synth", "--out", str(data), "--n", n_train, "--heldout", n_held, "--width", "192", "--height", "128",
+          "--seed", "0", "--overwrite"]),
+        ("train a small U-Net (base width 16) on the CPU with the default recipe",
+         ["train", "--data", str(data), "-e", epochs, "-b", "4", "-s", scale, "-v", "10", "--base-channels", "16",
+          "--bilinear", "--checkpoint-dir", str(ck), "-q"]),
+        ("held-out dice (Carvana's metric) on cars the model never saw",
          ["evaluate", "-m", str(ck / "best.pth"), "--data", str(held), "-q"]),
         ("export to ONNX and TorchScript, verifying parity against eager PyTorch",
          ["export", "-m", str(ck / "best.pth"), "--format", "all", "-o", str(exp), "--quick-verify"]),
@@ -37,15 +42,32 @@ def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
     ]
 
 
+def _sample_image(out: Path) -> Path:
+    """Copy the first held-out photo to OUT/car.jpg: one image to try `predict` on."""
+    first = sorted((out / "data" / "heldout" / "imgs").glob("*.jpg"))[0]
+    target = out / "car.jpg"
+    shutil.copyfile(first, target)
+    return target
+
+
+def _next_hint(out: Path, car: Path) -> str:
+    """The headline command, written so it works when pasted here (with -m unless discovery finds the demo)."""
+    uses_discovery = out == DEFAULT_OUT and not any(Path("exported").glob("*.onnx"))
+    model = [] if uses_discovery else ["-m", str(out / "exported" / "best.onnx")]
+    return "next: unet-deploy " + shlex.join(["predict", "--backend", "ort", *model, str(car)])
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for everything the demo writes."),
-    quick: bool = typer.Option(False, "--quick", help="Smaller data and fewer epochs (about a minute)."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", "-o",
+                             help="Folder for everything the demo writes (with the default, `predict` finds the "
+                                  "demo's model without -m)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer, smaller images and fewer epochs."),
 ) -> None:
     """Run the whole journey on synthetic data: synth -> train -> evaluate -> export + parity ->
-    predict (ONNX Runtime + CRF, RLE submission) -> benchmark. A few CPU-minutes.
+    predict (ONNX Runtime + CRF, RLE submission) -> benchmark.
 
-    Example: `unet-deploy demo --out demo`
+    Example: `unet-deploy demo`, then `unet-deploy predict --backend ort demo/car.jpg`
     """
     from . import app as cli_app
 
@@ -58,4 +80,6 @@ def demo(
         if rc not in (None, 0):
             typer.secho(f"demo stopped: step {i} exited with code {rc}", fg="red", err=True)
             raise typer.Exit(rc)
+    car = _sample_image(out)
     typer.secho(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/", bold=True)
+    typer.echo(_next_hint(out, car))
