@@ -83,3 +83,46 @@ def test_train_f_with_a_conflicting_explicit_flag(tmp_path: Path) -> None:
     proc = run_cli("train", "--data", str(tmp_path / "d"), "-f", str(tmp_path / "MODEL.pth"), "--transposed",
                    "--checkpoint-dir", str(tmp_path / "ck"), "--device", "cpu")
     assert_one_line_error(proc, "--bilinear/--transposed False", "MODEL.pth has True")
+
+
+def test_version_is_fast_and_names_the_runtimes() -> None:
+    code = ("import sys\nfrom unet_deploy.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    from unet_deploy import __version__
+
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[-1] == "no torch", proc.stdout + proc.stderr
+    assert lines[0].startswith(f"unet-deploy {__version__} (torch ") and "onnxruntime" in lines[0]
+
+
+def test_verify_finds_the_recorded_checkpoint_from_another_folder(tmp_path: Path) -> None:
+    """The export records ck/best.pth relative to where it ran: verify from elsewhere uses the absolute
+    path; after the project folder moved, the path relative to the export's folder; else one clear line."""
+    import torch
+
+    from unet_deploy.checkpoint import save_checkpoint
+    from unet_deploy.config import DeployConfig, ModelConfig
+
+    project = tmp_path / "project"
+    torch.manual_seed(0)
+    cfg = DeployConfig(model=ModelConfig(base_channels=4))
+    save_checkpoint(project / "ck" / "best.pth", cfg.model.build(), cfg)
+    proc = run_cli("export", "-m", "ck/best.pth", "-f", "torchscript", "-o", "exported", "--no-verify",
+                   cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("verify", str(project / "exported" / "best.ts"), "--quick", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "changed since" not in proc.stdout
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the recorded absolute path is gone; exported/../ck/best.pth still fits
+    proc = run_cli("verify", str(moved / "exported" / "best.ts"), "--quick", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (moved / "ck" / "best.pth").unlink()
+    proc = run_cli("verify", str(moved / "exported" / "best.ts"), "--quick", cwd=elsewhere)
+    assert_one_line_error(proc, "not found (tried ", str(project / "ck" / "best.pth"),
+                          str(moved / "exported" / "ck" / "best.pth"), "pass -m CHECKPOINT.pth")

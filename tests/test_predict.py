@@ -214,7 +214,9 @@ def test_viz_writes_overlay(models, images, tmp_path, capsys):
     image = read_png(p)
     mask = read_png(tmp_path / "car0_OUT.png") > 0
     assert overlay.shape == image.shape
-    assert np.array_equal(overlay[~mask], image[~mask])
+    near = _near(mask) & ~mask  # the black outline is drawn just outside the mask
+    assert np.array_equal(overlay[~mask & ~near], image[~mask & ~near])
+    assert (overlay[near] == 0).all()
     assert (overlay[mask].astype(int) - image[mask]).any(axis=1).mean() > 0.9  # tinted
 
 
@@ -594,3 +596,145 @@ def test_classes_message_singular(images, tmp_path, capsys):
     (p,) = copy_images(images[:1], tmp_path)
     code, _, err = run_cli(["predict", "-m", model, p, "-c", "2", "-n"], capsys)
     assert code == 2 and "predicts 1 class;" in err, err
+
+
+# ------------------------------------------------------------------------------------------- overlays
+def _near(mask: np.ndarray) -> np.ndarray:
+    """True where a pixel or one of its 4 neighbours is in ``mask``."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+@pytest.mark.parametrize("colour", [(255, 0, 0), (200, 20, 20), (0, 255, 0), (128, 128, 128), (255, 255, 255)])
+def test_overlay_is_readable_on_any_colour(colour):
+    from unet_deploy.predict import overlay_image
+
+    image = np.empty((40, 60, 3), np.uint8)
+    image[:] = colour
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 15:45] = 1
+    out = overlay_image(image, mask).astype(int)
+    inside, fg = np.zeros_like(mask, bool), mask > 0
+    inside[11:29, 16:44] = True  # the mask less its boundary
+    distance = np.linalg.norm(out[inside] - np.array(colour), axis=1)
+    assert distance.min() >= 100, f"tint too close to {colour}: {out[20, 30]}"
+    border = fg & ~inside
+    assert (out[border] == 255).all()  # white line on the car's side...
+    outside_ring = _near(fg) & ~fg
+    assert (out[outside_ring] == 0).all()  # ...beside a black line on the background's side
+    far = ~_near(fg)
+    assert (out[far] == np.array(colour)).all()
+
+
+# ------------------------------------------------------------------------------------------- CLI behaviour
+def test_ort_predict_never_imports_torch(models, images, tmp_path):
+    (p,) = copy_images(images[:1], tmp_path)
+    code = ("import sys\nfrom unet_deploy.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('rc', rc, 'torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code, "predict", "--backend", "ort", "-m", str(models["ort"]),
+                           str(p), "--viz", "--tta", "--rle", str(tmp_path / "s.csv")],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.stdout.strip().endswith("rc 0 no torch"), proc.stdout + proc.stderr
+    ref = predict_masks(models["ort"], [p], tta=True)[0]
+    assert np.array_equal(read_png(tmp_path / "car0_OUT.png"), ref * 255)
+    assert (tmp_path / "car0_OVERLAY.png").is_file() and len(read_submission(tmp_path / "s.csv")) == 1
+
+
+def test_numpy_postprocessing_equals_torch():
+    from unet_deploy.postprocess import logits_to_mask, probabilities, upsample_logits
+
+    rng = np.random.default_rng(0)
+    for c, (h, w), size in [(1, (32, 48), (64, 97)), (2, (30, 47), (61, 95)), (3, (17, 23), (40, 50)),
+                            (2, (40, 60), (20, 30))]:
+        logits = rng.normal(0, 3, (2, c, h, w)).astype(np.float32)
+        up_np, up_t = upsample_logits(logits, size), upsample_logits(torch.from_numpy(logits), size).numpy()
+        np.testing.assert_allclose(up_np, up_t, atol=1e-4)  # float32 rounding of the weights differs
+        np.testing.assert_allclose(probabilities(logits[0], size), probabilities(torch.from_numpy(logits[0]), size),
+                                   atol=1e-5)
+        for t in (0.3, 0.5):
+            a, b = logits_to_mask(logits, size, t), logits_to_mask(torch.from_numpy(logits), size, t)
+            assert a.dtype == b.dtype and (a == b).mean() >= 0.999
+
+
+def test_positional_inputs_take_several_outputs(models, images, tmp_path, capsys):
+    paths = copy_images(images[:2], tmp_path / "in")
+    x, y = tmp_path / "x.png", tmp_path / "y.png"
+    code, out, err = run_cli(["predict", "-m", models["ort"], *paths, "-o", x, y], capsys)
+    assert code == 0, err
+    ref = predict_masks(models["ort"], paths)
+    assert np.array_equal(read_png(x), ref[0] * 255) and np.array_equal(read_png(y), ref[1] * 255)
+    assert out.splitlines()[:2] == [f"wrote {x}", f"wrote {y}"]
+    # seed style still works, and an -o before the inputs takes one value (a folder)
+    x2, y2 = tmp_path / "x2.png", tmp_path / "y2.png"
+    assert run_cli(["predict", "-m", models["ort"], "-i", *paths, "-o", x2, y2, "-q"], capsys)[0] == 0
+    assert np.array_equal(read_png(x2), read_png(x)) and np.array_equal(read_png(y2), read_png(y))
+    code, out, err = run_cli(["predict", "-o", tmp_path / "folder", "-m", models["ort"], *paths], capsys)
+    assert code == 0, err
+    assert sorted(q.name for q in (tmp_path / "folder").iterdir()) == ["car0_OUT.png", "car1_OUT.png"]
+
+
+def test_predict_says_where_outputs_went(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path / "in")
+    code, out, err = run_cli(["predict", "-m", models["ort"], *paths[:2], "--viz"], capsys)
+    assert code == 0, err
+    masks = [p.with_name(f"{p.stem}_OUT.png") for p in paths[:2]]
+    overlays = [p.with_name(f"{p.stem}_OVERLAY.png") for p in paths[:2]]
+    assert out.splitlines()[:4] == [f"wrote {p}" for p in masks + overlays]
+    assert all(p.is_file() for p in masks + overlays)
+    code, out, err = run_cli(["predict", "-m", models["ort"], *paths, "-o", tmp_path / "many", "--viz"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[:2] == [f"wrote 4 masks to {tmp_path / 'many'}/",
+                                    f"wrote 4 overlays to {tmp_path / 'many'}/"]
+    assert len(list((tmp_path / "many").glob("*_OUT.png"))) == 4
+    code, out, err = run_cli(["predict", "-m", models["ort"], *paths, "-o", tmp_path / "q", "-q"], capsys)
+    assert code == 0 and out == "" and err == ""
+    # all failed: no per-image time in the summary
+    code, out, err = run_cli(["predict", "-m", models["ort"], tmp_path / "missing.png"], capsys)
+    assert code == 1 and "predicted 0 of 1 files, 1 failed in " in err and "per image" not in err
+
+
+def test_ctrl_c_stops_with_one_line_and_resume_continues(models, images, tmp_path):
+    import signal
+    import time
+
+    src = Image.open(images[1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    n = 300
+    for i in range(n):
+        src.save(folder / f"c{i:03d}.png")
+    out_dir = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-m", "unet_deploy", "predict", "-m", str(models["ort"]), str(folder), "-o",
+            str(out_dir), "--threads", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(list(out_dir.glob("*_OUT.png"))) < 3:
+            time.sleep(0.02)
+        assert proc.poll() is None, "predict finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("interrupted: ") and f" of {n} files done; masks written so far are kept" in lines[0]
+    assert "--resume" in lines[0]
+    done = int(lines[0].split()[1])
+    written = sorted(out_dir.glob("*_OUT.png"))
+    # at least 3 masks were there before Ctrl-C, which may land between writing a mask and counting it
+    assert done < n and len(written) >= 3 and len(written) in (done, done + 1), (done, len(written))
+    assert not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]  # no half-written files
+    assert all(read_png(p).shape == (61, 97) for p in written)
+    proc = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"predicted {n - len(written)} of {n} files, {len(written)} skipped" in proc.stdout

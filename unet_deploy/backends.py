@@ -1,22 +1,24 @@
 """One small interface over eager PyTorch, TorchScript and ONNX Runtime.
 
 ``load_backend(path, backend=None, device="auto")`` returns a :class:`Backend`; calling it on a float32
-NCHW batch (numpy or torch) returns float32 logits (N, C, H, W) as a torch tensor. Preprocessing and
-post-processing live elsewhere (``data.preprocess``, ``postprocess``), so backends can only differ in
-the network itself.
+NCHW batch (numpy or torch) returns float32 logits (N, C, H, W) as a torch tensor; ``backend.native(batch)``
+returns them as the runtime made them (numpy for ONNX Runtime on the CPU), so the ONNX Runtime path never
+imports torch. Preprocessing and post-processing live elsewhere (``data.preprocess``, ``postprocess``), so
+backends can only differ in the network itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .config import CONFIG_KEY, DeployConfig
 from .errors import UserError
@@ -43,6 +45,9 @@ _SUFFIXES = {
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import torch
+
 
 @contextlib.contextmanager
 def silence_torchscript_deprecation():
@@ -52,13 +57,38 @@ def silence_torchscript_deprecation():
         yield
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; an unavailable ``cuda`` is a user error."""
+def _nvidia_gpu_visible() -> bool:
+    """Whether a CUDA GPU is visible, without importing torch where the system tells (Linux, macOS)."""
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    if sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux"):
+        gpus = Path("/proc/driver/nvidia/gpus")  # the driver's list; containers may only have the devices
+        return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(device: str, backend: str = "torch") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; an unavailable ``cuda`` is a user error.
+
+    ``backend="ort"`` asks the system instead of PyTorch (no ``import torch``, ~1 s) where it can.
+    """
     device = (device or "auto").lower()
+    if backend == "ort":
+        visible, who = _nvidia_gpu_visible(), "this machine"
+    else:
+        import torch
+
+        visible, who = torch.cuda.is_available(), "PyTorch"
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible to PyTorch; use --device cpu")
+        return "cuda" if visible else "cpu"
+    if device.startswith("cuda") and not visible:
+        raise UserError(f"--device {device}: no CUDA GPU is visible to {who}; use --device cpu")
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"--device {device}: unknown device; use auto, cpu or cuda[:N]")
     return device
@@ -85,6 +115,16 @@ class Backend:
     _impl: Any = field(default=None, repr=False)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        out = self._impl(batch)
+        if isinstance(out, np.ndarray):
+            import torch
+
+            out = torch.from_numpy(out)
+        return out
+
+    def native(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Float32 logits (N, C, H, W) as the runtime made them: a torch tensor (on the model's device)
+        for torch, TorchScript and IO-bound ONNX Runtime, a numpy array for ONNX Runtime on the CPU."""
         return self._impl(batch)
 
     def describe(self) -> str:
@@ -92,42 +132,49 @@ class Backend:
 
 
 class _TorchRunner:
-    def __init__(self, module: Any, device: str, dtype: torch.dtype = torch.float32,
+    def __init__(self, module: Any, device: str, dtype: torch.dtype | None = None,
                  channels_last: bool = False, cuda_graphs: bool = False):
+        import torch
+
         self.module = module
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype if dtype is not None else torch.float32
         self.channels_last = channels_last
         self.cuda_graphs = cuda_graphs  # torch.compile(mode="reduce-overhead"): outputs are reused buffers
 
-    @torch.inference_mode()
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(batch).to(self.device, dtype=self.dtype, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-            return self.module(x).float().clone()
-        return self.module(x).float()
+        import torch
+
+        with torch.inference_mode():
+            x = torch.as_tensor(batch).to(self.device, dtype=self.dtype, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+                return self.module(x).float().clone()
+            return self.module(x).float()
 
 
 class _OrtRunner:
-    """``session.run`` with numpy in and out (the simple path; fine on CPU)."""
+    """``session.run`` with numpy in and out (the simple path; fine on CPU; no torch involved)."""
 
     def __init__(self, session: Any):
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.input_type = session.get_inputs()[0].type
 
-    def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        if isinstance(batch, torch.Tensor):
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        if not isinstance(batch, np.ndarray) and hasattr(batch, "detach"):  # a torch tensor
             batch = batch.detach().cpu().numpy()
         x = np.ascontiguousarray(batch, dtype=np.float16 if "float16" in self.input_type else np.float32)
         out = self.session.run(None, {self.input_name: x})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+        return np.asarray(out, dtype=np.float32)
 
 
-_ORT_DTYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16)}
+def _ort_dtypes() -> dict[str, tuple[Any, Any]]:
+    import torch
+
+    return {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16)}
 
 
 class _OrtIoBindingRunner:
@@ -138,14 +185,17 @@ class _OrtIoBindingRunner:
     """
 
     def __init__(self, session: Any, device: str, n_classes: int):
+        import torch
+
         self.session = session
         inp, out = session.get_inputs()[0], session.get_outputs()[0]
-        if inp.type not in _ORT_DTYPES or out.type not in _ORT_DTYPES:
+        dtypes = _ort_dtypes()
+        if inp.type not in dtypes or out.type not in dtypes:
             raise UserError(f"IO binding supports float32/float16 inputs and outputs, not {inp.type} -> "
                             f"{out.type}; re-export the model")
         self.input_name, self.output_name = inp.name, out.name
-        self.in_np, self.in_torch = _ORT_DTYPES[inp.type]
-        self.out_np, self.out_torch = _ORT_DTYPES[out.type]
+        self.in_np, self.in_torch = dtypes[inp.type]
+        self.out_np, self.out_torch = dtypes[out.type]
         channels = out.shape[1] if len(out.shape) == 4 else None
         self.n_classes = channels if isinstance(channels, int) else n_classes
         self.cuda = device.startswith("cuda")
@@ -154,6 +204,8 @@ class _OrtIoBindingRunner:
         self.device_id = (self.torch_device.index or 0) if self.cuda else 0
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        import torch
+
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(np.ascontiguousarray(batch))
         x = batch.to(self.torch_device, dtype=self.in_torch).contiguous()
@@ -206,8 +258,6 @@ def _check_file(path: Path) -> None:
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share a core's vector units)."""
-    import os
-
     import psutil
 
     try:
@@ -220,6 +270,8 @@ def physical_cores() -> int:
 
 def cpu_supports_bf16() -> bool:
     """True when oneDNN can run bfloat16 convolutions natively (AVX-512 BF16 or AMX), not emulated."""
+    import torch
+
     if not torch.backends.mkldnn.is_available():
         return False
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
@@ -234,7 +286,7 @@ def configure_cudnn(workspace_mib: int | None = CUDNN_WORKSPACE_MIB) -> None:
     The cap is cuDNN's ``CUDNN_CONV_WSCAP_DBG`` variable, read when cuDNN first runs a convolution; an
     explicit value in the environment wins.
     """
-    import os
+    import torch
 
     if workspace_mib is not None:
         os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", str(int(workspace_mib)))
@@ -242,6 +294,8 @@ def configure_cudnn(workspace_mib: int | None = CUDNN_WORKSPACE_MIB) -> None:
 
 
 def _compile(model: torch.nn.Module, mode: str, path: Path) -> Any:
+    import torch
+
     if mode not in COMPILE_MODES:
         raise UserError(f"--compile {mode}: unknown mode; use {', '.join(COMPILE_MODES)}")
     try:
@@ -253,6 +307,8 @@ def _compile(model: torch.nn.Module, mode: str, path: Path) -> Any:
 
 def _load_torch(path: Path, device: str, precision: str, channels_last: bool,
                 compile: str | None = None) -> Backend:
+    import torch
+
     from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -277,6 +333,8 @@ def _load_torch(path: Path, device: str, precision: str, channels_last: bool,
 
 
 def _load_torchscript(path: Path, device: str) -> Backend:
+    import torch
+
     extra = {CONFIG_KEY: ""}
     try:
         with silence_torchscript_deprecation():
@@ -323,7 +381,7 @@ def ort_session_options(threads: int | None = None, profile: str = "tuned") -> A
     if profile not in ORT_PROFILES:
         raise UserError(f"ORT profile {profile!r}: use {' or '.join(ORT_PROFILES)}")
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: every ORT error also comes back as an exception (one line in the CLI)
     if profile == "default":
         if threads:
             opts.intra_op_num_threads = threads
@@ -358,7 +416,6 @@ def release_large_frees() -> bool:
         return True
     import ctypes
     import ctypes.util
-    import sys
 
     if not sys.platform.startswith("linux"):
         return False
@@ -379,7 +436,6 @@ def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tune
     except ImportError:
         raise UserError("--backend ort needs ONNX Runtime: pip install onnxruntime-gpu (Linux x86-64) "
                         "or onnxruntime") from None
-    config = read_embedded_config(path) or DeployConfig()
     opts = ort_session_options(threads, profile)
     if profile == "tuned":
         release_large_frees()  # before the session exists: its load-time copies are freed into the system
@@ -394,7 +450,8 @@ def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tune
                     "and cuDNN 9 installed?)", path, active)
     in_type = session.get_inputs()[0].type
     precision = "fp16" if "float16" in in_type else "fp32"
-    meta = session.get_modelmeta().custom_metadata_map
+    meta = session.get_modelmeta().custom_metadata_map  # the ONNX metadata, without importing onnx
+    config = DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else DeployConfig()
     precision = meta.get("unet_deploy.precision", precision)
     on_cuda = active == "CUDAExecutionProvider"
     if io_binding is None:
@@ -428,7 +485,7 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     if expected != backend:
         raise UserError(f"{path}: a {expected} model file cannot run on --backend {backend}; "
                         f"pass --backend {expected} or a matching file")
-    device = resolve_device(device)
+    device = resolve_device(device, backend)
     if precision not in ("fp32", "fp16", "bf16"):
         raise UserError(f"--precision {precision}: use fp32, fp16 or bf16")
     if backend == "torch":

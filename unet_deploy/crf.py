@@ -155,11 +155,14 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "N
 
 
 def _init_worker() -> None:
-    """Keep each worker process to one thread: the parallelism comes from the processes."""
-    for var in _THREAD_VARS:
-        os.environ[var] = "1"
+    """Keep each worker process to one thread: the parallelism comes from the processes. Ctrl-C reaches
+    the whole process group: the parent handles it (one line) and shuts the pool down, workers ignore it."""
+    import signal
     import sys
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for var in _THREAD_VARS:
+        os.environ[var] = "1"
     torch = sys.modules.get("torch")  # only if something already imported it; never import it here
     if torch is not None:
         torch.set_num_threads(1)

@@ -54,7 +54,7 @@ def export_torchscript(model: nn.Module, config: DeployConfig, path: str | Path,
     path = Path(path)
     model = model.eval()
     x = _example(model, config, example_shape)
-    cfg = replace(config, versions=versions())
+    cfg = _recorded(config)
     with silence_torchscript_deprecation(), torch.inference_mode(False), torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
         if freeze:
@@ -62,6 +62,17 @@ def export_torchscript(model: nn.Module, config: DeployConfig, path: str | Path,
         with atomic_path(path) as tmp:
             torch.jit.save(traced, str(tmp), _extra_files={CONFIG_KEY: cfg.to_json()})
     return path
+
+
+def _recorded(config: DeployConfig) -> DeployConfig:
+    """The config to embed: this run's versions, and the source checkpoint's absolute path beside the path
+    as given (``verify`` finds the checkpoint from any folder)."""
+    import os
+
+    source = dict(config.source)
+    if source.get("path") and not source.get("abs_path"):
+        source["abs_path"] = os.path.abspath(source["path"])
+    return replace(config, versions=versions(), source=source)
 
 
 def onnx_metadata(config: DeployConfig, precision: str = "fp32") -> dict[str, str]:
@@ -133,7 +144,7 @@ def _save_onnx(proto: object, config: DeployConfig, precision: str, path: str | 
 
     proto.producer_name = "unet-deploy"  # type: ignore[attr-defined]
     del proto.metadata_props[:]  # type: ignore[attr-defined]
-    for key, value in onnx_metadata(replace(config, versions=versions()), precision).items():
+    for key, value in onnx_metadata(_recorded(config), precision).items():
         entry = proto.metadata_props.add()  # type: ignore[attr-defined]
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=full_check)

@@ -1,31 +1,82 @@
-"""Logits -> probabilities -> mask at the original image size (Pytorch-UNet's ``predict_img``)."""
+"""Logits -> probabilities -> mask at the original image size (Pytorch-UNet's ``predict_img``).
+
+Every function takes torch tensors (kept on their device: a GPU upsamples there and only the final mask
+or probabilities cross to the host) or numpy arrays (worked in numpy, without importing torch: the ONNX
+Runtime CPU path starts in a fraction of the time). Both give the same result: the numpy bilinear resize
+computes what ``F.interpolate(mode="bilinear", align_corners=False)`` does.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "colorize"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "colorize", "resize_bilinear"]
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 per output position, as PyTorch's bilinear resize with
+    ``align_corners=False`` computes them (half-pixel centres, clamped at the first pixel)."""
+    scale = np.float32(n_in / n_out)
+    src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of float (..., h, w) arrays to ``size`` = (H, W), numpy only."""
+    h, w = x.shape[-2:]
+    out = np.asarray(x, dtype=np.float32)
+    if h != size[0]:
+        i0, i1, wt = _axis_weights(h, size[0])
+        wt = wt[:, None]
+        out = out[..., i0, :] * (1 - wt) + out[..., i1, :] * wt
+    if w != size[1]:
+        i0, i1, wt = _axis_weights(w, size[1])
+        out = out[..., i0] * (1 - wt) + out[..., i1] * wt
+    return out
+
+
+def _is_numpy(x: Any) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def upsample_logits(logits: Any, size: tuple[int, int]) -> Any:
     """Bilinear resize of (N, C, h, w) logits to ``size`` = (H, W), as Pytorch-UNet does before argmax."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
+    if _is_numpy(logits):
+        return resize_bilinear(logits, size)
+    import torch.nn.functional as F
+
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def _prepare(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
-    """float32 (N, C, H, W) logits at ``size``, on the device they came from (a GPU upsamples there and
-    only the final mask or probabilities cross to the host)."""
-    t = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
-    t = t.detach().float()
+def _prepare(logits: Any, size: tuple[int, int] | None) -> Any:
+    """float32 (N, C, H, W) logits at ``size``: a numpy array stays numpy, a tensor stays on its device."""
+    if _is_numpy(logits):
+        t = np.asarray(logits, dtype=np.float32)
+    else:
+        t = logits.detach().float()
     if t.ndim == 3:
         t = t[None]
     return upsample_logits(t, size) if size is not None else t
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # no overflow warnings for large |x|
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
 
 
 def probabilities(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -34,13 +85,24 @@ def probabilities(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | Non
     One-class (sigmoid) models give [1 - p, p], so dense CRF and TTA treat every model alike.
     """
     t = _prepare(logits, size)
+    if _is_numpy(t):
+        if t.shape[1] == 1:
+            p = _sigmoid(t[0, 0])
+            return np.stack([1 - p, p])
+        return _softmax(t[0], axis=0)
+    import torch
+
     if t.shape[1] == 1:
         p = torch.sigmoid(t[0, 0])
         return torch.stack([1 - p, p]).cpu().numpy()
     return torch.softmax(t[0], dim=0).cpu().numpy()
 
 
-def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
+def _host(x: Any) -> np.ndarray:
+    return x if _is_numpy(x) else x.cpu().numpy()
+
+
+def logits_to_mask(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | None = None,
                    threshold: float = 0.5) -> np.ndarray:
     """(N, C, h, w) logits -> (N, H, W) class indices (uint8 below 256 classes).
 
@@ -57,15 +119,23 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int] | None = None,
         if size is not None:
             margin = upsample_logits(margin, size)
         mask = margin[:, 0] > math.log(threshold / (1.0 - threshold))
-        return mask.cpu().numpy().astype(np.uint8)
+        return _host(mask).astype(np.uint8)
     t = _prepare(logits, size)
+    dtype = np.uint8 if t.shape[1] <= 256 else np.int32
+    if _is_numpy(t):
+        if t.shape[1] == 1:
+            return (_sigmoid(t[:, 0]) > threshold).astype(dtype)
+        if t.shape[1] == 2:
+            return (_softmax(t, axis=1)[:, 1] > threshold).astype(dtype)
+        return t.argmax(axis=1).astype(dtype)
+    import torch
+
     if t.shape[1] == 1:
         mask = torch.sigmoid(t[:, 0]) > threshold
     elif t.shape[1] == 2:
         mask = torch.softmax(t, dim=1)[:, 1] > threshold
     else:
         mask = t.argmax(dim=1)
-    dtype = np.uint8 if t.shape[1] <= 256 else np.int32
     return mask.cpu().numpy().astype(dtype)
 
 

@@ -30,7 +30,18 @@ from PIL import Image
 
 from .backends import Backend
 from .crf import CRFParams
-from .data import IMAGE_SUFFIXES, load_image, load_mask, mask_to_index, preprocess
+from .data import (
+    FINGERPRINT_KEY,
+    IMAGE_SUFFIXES,
+    MASK_SUFFIX,
+    OVERLAY_SUFFIX,
+    is_own_output,
+    list_images,
+    load_image,
+    load_mask,
+    mask_to_index,
+    preprocess,
+)
 from .errors import UserError
 from .fileio import atomic_path
 
@@ -41,18 +52,17 @@ __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
     "iter_predictions", "predict_files", "write_mask", "write_overlay", "overlay_image",
     "default_model", "output_values", "check_rle_target", "run_fingerprint", "mask_fingerprint",
-    "MASK_SUFFIX", "OVERLAY_SUFFIX", "FINGERPRINT_KEY",
+    "MASK_SUFFIX", "OVERLAY_SUFFIX", "FINGERPRINT_KEY", "PredictInterrupted",
 ]
 
-MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
-OVERLAY_SUFFIX = "_OVERLAY"
-FINGERPRINT_KEY = "unet_deploy"  #: PNG text chunk holding the fingerprint of the run that wrote a mask
 _MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 _GLOB_CHARS = set("*?[")
 _MIN_SIDE = 16  #: four 2x poolings need at least 16 input pixels per side
-#: Overlay tint per class (class 0 = background stays untinted).
-_PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [0, 90, 255], [255, 200, 0], [255, 0, 255],
-                     [0, 220, 220], [255, 128, 0], [128, 0, 255], [128, 255, 0]], dtype=np.float32)
+#: Overlay tint per class (class 0 = background stays untinted); a class whose pixels are close to its tint
+#: on average (a green car) gets the palette colour farthest from them instead.
+_PALETTE = np.array([[0, 0, 0], [0, 255, 0], [255, 0, 255], [0, 90, 255], [255, 200, 0], [0, 220, 220],
+                     [255, 0, 0], [255, 128, 0], [128, 0, 255], [128, 255, 0]], dtype=np.float32)
+_MIN_TINT_DISTANCE = 200.0  #: RGB distance between a class's mean colour and its tint, at least (if any can)
 
 
 @dataclass
@@ -133,7 +143,9 @@ class PredictSummary:
     skipped: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
-    written: list[Path] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)  #: this process's masks and overlays, as written
+    masks: list[Path] = field(default_factory=list)  #: the masks written by this run (every process), in order
+    overlays: list[Path] = field(default_factory=list)  #: the overlays written by this run, in order
     rle: Path | None = None
     rle_rows: int = 0
     seconds: float = 0.0
@@ -154,8 +166,9 @@ class PredictSummary:
             parts.append(f"reused {self.reused} (journal rows of an earlier run)")
         if self.failed:
             parts.append(f"{self.failed} failed")
-        per = self.seconds / max(self.predicted, 1)
-        text = ", ".join(parts) + f" in {self.seconds:.1f} s ({per * 1000:.0f} ms per image)"
+        text = ", ".join(parts) + f" in {self.seconds:.1f} s"
+        if self.predicted:
+            text += f" ({self.seconds / self.predicted * 1000:.0f} ms per image)"
         if self.processes > 1:
             text += f" on {self.processes} processes"
         if self.rle:
@@ -167,11 +180,16 @@ class PredictSummary:
         return text
 
 
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`predict_files`: ``done`` of ``total`` files were finished (their masks, and with
+    ``--rle`` their journal rows, are complete and kept)."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"interrupted: {done} of {total} files done")
+        self.done, self.total = done, total
+
+
 # --------------------------------------------------------------------------------------- inputs
-def _is_output_name(path: Path) -> bool:
-    return path.stem.endswith((MASK_SUFFIX, OVERLAY_SUFFIX))
-
-
 def _expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
     """(path, None) for each input file in order; (spec, problem) where a spec yields no file."""
     items: list[tuple[Path, str | None]] = []
@@ -187,15 +205,14 @@ def _expand(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
         text = str(spec)
         p = Path(text).expanduser()
         if p.is_dir():
-            found = [q for q in sorted(p.iterdir()) if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
-                     and not q.name.startswith(".") and not _is_output_name(q)]
+            found = list_images(p)
             if not found:
                 items.append((p, f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})"))
             for q in found:
                 add(q)
         elif not p.exists() and _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(str(p), recursive=True))
-            found = [Path(m) for m in matches if not (Path(m).is_file() and _is_output_name(Path(m)))]
+            found = [Path(m) for m in matches if not (Path(m).is_file() and is_own_output(Path(m)))]
             if not found:
                 items.append((p, f"{text}: no file matches this pattern"))
             for q in found:
@@ -337,13 +354,50 @@ def mask_fingerprint(path: str | Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _tints(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Tint per class: its palette colour, or the palette colour farthest from the class's mean colour
+    when that one is closer than ``_MIN_TINT_DISTANCE`` (a red car under a red tint)."""
+    n = int(mask.max(initial=0)) + 1
+    tints = _PALETTE[np.arange(n) % len(_PALETTE)]  # a copy, one row per class present
+    for c in range(1, n):
+        under = rgb[mask == c]
+        if not len(under):
+            continue
+        mean = under.reshape(-1, 3).mean(axis=0)
+        distance = np.linalg.norm(_PALETTE[1:] - mean, axis=1)
+        if np.linalg.norm(tints[c] - mean) < _MIN_TINT_DISTANCE:
+            tints[c] = _PALETTE[1 + int(distance.argmax())]
+    return tints
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """True where a pixel's class differs from one of its 4 neighbours (both sides of every boundary)."""
+    edge = np.zeros(mask.shape, dtype=bool)
+    vertical = mask[1:] != mask[:-1]
+    horizontal = mask[:, 1:] != mask[:, :-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge
+
+
 def overlay_image(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image (H, W, 1|3) with each foreground class tinted in its own colour; uint8 (H, W, 3)."""
+    """The image (H, W, 1|3) with each foreground class tinted and outlined; uint8 (H, W, 3).
+
+    Readable on any colour: the tint contrasts with the mean colour under each class (:func:`_tints`), and
+    every boundary is drawn as a white line on the foreground side beside a black line on the background
+    side.
+    """
     rgb = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(image.reshape(*mask.shape, 1), 3, 2)
     out = rgb.astype(np.float32)
-    colours = _PALETTE[np.clip(mask.astype(np.int64), 0, None) % len(_PALETTE)]
-    fg = (mask > 0)[..., None]
-    out = np.where(fg, (1 - alpha) * out + alpha * colours, out)
+    classes = np.clip(mask.astype(np.int64), 0, None)
+    fg = classes > 0
+    colours = _tints(out, classes)[classes]
+    out = np.where(fg[..., None], (1 - alpha) * out + alpha * colours, out)
+    edge = _edges(classes)
+    out[edge & fg] = 255.0
+    out[edge & ~fg] = 0.0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -485,6 +539,7 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
         """Yield (loaded, mask or probabilities, error) in order; batches same-size inputs."""
         from .crf import threshold_prior
         from .postprocess import logits_to_mask, probabilities
+        from .resources import check_predict_memory, raise_if_out_of_memory
 
         batch: list[tuple[_Loaded, np.ndarray]] = []
 
@@ -494,8 +549,12 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
             items = list(batch)
             batch.clear()
             try:
-                logits = backend(np.stack([x for _, x in items]))
-            except (RuntimeError, MemoryError, ValueError) as e:
+                logits = backend.native(np.stack([x for _, x in items]))  # numpy from ORT: no torch
+            except Exception as e:  # noqa: BLE001 - out of memory (issue 12): one line for the run, not per file
+                raise_if_out_of_memory(e, f"running the model on {len(items)} image(s) of "
+                                          f"{items[0][1].shape[2]}x{items[0][1].shape[1]} px")
+                if not isinstance(e, (RuntimeError, MemoryError, ValueError)):
+                    raise
                 msg = _one_line(e)[:200]
                 for item, _ in items:
                     yield item, None, (f"{item.job.path}: inference failed ({msg}); try a smaller "
@@ -509,11 +568,16 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
                 else:
                     yield item, logits_to_mask(logits[i:i + 1], size, threshold)[0], None
 
+        checked: set[tuple[int, ...]] = set()
         for item in loaded:
             if item.error is not None or item.skipped_mask is not None:
                 yield from flush()
                 yield item, None, item.error
                 continue
+            if item.image.shape not in checked:  # issue 12: refuse what cannot fit, before the model runs
+                checked.add(item.image.shape)
+                check_predict_memory(backend, item.image.shape[1], item.image.shape[0], scale,
+                                     min(options.batch_size, len(jobs)), options.tta, str(item.job.path))
             try:
                 x = preprocess(item.image, scale)
             except UserError as e:
@@ -645,6 +709,156 @@ def _reusable(jobs: Sequence[Job], rows: dict[str, Any], fingerprint: str) -> li
     return done
 
 
+class _PlainBar:
+    """What predict needs of a rich progress bar when none is shown (rich is not even imported)."""
+
+    class console:  # noqa: N801 - mirrors ``Progress.console``
+        @staticmethod
+        def print(text: str, **_: Any) -> None:
+            print(text, file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _PlainBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, *_: Any, **__: Any) -> int:
+        return 0
+
+    def advance(self, *_: Any) -> None:
+        return None
+
+
+def _predict_share(backend: Backend, mine: Sequence[Job], options: PredictOptions, fp: str, values: list[Any],
+                   writer: Any, group: Group, summary: PredictSummary, on_error: Callable[[str], None] | None
+                   ) -> tuple[PredictSummary, list[int], list[int]]:
+    """Predict this process's jobs: write masks/overlays and journal rows; returns (counts, indices done
+    or skipped, indices predicted). Ctrl-C raises KeyboardInterrupt with ``done`` = files finished."""
+    from .rle import rle_encode
+    from .shard import JournalRow
+
+    local, ok, wrote = PredictSummary(), [], []
+    crash_rank, _, crash_after = os.environ.get(CRASH_ENV, "").partition(":")
+    show_bar = options.progress and group.main and len(mine) > 1 and sys.stderr.isatty()
+    if show_bar:
+        from .progress import file_progress
+    with file_progress(True) if show_bar else _PlainBar() as bar:
+        def report(line: str) -> None:
+            summary.errors.append(line)
+            local.failed += 1
+            if on_error is not None:
+                on_error(line)
+            else:
+                bar.console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+
+        task = bar.add_task("predict" if group.world == 1 else f"predict (rank 0 of {group.world})",
+                            total=len(mine))
+        show = options.show and display_available()
+        try:
+            for res in iter_predictions(backend, mine, options, fingerprint=fp):
+                bar.advance(task)
+                job = res.job
+                if res.error is not None:
+                    report(res.error)
+                    continue
+                if not res.skipped:
+                    try:
+                        if job.output is not None:
+                            summary.written.append(write_mask(job.output, res.mask, values, fp))
+                        if job.overlay is not None and res.image is not None:
+                            summary.written.append(write_overlay(job.overlay, res.image, res.mask))
+                    except OSError as e:
+                        report(f"{job.path}: cannot write output ({_one_line(e)})")
+                        continue
+                    if show and res.image is not None:
+                        _show(job.path.name, res.image, res.mask)
+                if writer is not None:
+                    try:
+                        writer.append(JournalRow(_journal_key(job), job.id, *res.mask.shape[:2],
+                                                 rle_encode(res.mask)))
+                    except OSError as e:
+                        report(f"{job.path}: cannot write to the journal {writer.path} ({_one_line(e)})")
+                        continue
+                    if crash_rank == str(group.rank) and writer.rows >= int(crash_after):
+                        os._exit(3)
+                ok.append(job.index)
+                if res.skipped:
+                    local.skipped += 1
+                else:
+                    local.predicted += 1
+                    wrote.append(job.index)
+        except KeyboardInterrupt as e:
+            e.done = len(ok)  # type: ignore[attr-defined]
+            raise
+    return local, ok, wrote
+
+
+def _check_same_run(group: Group, jobs: Sequence[Job], fp: str, backend: Backend) -> None:
+    """Under torchrun every rank must split the same list and make the same masks."""
+    import hashlib
+
+    from .shard import SharedError
+
+    plan = hashlib.sha256("\n".join(f"{j.path}\0{j.output}\0{j.overlay}" for j in jobs).encode()).hexdigest()
+    seen = group.gather((plan, fp))
+    if any(s[0] != seen[0][0] for s in seen):
+        raise SharedError("predict: the processes found different input files; give every machine the same "
+                          "inputs (a shared folder) and the same command")
+    if any(s[1] != seen[0][1] for s in seen):
+        raise SharedError(f"-m {backend.path}: the processes loaded different model files or options; "
+                          "give every machine the same model file")
+
+
+def _resume_plan(jobs: Sequence[Job], rle_path: Path | None, options: PredictOptions, fp: str
+                 ) -> tuple[str, list[int], int]:
+    """(run id, indices of jobs whose journal rows are reused, journal lines not trusted); on rank 0."""
+    import shutil
+
+    from .shard import journal_dir, new_run_id, read_journal
+
+    if rle_path is None:
+        return new_run_id(), [], 0
+    folder = journal_dir(rle_path)
+    check_rle_target(rle_path)
+    if not options.skip_existing:  # a fresh run: forget an earlier run's journal
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UserError(f"--rle {rle_path}: cannot remove the old journal {folder} ({_one_line(e)})"
+                            ) from None
+        return new_run_id(), [], 0
+    rows, untrusted = read_journal(folder, fp)
+    return new_run_id(), _reusable(jobs, rows, fp), untrusted
+
+
+def _merge_submission(jobs: Sequence[Job], want: list[int], rle_path: Path, fp: str, run_id: str,
+                      keep_journal: bool) -> int:
+    """Write the submission rows of jobs ``want`` from the journal, in input order (on rank 0); the journal
+    is removed unless ``keep_journal`` (some files failed: a rerun with --resume uses it)."""
+    import shutil
+
+    from .rle import write_submission
+    from .shard import journal_dir, read_journal
+
+    folder = journal_dir(rle_path)
+    rows, _ = read_journal(folder, fp, last=run_id)
+    missing = [i for i in want if _journal_key(jobs[i]) not in rows]
+    if missing:
+        raise UserError(f"--rle {rle_path}: {len(missing)} rows written by other processes are not in "
+                        f"{folder} (first: {jobs[missing[0]].path}); put the submission on a "
+                        "filesystem that every machine shares")
+    try:
+        n = write_submission(rle_path, [(jobs[i].id, rows[_journal_key(jobs[i])].rle) for i in want])
+    except (OSError, ValueError) as e:
+        raise UserError(f"--rle {rle_path}: cannot write the submission ({_one_line(e)})") from None
+    if not keep_journal:  # all done: the journal is no longer needed
+        shutil.rmtree(folder, ignore_errors=True)
+    return n
+
+
 def predict_files(backend: Backend, inputs: Sequence[str | Path], options: PredictOptions | None = None,
                   outputs: Sequence[str | Path] | None = None,
                   on_error: Callable[[str], None] | None = None, group: Group | None = None) -> PredictSummary:
@@ -659,12 +873,7 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
     With ``options.rle`` the rows go to a journal beside the file first (:mod:`unet_deploy.shard`); with
     ``options.skip_existing`` the rows an interrupted run journaled are reused instead of predicted.
     """
-    import hashlib
-    import shutil
-
-    from .progress import file_progress
-    from .rle import rle_encode, write_submission
-    from .shard import Group, JournalRow, JournalWriter, SharedError, journal_dir, new_run_id, read_journal
+    from .shard import Group, JournalWriter, journal_dir
     from .shard import split as split_jobs
 
     options = options or PredictOptions()
@@ -680,39 +889,13 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
     rle_path = Path(options.rle) if options.rle is not None else None
     folder = journal_dir(rle_path) if rle_path is not None else None
     fp = run_fingerprint(backend, options)
-
-    if group.world > 1:  # every rank must split the same list and make the same masks
-        plan = hashlib.sha256("\n".join(f"{j.path}\0{j.output}\0{j.overlay}" for j in jobs).encode()).hexdigest()
-        seen = group.gather((plan, fp))
-        if any(s[0] != seen[0][0] for s in seen):
-            raise SharedError("predict: the processes found different input files; give every machine the same "
-                              "inputs (a shared folder) and the same command")
-        if any(s[1] != seen[0][1] for s in seen):
-            raise SharedError(f"-m {backend.path}: the processes loaded different model files or options; "
-                              "give every machine the same model file")
-
-    def resume_plan() -> tuple[str, list[int], int]:
-        if rle_path is None or folder is None:
-            return new_run_id(), [], 0
-        check_rle_target(rle_path)
-        if not options.skip_existing:  # a fresh run: forget an earlier run's journal
-            try:
-                shutil.rmtree(folder)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise UserError(f"--rle {rle_path}: cannot remove the old journal {folder} ({_one_line(e)})"
-                                ) from None
-            return new_run_id(), [], 0
-        rows, untrusted = read_journal(folder, fp)
-        return new_run_id(), _reusable(jobs, rows, fp), untrusted
-
-    run_id, reused, summary.untrusted = _on_main(group, resume_plan)
+    if group.world > 1:
+        _check_same_run(group, jobs, fp, backend)
+    run_id, reused, summary.untrusted = _on_main(group, lambda: _resume_plan(jobs, rle_path, options, fp))
     summary.reused = len(reused)
     done = set(reused)
     todo = [j for j in jobs if j.index not in done]
     mine = [todo[i] for i in split_jobs(len(todo), group.rank, group.world)]
-    crash_rank, _, crash_after = os.environ.get(CRASH_ENV, "").partition(":")
 
     writer = None
     if folder is not None:
@@ -720,79 +903,26 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
             writer = JournalWriter(folder / f"{run_id}.rank{group.rank}-of-{group.world}.jsonl", fp)
         except OSError as e:
             raise UserError(f"--rle {rle_path}: cannot write the journal in {folder} ({_one_line(e)})") from None
-    local = PredictSummary()
-    ok: list[int] = []
     try:
-        with file_progress(options.progress and group.main and len(mine) > 1) as bar:
-            def report(line: str) -> None:
-                summary.errors.append(line)
-                local.failed += 1
-                if on_error is not None:
-                    on_error(line)
-                else:
-                    bar.console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
-
-            label = "predict" if group.world == 1 else f"predict (rank 0 of {group.world})"
-            task = bar.add_task(label, total=len(mine))
-            show = options.show and display_available()
-            for res in iter_predictions(backend, mine, options, fingerprint=fp):
-                bar.advance(task)
-                job = res.job
-                if res.error is not None:
-                    report(res.error)
-                    continue
-                if res.skipped:
-                    local.skipped += 1
-                else:
-                    try:
-                        if job.output is not None:
-                            summary.written.append(write_mask(job.output, res.mask, values, fp))
-                        if job.overlay is not None and res.image is not None:
-                            summary.written.append(write_overlay(job.overlay, res.image, res.mask))
-                    except OSError as e:
-                        report(f"{job.path}: cannot write output ({_one_line(e)})")
-                        continue
-                    local.predicted += 1
-                    if show and res.image is not None:
-                        _show(job.path.name, res.image, res.mask)
-                if writer is not None:
-                    row = JournalRow(_journal_key(job), job.id, *res.mask.shape[:2], rle_encode(res.mask))
-                    try:
-                        writer.append(row)
-                    except OSError as e:
-                        report(f"{job.path}: cannot write to the journal {writer.path} ({_one_line(e)})")
-                        continue
-                    if crash_rank == str(group.rank) and writer.rows >= int(crash_after):
-                        os._exit(3)
-                ok.append(job.index)
+        local, ok, wrote = _predict_share(backend, mine, options, fp, values, writer, group, summary, on_error)
+    except KeyboardInterrupt as e:
+        raise PredictInterrupted(getattr(e, "done", 0) + len(done), len(jobs)) from None
     finally:
         if writer is not None:
             writer.close()
 
-    counts = group.gather((local.predicted, local.skipped, local.failed, ok))
+    counts = group.gather((local.predicted, local.skipped, local.failed, ok, wrote))
     summary.predicted = sum(c[0] for c in counts)
     summary.skipped = sum(c[1] for c in counts)
     summary.failed = sum(c[2] for c in counts)
+    predicted = sorted(i for c in counts for i in c[4])
+    summary.masks = [jobs[i].output for i in predicted if jobs[i].output is not None]
+    summary.overlays = [jobs[i].overlay for i in predicted if jobs[i].overlay is not None]
 
     if rle_path is not None:
         want = sorted(done.union(*(c[3] for c in counts)))
-
-        def merge() -> int:
-            rows, _ = read_journal(folder, fp, last=run_id)
-            missing = [i for i in want if _journal_key(jobs[i]) not in rows]
-            if missing:
-                raise UserError(f"--rle {rle_path}: {len(missing)} rows written by other processes are not in "
-                                f"{folder} (first: {jobs[missing[0]].path}); put the submission on a "
-                                "filesystem that every machine shares")
-            try:
-                n = write_submission(rle_path, [(jobs[i].id, rows[_journal_key(jobs[i])].rle) for i in want])
-            except (OSError, ValueError) as e:
-                raise UserError(f"--rle {rle_path}: cannot write the submission ({_one_line(e)})") from None
-            if not summary.failed:  # all done: the journal is no longer needed
-                shutil.rmtree(folder, ignore_errors=True)
-            return n
-
-        summary.rle_rows = _on_main(group, merge)
+        summary.rle_rows = _on_main(group, lambda: _merge_submission(jobs, want, rle_path, fp, run_id,
+                                                                     keep_journal=bool(summary.failed)))
         summary.rle = rle_path
         if summary.failed:
             summary.journal = folder
@@ -801,21 +931,32 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
 
 
 # --------------------------------------------------------------------------------------- models
-def default_model(backend: str | None, root: str | Path = ".") -> Path:
-    """The model used when ``-m`` is omitted: checkpoints/best.pth (torch) or the newest export."""
-    root = Path(root)
-    if backend in (None, "torch"):
-        path = root / "checkpoints" / "best.pth"
-        if not path.is_file():
-            raise UserError(f"no -m given and {path} does not exist; train one with `unet-deploy train` "
-                            "or pass -m MODEL (.pth, .ts or .onnx)")
-        return path
-    suffix, fmt = {"ort": (".onnx", "onnx"), "torchscript": (".ts", "torchscript")}.get(backend, (None, None))
-    if suffix is None:
-        raise UserError(f"--backend {backend}: unknown backend; use torch, torchscript or ort")
-    folder = root / "exported"
+DEMO_DIR = "demo"  #: where `unet-deploy demo` writes; its model is the fallback when none is here
+
+
+def _newest(folder: Path, suffix: str) -> Path | None:
     found = sorted(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def default_model(backend: str | None, root: str | Path = ".") -> Path:
+    """The model used when ``-m`` is omitted: ``checkpoints/best.pth`` (torch) or the newest
+    ``exported/*.onnx`` / ``*.ts``; when there is none, the same under ``demo/`` (what `unet-deploy demo`
+    wrote), with a one-line notice on stderr."""
+    root = Path(root)
+    if backend not in (None, "torch", "ort", "torchscript"):
+        raise UserError(f"--backend {backend}: unknown backend; use torch, torchscript or ort")
+    if backend in (None, "torch"):
+        found = [p for p in (root / "checkpoints" / "best.pth", root / DEMO_DIR / "checkpoints" / "best.pth")
+                 if p.is_file()]
+        wanted, how = root / "checkpoints" / "best.pth", "train one with `unet-deploy train`"
+    else:
+        suffix, fmt = {"ort": (".onnx", "onnx"), "torchscript": (".ts", "torchscript")}[backend]
+        found = [p for p in (_newest(root / "exported", suffix), _newest(root / DEMO_DIR / "exported", suffix)) if p]
+        wanted, how = root / "exported" / f"*{suffix}", f"create one with `unet-deploy export --format {fmt}`"
     if not found:
-        raise UserError(f"no -m given and no {folder}/*{suffix} found; create one with "
-                        f"`unet-deploy export --format {fmt}` or pass -m MODEL")
-    return found[-1]
+        raise UserError(f"no -m given and no {wanted} (nor the demo's under {root / DEMO_DIR}/) found; "
+                        f"{how}, run `unet-deploy demo`, or pass -m MODEL")
+    if DEMO_DIR in found[0].relative_to(root).parts[:1]:
+        print(f"no -m given and no {wanted}: using the demo's model {found[0]}", file=sys.stderr)
+    return found[0]

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .errors import UserError
 from .fileio import atomic_path
+from .resources import check_synth_memory
 
 __all__ = ["CarSpec", "generate_dataset", "generate_test_images", "render_car", "sample_car"]
 
@@ -369,6 +370,7 @@ def _check_args(n: int, width: int, height: int, angles: int, jpeg_quality: int)
         raise UserError(f"--angles must be between 1 and 99 (got {angles})")
     if not 1 <= jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality must be between 1 and 100 (got {jpeg_quality})")
+    check_synth_memory(width, height)  # refuse, before allocating, an image whose buffers cannot fit
 
 
 def _prepare(folder: Path, overwrite: bool) -> None:

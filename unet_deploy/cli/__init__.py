@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+import typer
+
 from ..errors import UserError
 from . import (  # noqa: F401  (registers commands)
     bench_cmds,
@@ -23,6 +25,33 @@ from . import (  # noqa: F401  (registers commands)
 from ._app import app
 
 __all__ = ["app", "main"]
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: this package's version and the installed torch / ONNX Runtime versions, read from the
+    package metadata (importing torch would take a second)."""
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    found = []
+    for dist in ("torch", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            continue
+    typer.echo(f"unet-deploy {__version__} ({', '.join(found + [f'Python {platform.python_version()}'])})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="Print the version of unet-deploy (and of torch and ONNX "
+                                               "Runtime) and exit.")) -> None:
+    return None
 
 
 def _setup_logging() -> None:
@@ -50,3 +79,20 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # out of memory (MemoryError, torch, ONNX Runtime): one line; other bugs: traceback
+        from ..resources import out_of_memory_line
+
+        line = out_of_memory_line(e, _command(args))
+        if line is None:
+            raise
+        from rich.markup import escape
+
+        from ..progress import err_console
+
+        err_console.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _command(args: list[str] | None) -> str | None:
+    """The subcommand's name in ``args`` (default: the process's arguments), for error hints."""
+    return next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)

@@ -221,10 +221,22 @@ def export(
         _write_json(json_out, {"checkpoint": str(ckpt_path), "formats": results})
         console.print(f"wrote {json_out}")
     for f, target in written:
-        backend = FORMATS[f][1]
-        console.print(f"next: unet-deploy predict --backend {backend} -m {target} data/imgs")
+        console.print(_next_hint(FORMATS[f][1], target, ckpt.training))
     if failed:
         raise typer.Exit(1)
+
+
+def _next_hint(backend: str, target: Path, training: dict[str, Any]) -> str:
+    """A command that works when pasted here: predict the held-out images of the training data (or its
+    images) into predictions/ (never into a data folder); `verify` when the data folder is not here."""
+    import shlex
+
+    data = Path(str((training.get("args") or {}).get("data") or "data"))
+    images = next((d for d in (data / "heldout" / "imgs", data / "imgs") if d.is_dir()), None)
+    if images is None:
+        return f"next: unet-deploy verify {shlex.quote(str(target))}"
+    return "next: unet-deploy " + shlex.join(["predict", "--backend", backend, "-m", str(target), str(images),
+                                              "-o", "predictions"])
 
 
 def _calibration_images(folder: Path | None, count: int) -> list[Path]:
@@ -302,12 +314,37 @@ def _verify_file(staged: Path, target: Path, backend: str, reference: Any, cases
     return report
 
 
+def _recorded_checkpoint(model_file: Path, source: dict[str, Any]) -> Path:
+    """The checkpoint an export was made from, found from any folder: the absolute path recorded at export
+    time, then the recorded path relative to the export's folder (and its parent), then to the current
+    folder. A candidate whose sha256 is the recorded one wins; otherwise the first that exists."""
+    from ..fileio import sha256_file
+
+    recorded, absolute = str(source.get("path") or ""), str(source.get("abs_path") or "")
+    if not recorded and not absolute:
+        raise UserError(f"{model_file}: records no source checkpoint; pass -m CHECKPOINT.pth as the eager "
+                        "reference")
+    tried = [Path(absolute)] if absolute else []
+    if recorded:
+        rel = Path(recorded)
+        tried += [rel] if rel.is_absolute() else [model_file.parent / rel, model_file.parent.parent / rel, rel]
+    unique = list(dict.fromkeys(tried))
+    found = [p for p in unique if p.is_file()]
+    if not found:
+        raise UserError(f"{model_file}: the checkpoint it was exported from is not found (tried "
+                        f"{', '.join(str(p) for p in unique)}); pass -m CHECKPOINT.pth as the eager reference")
+    want = source.get("sha256")
+    return next((p for p in found if want and sha256_file(p) == want), found[0])
+
+
 @app.command()
 def verify(
     model_file: Path = typer.Argument(..., help="Exported model: .onnx or .ts (or another .pth)."),
     model: Path | None = typer.Option(None, "--model", "-m",
                                       help="Reference checkpoint run in eager PyTorch [default: the "
-                                           "checkpoint recorded in the export, if it still exists]."),
+                                           "checkpoint recorded in the export: its absolute path, else its "
+                                           "path relative to the export's folder or to this folder; the "
+                                           "one with the recorded sha256 wins]."),
     images: list[Path] | None = typer.Option(None, "--images",
                                              help="Real images (files, or folders: their first "
                                                   f"{MAX_DIR_IMAGES}) added to the parity inputs."),
@@ -333,11 +370,7 @@ def verify(
     console = _console()
     embedded = read_embedded_config(model_file) if model_file.suffix.lower() in (".onnx", ".ts") else None
     if model is None:
-        recorded = (embedded.source.get("path") if embedded else None) or ""
-        if not recorded or not Path(recorded).is_file():
-            where = f" (it records {recorded}, which is gone)" if recorded else ""
-            raise UserError(f"{model_file}: pass -m CHECKPOINT.pth as the eager reference{where}")
-        model = Path(recorded)
+        model = _recorded_checkpoint(model_file, embedded.source if embedded else {})
     image_paths = _images(images)
     reference = load_backend(model, "torch", device=device)
     if embedded and embedded.source.get("sha256") and embedded.source["sha256"] != sha256_file(model):

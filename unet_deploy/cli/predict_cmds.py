@@ -15,29 +15,43 @@ _INPUT_OPTIONS = ("-i", "--input")
 
 
 class _SeedStyleCommand(TyperCommand):
-    """Accept Pytorch-UNet's ``-i a.jpg b.jpg -o a.png b.png`` (argparse ``nargs='+'``).
+    """Accept Pytorch-UNet's ``-i a.jpg b.jpg -o a.png b.png`` (argparse ``nargs='+'``) and
+    ``a.jpg b.jpg -o a.png b.png``.
 
-    Click options take one value each; when the seed's ``-i`` is used, the names following ``-o`` up to
-    the next option are all outputs, as in the seed. Without ``-i``, ``-o`` takes one value (repeat it).
+    Click options take one value each. Here the names following ``-i`` up to the next option are all
+    inputs, and the names following ``-o`` are all outputs when ``-i`` is used or when ``-o`` comes after
+    the inputs; an ``-o`` before any input takes one value (``-o FOLDER a.jpg b.jpg``).
     """
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if any(a in _INPUT_OPTIONS for a in args):
-            rewritten: list[str] = []
-            current: str | None = None
-            for a in args:
-                if a == "--":
-                    current = None
-                elif a.startswith("-") and len(a) > 1:
-                    current = a if a in _NAME_LIST_OPTIONS + _INPUT_OPTIONS else None
-                    if current:
-                        continue
-                elif current is not None:
-                    rewritten += [current, a]
+        seed = any(a in _INPUT_OPTIONS for a in args)
+        takes_value = {name for p in self.params if getattr(p, "param_type_name", "") == "option"
+                       and not getattr(p, "is_flag", False) and not getattr(p, "count", False)
+                       for name in p.opts}
+        rewritten: list[str] = []
+        current: str | None = None
+        inputs_seen = False
+        rest = iter(args)
+        for a in rest:
+            if a == "--":
+                rewritten += [a, *rest]
+                break
+            if a.startswith("-") and len(a) > 1:
+                lists = a in _INPUT_OPTIONS or (a in _NAME_LIST_OPTIONS and (seed or inputs_seen))
+                current = a if lists else None
+                if current:
                     continue
                 rewritten.append(a)
-            args = rewritten
-        return super().parse_args(ctx, args)
+                value = next(rest, None) if a in takes_value else None  # an option's value is not an input
+                if value is not None:
+                    rewritten.append(value)
+                continue
+            if current is not None:
+                rewritten += [current, a]
+                continue
+            inputs_seen = True
+            rewritten.append(a)
+        return super().parse_args(ctx, rewritten)
 
 
 def _mask_values(text: str | None) -> list[Any] | None:
@@ -66,7 +80,9 @@ def predict(
                                            "ONNX (.onnx). Default: checkpoints/best.pth (torch) or the "
                                            "newest exported/*.onnx / *.ts for --backend ort / torchscript."),
     output: list[str] = typer.Option(None, "--output", "-o", show_default=False,
-                                     help="One output name per input, or one folder. Default: <stem>_OUT.png "
+                                     help="One output name per input, or one folder. Several names may follow "
+                                          "one -o after the inputs (a.jpg b.jpg -o x.png y.png) or with -i; "
+                                          "an -o before the inputs takes one value. Default: <stem>_OUT.png "
                                           "beside each input."),
     backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the model "
                                                   "file)."),
@@ -81,8 +97,9 @@ def predict(
                                             help="torch backend: torch.compile mode (default, reduce-overhead "
                                                  "= CUDA graphs, max-autotune)."),
     viz: bool = typer.Option(False, "--viz", "-v",
-                             help="Write <stem>_OVERLAY.png (mask tinted over the image) beside each mask; "
-                                  "also show it where a display exists."),
+                             help="Write <stem>_OVERLAY.png (mask tinted in a contrasting colour and "
+                                  "outlined in white and black over the image) beside each mask; also show "
+                                  "it where a display exists."),
     no_save: bool = typer.Option(False, "--no-save", "-n", help="Do not write mask files."),
     mask_threshold: float | None = typer.Option(None, "--mask-threshold", "-t",
                                                 help="Foreground probability threshold for binary models (one "
@@ -120,19 +137,22 @@ def predict(
                                        help="Resume an interrupted run: skip inputs whose mask PNG exists, is "
                                             "valid and was made with the same model and options, and with "
                                             "--rle reuse the submission rows it journaled."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on success."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (no progress bar, no "
+                                                            "'wrote ...' lines, no summary on success)."),
     nproc: int = typer.Option(1, "--nproc", help="Predict in N local processes (one per GPU, or CPU shares): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
 ) -> None:
     """Predict masks for images with a checkpoint, TorchScript or ONNX model.
 
     Scale, threshold, classes and mask values come from the model unless given. Bad files are reported on
-    one line each and skipped; the exit code is 1 when any file failed.
+    one line each and skipped; the exit code is 1 when any file failed. At the end it prints where the
+    masks and overlays went. Ctrl-C stops with one line and exit code 130; the masks written so far are
+    kept and --resume continues.
 
     Under torchrun (or with --nproc) the inputs are split over the processes; rank 0 merges --rle.
 
     Examples: `unet-deploy predict data/test/ --backend ort --rle submission.csv --no-save`;
-    `unet-deploy predict -m MODEL.pth -i a.jpg b.jpg -o a_mask.png b_mask.png`;
+    `unet-deploy predict -m MODEL.pth a.jpg b.jpg -o a_mask.png b_mask.png` (or -i a.jpg b.jpg -o ...);
     `unet-deploy predict data/test/ --rle submission.csv --no-save --nproc 4 --resume`
     """
     from ..errors import UserError
@@ -147,9 +167,14 @@ def predict(
 
         _check_file(model if model is not None else default_model(backend))  # one error line, not N
         relaunch(ctx, nproc)
-    from ..shard import SharedError, process_group
+    import contextlib
+    import os
 
-    with process_group() as group:
+    from ..shard import Group, SharedError, process_group
+
+    # one process (no torchrun): no process group, so the ONNX Runtime path never imports torch
+    alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    with contextlib.nullcontext(Group()) if alone else process_group() as group:
         try:
             _predict(group, specs, model, output, backend, device, precision, threads, channels_last,
                      compile_mode, viz, no_save,
@@ -160,6 +185,33 @@ def predict(
             if group.main:
                 raise
             raise typer.Exit(e.exit_code) from None  # rank 0 prints it
+        except KeyboardInterrupt as e:
+            if group.main:
+                typer.echo(_interrupted_line(e), err=True)
+            raise typer.Exit(130) from None
+
+
+def _interrupted_line(e: KeyboardInterrupt) -> str:
+    from ..predict import PredictInterrupted
+
+    if not isinstance(e, PredictInterrupted):
+        return "interrupted; rerun the same command (with --resume to keep the masks already written)"
+    return (f"interrupted: {e.done} of {e.total} files done; masks written so far are kept; rerun the same "
+            "command with --resume to continue")
+
+
+def _where_lines(paths: list[Path], noun: str, limit: int = 3) -> list[str]:
+    """``wrote a_OUT.png`` per file for a few files; ``wrote N masks to DIR/`` per folder for more."""
+    if len(paths) <= limit:
+        return [f"wrote {p}" for p in paths]
+    folders: dict[Path, int] = {}
+    for p in paths:
+        folders[p.parent] = folders.get(p.parent, 0) + 1
+    lines = [f"wrote {n} {noun} to {str(d).rstrip('/')}/" for d, n in list(folders.items())[:limit]]
+    if len(folders) > limit:
+        rest = sum(list(folders.values())[limit:])
+        lines.append(f"wrote {rest} more {noun} in {len(folders) - limit} more folders (beside their inputs)")
+    return lines
 
 
 def _predict(group: Any, specs: list[str], model: Path | None, output: list[str] | None, backend: str | None,
@@ -179,7 +231,8 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
 
     # processes on one machine share its cores (ONNX Runtime threads, CRF workers) and its GPUs
     share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    device = rank_device(device, group.local_rank, group.world)
+    if group.world > 1:
+        device = rank_device(device, group.local_rank, group.world)
     if group.world > 1 and threads is None and not device.startswith("cuda"):
         threads = share
     if threads is not None and threads < 1:
@@ -212,6 +265,9 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
                         f"{'bilinear' if mc.bilinear else 'transposed'} up-sampling; drop the flag (it is "
                         "read from the model)")
     summary = predict_files(be, specs, options, outputs=output, group=group)
+    if group.main and not quiet:
+        for line in _where_lines(summary.masks, "masks") + _where_lines(summary.overlays, "overlays"):
+            typer.echo(line)
     if group.main and (not quiet or summary.failed):
         typer.echo(f"{summary.line()} [{be.describe()}]", err=bool(summary.failed))
     if summary.failed:
