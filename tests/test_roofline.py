@@ -10,8 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from unet_deploy import bench
+from unet_deploy.bench.render.markdown import roofline_section
+from unet_deploy.bench.roofline import measure_peaks, network_work, roofline_report
 from unet_deploy.config import ModelConfig
-from unet_deploy.roofline import measure_peaks, network_work, roofline_report
 
 pytestmark = pytest.mark.export
 
@@ -71,7 +72,7 @@ def test_ceilings_follow_from_work_and_peaks_and_mark_targets_out_of_reach() -> 
     fp32 = goals["onnxruntime"]
     assert fp32["ceiling"] == pytest.approx(entry["ceiling_speedup"]["fp32"])
     assert fp32["reachable"] is (fp32["ceiling"] >= 2.5) and not fp32["met"]
-    text = "\n".join(bench._roofline_section(report))
+    text = "\n".join(roofline_section(report))
     assert "200 GFLOP/s" in text and "898.6" in text
 
 
@@ -85,4 +86,4 @@ def test_a_disturbed_probe_never_gives_a_ceiling_below_what_was_observed() -> No
     assert entry["cases"]["ort"]["share_of_peak"] == pytest.approx(1.0)
     assert entry["ceiling_speedup"]["fp32"] == pytest.approx(6800.0 / 4600.0)
     report = {"settings": {"scales": [0.5]}, "cases": cases, "roofline": roof}
-    assert "For fp32 a whole-network run beat the probe layer" in "\n".join(bench._roofline_section(report))
+    assert "For fp32 a whole-network run beat the probe layer" in "\n".join(roofline_section(report))

@@ -9,8 +9,6 @@ import typer
 from ..errors import UserError
 from ._app import app
 
-_BACKENDS = ("torch", "torchscript", "ort")
-
 
 def _split(values: list[str] | None) -> list[str]:
     """Accept ``--scales 0.5 1.0``, ``--scales 0.5 --scales 1.0`` and ``--scales 0.5,1.0`` alike."""
@@ -21,21 +19,23 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _is_variant(word: str) -> bool:
-    return word.lower().replace("_", "-").split("-")[0] in _BACKENDS
+    """Whether ``word`` names a benchmark variant (its first part is a backend)."""
+    from ..bench.variants import BENCH_BACKENDS  # the benchmark package loads on use: a fast CLI start
 
-
-_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+    return word.lower().replace("_", "-").split("-")[0] in BENCH_BACKENDS
 
 
 def _sort_extras(extras: list[str], backends: list[str], scales: list[str], precisions: list[str]) -> None:
     """Words after ``--backends``/``--scales``/``--precision`` that click leaves over: numbers are scales,
     fp32/fp16/bf16/int8 precisions, names backends."""
+    from ..bench.variants import BENCH_BACKENDS, PRECISIONS
+
     for word in extras:
         for part in _split([word]):
             if _is_variant(part):
                 backends.append(part)
                 continue
-            if part.lower() in _PRECISIONS:
+            if part.lower() in PRECISIONS:
                 precisions.append(part.lower())
                 continue
             try:
@@ -43,8 +43,8 @@ def _sort_extras(extras: list[str], backends: list[str], scales: list[str], prec
             except ValueError:
                 if part.startswith("-"):
                     raise UserError(f"{part}: unknown option; see `unet-deploy benchmark --help`") from None
-                raise UserError(f"{part}: not a backend ({', '.join(_BACKENDS)}), precision ("
-                                f"{', '.join(_PRECISIONS)}) nor a scale (a number like 0.5); check --backends, "
+                raise UserError(f"{part}: not a backend ({', '.join(BENCH_BACKENDS)}), precision ("
+                                f"{', '.join(PRECISIONS)}) nor a scale (a number like 0.5); check --backends, "
                                 "--precision and --scales") from None
             scales.append(part)
 
@@ -147,7 +147,15 @@ def benchmark(
     from rich.console import Console
 
     from ..backends import COMPILE_MODES
-    from ..bench import VARIANT_HELP, BenchSettings, expand_variants, reproduce_command, resolve_settings, run_benchmark
+    from ..bench import (
+        BENCH_BACKENDS,
+        VARIANT_HELP,
+        BenchSettings,
+        expand_variants,
+        reproduce_command,
+        resolve_settings,
+        run_benchmark,
+    )
 
     backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
     _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
@@ -159,7 +167,7 @@ def benchmark(
     if stages < 0:
         raise UserError(f"--stages {stages}: use 0 (off) or a number of images")
     merged = [_read_json(path, "--merge", "give a JSON written by --json or int8_eval.py") for path in merge or []]
-    words = backend_words or list(_BACKENDS)
+    words = backend_words or list(BENCH_BACKENDS)
     if precision_words or channels_last or compile_:
         from ..backends import resolve_device
 

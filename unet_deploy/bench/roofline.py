@@ -29,6 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import ort_session_options
+from ..onnx_passes import fold_qdq_data_movement
+
 __all__ = ["network_work", "measure_peaks", "roofline_report", "PEAK_LAYER"]
 
 #: The probe layer: 3x3 convolution, 256 -> 256 channels on a 160x120 map (11.3 GMAC): big enough to be
@@ -86,8 +89,6 @@ def _probe_model(channels: int, height: int, width: int) -> Any:
 def _time_session(path: Path, feed: np.ndarray, threads: int | None, runs: int) -> float:
     import onnxruntime as ort
 
-    from .backends import ort_session_options
-
     session = ort.InferenceSession(str(path), sess_options=ort_session_options(threads),
                                    providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -115,8 +116,6 @@ def measure_peaks(threads: int | None = None, runs: int = 10, layer: dict[str, i
     """Peak GFLOP/s (float32) and GOP/s (int8) of ONNX Runtime's CPU convolutions on the probe layer."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from .onnx_passes import fold_qdq_data_movement
 
     spec = dict(PEAK_LAYER if layer is None else layer)
     c, h, w = spec["channels"], spec["height"], spec["width"]

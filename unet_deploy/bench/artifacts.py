@@ -1,0 +1,160 @@
+"""The model files a benchmark loads: the checkpoint (given, or a seeded fresh init), its TorchScript and ONNX
+exports and the int8/fp16 ONNX files made from them, kept in a folder named by a hash of what made them so
+a cache folder is reused across runs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import DeployConfig, InferenceConfig, ModelConfig
+from ..data import preprocess
+from ..fileio import sha256_file
+from .inputs import synthetic_image
+from .settings import CARVANA_SIZE, BenchSettings, resolve_settings
+from .variants import parse_variant
+
+__all__ = ["MODEL_FILES", "BENCH_CALIBRATION_IMAGES", "ModelFiles", "cache_key", "prepare_models", "work_folder"]
+
+#: File name of each model file, by ``Variant.file_key``.
+MODEL_FILES = {"torch": "model.pth", "torchscript": "model.ts", "ort": "model.onnx", "ort-int8": "model.int8.onnx",
+               "ort-fp16": "model.fp16.onnx"}
+#: Synthetic Carvana-like images the benchmark calibrates its int8 model on.
+BENCH_CALIBRATION_IMAGES = 4
+
+
+@dataclass
+class ModelFiles:
+    """One model in every format, plus where it came from."""
+
+    paths: dict[str, Path]  # backend -> model file
+    architecture: str
+    source: str  # "checkpoint <path>" or "fresh init (seed N)"
+    export_s: dict[str, float] = field(default_factory=dict)  # backend -> seconds spent exporting
+    model_config: Any = None  # the ModelConfig (architecture) of these files
+
+
+def cache_key(settings: BenchSettings) -> str:
+    """Hash of the weights (or the fresh-init recipe), the export recipe and the torch/onnx versions."""
+    import torch
+
+    # recipe: bump when the export/quantisation recipe changes, so cached files are made again
+    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 4}
+    with contextlib.suppress(ImportError):
+        import onnx
+
+        what["onnx"] = onnx.__version__
+    if settings.checkpoint is not None:
+        what["checkpoint"] = sha256_file(settings.checkpoint)
+    else:
+        what.update(base=settings.base_channels, bilinear=settings.bilinear, seed=settings.seed)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def work_folder(cache_dir: str | Path | None, key: str) -> Iterator[tuple[Path, Path]]:
+    """(model folder, scratch folder): the model folder persists under ``cache_dir`` when one is given."""
+    with tempfile.TemporaryDirectory(prefix="unet-bench-") as tmp:
+        models = Path(cache_dir) / key if cache_dir else Path(tmp) / "models"
+        yield models, Path(tmp)
+
+
+def prepare_models(settings: BenchSettings, folder: str | Path,
+                   log: Callable[[str], None] | None = None) -> ModelFiles:
+    """Write (or reuse from ``folder``) the checkpoint, TorchScript and ONNX files the backends load.
+
+    With ``settings.checkpoint`` the checkpoint is used as is; otherwise a U-Net of the seed architecture
+    (``base_channels``, ``bilinear``) is initialised with ``torch.manual_seed(seed)`` and saved. Files
+    already in ``folder`` from an earlier run with the same inputs are reused (the folder name is a hash
+    of the weights/architecture and the torch/onnx versions).
+    """
+    from ..checkpoint import load_checkpoint
+    from ..export import export_onnx, export_torchscript
+
+    settings = resolve_settings(settings)
+    say = log or (lambda _msg: None)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if settings.checkpoint is not None:
+        ckpt = load_checkpoint(settings.checkpoint)
+        config = ckpt.config
+        paths["torch"] = Path(settings.checkpoint)
+        source = f"checkpoint {settings.checkpoint}"
+        model = None
+    else:
+        config, paths["torch"], model = _fresh_checkpoint(settings, folder)
+        source = f"fresh init (seed {settings.seed})"
+        ckpt = load_checkpoint(paths["torch"])
+    export_s: dict[str, float] = {}
+    keys = {parse_variant(v).file_key for v in settings.backends}
+    if keys & {"ort-int8", "ort-fp16"}:
+        keys.add("ort")
+    for backend, writer in (("torchscript", export_torchscript), ("ort", export_onnx)):
+        if backend not in keys:
+            continue
+        target = folder / MODEL_FILES[backend]
+        paths[backend] = target
+        if target.exists():
+            continue
+        if model is None:
+            model = ckpt.build_model("cpu")
+        say(f"exporting {backend} -> {target}")
+        t0 = time.perf_counter()
+        writer(model, ckpt.config, target)
+        export_s[backend] = time.perf_counter() - t0
+    for key in ("ort-int8", "ort-fp16"):
+        if key in keys:
+            _derived_onnx(key, settings, ckpt.config, paths, folder, export_s, say)
+    return ModelFiles(paths, config.model.architecture, source, export_s, config.model)
+
+
+def _fresh_checkpoint(settings: BenchSettings, folder: Path) -> tuple[DeployConfig, Path, Any]:
+    """The seed architecture initialised with ``torch.manual_seed(seed)``, saved once into ``folder``:
+    (config, checkpoint path, the model when it was made now, else None)."""
+    import torch
+
+    from ..checkpoint import save_checkpoint
+
+    mc = ModelConfig(bilinear=settings.bilinear, base_channels=int(settings.base_channels or 64))
+    config = DeployConfig(model=mc, inference=InferenceConfig(scale=settings.scales[0]),
+                          source={"format": "fresh-init", "seed": settings.seed})
+    path = folder / MODEL_FILES["torch"]
+    model = None
+    if not path.exists():
+        torch.manual_seed(settings.seed)
+        model = mc.build().eval()
+        save_checkpoint(path, model, config, {"note": "benchmark: untrained seeded init"})
+    return config, path, model
+
+
+def _derived_onnx(key: str, settings: BenchSettings, config: Any, paths: dict[str, Path], folder: Path,
+                  export_s: dict[str, float], say: Callable[[str], None]) -> None:
+    """Write (or reuse) the int8 or fp16 model made from the fp32 ONNX file; add it to ``paths``."""
+    from ..export import convert_onnx_fp16, quantize_onnx_int8
+
+    target = folder / MODEL_FILES[key]
+    paths[key] = target
+    if target.exists():
+        return
+    t0 = time.perf_counter()
+    if key == "ort-int8":
+        width, height = settings.image_size or CARVANA_SIZE
+        scale = config.inference.scale
+        say(f"quantising int8 -> {target} (calibrating on {BENCH_CALIBRATION_IMAGES} synthetic images "
+            f"at scale {scale:g})")
+        batches = (preprocess(synthetic_image(width, height, settings.seed + 1000 + i), scale)[None]
+                   for i in range(BENCH_CALIBRATION_IMAGES))
+        quantize_onnx_int8(paths["ort"], config, target, batches)
+    else:
+        say(f"converting fp16 -> {target}")
+        convert_onnx_fp16(paths["ort"], config, target)
+    export_s[key] = time.perf_counter() - t0
+

@@ -1,0 +1,103 @@
+"""The machine a benchmark ran on (CPU, cores, RAM, GPU, library versions, load average) and whether it was
+quiet enough to trust the timings (busy machine, unsteady cases)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ..config import versions
+from .variants import variant_label
+
+__all__ = ["UNSTEADY_SPREAD", "cpu_model", "load_average_1m", "machine_facts", "unsteady", "reliability",
+           "reliability_notes"]
+
+#: A case whose p90 is more than this times its p50 had unsteady timings (other work got in the way).
+UNSTEADY_SPREAD = 1.25
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_average_1m() -> float | None:
+    """The 1-minute load average, rounded to 0.01; None where the platform has none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def machine_facts(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, RAM, GPU, library versions and ONNX Runtime providers of this machine."""
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    facts: dict[str, Any] = {
+        "cpu": cpu_model(), "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_usable": usable, "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(), "versions": versions(), "gpu": None,
+        "load_avg_1m": load_average_1m(),
+        "cuda": torch.version.cuda, "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8],
+    }
+    with contextlib.suppress(ImportError):
+        import onnxruntime as ort
+
+        facts["ort_providers"] = ort.get_available_providers()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        props = torch.cuda.get_device_properties(index)
+        facts["gpu"] = props.name
+        facts["gpu_memory_gib"] = round(props.total_memory / 1024 ** 3, 1)
+    return facts
+
+
+def unsteady(case: dict[str, Any]) -> bool:
+    """True when the case's p90/p50 is above :data:`UNSTEADY_SPREAD`."""
+    lat = case.get("latency") or {}
+    p50, p90 = lat.get("p50_ms"), lat.get("p90_ms")
+    return bool(p50 and p90) and p90 / p50 > UNSTEADY_SPREAD
+
+
+def reliability(report: dict[str, Any]) -> dict[str, Any]:
+    """Was the machine quiet enough to trust the ratios? ``busy``: the 1-minute load average at the start
+    or end of the run was above the usable cores; ``unsteady``: the cases with p90/p50 above
+    :data:`UNSTEADY_SPREAD`; ``reliable``: neither."""
+    m = report.get("machine") or {}
+    cores = m.get("cores_usable") or m.get("cores_logical") or os.cpu_count() or 1
+    load = report.get("load_avg") or {}
+    seen = [x for x in (load.get("start"), load.get("end"), m.get("load_avg_1m")) if x is not None]
+    peak = max(seen) if seen else None
+    busy = peak is not None and peak > cores
+    shaky = [{"backend": c["backend"], "scale": c["scale"],
+              "spread": c["latency"]["p90_ms"] / c["latency"]["p50_ms"]} for c in report["cases"] if unsteady(c)]
+    return {"busy": busy, "load": peak, "cores": cores, "spread_limit": UNSTEADY_SPREAD, "unsteady": shaky,
+            "reliable": not busy and not shaky}
+
+
+def reliability_notes(report: dict[str, Any]) -> list[str]:
+    """Footnote lines for the ``?`` marks: why this run's timings and ratios are not to be trusted."""
+    r = reliability(report)
+    out = []
+    if r["busy"]:
+        out.append(f"? machine busy (load {r['load']:.1f} on {r['cores']} cores): ratios unreliable, rerun on "
+                   "a quiet machine")
+    if r["unsteady"]:
+        cases = ", ".join(f"{variant_label(c['backend'])} at {c['scale']:g} ({c['spread']:.2f}x)"
+                          for c in r["unsteady"])
+        out.append(f"? unsteady timings, p90/p50 above {UNSTEADY_SPREAD:g}: {cases}; their rows and ratios are "
+                   "unreliable, rerun with more --runs on a quiet machine")
+    return out

@@ -1,0 +1,95 @@
+"""One whole benchmark run (:func:`run_benchmark`): the model files, every backend x scale case in a fresh
+process, then (optionally) the roofline and the stage timing, as one JSON-ready report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .analysis import before_after, speedups, targets
+from .artifacts import ModelFiles, cache_key, prepare_models, work_folder
+from .cases import run_cases
+from .inputs import synthetic_image, write_jpeg
+from .machine import load_average_1m, machine_facts, reliability, unsteady
+from .roofline import measure_peaks, roofline_report
+from .settings import CARVANA_SIZE, SCHEMA, BenchSettings, reproduce_command, resolve_settings
+from .stages import measure_stages
+from .variants import parse_variant
+
+__all__ = ["run_benchmark", "run_roofline", "run_stages"]
+
+
+def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every backend x scale case (each in a fresh process) and return the JSON-ready report."""
+    settings = resolve_settings(settings)
+    say = log or (lambda _msg: None)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = load_average_1m()
+    key = f"{'ckpt' if settings.checkpoint else 'fresh'}-{cache_key(settings)}"
+    with work_folder(cache_dir, key) as (model_dir, scratch):
+        files = prepare_models(settings, model_dir, say)
+        cases = run_cases(settings, files, scratch, None if cache_dir else model_dir, say)
+        roof = None  # the probe runs before the in-process stage timing: no threads of that around
+        if settings.roofline:
+            roof = run_roofline(settings, cases, files, say)
+        stages = run_stages(settings, cases, files, scratch, say) if settings.stages else None
+    s = settings
+    report = {
+        "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
+        "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
+        "settings": {
+            "checkpoint": str(s.checkpoint) if s.checkpoint else None, "quick": s.quick,
+            "backends": list(s.backends), "scales": list(s.scales), "device": s.device, "runs": s.runs,
+            "warmup": s.warmup, "threads": s.threads, "base_channels": s.base_channels if not s.checkpoint else None,
+            "bilinear": s.bilinear if not s.checkpoint else None, "seed": s.seed,
+            "image_size": list(s.image_size or CARVANA_SIZE),
+        },
+        "model": {"architecture": files.architecture, "source": files.source},
+        "machine": machine_facts(s.device),
+        "cases": cases,
+    }
+    report["load_avg"] = {"start": load_start, "end": report["machine"].get("load_avg_1m")}
+    for case in cases:
+        case["unsteady"] = unsteady(case)
+    report["reliability"] = reliability(report)
+    if roof is not None:
+        report["roofline"] = roof  # before the targets: they quote its ceilings
+    report["speedups"] = speedups(report)
+    report["targets"] = targets(report)
+    report["before_after"] = before_after(report)
+    if stages is not None:
+        report["stages"] = stages
+    report["command"] = reproduce_command(settings)
+    return report
+
+
+def run_roofline(settings: BenchSettings, cases: list[dict[str, Any]], files: ModelFiles,
+                 say: Callable[[str], None]) -> dict[str, Any]:
+    """The roofline section: work per image, achieved GFLOP/s and (CPU) ONNX Runtime's measured peaks."""
+    peaks = None
+    if settings.device == "cpu":
+        say("roofline: timing ONNX Runtime's fp32 and int8 convolutions on one large layer")
+        try:
+            peaks = measure_peaks(settings.threads)
+        except Exception as e:  # noqa: BLE001 - keep the timings already measured; report without peaks
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            say(f"roofline: the peak probe failed ({first[:200]}); reporting GFLOP/s without floors")
+    return roofline_report({"cases": cases}, files.model_config, peaks)
+
+
+def run_stages(settings: BenchSettings, cases: list[dict[str, Any]], files: ModelFiles, scratch: Path,
+               say: Callable[[str], None]) -> dict[str, Any]:
+    """Stage timing with the fastest variant whose parity passed at the model's (first) scale."""
+    scale = settings.scales[0]
+    ok = [c for c in cases if c["scale"] == scale and c["parity"].get("passed", True)]
+    best = min(ok, key=lambda c: c["latency"]["p50_ms"]) if ok else None
+    variant = best["backend"] if best else settings.backends[0]
+    width, height = settings.image_size or CARVANA_SIZE
+    images = [write_jpeg(synthetic_image(width, height, settings.seed + 2000 + i), scratch / f"car{i:03d}.jpg")
+              for i in range(settings.stages)]
+    say(f"stages: {variant} on {len(images)} {width}x{height} JPEGs{' with CRF' if settings.stages_crf else ''}")
+    return measure_stages(files.paths[parse_variant(variant).file_key], variant, settings.device, images,
+                          scratch / "stages", crf=settings.stages_crf, threads=settings.threads)
