@@ -23,7 +23,7 @@ from PIL import Image
 
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.data import find_pairs, load_image, load_mask, preprocess
-from unet_deploy.predict import CRASH_ENV
+from unet_deploy.predict.resume import CRASH_ENV
 from unet_deploy.rle import read_submission
 from unet_deploy.shard import JournalRow, JournalWriter, journal_dir, read_journal, rle_fits, split
 from unet_deploy.synth import generate_dataset, generate_test_images

@@ -226,7 +226,8 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
     from ..backends import load_backend
     from ..crf import CRFParams
     from ..errors import UserError
-    from ..predict import PredictOptions, default_model, display_available, predict_files
+    from ..predict import PredictOptions, default_model, predict_files
+    from ..predict.overlay import display_available
     from ..shard import rank_device
 
     # processes on one machine share its cores (ONNX Runtime threads, CRF workers) and its GPUs

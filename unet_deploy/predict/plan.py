@@ -1,0 +1,199 @@
+"""Planning a run before anything is predicted: which files, where each output goes, which model.
+
+Also checks that a submission can be written (:func:`check_rle_target`), so a run never fails at its end.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from ..data import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
+from ..errors import UserError
+from .records import Job
+from .write import MASK_FORMATS
+
+__all__ = ["expand_specs", "expand_inputs", "plan_jobs", "plan_run", "check_rle_target", "default_model",
+           "DEMO_DIR"]
+
+GLOB_CHARS = set("*?[")
+DEMO_DIR = "demo"  #: where `unet-deploy demo` writes; its model is the fallback when none is here
+
+
+# --------------------------------------------------------------------------------------- inputs
+class _OrderedInputs:
+    """Input paths in the order first seen (one entry per file), with a problem for specs that found none."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Path, str | None]] = []
+        self.seen: set[str] = set()
+
+    def add(self, path: Path) -> None:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.items.append((path, None))
+
+    def add_spec(self, spec: str | Path) -> None:
+        text = str(spec)
+        p = Path(text).expanduser()
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                self.items.append((p, f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})"))
+        elif not p.exists() and GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(str(p), recursive=True))
+            found = [Path(m) for m in matches if not (Path(m).is_file() and is_own_output(Path(m)))]
+            if not found:
+                self.items.append((p, f"{text}: no file matches this pattern"))
+        else:
+            found = [p]
+        for q in found:
+            self.add(q)
+
+
+def expand_specs(specs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """(path, None) for each input file in order; (spec, problem) where a spec yields no file."""
+    inputs = _OrderedInputs()
+    for spec in specs:
+        inputs.add_spec(spec)
+    return inputs.items
+
+
+def expand_inputs(specs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, not recursive) and globs -> ordered, de-duplicated paths.
+
+    Returns ``(paths, problems)``: a folder without images or a glob matching nothing is a one-line
+    problem. Paths that do not exist are kept, so predicting them reports "not found" in its place.
+    Folder and glob expansion leave out this tool's own outputs (``*_OUT.png``, ``*_OVERLAY.png``).
+    """
+    items = expand_specs(specs)
+    return [p for p, e in items if e is None], [e for _, e in items if e is not None]
+
+
+# --------------------------------------------------------------------------------------- output names
+def _mask_output_for(path: Path, folder: Path | None) -> Path:
+    return (folder if folder is not None else path.parent) / f"{path.stem}{MASK_SUFFIX}.png"
+
+
+def _overlay_for(output: Path) -> Path:
+    stem = output.stem[: -len(MASK_SUFFIX)] if output.stem.endswith(MASK_SUFFIX) else output.stem
+    return output.with_name(f"{stem}{OVERLAY_SUFFIX}.png")
+
+
+def _output_names(inputs: Sequence[Path], outputs: list[str]) -> tuple[Path | None, list[Path | None]]:
+    """(folder for every mask, or None; one name per input, or Nones) from the ``-o`` values."""
+    if not outputs:
+        return None, [None] * len(inputs)
+    first = outputs[0]
+    as_folder = len(outputs) == 1 and (Path(first).is_dir() or first.endswith(("/", os.sep))
+                                       or (len(inputs) > 1 and not Path(first).suffix))
+    if as_folder:
+        return Path(first), [None] * len(inputs)
+    if len(outputs) != len(inputs):
+        raise UserError(f"-o: {len(outputs)} output names for {len(inputs)} inputs; give one name per "
+                        "input or one folder")
+    for o in outputs:
+        if Path(o).suffix.lower() not in MASK_FORMATS:
+            raise UserError(f"-o {o}: masks are written losslessly; use a .png name (or .gif, .bmp, "
+                            ".tif) or a folder")
+    return None, [Path(o) for o in outputs]
+
+
+def _clash(path: Path, targets: Sequence[Path | None], input_keys: set[str], claimed: dict[str, Path]
+           ) -> str | None:
+    """Why ``path``'s outputs cannot be written (an input, or another input's output), else None; claims them."""
+    error = None
+    for target in targets:
+        if target is None:
+            continue
+        key = os.path.normcase(os.path.abspath(target))
+        if key in input_keys:
+            error = (f"{path}: output {target} is an input file; refusing to overwrite it "
+                     "(choose another -o)")
+        elif key in claimed:
+            error = (f"{path}: output {target} is also the output of {claimed[key]}; use -o FOLDER per "
+                     "input folder or give names")
+        else:
+            claimed[key] = path
+    return error
+
+
+def plan_jobs(inputs: Sequence[Path], outputs: Sequence[str | Path] | None = None, save: bool = True,
+              viz: bool = False) -> list[Job]:
+    """Decide every output name before anything runs.
+
+    ``outputs``: none -> ``<stem>_OUT.png`` beside each input; one existing folder (or a name ending in
+    ``/``, or one name without suffix for several inputs) -> ``FOLDER/<stem>_OUT.png``; otherwise exactly
+    one name per input. An output equal to an input, or two inputs mapped to one output, is a per-file
+    error (the input is never overwritten).
+    """
+    folder, names = _output_names(inputs, [str(o) for o in outputs or []])
+    input_keys = {os.path.normcase(os.path.abspath(p)) for p in inputs}
+    claimed: dict[str, Path] = {}
+    jobs = []
+    for i, path in enumerate(inputs):
+        out = names[i] or _mask_output_for(path, folder)
+        overlay = _overlay_for(out) if viz else None
+        error = _clash(path, (out if save else None, overlay), input_keys, claimed)
+        jobs.append(Job(i, path, out if save else None, overlay, error))
+    return jobs
+
+
+def plan_run(specs: Sequence[str | Path], outputs: Sequence[str | Path] | None, save: bool, viz: bool
+             ) -> list[Job]:
+    """One job per input file of ``specs``; a spec that matched nothing is a job with its ``error``, in its
+    place (so it keeps its place in the run and in the error report)."""
+    items = expand_specs(specs)
+    planned = iter(plan_jobs([p for p, e in items if e is None], outputs, save=save, viz=viz))
+    return [replace(next(planned), index=i) if e is None else Job(i, p, error=e)
+            for i, (p, e) in enumerate(items)]
+
+
+# --------------------------------------------------------------------------------------- submission
+def check_rle_target(path: str | Path) -> None:
+    """Raise a one-line UserError unless a submission can be written at ``path`` (checked before a run)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--rle {path}: is a folder; give a file name, e.g. {path / 'submission.csv'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # missing folders are created: the first existing one must take them
+    if not parent.is_dir():
+        raise UserError(f"--rle {path}: {parent} is not a folder; give a submission path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--rle {path}: cannot write in {parent} (permission denied); choose a writable "
+                        "folder")
+
+
+# --------------------------------------------------------------------------------------- models
+def _newest(folder: Path, suffix: str) -> Path | None:
+    found = sorted(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def default_model(backend: str | None, root: str | Path = ".") -> Path:
+    """The model used when ``-m`` is omitted: ``checkpoints/best.pth`` (torch) or the newest
+    ``exported/*.onnx`` / ``*.ts``; when there is none, the same under ``demo/`` (what `unet-deploy demo`
+    wrote), with a one-line notice on stderr."""
+    root = Path(root)
+    if backend not in (None, "torch", "ort", "torchscript"):
+        raise UserError(f"--backend {backend}: unknown backend; use torch, torchscript or ort")
+    if backend in (None, "torch"):
+        found = [p for p in (root / "checkpoints" / "best.pth", root / DEMO_DIR / "checkpoints" / "best.pth")
+                 if p.is_file()]
+        wanted, how = root / "checkpoints" / "best.pth", "train one with `unet-deploy train`"
+    else:
+        suffix, fmt = {"ort": (".onnx", "onnx"), "torchscript": (".ts", "torchscript")}[backend]
+        found = [p for p in (_newest(root / "exported", suffix), _newest(root / DEMO_DIR / "exported", suffix)) if p]
+        wanted, how = root / "exported" / f"*{suffix}", f"create one with `unet-deploy export --format {fmt}`"
+    if not found:
+        raise UserError(f"no -m given and no {wanted} (nor the demo's under {root / DEMO_DIR}/) found; "
+                        f"{how}, run `unet-deploy demo`, or pass -m MODEL")
+    if DEMO_DIR in found[0].relative_to(root).parts[:1]:
+        print(f"no -m given and no {wanted}: using the demo's model {found[0]}", file=sys.stderr)
+    return found[0]

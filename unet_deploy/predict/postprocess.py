@@ -1,0 +1,97 @@
+"""Post-processing: the model's logits -> a class mask at the input's size, optionally refined by dense
+CRF; and the hand-off to flip TTA (the backend is wrapped so that every batch also runs mirrored).
+
+For binary models (one sigmoid or two softmax outputs) a pixel is foreground when its probability exceeds
+the threshold; with CRF the probabilities are first re-weighted so that the threshold maps to 0.5
+(:func:`unet_deploy.crf.threshold_prior`). Models with more classes take the argmax.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from ..backends import Backend
+from ..crf import CRFParams, crf_map, threshold_prior
+from ..postprocess import logits_to_mask, probabilities
+from ..tta import flip_tta
+from .batch import Inferred
+from .load import Loaded
+from .records import PredictOptions, PredictResult
+
+__all__ = ["with_tta", "logits_to_outputs", "to_result", "results_in_order", "crf_results_in_order"]
+
+
+def with_tta(backend: Backend, options: PredictOptions) -> Backend:
+    """``backend``, wrapped for flip TTA when ``options.tta`` asks for it."""
+    return flip_tta(backend) if options.tta else backend
+
+
+def logits_to_outputs(stream: Iterable[Inferred], threshold: float, crf: bool) -> Iterator[Inferred]:
+    """Replace each item's logits by its class mask at the input's size (``crf``: by its probabilities,
+    threshold-weighted for binary models, for :func:`unet_deploy.crf.crf_map`)."""
+    for item, logits, error in stream:
+        if logits is None:
+            yield item, None, error
+            continue
+        size = item.image.shape[:2]
+        if crf:
+            probs = probabilities(logits[0], size)
+            yield item, threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs, None
+        else:
+            yield item, logits_to_mask(logits, size, threshold)[0], None
+
+
+def to_result(item: Loaded, mask: np.ndarray | None, error: str | None, keep_image: bool) -> PredictResult:
+    """The job's result; ``keep_image``: with the decoded image (for overlays and CRF), when it succeeded."""
+    if item.skipped_mask is not None:
+        return PredictResult(item.job, item.skipped_mask, skipped=True)
+    image = item.image if keep_image and error is None else None
+    return PredictResult(item.job, mask, error, image=image)
+
+
+def results_in_order(stream: Iterable[Inferred], keep_image: bool) -> Iterator[PredictResult]:
+    for item, mask, error in stream:
+        yield to_result(item, mask, error, keep_image)
+
+
+class _CrfQueue:
+    """Dense CRF keeps order (:func:`unet_deploy.crf.crf_map`): its n-th mask belongs to the n-th item that
+    went in. Items without probabilities (failed or skipped) wait in ``pending`` and come out at their place.
+    """
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[tuple[Loaded, str | None]] = collections.deque()
+
+    def feed(self, stream: Iterable[Inferred]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image, probabilities) for CRF, remembering every item in order."""
+        for item, probs, error in stream:
+            self.pending.append((item, error))
+            if probs is not None:
+                yield (item.image if item.image.shape[2] == 3 else item.image[..., 0]), probs
+
+    def waiting(self) -> Iterator[tuple[Loaded, str | None]]:
+        """The items before the next one with a CRF mask (errors and skipped outputs)."""
+        while self.pending and (self.pending[0][1] is not None or self.pending[0][0].skipped_mask is not None):
+            yield self.pending.popleft()
+
+
+def crf_results_in_order(stream: Iterable[Inferred], params: CRFParams, workers: int, keep_image: bool
+                         ) -> Iterator[PredictResult]:
+    """One result per item of ``stream`` (which carries probabilities), refined by dense CRF in ``workers``
+    processes, in order."""
+    queue = _CrfQueue()
+    masks = crf_map(queue.feed(stream), params, workers=workers)
+    try:
+        for mask in masks:
+            for item, error in queue.waiting():
+                yield to_result(item, None, error, keep_image)
+            item, _ = queue.pending.popleft()
+            yield to_result(item, mask, None, keep_image)
+        while queue.pending:
+            item, error = queue.pending.popleft()
+            yield to_result(item, None, error, keep_image)
+    finally:
+        masks.close()

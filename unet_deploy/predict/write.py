@@ -1,0 +1,93 @@
+"""Writing a run's outputs: mask images (with the run's fingerprint) and overlays, each atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..backends import Backend
+from ..data import FINGERPRINT_KEY
+from ..errors import UserError
+from ..fileio import atomic_path
+from ..postprocess import colorize
+from .overlay import overlay_image
+from .records import PredictOptions, PredictResult, values_text
+
+__all__ = ["MASK_FORMATS", "output_values", "write_mask", "mask_fingerprint", "write_overlay", "write_result"]
+
+MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
+    """Pixel value written for each class: --mask-values, else the model's config (0/255 for binary)."""
+    inf = backend.config.inference
+    n_classes = backend.config.model.n_classes
+    if options.mask_values is not None:
+        want = max(n_classes, 2)
+        if len(options.mask_values) != want:
+            raise UserError(f"--mask-values {values_text(options.mask_values)}: {backend.path} predicts "
+                            f"{want} classes; give exactly {want} values, one per class (background first)")
+        return list(options.mask_values)
+    return inf.output_values(n_classes)
+
+
+def _mask_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
+    pixels = colorize(mask, list(values))
+    if pixels.ndim == 3:
+        return Image.fromarray(pixels, mode="RGB")
+    if pixels.dtype == np.uint8:
+        return Image.fromarray(pixels, mode="L")
+    return Image.fromarray(pixels.astype(np.int32), mode="I")
+
+
+def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any], fingerprint: str | None = None
+               ) -> Path:
+    """Write class indices ``mask`` (H, W) as an image of the class ``values``, atomically.
+
+    ``fingerprint`` (PNG only): the run's :func:`run_fingerprint`, stored as the ``unet_deploy`` text
+    chunk so that a resumed run reuses the file only when the same model and options made it.
+    """
+    path = Path(path)
+    fmt = MASK_FORMATS.get(path.suffix.lower(), "PNG")
+    img = _mask_image(mask, values)
+    extra: dict[str, Any] = {}
+    if fingerprint is not None and fmt == "PNG":
+        info = PngInfo()
+        info.add_text(FINGERPRINT_KEY, fingerprint)
+        extra["pnginfo"] = info
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt, **extra)
+    return path
+
+
+def mask_fingerprint(path: str | Path) -> str | None:
+    """The run fingerprint stored in a mask PNG by :func:`write_mask`; None when there is none."""
+    try:
+        with Image.open(path) as img:
+            text = getattr(img, "text", None) or {}
+            value = text.get(FINGERPRINT_KEY)
+    except Exception:  # noqa: BLE001 - unreadable or not a PNG: no fingerprint
+        return None
+    return value if isinstance(value, str) else None
+
+
+def write_overlay(path: str | Path, image: np.ndarray, mask: np.ndarray) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(overlay_image(image, mask), mode="RGB").save(tmp, format="PNG")
+    return path
+
+
+def write_result(result: PredictResult, values: Sequence[Any], fingerprint: str, written: list[Path]) -> None:
+    """Write a predicted result's mask and overlay (where its job names them), appending each path to
+    ``written`` as soon as it is written; an OSError (disk full, permissions) is raised."""
+    job = result.job
+    if job.output is not None:
+        written.append(write_mask(job.output, result.mask, values, fingerprint))
+    if job.overlay is not None and result.image is not None:
+        written.append(write_overlay(job.overlay, result.image, result.mask))
