@@ -45,6 +45,15 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"proc": proc, "dir": out, "report": json.loads((out / "r.json").read_text())}
 
 
+def _assert_fp32_parity(par: dict, pixels: int) -> None:
+    """The product's fp32 criteria, as literals (export and verify apply the same): relative logit error
+    <= 1e-5, and masks within 99.99 % agreement and 0.9999 dice, or at most 2 flipped pixels."""
+    assert par["passed"] is True, par
+    assert par["max_rel_err"] <= 1e-5, par
+    flipped = round((1 - par["pixel_agreement"]) * pixels)
+    assert flipped <= 2 or (par["pixel_agreement"] >= 0.9999 and par["dice"] >= 0.9999), par
+
+
 def test_json_has_every_backend_and_scale_with_sane_numbers(cli_run: dict) -> None:
     report = cli_run["report"]
     assert report["schema"] == bench.SCHEMA
@@ -75,7 +84,7 @@ def test_json_has_every_backend_and_scale_with_sane_numbers(cli_run: dict) -> No
             assert par["reference"] and par["max_abs_err"] == 0 and par["pixel_agreement"] == 1
         else:
             assert not par["reference"]
-            assert par["max_rel_err"] < 1e-3 and par["pixel_agreement"] > 0.99
+            _assert_fp32_parity(par, c["input_width"] * c["input_height"])
     assert {c["provider"] for c in cases if c["backend"] == "ort"} == {"CPUExecutionProvider"}
     speed = report["speedups"]
     assert len(speed) == len(cases)
@@ -148,7 +157,10 @@ def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
 def test_roofline_reports_work_throughput_and_floors(cli_run: dict) -> None:
     report = cli_run["report"]
     roof = report["roofline"]
-    assert roof["peaks"]["fp32_gflops"] > 0 and roof["peaks"]["int8_gops"] > 0
+    # ONNX Runtime's u8 x s8 convolution does 2-4x the work per cycle of its fp32 one (VNNI on AVX-512: 804
+    # vs 212 in benchmarks/RESULTS.md; AVX2 vpmaddubsw: 85 vs 38 on a loaded 2-core AMD EPYC), best of 10
+    roof_peaks = roof["peaks"]
+    assert roof_peaks["int8_gops"] > roof_peaks["fp32_gflops"] > 0, roof_peaks
     assert {e["input"] for e in roof["sizes"]} == {c["input"] for c in report["cases"]}
     for entry in roof["sizes"]:
         for c in (c for c in report["cases"] if c["input"] == entry["input"]):
@@ -173,7 +185,8 @@ def test_checkpoint_without_eager_backend_still_gets_parity(tmp_path: Path) -> N
     report = bench.run_benchmark(settings, cache_dir=tmp_path / "cache")
     (case,) = report["cases"]
     assert case["backend"] == "torchscript" and case["scale"] == 0.5
-    assert not case["parity"]["reference"] and case["parity"]["pixel_agreement"] > 0.99
+    assert not case["parity"]["reference"]
+    _assert_fp32_parity(case["parity"], case["input_width"] * case["input_height"])
     assert case["peak_mib"] > 0 and case["latency"]["p50_ms"] > 0
     assert report["model"]["architecture"] == "unet-bilinear-w4-c3-k2"
     assert report["speedups"] == []  # no eager row to compare with

@@ -147,11 +147,15 @@ def test_cli_int8_and_fp16_export(trained: dict, tmp_path: Path) -> None:
     # int8 is checked on the held-out calibration-folder images (real images, not noise)
     assert all(r["case"].startswith("image ") for r in report["onnx-int8"]["parity"]["rows"])
     assert report["onnx-fp16"]["parity"]["thresholds"]["precision"] == "fp16"
-    # `evaluate` runs the int8 file like any ONNX model
-    ev = _cli("evaluate", "-m", str(out / "tiny.int8.onnx"), "--data", str(trained["heldout"]),
-              "--json", str(tmp_path / "ev.json"), "--quiet")
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    assert 0 <= json.loads((tmp_path / "ev.json").read_text())["dice"] <= 1
+    # `evaluate` runs the int8 file like any ONNX model, and int8 keeps the fp32 model's held-out dice
+    dice = {}
+    for name in ("tiny.onnx", "tiny.int8.onnx"):
+        ev = _cli("evaluate", "-m", str(out / name), "--data", str(trained["heldout"]),
+                  "--json", str(tmp_path / "ev.json"), "--quiet")
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        dice[name] = json.loads((tmp_path / "ev.json").read_text())["dice"]
+    assert dice["tiny.onnx"] >= 0.9, dice  # the fitted model finds the held-out cars (0.962 measured)
+    assert abs(dice["tiny.int8.onnx"] - dice["tiny.onnx"]) <= 0.01, dice  # 0.961 measured
 
 
 @pytest.mark.parametrize("args, message", [
@@ -296,8 +300,19 @@ def test_torch_channels_last_and_bf16(trained: dict) -> None:
     out = bf16(x)
     assert out.dtype == torch.float32
     r = compare(ref, out, ParityThresholds.for_precision("bf16"))
-    assert r["rel_err"] > 0 and r["pixel_agreement"] > 0.99, r
-    assert isinstance(cpu_supports_bf16(), bool)
+    assert 1e-4 < r["rel_err"] <= 1e-2, r  # really bfloat16 (~7e-3 measured), not float32
+    assert r["passed"], r  # a real image passes the documented bf16 criteria
+
+
+def test_cpu_supports_bf16_agrees_with_cpuinfo() -> None:
+    """Native bfloat16 is the AVX-512 BF16 or AMX BF16 flag (Linux lists them in /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), None)
+    if flags is None:
+        pytest.skip("no x86 flags in /proc/cpuinfo")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    assert cpu_supports_bf16() is native, sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def test_torch_fp16_on_cpu_is_refused(trained: dict) -> None:
@@ -404,6 +419,9 @@ def test_benchmark_cli_runs_variants_and_stages(tmp_path: Path) -> None:
     assert names == ["torch-cl", "torch-bf16-cl", "ort-default", "ort-int8-default", "ort", "ort-int8"]
     by = {c["backend"]: c for c in report["cases"]}
     assert by["torch-bf16-cl"]["precision"] == "bf16" and by["ort-int8"]["precision"] == "int8"
+    for name in ("torch-cl", "ort-default", "ort"):  # fp32: the product's criteria, literally
+        par = by[name]["parity"]
+        assert par["passed"] is True and par["max_rel_err"] <= 1e-5, (name, par)
     assert by["ort"]["runtime"] == "ort" and by["torch-cl"]["runtime"] == "torch"
     st = report["stages"]
     assert st["images"] == 2 and set(st["stage_ms"]) == {"decode", "preprocess", "model", "postprocess", "write"}

@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,11 @@ from unet_deploy.data import scaled_size
 from unet_deploy.errors import UserError
 from unet_deploy.parity import (
     CARVANA_HALF,
+    HALF_MAX_REL_ERR,
+    HALF_MIN_AGREEMENT,
+    HALF_MIN_DICE,
+    INT8_MIN_AGREEMENT,
+    INT8_MIN_DICE,
     ParityCase,
     ParityThresholds,
     compare,
@@ -46,15 +55,43 @@ def _cases() -> list[ParityCase]:
 
 
 def test_thresholds_by_precision() -> None:
+    """The product's numbers as literals: loosening a constant must fail here, not pass silently."""
     fp32 = ParityThresholds.for_precision("fp32")
+    assert fp32 == ParityThresholds()
     assert (fp32.max_rel_err, fp32.min_pixel_agreement, fp32.min_dice) == (1e-5, 0.9999, 0.9999)
-    fp16 = ParityThresholds.for_precision("fp16")
-    assert (fp16.max_rel_err, fp16.min_pixel_agreement, fp16.min_dice) == (1e-2, 0.999, 0.998)
-    assert ParityThresholds.for_precision("bf16").precision == "bf16"
+    assert fp32.max_flipped_pixels == 2
+    for half in ("fp16", "bf16"):
+        t = ParityThresholds.for_precision(half)
+        assert (t.max_rel_err, t.min_pixel_agreement, t.min_dice, t.precision) == (1e-2, 0.999, 0.998, half)
+    assert (HALF_MAX_REL_ERR, HALF_MIN_AGREEMENT, HALF_MIN_DICE) == (1e-2, 0.999, 0.998)
     int8 = ParityThresholds.for_precision("int8")  # mask criteria only (see tests/test_fastpaths.py)
     assert int8.precision == "int8" and int8.max_rel_err == float("inf")
+    assert (INT8_MIN_AGREEMENT, INT8_MIN_DICE) == (0.99, 0.98)
     with pytest.raises(UserError, match="int4"):
         ParityThresholds.for_precision("int4")
+
+
+def _help(command: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "unet_deploy", command, "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())  # rich wraps the text: compare with single spaces
+
+
+def _sci(x: float) -> str:
+    """1e-2 as the help text writes it (not 0.01 or 1e-02)."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def test_help_states_the_thresholds_parity_applies() -> None:
+    half = _help("verify")
+    assert (f"relative error <= {_sci(HALF_MAX_REL_ERR)}, pixel agreement >= {HALF_MIN_AGREEMENT * 100:g} %, "
+            f"dice >= {HALF_MIN_DICE:g}") in half
+    fp32 = ParityThresholds()
+    assert (f"relative logit error <= {_sci(fp32.max_rel_err)}, mask pixel agreement >= "
+            f"{fp32.min_pixel_agreement * 100:g} %, dice between the masks >= {fp32.min_dice:g}") in _help("export")
 
 
 def test_default_cases_shapes(tmp_path) -> None:
@@ -74,6 +111,8 @@ def test_default_cases_shapes(tmp_path) -> None:
     w, h = scaled_size(97, 61, 0.5)
     assert [c.shape for c in with_images[3:]] == [(1, 3, h, w)] * 2
     assert with_images[3].name == "image car.jpg"
+    for c in with_images[3:]:  # real images scaled to [0, 1] like predict's input, not left at 0..255
+        assert c.batch.dtype == np.float32 and 0 <= c.batch.min() and 0.5 < c.batch.max() <= 1
 
 
 def test_identical_models_pass(model) -> None:
@@ -157,6 +196,33 @@ def test_fp16_thresholds_are_looser(model) -> None:
     loose = parity(model, noisy, _cases(), ParityThresholds.for_precision("fp16"), config=CFG)
     assert not strict.passed
     assert loose.passed and loose.thresholds.precision == "fp16"
+
+
+def _small_fg_logits(n_flipped: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """100x100 two-class logits, 2000 foreground pixels; in ``b`` ``n_flipped`` of them, tied to within
+    1e-3 in ``a``, fall to background (dice 2(F-k)/(2F-k)), the way half precision flips near-ties."""
+    a = torch.zeros(1, 2, 100, 100)
+    a[0, 1] = -5.0
+    a[0, 1, :20] = 5.0  # foreground: rows 0-19
+    a[0, 1, 10, :n_flipped] = 1e-3
+    b = a.clone()
+    b[0, 1, 10, :n_flipped] = -1e-3
+    return a, b
+
+
+def test_half_precision_mask_criteria_are_applied() -> None:
+    """More than max_flipped_pixels flips: the agreement and dice thresholds decide."""
+    half = ParityThresholds.for_precision("fp16")
+    six = compare(*_small_fg_logits(6), half)  # dice 0.9985: passes fp16/bf16, fails fp32
+    assert six["flipped_pixels"] == 6 and six["rel_err"] <= HALF_MAX_REL_ERR
+    assert HALF_MIN_DICE <= six["dice"] < 0.999 and six["pixel_agreement"] >= HALF_MIN_AGREEMENT
+    assert six["passed"] and not compare(*_small_fg_logits(6), ParityThresholds())["passed"]
+    nine = compare(*_small_fg_logits(9), half)  # dice 0.9977 < 0.998 with agreement 99.91 %: dice fails it
+    assert nine["pixel_agreement"] >= HALF_MIN_AGREEMENT and nine["dice"] < HALF_MIN_DICE
+    assert not nine["passed"]
+    two = compare(*_small_fg_logits(2), ParityThresholds())  # within max_flipped_pixels: fp32 passes
+    assert two["flipped_pixels"] == 2 and two["dice"] < 0.9999 and two["rel_err"] > 1e-5
+    assert not two["passed"]  # ... on the masks, but the logits moved by 4e-4 relative
 
 
 def test_report_renders_as_table_and_json(model) -> None:
