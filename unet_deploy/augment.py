@@ -27,7 +27,20 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["AugmentConfig", "PRESETS", "preset", "build_transform", "AugmentTransform"]
+__all__ = ["AugmentConfig", "PRESETS", "preset", "build_transform", "AugmentTransform", "augmentation_missing"]
+
+
+def augmentation_missing() -> str | None:
+    """``None`` when albumentations and OpenCV import, else the missing package's name.
+
+    Both stay optional at runtime: only augmentation and edge-weighted loss need them.
+    """
+    for module, package in (("albumentations", "albumentations"), ("cv2", "opencv-python (cv2)")):
+        try:
+            __import__(module)
+        except ImportError:
+            return package
+    return None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .data import (
 )
 from .errors import UserError
 from .metrics import dice_loss, multiclass_dice_per_image
+from .resources import check_train_memory
 
 __all__ = ["TrainConfig", "SegmentationDataset", "train", "evaluate_model", "predicted_masks", "split_pairs", "DistEnv",
            "dist_env", "TrainResult"]
@@ -209,7 +210,11 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, experiments)
     hooks: dict[str, Any] = field(default_factory=dict)  # transform / extras / loss_weight / scheduler
-    explicit: tuple[str, ...] = ()  # fields the user set on the command line (checked against -f)
+    explicit: tuple[str, ...] = ()  # fields/flags the user set on the command line (checked against -f)
+    # the training recipe (unet_deploy.quality.resolve_recipe): when set, the optimizer, learning rate,
+    # weight decay and the hooks come from it; stored in checkpoints, and taken from them on -f resume
+    # (flags named in ``explicit`` win)
+    recipe: dict[str, Any] | None = None
 
     @property
     def imgs(self) -> Path:
@@ -302,13 +307,48 @@ def _resolve_architecture(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any]
         return ModelConfig(3, cfg.n_classes, cfg.bilinear, cfg.base_channels), None, None
     ckpt = load_checkpoint(cfg.load)
     flags = {"n_classes": "--classes", "bilinear": "--bilinear/--transposed", "base_channels": "--base-channels"}
-    for name in cfg.explicit:
+    for name in (n for n in cfg.explicit if n in flags):
         have, asked = getattr(ckpt.config.model, name), getattr(cfg, name)
-        if name in flags and have != asked:
+        if have != asked:
             raise UserError(f"{flags[name]} {asked}: the -f checkpoint {cfg.load} has {have}; its architecture "
                             f"is kept when loading, so drop {flags[name].split('/')[0]} or start without -f")
     resume = ckpt.training if ckpt.kind == "unet-deploy" and ckpt.training.get("optimizer") else None
     return ckpt.config.model, resume, ckpt
+
+
+def _apply_stored_recipe(cfg: TrainConfig, resume: dict[str, Any], say: Callable[[str], None]) -> None:
+    """-f resume: take the checkpoint's stored recipe, except for the flags given explicitly now."""
+    from .quality import merge_stored_recipe
+
+    if cfg.recipe is None or not resume.get("recipe"):
+        return  # an API run without a recipe, or an older checkpoint: the given values apply
+    cfg.recipe, changed = merge_stored_recipe(cfg.recipe, resume["recipe"], cfg.explicit)
+    cfg.optimizer, cfg.learning_rate = cfg.recipe["optimizer"], cfg.recipe["learning_rate"]
+    cfg.weight_decay = cfg.recipe["weight_decay"]
+    say(f"resume: using the checkpoint's training recipe ({cfg.recipe['recipe']})"
+        + (f"; overridden on the command line: {', '.join(changed)}" if changed else ""))
+
+
+def _load_optimizer_state(cfg: TrainConfig, resume: dict[str, Any], optimizer, scheduler) -> None:
+    """Restore the optimizer/scheduler state; explicit -l / --weight-decay / --schedule given with -f win."""
+    optimizer.load_state_dict(resume["optimizer"])
+    stored = resume.get("recipe") or {}
+    if resume.get("scheduler") and hasattr(scheduler, "load_state_dict") and not (
+            "schedule" in cfg.explicit and stored.get("schedule") not in (None, _schedule_name(cfg))):
+        scheduler.load_state_dict(resume["scheduler"])
+    for g in optimizer.param_groups:
+        if "learning_rate" in cfg.explicit:  # keep the schedule's progress, rescaled to the new base rate
+            base = g.get("initial_lr", g["lr"])
+            g["lr"] = cfg.learning_rate * (g["lr"] / base if base > 0 else 1.0)
+            g["initial_lr"] = cfg.learning_rate
+        if "weight_decay" in cfg.explicit:
+            g["weight_decay"] = cfg.weight_decay
+    if "learning_rate" in cfg.explicit and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+
+
+def _schedule_name(cfg: TrainConfig) -> str:
+    return (cfg.recipe or {}).get("schedule", "cosine" if cfg.hooks.get("scheduler") else "plateau")
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -363,10 +403,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     model_cfg, resume, loaded = _resolve_architecture(cfg)
     if resume is not None:
         saved = resume.get("args") or {}
+        _apply_stored_recipe(cfg, resume, say)
         for key in ("optimizer", "scale"):
             if key in saved and saved[key] != getattr(cfg, key):
+                if key == "optimizer" and key in cfg.explicit:
+                    raise UserError(f"--optimizer {cfg.optimizer}: the -f checkpoint {cfg.load} was trained with "
+                                    f"{saved[key]}, whose state is resumed; drop --optimizer or start without -f")
                 say(f"resume: using the checkpoint's {key} = {saved[key]} (not {getattr(cfg, key)})")
                 setattr(cfg, key, saved[key])
+                if key == "optimizer" and cfg.recipe is not None:
+                    cfg.recipe = {**cfg.recipe, "optimizer": saved[key]}
+    if cfg.recipe is not None:
+        from .quality import options_from_record, recipe_hooks
+
+        cfg.hooks, cfg.recipe = recipe_hooks(cfg.recipe, cfg.explicit, cfg.seed, cfg.max_steps, say)
+        say(f"training options: recipe {cfg.recipe['recipe']}, {cfg.optimizer} lr {cfg.learning_rate:g} "
+            f"weight decay {cfg.weight_decay:g}, {options_from_record(cfg.recipe).describe()}")
     pairs = find_pairs(cfg.imgs, cfg.masks, cfg.mask_suffix)
     mask_values = discover_mask_values([p.mask for p in pairs])
     if loaded is not None and loaded.config.inference.mask_values and resume is not None:
@@ -404,6 +456,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     val_loader = DataLoader(val_set, batch_size=local_batch, shuffle=False, **loader_kw)
 
     model = model_cfg.build()
+    check_train_memory(model_cfg, pairs[0].image, cfg.scale, local_batch,  # issue 12: before the first epoch
+                       sum(p.numel() for p in model.parameters()), device)
     if loaded is not None:
         from .checkpoint import _load_state
 
@@ -438,9 +492,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     start_epoch, best_dice, global_step = 1, -1.0, 0
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scheduler") and hasattr(scheduler, "load_state_dict"):
-            scheduler.load_state_dict(resume["scheduler"])
+        _load_optimizer_state(cfg, resume, optimizer, scheduler)
         start_epoch = int(resume.get("epoch", 0)) + 1
         best_dice = float(resume.get("best_dice", -1.0))
         global_step = int(resume.get("global_step", 0))
@@ -465,7 +517,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()
-                         if k != "hooks" and (v is None or isinstance(v, (int, float, str, bool, Path)))}}
+                         if k != "hooks" and (v is None or isinstance(v, (int, float, str, bool, Path)))},
+                **({"recipe": dict(cfg.recipe)} if cfg.recipe is not None else {})}
 
     from .progress import TrainProgress
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ..quality import recipe_help
 from ._app import app
 
 QUALITY = "Training quality (augmentation, edge-weighted loss, LR schedule)"
@@ -24,7 +25,8 @@ def train(
     ctx: typer.Context,
     epochs: int = typer.Option(5, "--epochs", "-e", help="Number of epochs."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Global batch size (split over processes)."),
-    learning_rate: float = typer.Option(1e-5, "--learning-rate", "-l", help="Learning rate."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", "-l",
+                                               help=f"Learning rate [{recipe_help('learning_rate')}]."),
     load: Path | None = typer.Option(None, "--load", "-f",
                                      help="Resume from a unet-deploy checkpoint (model + optimizer), or "
                                           "fine-tune from a Pytorch-UNet MODEL.pth (weights only)."),
@@ -44,16 +46,24 @@ def train(
     seed: int = typer.Option(0, help="Random seed (split, init, shuffling): same seed, same run."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     checkpoint_dir: Path = typer.Option(Path("checkpoints"), help="Where last.pth and best.pth are written."),
-    optimizer: str = typer.Option("rmsprop", help="rmsprop (Pytorch-UNet's), adamw or adam."),
-    weight_decay: float = typer.Option(1e-8, help="Weight decay."),
+    recipe: str | None = typer.Option(None, "--recipe", metavar="default|pytorch-unet",
+                                      help="Defaults for the optimiser, learning rate, schedule and augmentation: "
+                                           "default (AdamW 1e-3, cosine after a short warm-up, augmentation "
+                                           "'light'; learns well in few epochs) or pytorch-unet (Pytorch-UNet's "
+                                           "exact train.py defaults). A flag given explicitly overrides its "
+                                           "recipe value. [default: default]"),
+    optimizer: str | None = typer.Option(None, help=f"rmsprop (Pytorch-UNet's), adamw or adam "
+                                                    f"[{recipe_help('optimizer')}]."),
+    weight_decay: float | None = typer.Option(None, help=f"Weight decay [{recipe_help('weight_decay')}]."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes (torchrun)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format (GPU)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     nproc: int = typer.Option(1, "--nproc", help="Train in N local processes (DistributedDataParallel): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
-    augment: str = _q("none", "Augmentation preset: none (Pytorch-UNet's training), light, default, strong. "
-                              "The flags below override single settings of the preset."),
+    augment: str | None = _q(None, "Augmentation preset: none (Pytorch-UNet's training), light, default, strong "
+                                   f"[{recipe_help('augment')}]. The flags below override single settings of "
+                                   "the preset. Needs albumentations."),
     hflip: float | None = _q(None, "Probability of a left-right flip."),
     vflip: float | None = _q(None, "Probability of an up-down flip (0 in every preset)."),
     aug_scale: float | None = _q(None, "Random zoom in [1-X, 1+X]."),
@@ -63,48 +73,54 @@ def train(
     contrast: float | None = _q(None, "Contrast factor in [1-X, 1+X]."),
     saturation: float | None = _q(None, "Saturation factor in [1-X, 1+X]."),
     hue: float | None = _q(None, "Hue shift in [-X, X] (fraction of the colour circle)."),
-    edge_weight: float = _q(1.0, "Loss weight of pixels on mask edges relative to the interior (1 = off; "
-                                 "e.g. 5)."),
-    edge_width: float = _q(3.0, "Reach of the edge weight in pixels at the training scale (Gaussian sigma)."),
-    schedule: str = _q("plateau", "LR schedule: plateau (Pytorch-UNet's, on validation dice, per epoch) or "
-                                  "cosine (per step, after --warmup-steps)."),
-    warmup_steps: int = _q(0, "Linear warm-up steps before the cosine decay."),
+    edge_weight: float | None = _q(None, "Loss weight of pixels on mask edges relative to the interior (1 = off; "
+                                         f"e.g. 5) [{recipe_help('edge_weight')}]."),
+    edge_width: float | None = _q(None, "Reach of the edge weight in pixels at the training scale (Gaussian "
+                                        f"sigma) [{recipe_help('edge_width')}]."),
+    schedule: str | None = _q(None, "LR schedule: plateau (Pytorch-UNet's, on validation dice, per epoch) or "
+                                    f"cosine (per step, after --warmup-steps) [{recipe_help('schedule')}]."),
+    warmup_steps: int | None = _q(None, "Linear warm-up steps before the cosine decay "
+                                        f"[{recipe_help('warmup_steps')}]."),
 ) -> None:
     """Train a U-Net on Carvana-style data (DATA/imgs/<id>.jpg + DATA/masks/<id>_mask.gif).
 
     Writes CHECKPOINT_DIR/last.pth every epoch and best.pth when validation dice improves; Ctrl-C saves
     last.pth and exits. Under torchrun it trains with DistributedDataParallel.
 
-    Example: `unet-deploy train --data data -e 10 -b 4 -l 1e-3 --optimizer adamw --base-channels 16`
+    The optimiser, learning rate, LR schedule and augmentation come from --recipe (default: `default`);
+    `--recipe pytorch-unet` trains exactly like Pytorch-UNet's train.py. Each of those flags given
+    explicitly overrides the recipe's value. Checkpoints store the settings used: `-f last.pth` resumes
+    with them, and flags given explicitly together with -f override the stored ones.
+
+    Example: `unet-deploy train --data data -e 12 -b 4 -s 1.0 --base-channels 16 --bilinear`
     Several GPUs: `unet-deploy train --nproc 4 -b 16 ...`
     (same as `torchrun --nproc-per-node 4 -m unet_deploy train -b 16 ...`)
 
-    Quality options: `--augment default --edge-weight 5 --schedule cosine --warmup-steps 100`;
+    Quality options: `--augment strong --edge-weight 5 --schedule cosine --warmup-steps 100`;
     `unet-deploy experiment` measures what each one buys.
     """
-    from ..augment import preset
-    from ..quality import QualityOptions
+    from ..quality import resolve_recipe
     from ..train import TrainConfig, dist_env
     from ..train import train as run_train
 
     if nproc != 1:
         _relaunch(ctx, nproc)
 
-    aug = preset(augment, hflip=hflip, vflip=vflip, scale=aug_scale, shift=aug_shift, rotate=rotate,
-                 brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-    quality = QualityOptions(aug, edge_weight, edge_width, schedule.strip().lower(), warmup_steps).validate()
-
+    overrides = {"hflip": hflip, "vflip": vflip, "scale": aug_scale, "shift": aug_shift, "rotate": rotate,
+                 "brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+    given = {"recipe": recipe, "optimizer": optimizer, "learning_rate": learning_rate,
+             "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
+             "augment": augment, "edge_weight": edge_weight, "edge_width": edge_width}
+    record = resolve_recipe({**given, "augment_overrides": overrides})
+    explicit = _explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear", "base_channels": "base_channels"})
+    explicit += tuple(k for k, v in {**given, **overrides}.items() if v is not None)
     cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
-                      batch_size=batch_size, learning_rate=learning_rate, load=load, scale=scale,
+                      batch_size=batch_size, learning_rate=record["learning_rate"], load=load, scale=scale,
                       validation=validation, n_classes=classes, bilinear=bilinear, base_channels=base_channels,
                       amp=amp, device=device, seed=seed, workers=workers, checkpoint_dir=checkpoint_dir,
-                      optimizer=optimizer, weight_decay=weight_decay, sync_bn=sync_bn,
+                      optimizer=record["optimizer"], weight_decay=record["weight_decay"], sync_bn=sync_bn,
                       channels_last=channels_last, progress=not quiet, max_steps=max_steps,
-                      explicit=_explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear",
-                                               "base_channels": "base_channels"}),
-                      hooks=quality.hooks(seed, max_steps))
-    if dist_env().main:
-        typer.echo(f"training options: {quality.describe()}")
+                      explicit=explicit, recipe=record)
     result = run_train(cfg)
     if result.interrupted:
         raise typer.Exit(130)
@@ -112,7 +128,17 @@ def train(
         return
     score = f"best validation dice {result.best_dice:.4f}" if result.best_dice >= 0 else "no validation split (-v 0)"
     typer.echo(f"{score}; {result.images_per_second:.1f} img/s; checkpoints: {result.best_path}, {result.last_path}")
-    typer.echo(f"next: unet-deploy evaluate -m {result.best_path} --data {data}")
+    typer.echo(_next_hint(result.best_path, data))
+
+
+def _next_hint(best: Path, data: Path) -> str:
+    """Evaluate on DATA/heldout when synth wrote one (never on the training images), else export."""
+    import shlex
+
+    held = data / "heldout"
+    if (held / "imgs").is_dir():
+        return "next: unet-deploy " + shlex.join(["evaluate", "-m", str(best), "--data", str(held)])
+    return "next: unet-deploy " + shlex.join(["export", "-m", str(best), "--format", "onnx"])
 
 
 def _relaunch(ctx: typer.Context, nproc: int) -> None:
