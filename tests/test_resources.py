@@ -108,7 +108,7 @@ _MEASURE = r"""
 import sys, numpy as np
 from unet_deploy.backends import load_backend
 from unet_deploy.bench import peak_rss_bytes, reset_peak_rss
-backend = load_backend(sys.argv[1], device="cpu", threads=2)
+backend = load_backend(sys.argv[1], device="cpu", threads=2 if sys.argv[1].endswith(".onnx") else None)
 backend(np.zeros((1, 3, 64, 64), np.float32))  # warm-up: the runtime's one-time allocations
 x = np.zeros((1, 3, int(sys.argv[2]), int(sys.argv[3])), np.float32)
 if not reset_peak_rss():

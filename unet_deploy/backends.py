@@ -1,10 +1,10 @@
 """One small interface over eager PyTorch, TorchScript and ONNX Runtime.
 
-``load_backend(path, backend=None, device="auto")`` returns a :class:`Backend`; calling it on a float32
-NCHW batch (numpy or torch) returns float32 logits (N, C, H, W) as a torch tensor; ``backend.native(batch)``
-returns them as the runtime made them (numpy for ONNX Runtime on the CPU), so the ONNX Runtime path never
-imports torch. Preprocessing and post-processing live elsewhere (``data.preprocess``, ``postprocess``), so
-backends can only differ in the network itself.
+``load_backend(path, backend=None, device="auto")`` returns a :class:`Backend`, which is a :class:`Runner`;
+calling it on a float32 NCHW batch (numpy or torch) returns float32 logits (N, C, H, W) as a torch tensor;
+``backend.run(batch)`` returns them as the runtime made them (numpy for ONNX Runtime on the CPU), so the
+ONNX Runtime path never imports torch. Preprocessing and post-processing live elsewhere
+(``data.preprocess``, ``postprocess``), so backends can only differ in the network itself.
 """
 
 from __future__ import annotations
@@ -14,34 +14,46 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from .config import CONFIG_KEY, DeployConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import require_file
+from .names import BACKENDS, MODEL_SUFFIXES, TORCH_PRECISIONS, backend_for_path, is_checkpoint_file
+from .ort_session import (
+    ORT_PROFILES,
+    ort_providers,
+    ort_session_options,
+    physical_cores,
+    release_large_frees,
+)
 
-__all__ = ["Backend", "BACKENDS", "ORT_PROFILES", "COMPILE_MODES", "load_backend", "backend_for_path",
-           "resolve_device", "read_embedded_config", "silence_torchscript_deprecation", "physical_cores",
-           "ort_session_options", "ort_providers", "cpu_supports_bf16", "configure_cudnn", "release_large_frees"]
+__all__ = ["Runner", "Backend", "Description", "BACKEND_OPTIONS", "BACKENDS", "ORT_PROFILES", "COMPILE_MODES",
+           "load_backend", "backend_for_path", "check_model_file", "resolve_device", "read_embedded_config",
+           "silence_torchscript_deprecation", "physical_cores", "ort_session_options", "ort_providers",
+           "cpu_supports_bf16", "configure_cudnn", "release_large_frees"]
 
-BACKENDS = ("torch", "torchscript", "ort")
-#: ONNX Runtime session settings: "tuned" (this package's, see :func:`ort_session_options`) or "default"
-#: (ONNX Runtime's own defaults, kept to measure the tuning against).
-ORT_PROFILES = ("tuned", "default")
 #: ``torch.compile`` modes accepted by ``load_backend(compile=...)``; "reduce-overhead" uses CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 #: cuDNN convolution workspace cap (MiB) applied with ``configure_cudnn``: autotuning may not pick an
 #: algorithm that needs more scratch memory than this.
 CUDNN_WORKSPACE_MIB = 1024
-_SUFFIXES = {
-    ".pth": "torch", ".pt": "torch", ".ckpt": "torch",
-    ".ts": "torchscript", ".torchscript": "torchscript", ".jit": "torchscript",
-    ".onnx": "ort",
+#: load_backend options that only some backends take: name -> (flag, default, the backend it applies to).
+#: A non-default value for another backend is refused, never silently ignored.
+BACKEND_OPTIONS = {
+    "precision": ("--precision", "fp32", "torch"),
+    "channels_last": ("--channels-last", False, "torch"),
+    "compile": ("--compile", None, "torch"),
+    "threads": ("--threads", None, "ort"),
+    "ort_profile": ("ORT profile", "tuned", "ort"),
+    "io_binding": ("IO binding", None, "ort"),
 }
+_WHERE = {"torch": "the eager torch backend (a .pth model)", "ort": "--backend ort (an .onnx model)"}
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +106,34 @@ def resolve_device(device: str, backend: str = "torch") -> str:
     return device
 
 
-def backend_for_path(path: str | Path) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in _SUFFIXES:
-        raise UserError(f"{path}: cannot tell the backend from suffix {suffix!r}; use .pth (torch), "
-                        ".ts (torchscript) or .onnx (ort), or pass --backend")
-    return _SUFFIXES[suffix]
+@runtime_checkable
+class Runner(Protocol):
+    """What every loaded model offers, whatever runs it (eager torch, TorchScript, ONNX Runtime, or a
+    wrapper such as flip TTA): the model's config, the device and precision it runs at, and a call."""
+
+    config: DeployConfig
+    device: str
+    precision: str
+
+    def run(self, batch: Any) -> Any:
+        """Float32 NCHW batch (numpy or torch) -> float32 logits (N, C, H, W) as the runtime made them."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What runs, for messages and reports: backend, precision, provider, device, path."""
+        ...
+
+
+class Description(dict):
+    """``Backend.describe()``: a plain dict (JSON-ready) that prints as one line for messages."""
+
+    def __str__(self) -> str:
+        return f"{self['backend']} ({self['precision']}) on {self['provider']} from {self['path']}"
 
 
 @dataclass
 class Backend:
-    """A loaded model. ``backend(batch)`` -> logits (N, C, H, W), float32 torch tensor."""
+    """A loaded model (a :class:`Runner`). ``backend(batch)`` -> logits (N, C, H, W), float32 torch tensor."""
 
     name: str
     path: Path
@@ -115,20 +144,31 @@ class Backend:
     _impl: Any = field(default=None, repr=False)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        out = self._impl(batch)
+        out = self.native(batch)
         if isinstance(out, np.ndarray):
             import torch
 
             out = torch.from_numpy(out)
         return out
 
-    def native(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def run(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Float32 logits (N, C, H, W) as the runtime made them: a torch tensor (on the model's device)
         for torch, TorchScript and IO-bound ONNX Runtime, a numpy array for ONNX Runtime on the CPU."""
         return self._impl(batch)
 
-    def describe(self) -> str:
-        return f"{self.name} ({self.precision}) on {self.provider} from {self.path}"
+    def native(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """The same as :meth:`run` (its older name; predict calls it once per batch)."""
+        return self.run(batch)
+
+    def describe(self) -> Description:
+        """backend, precision, provider, device and path; ``str()`` of it is one line for messages."""
+        return Description(backend=self.name, precision=self.precision, provider=self.provider,
+                           device=self.device, path=str(self.path))
+
+    def wrapped(self, run: Callable[[Any], Any], label: str) -> Backend:
+        """A copy of this backend whose runs go through ``run`` (which may call this backend's own
+        :meth:`run`, as flip TTA does); ``label`` is added to the provider, e.g. "flip TTA"."""
+        return replace(self, provider=f"{self.provider} + {label}", _impl=run)
 
 
 class _TorchRunner:
@@ -250,22 +290,12 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
     return load_checkpoint(path).config
 
 
-def _check_file(path: Path) -> None:
-    how = ("train one with `unet-deploy train` or pass -m" if path.suffix.lower() in (".pth", ".pt", ".ckpt")
+def check_model_file(path: Path) -> None:
+    """A one-line :class:`UserError` when the model file is missing or unreadable, saying how to make one."""
+    how = ("train one with `unet-deploy train` or pass -m" if is_checkpoint_file(path)
            else "export one with `unet-deploy export` or pass -m")
     require_file(path, "model file", how, "re-export it")
 
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's vector units)."""
-    import psutil
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    physical = psutil.cpu_count(logical=False) or usable
-    return max(1, min(physical, usable))
 
 
 def cpu_supports_bf16() -> bool:
@@ -301,8 +331,7 @@ def _compile(model: torch.nn.Module, mode: str, path: Path) -> Any:
     try:
         return torch.compile(model, mode=mode, dynamic=False)
     except Exception as e:  # noqa: BLE001 - compile errors come in many types; one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: torch.compile failed ({first[:200]}); run without --compile") from None
+        raise UserError(f"{path}: torch.compile failed ({first_line(e)[:200]}); run without --compile") from None
 
 
 def _load_torch(path: Path, device: str, precision: str, channels_last: bool,
@@ -340,8 +369,7 @@ def _load_torchscript(path: Path, device: str) -> Backend:
         with silence_torchscript_deprecation():
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable TorchScript model ({first}); re-export it") from None
+        raise UserError(f"{path}: not a readable TorchScript model ({first_line(e)}); re-export it") from None
     config = DeployConfig.from_json(extra[CONFIG_KEY]) if extra[CONFIG_KEY] else DeployConfig()
     module.eval()
     dtype = torch.float32
@@ -351,82 +379,6 @@ def _load_torchscript(path: Path, device: str) -> Backend:
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     return Backend("torchscript", path, device, config, f"torchscript {device}", precision,
                    _TorchRunner(module, device, dtype))
-
-
-def ort_providers(device: str) -> list[Any]:
-    """CPU, or CUDA with CPU as fallback for the few ops CUDA lacks. CUDA options: HEURISTIC cuDNN
-    algorithm choice (no slow exhaustive search on each new input shape) and cuDNN's default workspace
-    instead of the largest one (``cudnn_conv_use_max_workspace`` 0: bounded memory)."""
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        cuda = {"device_id": index, "cudnn_conv_algo_search": "HEURISTIC", "cudnn_conv_use_max_workspace": "0",
-                "do_copy_in_default_stream": "1"}
-        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def ort_session_options(threads: int | None = None, profile: str = "tuned") -> Any:
-    """ONNX Runtime session options.
-
-    ``tuned`` (the default): all graph optimisations (on x86 this includes the NCHWc convolution layout),
-    ``intra_op_num_threads`` = ``threads`` or the physical cores this process may use (hyper-threads only
-    contend for the same vector units), sequential execution, and no memory arena: the arena keeps every
-    block it ever grew to, which nearly doubled peak memory at 1918x1280 in our measurements for 1-2 %
-    of speed (see benchmarks/RESULTS.md). The ``ort`` backend also calls :func:`release_large_frees` before
-    it builds a tuned session (sessions made elsewhere from these options do not get that).
-    ``default``: ONNX Runtime's own defaults, only ``threads`` applied.
-    """
-    import onnxruntime as ort
-
-    if profile not in ORT_PROFILES:
-        raise UserError(f"ORT profile {profile!r}: use {' or '.join(ORT_PROFILES)}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # fatal only: every ORT error also comes back as an exception (one line in the CLI)
-    if profile == "default":
-        if threads:
-            opts.intra_op_num_threads = threads
-        return opts
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or physical_cores()
-    opts.inter_op_num_threads = 1
-    opts.enable_cpu_mem_arena = False
-    return opts
-
-
-#: Allocations at least this large get their own memory mapping from glibc, returned to the system when
-#: freed (see :func:`release_large_frees`).
-MMAP_THRESHOLD_BYTES = 1 << 20
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
-_malloc_tuned = False
-
-
-def release_large_frees() -> bool:
-    """Make glibc hand freed blocks of 1 MiB and more straight back to the system (once per process).
-
-    glibc raises its mmap threshold each time a large mapped block is freed, up to 32 MiB, after which
-    blocks below that size come from the heap and stay resident once freed. ONNX Runtime without its
-    arena allocates and frees every activation on each run, so the heap kept ~130 MiB of dead weight
-    copies and tensors of the seed network at 959x640: peak RSS 864 -> 736 MiB with a fixed 1 MiB
-    threshold, same speed (measured here). A no-op where the C library is not glibc. Returns whether the
-    setting is in force.
-    """
-    global _malloc_tuned
-    if _malloc_tuned:
-        return True
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    return _malloc_tuned
 
 
 def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tuned",
@@ -442,8 +394,8 @@ def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tune
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device))
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad models
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: ONNX Runtime cannot load this model ({first[:200]}); re-export it") from None
+        raise UserError(f"{path}: ONNX Runtime cannot load this model ({first_line(e)[:200]}); "
+                        "re-export it") from None
     active = session.get_providers()[0]
     if device.startswith("cuda") and active != "CUDAExecutionProvider":
         log.warning("%s: CUDA was asked for but ONNX Runtime runs on %s (is onnxruntime-gpu with CUDA 12/13 "
@@ -463,6 +415,19 @@ def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tune
     return Backend("ort", path, device, config, active, precision, runner)
 
 
+def _refuse_inapplicable(backend: str, options: dict[str, Any]) -> None:
+    """A one-line :class:`UserError` for the first option given a non-default value that ``backend`` does
+    not take (e.g. "--threads applies to --backend ort (an .onnx model) only, not to torch")."""
+    for name, value in options.items():
+        flag, default, owner = BACKEND_OPTIONS[name]
+        if owner == backend or value == default:
+            continue
+        shown = f"{flag} {value}" if name == "precision" else flag
+        hint = ("a .ts / .onnx model runs at the precision it was exported with (for ONNX fp16, export an "
+                "fp16 model)" if name == "precision" else f"drop {flag}")
+        raise UserError(f"{shown} applies to {_WHERE[owner]} only, not to {backend}; {hint}")
+
+
 def load_backend(path: str | Path, backend: str | None = None, device: str = "auto",
                  precision: str = "fp32", channels_last: bool = False, threads: int | None = None,
                  compile: str | None = None, ort_profile: str = "tuned",
@@ -472,28 +437,30 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     Eager torch only: ``precision`` (fp32; bf16 on CPUs with native bfloat16 or CUDA; fp16 on CUDA),
     ``channels_last`` (NHWC memory layout, faster convolutions on oneDNN and tensor cores) and
     ``compile`` (a ``torch.compile`` mode; "reduce-overhead" = CUDA graphs). On CUDA, cuDNN autotuning is
-    on with a bounded workspace (:func:`configure_cudnn`). ONNX Runtime only: ``ort_profile`` ("tuned" or
-    "default", :func:`ort_session_options`) and ``io_binding`` (default: on when running on CUDA). The
-    precision of an ONNX file (fp32, fp16, int8) is the one it was exported with.
+    on with a bounded workspace (:func:`configure_cudnn`). ONNX Runtime only: ``threads``, ``ort_profile``
+    ("tuned" or "default", :func:`ort_session_options`) and ``io_binding`` (default: on when running on
+    CUDA). The precision of an ONNX file (fp32, fp16, int8) is the one it was exported with. An option set
+    away from its default for a backend that does not take it is a one-line :class:`UserError`
+    (:data:`BACKEND_OPTIONS`), never silently ignored.
     """
     path = Path(path)
-    _check_file(path)
+    check_model_file(path)
     backend = backend or backend_for_path(path)
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
-    expected = backend_for_path(path) if Path(path).suffix.lower() in _SUFFIXES else backend
+    expected = MODEL_SUFFIXES.get(path.suffix.lower(), backend)
     if expected != backend:
         raise UserError(f"{path}: a {expected} model file cannot run on --backend {backend}; "
                         f"pass --backend {expected} or a matching file")
+    _refuse_inapplicable(backend, {"precision": precision, "channels_last": channels_last, "compile": compile,
+                                   "threads": threads, "ort_profile": ort_profile, "io_binding": io_binding})
     device = resolve_device(device, backend)
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"--precision {precision}: use fp32, fp16 or bf16")
     if backend == "torch":
+        if precision not in TORCH_PRECISIONS:
+            raise UserError(f"--precision {precision}: use {', '.join(TORCH_PRECISIONS)}")
         if precision == "fp16" and device == "cpu":
             raise UserError("--precision fp16 needs a GPU for the torch backend; use bf16 or fp32 on CPU")
         return _load_torch(path, device, precision, channels_last, compile)
-    if compile:
-        raise UserError(f"--compile applies to the eager torch backend (a .pth model), not to {backend}")
     if backend == "torchscript":
         return _load_torchscript(path, device)
     return _load_ort(path, device, threads, ort_profile, io_binding)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import DeployConfig, InferenceConfig, ModelConfig, versions
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_path, require_file, sha256_file
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "infer_model_config", "load_model",
@@ -115,8 +115,7 @@ def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
                         "code; only tensors and plain types are loaded (weights_only=True). Re-save it with "
                         "torch.save(model.state_dict(), path)") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:

@@ -8,6 +8,8 @@ import platform
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .names import SCALE_MAX, scale_in_range
+
 __all__ = [
     "ModelConfig",
     "InferenceConfig",
@@ -74,8 +76,8 @@ class InferenceConfig:
     mask_values: list[Any] | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.scale <= 4:
-            raise ValueError(f"scale must be in (0, 4], got {self.scale}")
+        if not scale_in_range(self.scale):  # a ValueError: callers name the flag or file it came from
+            raise ValueError(f"scale must be in (0, {SCALE_MAX:g}], got {self.scale}")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "first_line"]
 
 
 class UserError(Exception):
@@ -21,3 +21,9 @@ class UserError(Exception):
         super().__init__(" ".join(message.split()))
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def first_line(error: BaseException) -> str:
+    """The most telling line of an exception for a one-line message: the first non-empty line of
+    ``str(error)`` (stripped), or the class name when the message is empty."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

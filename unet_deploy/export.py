@@ -26,7 +26,7 @@ from torch import nn
 
 from .backends import silence_torchscript_deprecation
 from .config import CONFIG_KEY, DeployConfig, versions
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_path
 from .model import export_form
 from .onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
@@ -127,8 +127,7 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
                                         output_names=["logits"], dynamic_shapes=dynamic_shapes,
                                         external_data=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: ONNX export failed ({first[:300]})") from None
+        raise UserError(f"{path}: ONNX export failed ({first_line(e)[:300]})") from None
     precision = "fp16" if next(model.parameters()).dtype == torch.float16 else "fp32"
     return _save_onnx(program.model_proto, cfg, precision, path, full_check=True)
 
@@ -212,7 +211,7 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
             with _quiet_exporter():
                 quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
         except Exception as e:  # noqa: BLE001 - the pre-processor raises many types
-            raise UserError(f"{source}: int8 pre-processing failed ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{source}: int8 pre-processing failed ({first_line(e)[:200]})") from None
         out = Path(tmp) / "int8.onnx"
         try:
             with _quiet_exporter():
@@ -222,7 +221,7 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
         except Exception as e:  # noqa: BLE001
             if reader.count == 0:
                 raise UserError("int8 calibration: no calibration images; pass --calibration DIR") from None
-            raise UserError(f"{source}: int8 quantisation failed ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{source}: int8 quantisation failed ({first_line(e)[:200]})") from None
         if reader.count == 0:
             raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
         quantized = onnx.load(str(out))

@@ -10,7 +10,6 @@ works on TTA output unchanged. Numpy logits (ONNX Runtime on the CPU) are averag
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -75,7 +74,7 @@ class _FlipRunner:
         else:
             batch = np.asarray(batch)
             both = np.ascontiguousarray(np.concatenate([batch, batch[..., ::-1]]))
-        logits = self.inner.native(both)
+        logits = self.inner.run(both)
         logits = logits.astype(np.float32) if isinstance(logits, np.ndarray) else logits.float()
         n = logits.shape[0] // 2
         return average_flip_logits(logits[:n], logits[n:])
@@ -84,4 +83,4 @@ class _FlipRunner:
 def flip_tta(backend: Backend) -> Backend:
     """A Backend that predicts ``batch`` and its horizontal flip (one call of twice the batch) and
     returns the flip-averaged logits; name, config and device are the wrapped backend's."""
-    return replace(backend, provider=f"{backend.provider} + flip TTA", _impl=_FlipRunner(backend))
+    return backend.wrapped(_FlipRunner(backend), "flip TTA")

@@ -70,11 +70,12 @@ def latency_stats(times_s: Sequence[float], batch: int = 1) -> dict[str, Any]:
 
 
 def load_variant(model_path: str | Path, v: Variant, device: str, threads: int | None) -> Any:
-    """Load the model file as variant ``v`` (its runtime, precision and fast-path options)."""
+    """Load the model file as variant ``v`` (its runtime, precision and fast-path options); ``threads`` are
+    ONNX Runtime's (torch's are set for the whole process)."""
     return backends.load_backend(model_path, v.backend, device,
                                  precision=v.precision if v.backend == "torch" else "fp32",
-                                 channels_last=v.channels_last, threads=threads, compile=v.compile,
-                                 ort_profile=v.ort_profile, io_binding=v.io_binding)
+                                 channels_last=v.channels_last, threads=threads if v.backend == "ort" else None,
+                                 compile=v.compile, ort_profile=v.ort_profile, io_binding=v.io_binding)
 
 
 def run_case(spec: CaseSpec) -> dict[str, Any]:

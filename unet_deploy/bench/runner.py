@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import first_line
 from .analysis import before_after, speedups, targets
 from .artifacts import ModelFiles, cache_key, prepare_models, work_folder
 from .cases import run_cases
@@ -75,8 +76,7 @@ def run_roofline(settings: BenchSettings, cases: list[dict[str, Any]], files: Mo
         try:
             peaks = measure_peaks(settings.threads)
         except Exception as e:  # noqa: BLE001 - keep the timings already measured; report without peaks
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            say(f"roofline: the peak probe failed ({first[:200]}); reporting GFLOP/s without floors")
+            say(f"roofline: the peak probe failed ({first_line(e)[:200]}); reporting GFLOP/s without floors")
     return roofline_report({"cases": cases}, files.model_config, peaks)
 
 

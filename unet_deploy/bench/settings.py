@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from ..backends import resolve_device
 from ..errors import UserError
+from ..names import check_scale, is_export_file
 from .variants import BENCH_BACKENDS, parse_variant
 
 __all__ = ["SCHEMA", "QUICK_ENV", "CARVANA_SIZE", "QUICK_SIZE", "QUICK_BASE_CHANNELS", "SEED_BASE_CHANNELS",
@@ -87,8 +86,7 @@ def resolve_settings(settings: BenchSettings) -> BenchSettings:
     if not scales:
         raise UserError("--scales: give at least one scale, e.g. --scales 0.5 1.0")
     for s in scales:
-        if not np.isfinite(s) or not 0 < s <= 4:
-            raise UserError(f"--scales {s:g}: a scale must be in (0, 4], e.g. 0.5 for 959x640")
+        check_scale(s, "--scales")
     device = resolve_device(settings.device)
     default_warmup, default_runs = default_counts(device, quick)
     runs = settings.runs if settings.runs is not None else default_runs
@@ -105,7 +103,7 @@ def resolve_settings(settings: BenchSettings) -> BenchSettings:
     size = settings.image_size or (QUICK_SIZE if quick else CARVANA_SIZE)
     if settings.checkpoint is not None:
         ckpt = Path(settings.checkpoint)
-        if ckpt.suffix.lower() in (".onnx", ".ts", ".torchscript", ".jit"):
+        if is_export_file(ckpt):
             raise UserError(f"-m {ckpt}: pass the .pth checkpoint; the benchmark exports TorchScript and "
                             "ONNX from it itself")
     for s in scales:

@@ -1,7 +1,7 @@
 """Variant names: a backend plus its fast-path options, written like "torch-bf16-cl" or "ort-int8".
 
-The grammar is ``BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob]``; this module is the one place
-the benchmark's backend and precision names live.
+The grammar is ``BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob]``; the plain backend and precision
+names are :mod:`unet_deploy.names`'s, this module adds the flags and which combinations make sense.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
+from ..names import BACKENDS, PRECISIONS
 
 __all__ = ["BENCH_BACKENDS", "PRECISIONS", "FLAGS", "BACKEND_NAMES", "VARIANT_HELP", "Variant", "parse_variant",
            "expand_variants", "variant_label"]
 
 #: Backends in table order; "torch" (eager) is the parity reference.
-BENCH_BACKENDS = ("torch", "torchscript", "ort")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+BENCH_BACKENDS = BACKENDS
 FLAGS = ("cl", "compile", "cgraph", "default", "iob")
 #: How the tables name each backend.
 BACKEND_NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime"}

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
+from ..names import BACKENDS, PRECISIONS
 from ._app import app
 
 
@@ -20,16 +21,12 @@ def _split(values: list[str] | None) -> list[str]:
 
 def _is_variant(word: str) -> bool:
     """Whether ``word`` names a benchmark variant (its first part is a backend)."""
-    from ..bench.variants import BENCH_BACKENDS  # the benchmark package loads on use: a fast CLI start
-
-    return word.lower().replace("_", "-").split("-")[0] in BENCH_BACKENDS
+    return word.lower().replace("_", "-").split("-")[0] in BACKENDS
 
 
 def _sort_extras(extras: list[str], backends: list[str], scales: list[str], precisions: list[str]) -> None:
     """Words after ``--backends``/``--scales``/``--precision`` that click leaves over: numbers are scales,
     fp32/fp16/bf16/int8 precisions, names backends."""
-    from ..bench.variants import BENCH_BACKENDS, PRECISIONS
-
     for word in extras:
         for part in _split([word]):
             if _is_variant(part):
@@ -43,7 +40,7 @@ def _sort_extras(extras: list[str], backends: list[str], scales: list[str], prec
             except ValueError:
                 if part.startswith("-"):
                     raise UserError(f"{part}: unknown option; see `unet-deploy benchmark --help`") from None
-                raise UserError(f"{part}: not a backend ({', '.join(BENCH_BACKENDS)}), precision ("
+                raise UserError(f"{part}: not a backend ({', '.join(BACKENDS)}), precision ("
                                 f"{', '.join(PRECISIONS)}) nor a scale (a number like 0.5); check --backends, "
                                 "--precision and --scales") from None
             scales.append(part)
@@ -148,7 +145,6 @@ def benchmark(
 
     from ..backends import COMPILE_MODES
     from ..bench import (
-        BENCH_BACKENDS,
         VARIANT_HELP,
         BenchSettings,
         expand_variants,
@@ -167,7 +163,7 @@ def benchmark(
     if stages < 0:
         raise UserError(f"--stages {stages}: use 0 (off) or a number of images")
     merged = [_read_json(path, "--merge", "give a JSON written by --json or int8_eval.py") for path in merge or []]
-    words = backend_words or list(BENCH_BACKENDS)
+    words = backend_words or list(BACKENDS)
     if precision_words or channels_last or compile_:
         from ..backends import resolve_device
 

@@ -13,10 +13,11 @@ from typing import Any
 import typer
 
 from ..errors import UserError
+from ..names import DEFAULT_CHECKPOINT, EXPORT_SUFFIXES, is_export_file
 from ._app import app
 
-FORMATS = {"onnx": (".onnx", "ort"), "torchscript": (".ts", "torchscript")}
-DEFAULT_CHECKPOINT = Path("checkpoints/best.pth")
+#: --format word -> (the suffix it writes, the backend that runs it)
+FORMATS = {"onnx": (EXPORT_SUFFIXES["ort"], "ort"), "torchscript": (EXPORT_SUFFIXES["torchscript"], "torchscript")}
 MAX_DIR_IMAGES = 4
 
 
@@ -55,7 +56,7 @@ def _checkpoint_path(model: Path | None) -> Path:
             raise UserError(f"{DEFAULT_CHECKPOINT}: no checkpoint here; train one with `unet-deploy train` "
                             "or pass -m MODEL.pth (this project's checkpoint or Pytorch-UNet's)")
         return DEFAULT_CHECKPOINT
-    if model.suffix.lower() in (".onnx", ".ts", ".torchscript", ".jit"):
+    if is_export_file(model):
         raise UserError(f"-m {model}: export starts from a .pth checkpoint, not an exported model; "
                         f"check an existing export with `unet-deploy verify {model} -m MODEL.pth`")
     return model
@@ -357,7 +358,7 @@ def verify(
     """Check an existing export against eager PyTorch (same inputs and criteria as `export`).
 
     Exits 1 when parity fails, with the table. fp16/bf16 exports are judged by looser thresholds
-    (relative error <= 1e-2, pixel agreement >= 99.9 %, dice >= 0.999).
+    (relative error <= 1e-2, pixel agreement >= 99.9 %, dice >= 0.998).
 
     Example: `unet-deploy verify exported/best.onnx -m checkpoints/best.pth --images data/imgs`
     """
@@ -368,7 +369,7 @@ def verify(
     if not model_file.is_file():
         raise UserError(f"{model_file}: exported model not found; create it with `unet-deploy export`")
     console = _console()
-    embedded = read_embedded_config(model_file) if model_file.suffix.lower() in (".onnx", ".ts") else None
+    embedded = read_embedded_config(model_file) if is_export_file(model_file) else None
     if model is None:
         model = _recorded_checkpoint(model_file, embedded.source if embedded else {})
     image_paths = _images(images)
@@ -378,6 +379,7 @@ def verify(
                       "(different sha256); a mismatch below may just mean it was retrained[/]")
     candidate = load_backend(model_file, backend, device=device)
     report = parity(reference, candidate, default_cases(candidate.config, image_paths, quick=quick))
+    report.reference, report.candidate = str(reference.describe()), str(candidate.describe())  # one-line labels
     console.print(report.table())
     console.print(report.summary())
     if json_out:

@@ -161,11 +161,11 @@ def predict(
     if not specs:
         raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
     if nproc != 1:
-        from ..backends import _check_file
+        from ..backends import check_model_file
         from ..predict import default_model
         from ._launch import relaunch
 
-        _check_file(model if model is not None else default_model(backend))  # one error line, not N
+        check_model_file(model if model is not None else default_model(backend))  # one error line, not N
         relaunch(ctx, nproc)
     import contextlib
     import os
@@ -226,6 +226,7 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
     from ..backends import load_backend
     from ..crf import CRFParams
     from ..errors import UserError
+    from ..names import MODEL_SUFFIXES
     from ..predict import PredictOptions, default_model, predict_files
     from ..predict.overlay import display_available
     from ..shard import rank_device
@@ -234,8 +235,6 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
     share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if group.world > 1:
         device = rank_device(device, group.local_rank, group.world)
-    if group.world > 1 and threads is None and not device.startswith("cuda"):
-        threads = share
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads}: use 1 or more (or leave it out for all cores)")
     if crf_workers is not None and crf_workers < 1:
@@ -251,11 +250,11 @@ def _predict(group: Any, specs: list[str], model: Path | None, output: list[str]
 
         require_crf()
     path = model if model is not None else default_model(backend)
+    if group.world > 1 and threads is None and not device.startswith("cuda") and \
+            (backend or MODEL_SUFFIXES.get(Path(path).suffix.lower())) == "ort":
+        threads = share  # ONNX Runtime's threads: this process's share of the cores
     be = load_backend(path, backend, device, precision=precision, threads=threads, channels_last=channels_last,
                       compile=compile_mode)
-    if precision != "fp32" and be.name != "torch":
-        raise UserError(f"--precision {precision}: applies to the torch backend (.pth) only; {path} runs at "
-                        "the precision it was exported with (for ONNX fp16, export an fp16 model)")
     mc = be.config.model
     if classes is not None and max(classes, 1) != mc.n_classes:
         noun = "class" if mc.n_classes == 1 else "classes"

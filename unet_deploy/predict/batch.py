@@ -15,10 +15,10 @@ import numpy as np
 
 from ..backends import Backend
 from ..data import preprocess
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..resources import check_predict_memory, raise_if_out_of_memory
 from .load import Loaded
-from .records import PredictOptions, one_line
+from .records import PredictOptions
 
 __all__ = ["MIN_SIDE", "BatchedModel", "Inferred"]
 
@@ -88,7 +88,7 @@ class BatchedModel:
                                       f"{items[0][1].shape[2]}x{items[0][1].shape[1]} px")
             if not isinstance(e, (RuntimeError, MemoryError, ValueError)):
                 raise
-            msg = one_line(e)[:200]
+            msg = first_line(e)[:200]
             for item, _ in items:
                 yield item, None, (f"{item.job.path}: inference failed ({msg}); try a smaller "
                                    "--batch-size or --scale")

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..data import load_image
-from ..errors import UserError
-from .records import Job, one_line
+from ..errors import UserError, first_line
+from .records import Job
 from .resume import read_existing
 
 __all__ = ["Loaded", "ImageLoader", "ordered_map"]
@@ -53,7 +53,7 @@ class ImageLoader:
         except UserError as e:
             return Loaded(job, error=str(e))
         except (OSError, ValueError, MemoryError) as e:
-            return Loaded(job, error=f"{job.path}: cannot read image ({one_line(e)})")
+            return Loaded(job, error=f"{job.path}: cannot read image ({first_line(e)})")
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..data import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
 from ..errors import UserError
+from ..names import BACKENDS, DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR, EXPORT_SUFFIXES
 from .records import Job
 from .write import MASK_FORMATS
 
@@ -21,7 +22,6 @@ __all__ = ["expand_specs", "expand_inputs", "plan_jobs", "plan_run", "check_rle_
            "DEMO_DIR"]
 
 GLOB_CHARS = set("*?[")
-DEMO_DIR = "demo"  #: where `unet-deploy demo` writes; its model is the fallback when none is here
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -181,16 +181,15 @@ def default_model(backend: str | None, root: str | Path = ".") -> Path:
     ``exported/*.onnx`` / ``*.ts``; when there is none, the same under ``demo/`` (what `unet-deploy demo`
     wrote), with a one-line notice on stderr."""
     root = Path(root)
-    if backend not in (None, "torch", "ort", "torchscript"):
-        raise UserError(f"--backend {backend}: unknown backend; use torch, torchscript or ort")
+    if backend is not None and backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: unknown backend; use {', '.join(BACKENDS)}")
     if backend in (None, "torch"):
-        found = [p for p in (root / "checkpoints" / "best.pth", root / DEMO_DIR / "checkpoints" / "best.pth")
-                 if p.is_file()]
-        wanted, how = root / "checkpoints" / "best.pth", "train one with `unet-deploy train`"
+        found = [p for p in (root / DEFAULT_CHECKPOINT, root / DEMO_DIR / DEFAULT_CHECKPOINT) if p.is_file()]
+        wanted, how = root / DEFAULT_CHECKPOINT, "train one with `unet-deploy train`"
     else:
-        suffix, fmt = {"ort": (".onnx", "onnx"), "torchscript": (".ts", "torchscript")}[backend]
-        found = [p for p in (_newest(root / "exported", suffix), _newest(root / DEMO_DIR / "exported", suffix)) if p]
-        wanted, how = root / "exported" / f"*{suffix}", f"create one with `unet-deploy export --format {fmt}`"
+        suffix, fmt = EXPORT_SUFFIXES[backend], "onnx" if backend == "ort" else backend
+        found = [p for p in (_newest(root / EXPORT_DIR, suffix), _newest(root / DEMO_DIR / EXPORT_DIR, suffix)) if p]
+        wanted, how = root / EXPORT_DIR / f"*{suffix}", f"create one with `unet-deploy export --format {fmt}`"
     if not found:
         raise UserError(f"no -m given and no {wanted} (nor the demo's under {root / DEMO_DIR}/) found; "
                         f"{how}, run `unet-deploy demo`, or pass -m MODEL")

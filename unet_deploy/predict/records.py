@@ -12,20 +12,14 @@ import numpy as np
 
 from ..crf import CRFParams
 from ..errors import UserError
+from ..names import check_scale
 
-__all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text",
-           "one_line"]
+__all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text"]
 
 
 def values_text(values: Sequence[Any]) -> str:
     """``0,255``: mask values as they are given on the command line."""
     return ",".join(str(v) for v in values)
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (its type name when it has none)."""
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 @dataclass
@@ -51,8 +45,8 @@ class PredictOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
-        if self.scale is not None and not 0 < self.scale <= 4:
-            raise UserError(f"--scale {self.scale}: use a factor in (0, 4], e.g. 0.5")
+        if self.scale is not None:
+            check_scale(self.scale, "--scale")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise UserError(f"--mask-threshold {self.threshold}: use a probability in [0, 1]")
         if self.crf_workers < 1:

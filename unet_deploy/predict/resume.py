@@ -21,11 +21,11 @@ from PIL import Image
 
 from ..backends import Backend
 from ..data import load_mask, mask_to_index
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..rle import write_submission
 from ..shard import Group, SharedError, fingerprint, journal_dir, model_digest, new_run_id, read_journal
 from .plan import check_rle_target
-from .records import Job, PredictOptions, one_line
+from .records import Job, PredictOptions
 from .write import mask_fingerprint
 
 __all__ = ["CRASH_ENV", "crash_hook", "journal_key", "run_fingerprint", "on_main", "image_size", "read_existing",
@@ -159,7 +159,7 @@ def resume_plan(jobs: Sequence[Job], rle_path: Path | None, options: PredictOpti
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise UserError(f"--rle {rle_path}: cannot remove the old journal {folder} ({one_line(e)})"
+            raise UserError(f"--rle {rle_path}: cannot remove the old journal {folder} ({first_line(e)})"
                             ) from None
         return new_run_id(), [], 0
     rows, untrusted = read_journal(folder, fp)
@@ -180,7 +180,7 @@ def merge_submission(jobs: Sequence[Job], want: list[int], rle_path: Path, fp: s
     try:
         n = write_submission(rle_path, [(jobs[i].id, rows[journal_key(jobs[i])].rle) for i in want])
     except (OSError, ValueError) as e:
-        raise UserError(f"--rle {rle_path}: cannot write the submission ({one_line(e)})") from None
+        raise UserError(f"--rle {rle_path}: cannot write the submission ({first_line(e)})") from None
     if not keep_journal:  # all done: the journal is no longer needed
         shutil.rmtree(folder, ignore_errors=True)
     return n

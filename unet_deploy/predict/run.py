@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import Backend
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..rle import rle_encode
 from ..shard import Group, JournalRow, JournalWriter, journal_dir
 from ..shard import split as split_jobs
@@ -21,7 +21,7 @@ from .load import ImageLoader, ordered_map
 from .overlay import display_available, show_overlay
 from .plan import plan_run
 from .postprocess import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
-from .records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary, one_line
+from .records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
 from .resume import check_same_run, crash_hook, journal_key, merge_submission, on_main, resume_plan, run_fingerprint
 from .write import output_values, write_result
 
@@ -141,7 +141,7 @@ class _Share:
         try:
             write_result(res, self.values, self.fp, self.summary.written)
         except OSError as e:
-            self._report(f"{res.job.path}: cannot write output ({one_line(e)})")
+            self._report(f"{res.job.path}: cannot write output ({first_line(e)})")
             return False
         if self.show and res.image is not None:
             show_overlay(res.job.path.name, res.image, res.mask)
@@ -152,7 +152,7 @@ class _Share:
         try:
             writer.append(JournalRow(journal_key(job), job.id, *res.mask.shape[:2], rle_encode(res.mask)))
         except OSError as e:
-            self._report(f"{job.path}: cannot write to the journal {writer.path} ({one_line(e)})")
+            self._report(f"{job.path}: cannot write to the journal {writer.path} ({first_line(e)})")
             return False
         self.after_journal_row(writer.rows)
         return True
@@ -165,7 +165,7 @@ def _open_journal(folder: Path | None, rle_path: Path | None, run_id: str, fp: s
     try:
         return JournalWriter(folder / f"{run_id}.rank{group.rank}-of-{group.world}.jsonl", fp)
     except OSError as e:
-        raise UserError(f"--rle {rle_path}: cannot write the journal in {folder} ({one_line(e)})") from None
+        raise UserError(f"--rle {rle_path}: cannot write the journal in {folder} ({first_line(e)})") from None
 
 
 def _add_totals(summary: PredictSummary, counts: list[Any], jobs: Sequence[Job]) -> None:
