@@ -122,8 +122,9 @@ def test_cli_export_prints_files_table_and_next_command(cli_export) -> None:
         path = cwd / "exported" / name
         assert path.is_file() and path.stat().st_size > 10_000
         assert f"wrote exported/{name} (" in out and " MB, exported in " in out
-    assert "next: unet-deploy predict --backend ort -m exported/best.onnx" in out
-    assert "next: unet-deploy predict --backend torchscript -m exported/best.ts" in out
+    # the training data folder is not here, so the hint is one that works when pasted here
+    assert "next: unet-deploy verify exported/best.onnx" in out
+    assert "next: unet-deploy verify exported/best.ts" in out
     assert "carvana-0.5" in out and "rel err" in out and "1x3x640x959" in out
     assert not [p for p in (cwd / "exported").iterdir() if p.name.startswith(".")]  # no staging left
     assert cli_export["stderr"].strip() == ""  # the exporter's chatter is silenced
