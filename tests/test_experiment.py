@@ -70,7 +70,7 @@ def test_finetune_from_pytorch_unet_state_dict_starts_from_its_weights(sets, tmp
     torch.save({**state, "mask_values": [0, 1]}, model_pth)  # how Pytorch-UNet's train.py saves
 
     common = ["train", "--data", str(sets["train"]), "-e", "1", "-b", "2", "-v", "0", "--max-steps", "1",
-              "-s", "1", "--seed", "0", "-q", "--base-channels", "4"]
+              "-s", "1", "--seed", "0", "-q", "--base-channels", "4", "--recipe", "pytorch-unet"]
     cli([*common, "-f", str(model_pth), "--checkpoint-dir", str(tmp_path / "ft")])
     assert "fine-tuning from" in capsys.readouterr().out
     cli([*common, "--checkpoint-dir", str(tmp_path / "scratch")])

@@ -27,7 +27,7 @@ from .errors import UserError, first_line
 from .fileio import atomic_path, require_file, sha256_file
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "infer_model_config", "load_model",
-           "FORMAT"]
+           "load_state", "FORMAT"]
 
 FORMAT = "unet-deploy"
 FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ class LoadedCheckpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         model = self.config.model.build()
-        _load_state(model, self.state_dict, self.path)
+        load_state(model, self.state_dict, self.path)
         return model.to(device).eval()
 
 
@@ -72,7 +72,8 @@ def infer_model_config(state: dict[str, Any], source: str | Path = "checkpoint")
     )
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``state`` into ``model`` strictly; a missing, extra or misshapen key is a one-line error."""
     expected = model.state_dict()
     for key in expected:
         if key not in state:

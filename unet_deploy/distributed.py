@@ -1,5 +1,6 @@
-"""torch.distributed helpers for ``train``: BatchNorm synchronised across CPU (gloo) processes, buffer
-broadcasting, and the ``--nproc`` launcher that re-runs a command under ``torch.distributed.run``.
+"""torch.distributed helpers for ``train``: torchrun's environment and process group, BatchNorm
+synchronised across CPU (gloo) processes, buffer broadcasting, and the ``--nproc`` launcher that re-runs a
+command under ``torch.distributed.run``.
 
 ``torch.nn.SyncBatchNorm`` only runs on GPUs (DistributedDataParallel refuses it on CPU modules), so on
 CPU ``--sync-bn`` swaps every ``BatchNorm2d`` for :class:`AllReduceBatchNorm2d`, which all-reduces the
@@ -14,13 +15,73 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AllReduceBatchNorm2d", "convert_sync_batchnorm", "broadcast_buffers", "torchrun_command",
+__all__ = ["DistEnv", "dist_env", "process_device", "init_distributed", "all_reduce_sum", "finish_distributed",
+           "AllReduceBatchNorm2d", "convert_sync_batchnorm", "broadcast_buffers", "torchrun_command",
            "launch_torchrun"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def process_device(env: DistEnv, device: str) -> str:
+    """This process's device: under torchrun on CUDA, ``cuda:LOCAL_RANK`` (made the current device)."""
+    if env.enabled and device.startswith("cuda"):
+        device = f"cuda:{env.local_rank}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(env: DistEnv, device: str) -> bool:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU); True if this call created it."""
+    import torch.distributed as dist
+
+    if env.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        return True
+    return False
+
+
+def all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
+    """Sum ``values`` over every process, in place (unchanged in a single process)."""
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def finish_distributed(env: DistEnv, own_group: bool) -> None:
+    """Wait for every rank (the checkpoints are on disk before any returns); leave a group we created."""
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
 
 
 def _world() -> int:

@@ -95,7 +95,7 @@ def process_group() -> Iterator[Group]:
     Uses the default process group when one exists (a gloo side group when it is not gloo); otherwise
     creates a gloo group and destroys it on exit.
     """
-    from .train import dist_env
+    from .distributed import dist_env
 
     env = dist_env()
     if not env.enabled:

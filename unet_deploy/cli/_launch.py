@@ -39,7 +39,7 @@ def relaunch(ctx: typer.Context, nproc: int) -> None:
     """
     from ..distributed import launch_torchrun
     from ..errors import UserError
-    from ..train import dist_env
+    from ..distributed import dist_env
 
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be >= 1")

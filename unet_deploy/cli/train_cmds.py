@@ -151,7 +151,7 @@ def _relaunch(ctx: typer.Context, nproc: int) -> None:
     if nproc >= 1 and opts["batch_size"] % nproc:
         raise UserError(f"-b/--batch-size {opts['batch_size']}: the global batch must be a multiple of "
                         f"--nproc {nproc}")
-    data = opts["data"]
+    data = Path(opts["data"])  # ctx.params holds the raw values (str), not the converted Path
     find_pairs(opts["imgs"] or data / "imgs", opts["masks"] or data / "masks", opts["mask_suffix"])
     relaunch(ctx, nproc)
 

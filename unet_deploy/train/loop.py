@@ -1,0 +1,113 @@
+"""``train()``: set up a run, then train its epochs (Ctrl-C safe), then finish it.
+
+::
+
+    start        torchrun's environment, device and process group; option checks; seeding
+    prepare      architecture [+ -f resume settings] -> recipe -> data -> model -> optimizer/schedule
+                 [+ resumed state] -> the checkpoint folder                    -> TrainRun, Progress
+    fit          per epoch: run_epoch (.epoch) -> finish_epoch: validate (.validation), schedule,
+                 last/best.pth (.checkpointing); Ctrl-C -> interrupted.pth
+    finish       best.pth if no epoch improved; wait for every rank
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..config import DeployConfig, InferenceConfig
+from ..distributed import DistEnv, dist_env, finish_distributed, init_distributed, process_device
+from ..errors import UserError
+from .checkpointing import ensure_writable_dir, save_final_best, save_interrupted
+from .config import TrainConfig, TrainResult, check_config
+from .data import load_pairs, make_loaders, seed_everything
+from .epoch import finish_epoch, run_epoch
+from .optim import apply_recipe, build_optimizer, build_scheduler, restore_progress
+from .setup import apply_resumed_settings, build_model, resolve_architecture
+from .state import Progress, TrainRun
+
+__all__ = ["train"]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def start(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[DistEnv, str, bool, Callable[[str], None]]:
+    """(environment, device, created the process group?, logger: ``log`` on rank 0, silent elsewhere)."""
+    from ..backends import resolve_device
+
+    env = dist_env()
+    device = process_device(env, resolve_device(cfg.device))
+    own_group = init_distributed(env, device)
+    say = log if env.main else _quiet
+    check_config(cfg, env)
+    seed_everything(cfg.seed)
+    return env, device, own_group, say
+
+
+def prepare(cfg: TrainConfig, env: DistEnv, device: str, say: Callable[[str], None]) -> tuple[TrainRun, Progress]:
+    """Everything the epochs need, in the order that fixes the random streams (same seed, same weights)."""
+    model_cfg, resume, loaded = resolve_architecture(cfg)
+    if resume is not None:
+        apply_resumed_settings(cfg, resume, say)
+    apply_recipe(cfg, say)
+    pairs, mask_values = load_pairs(cfg, model_cfg, loaded, resume, say)
+    data = make_loaders(cfg, env, device, model_cfg, pairs, mask_values)
+    model, net = build_model(cfg, env, device, model_cfg, loaded, pairs[0].image, data.local_batch)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler, step_per_batch = build_scheduler(cfg, optimizer, max(len(data.train_loader), 1))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.startswith("cuda"))
+    start_epoch, best_dice, global_step = restore_progress(cfg, resume, loaded, optimizer, scheduler, say)
+    deploy = DeployConfig(model=model_cfg, inference=InferenceConfig(scale=cfg.scale, mask_values=mask_values))
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    if env.main:
+        ensure_writable_dir(ckpt_dir, "--checkpoint-dir")
+    run = TrainRun(cfg, env, device, say, model_cfg, data, model, net, optimizer, scheduler, step_per_batch,
+                   scaler, deploy, ckpt_dir)
+    return run, Progress(start_epoch - 1, best_dice, global_step)
+
+
+def fit(run: TrainRun, progress: Progress) -> None:
+    """Train the remaining epochs; Ctrl-C writes interrupted.pth and returns with ``progress.interrupted``."""
+    from ..progress import TrainProgress
+
+    cfg, env = run.cfg, run.env
+    run.say(f"training {run.model_cfg.architecture} on {len(run.data.train_pairs)} images (validation "
+            f"{len(run.data.val_pairs)}), scale {cfg.scale}, batch {cfg.batch_size}, device {run.device}"
+            + (f", {env.world} processes" if env.enabled else ""))
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    bar = TrainProgress(enabled=cfg.progress and env.main)
+    try:
+        with bar:
+            for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+                progress.epoch = epoch
+                epoch_loss, n_batches = run_epoch(run, progress, bar)
+                finish_epoch(run, progress, epoch_loss, n_batches)
+                if progress.out_of_steps(cfg):
+                    break
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"{run.device}: out of GPU memory at scale {cfg.scale}, batch {cfg.batch_size}"
+                        + ("" if cfg.amp else ", fp32") + "; use a smaller --scale or --batch-size"
+                        + ("" if cfg.amp else ", or --amp (half the activation memory)")) from None
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or torchrun's) must not cut the save
+        progress.interrupted = True
+        save_interrupted(run, progress)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train a U-Net on ``cfg.data``; writes ``last.pth`` and ``best.pth`` in ``cfg.checkpoint_dir``."""
+    env, device, own_group, say = start(cfg, log)
+    run, progress = prepare(cfg, env, device, say)
+    fit(run, progress)
+    if not progress.interrupted:  # on Ctrl-C or errors torchrun stops the other ranks
+        save_final_best(run, progress)
+        finish_distributed(env, own_group)  # the checkpoints are on disk before any rank returns
+    return TrainResult(progress.best_dice, progress.last_dice, len(progress.history), progress.images_per_second,
+                       run.best_path, run.last_path, progress.history, progress.interrupted)
