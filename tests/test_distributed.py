@@ -38,7 +38,8 @@ MAX_ABS_TOL = 1e-3
 REL_TOL = 1e-2
 TRAIN_ARGS = ["-b", "2", "-l", "1e-3", "--optimizer", "adamw", "--base-channels", "4", "--scale", "1",
               "-v", "25", "--seed", str(SEED), "-q",
-              "--augment", "none"]  # augmentation streams are per rank: the runs would see other images
+              "--augment", "none",  # augmentation streams are per rank: the runs would see other images
+              "--schedule", "plateau"]  # a cosine schedule is sized by -e: a run extended by -f follows another curve
 
 
 def _free_port() -> int:

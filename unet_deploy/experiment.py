@@ -226,12 +226,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         torch.set_num_threads(threads)
 
 
-def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    import torch
-
-    work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    tag = f"{cfg.width}x{cfg.height}"
+def _datasets(cfg: ExperimentConfig, work: Path, tag: str, log: Callable[[str], None]) -> tuple[Path, Path]:
+    """The training and held-out folders (generated when not given), checked to be distinct."""
     data = cfg.data or _generate(work / f"data-train-{cfg.n_train}-{tag}", cfg.n_train, cfg, 101, log)
     heldout = cfg.heldout or _generate(work / f"data-heldout-{cfg.n_heldout}-{tag}", cfg.n_heldout, cfg, 202,
                                        log)
@@ -240,8 +236,12 @@ def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
             raise UserError(f"{d}: no imgs/ folder; pass a folder with imgs/ and masks/ as {flag}")
     if Path(data).resolve() == Path(heldout).resolve():
         raise UserError(f"--heldout {heldout}: must differ from --data (scores must come from unseen images)")
+    return data, heldout
 
-    runs: list[dict[str, Any]] = []
+
+def _pretrained(cfg: ExperimentConfig, work: Path, tag: str, log: Callable[[str], None]
+                ) -> tuple[Path | None, dict[str, Any] | None]:
+    """The fine-tuning start point (``--pretrained``, or one trained here) and its pretraining record."""
     pretrain: dict[str, Any] | None = None
     pretrained = cfg.pretrained
     if "finetune" in cfg.variants and pretrained is None:
@@ -256,7 +256,13 @@ def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
     elif pretrained is not None and not Path(pretrained).is_file():
         raise UserError(f"--pretrained {pretrained}: file not found; pass a Pytorch-UNet MODEL.pth or a "
                         "unet-deploy checkpoint")
+    return pretrained, pretrain
 
+
+def _train_variants(cfg: ExperimentConfig, work: Path, data: Path, heldout: Path, pretrained: Path | None,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Train and score every variant for every seed; one row per run."""
+    runs: list[dict[str, Any]] = []
     for seed in cfg.seeds:
         for variant in cfg.variants:
             options = _options(cfg, variant)
@@ -270,7 +276,11 @@ def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
                    "time_s": wall, "img_per_s": ips, "options": options.describe(), "checkpoint": str(ckpt)}
             log(f"  dice {dice:.4f}  boundary acc {bacc:.4f}  {wall:.1f} s")
             runs.append(row)
+    return runs
 
+
+def _summarise(cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant: mean/std over seeds of dice, boundary accuracy and time, and dice against baseline."""
     summary = []
     base = [r["dice"] for r in runs if r["variant"] == "baseline"]
     base_mean = _summary(base)["mean"] if base else float("nan")
@@ -280,6 +290,19 @@ def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
         summary.append({"variant": variant, "what": VARIANTS[variant], "steps": rows[0]["steps"],
                         "dice": d, "boundary_acc": b, "time_s": t, "delta_dice": d["mean"] - base_mean,
                         "seeds": len(rows)})
+    return summary
+
+
+def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    tag = f"{cfg.width}x{cfg.height}"
+    data, heldout = _datasets(cfg, work, tag, log)
+    pretrained, pretrain = _pretrained(cfg, work, tag, log)
+    runs = _train_variants(cfg, work, data, heldout, pretrained, log)
+    summary = _summarise(cfg, runs)
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     settings.update({"data": str(data), "heldout": str(heldout), "pretrained": str(pretrained) if pretrained

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,27 +164,9 @@ def calibration_batches(images: list[Path], config: DeployConfig, scale: float |
         yield preprocess(load_image(path, config.model.n_channels), scale)[None]
 
 
-def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Path,
-                       calibration: Iterable[np.ndarray], per_channel: bool = True) -> Path:
-    """Static int8 quantisation of the fp32 ONNX file ``source`` into ``path`` (QDQ format).
-
-    ``quant_pre_process`` (shape inference, constant folding, BatchNorm folded into Conv) runs first;
-    then ``quantize_static`` calibrates activation ranges (min/max) on the ``calibration`` batches and
-    writes QuantizeLinear/DequantizeLinear pairs: weights int8 per output channel, activations uint8
-    (ONNX Runtime runs u8 x s8 convolutions with AVX-512 VNNI / AVX2 on x86). The config is embedded
-    with precision "int8". Written atomically.
-    """
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def _calibration_reader(calibration: Iterable[np.ndarray]) -> Any:
+    """An onnxruntime ``CalibrationDataReader`` over the batches; ``.count`` says how many it gave."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     batches = iter(calibration)
 
@@ -198,20 +181,47 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
             self.count += 1
             return {"input": np.ascontiguousarray(batch, dtype=np.float32)}
 
+    return _Reader()
+
+
+def _int8_preprocess(source: str | Path, tmp: Path) -> Path:
+    """ConvTranspose rewritten as Conv + DepthToSpace, then ``quant_pre_process``; the file it wrote."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "pre.onnx"
+    rewritten = tmp / "rewritten.onnx"
+    try:
+        source_proto = onnx.load(str(source))
+        conv_transpose_to_depth_to_space(source_proto)  # int8 QLinearConv instead of a float ConvTranspose
+        onnx.save_model(source_proto, str(rewritten))
+        del source_proto
+        with _quiet_exporter():
+            quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
+    except Exception as e:  # noqa: BLE001 - the pre-processor raises many types
+        raise UserError(f"{source}: int8 pre-processing failed ({first_line(e)[:200]})") from None
+    return pre
+
+
+def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Path,
+                       calibration: Iterable[np.ndarray], per_channel: bool = True) -> Path:
+    """Static int8 quantisation of the fp32 ONNX file ``source`` into ``path`` (QDQ format).
+
+    ``quant_pre_process`` (shape inference, constant folding, BatchNorm folded into Conv) runs first;
+    then ``quantize_static`` calibrates activation ranges (min/max) on the ``calibration`` batches and
+    writes QuantizeLinear/DequantizeLinear pairs: weights int8 per output channel, activations uint8
+    (ONNX Runtime runs u8 x s8 convolutions with AVX-512 VNNI / AVX2 on x86). The config is embedded
+    with precision "int8". Written atomically.
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     path = Path(path)
-    reader = _Reader()
+    reader = _calibration_reader(calibration)
     with tempfile.TemporaryDirectory(prefix="unet-int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        rewritten = Path(tmp) / "rewritten.onnx"
-        try:
-            source_proto = onnx.load(str(source))
-            conv_transpose_to_depth_to_space(source_proto)  # int8 QLinearConv instead of a float ConvTranspose
-            onnx.save_model(source_proto, str(rewritten))
-            del source_proto
-            with _quiet_exporter():
-                quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
-        except Exception as e:  # noqa: BLE001 - the pre-processor raises many types
-            raise UserError(f"{source}: int8 pre-processing failed ({first_line(e)[:200]})") from None
+        pre = _int8_preprocess(source, Path(tmp))
         out = Path(tmp) / "int8.onnx"
         try:
             with _quiet_exporter():

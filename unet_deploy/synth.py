@@ -5,6 +5,7 @@ width, with a narrower glasshouse, plus four wheel cylinders. A view is an ortho
 given yaw (Carvana's 16 turntable angles) and a slight downward pitch, painted far-to-near with Pillow
 at 2x supersampling and downsampled for anti-aliased edges. The mask is the car's silhouette (body,
 glass and wheels; never the floor shadow), so it matches the image edge to within half a pixel.
+The drawing steps live in :mod:`unet_deploy.synth_render`.
 
 Output follows the Carvana layout: ``imgs/<car>_<angle>.jpg`` and ``masks/<car>_<angle>_mask.gif``
 where the GIF is a palette image whose pixel values are 0 (background) and 1 (car).
@@ -18,16 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
+from . import synth_render as sr
 from .errors import UserError
 from .fileio import atomic_path
 from .resources import check_synth_memory
+from .synth_render import BODY as _BODY
+from .synth_render import GLASS as _GLASS
+from .synth_render import WELL as _WELL
 
 __all__ = ["CarSpec", "generate_dataset", "generate_test_images", "render_car", "sample_car"]
 
-_SS = 2  # supersampling factor
-_BODY, _GLASS, _WELL = 0, 1, 2
 _COLOURS: tuple[tuple[tuple[int, int, int], float], ...] = (
     ((238, 239, 240), 0.20), ((186, 189, 193), 0.14), ((22, 23, 26), 0.16),  # white, silver, black
     ((105, 108, 112), 0.10), ((150, 24, 28), 0.09), ((28, 52, 120), 0.09),  # grey, red, blue
@@ -120,234 +123,20 @@ def sample_car(rng: np.random.Generator) -> CarSpec:
                    rng.uniform(0.72, 0.85), colour, rim, glass)
 
 
-def _rotation(yaw: float, pitch: float) -> np.ndarray:
-    cy, sy, cp, sp = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch)
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
-    return rx @ ry
-
-
-def _lift(spec: CarSpec, pts: np.ndarray, side: float) -> np.ndarray:
-    """Place 2-D profile points on one flank (side=+-1); the glasshouse leans inward."""
-    t = np.clip((pts[:, 1] - spec.belt) / (spec.roof - spec.belt), 0.0, 1.0)
-    z = side * spec.half_width * (1.0 - (1.0 - spec.tumble) * t)
-    return np.column_stack([pts, z])
-
-
-def _hull(p: np.ndarray) -> np.ndarray:
-    """Convex hull (monotone chain) of 2-D points."""
-    pts = sorted(map(tuple, p.tolist()))
-
-    def half(seq: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
-        for q in seq:
-            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (q[1] - out[-2][1])
-                                     - (out[-1][1] - out[-2][1]) * (q[0] - out[-2][0])) <= 0:
-                out.pop()
-            out.append(q)
-        return out[:-1]
-
-    return np.array(half(pts) + half(pts[::-1]))
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Studio backdrop: a wall fading into a floor at a soft horizon, vignetted, slightly tinted."""
-    wall = rng.uniform(205, 248)
-    floor = wall + rng.uniform(-35, 4)
-    ys = np.arange(height, dtype=np.float32) / height
-    horizon, soft = rng.uniform(0.45, 0.68), rng.uniform(0.02, 0.15)
-    blend = np.clip((ys - horizon) / soft + 0.5, 0.0, 1.0)
-    wall_y = wall - rng.uniform(0, 25) * (1.0 - np.clip(ys / horizon, 0, 1))
-    floor_y = floor + rng.uniform(-5, 12) * np.clip((ys - horizon) / (1 - horizon), 0, 1)
-    vy = wall_y * (1 - blend) + floor_y * blend
-    xs = (np.arange(width, dtype=np.float32) - width / 2) / (width / 2)
-    vx = 1.0 - rng.uniform(0.0, 0.15) * xs * xs
-    tint = (1.0 + rng.uniform(-0.02, 0.02, 3)).astype(np.float32)
-    return (vy[:, None] * vx[None, :])[:, :, None] * tint
-
-
 def _render(rng: np.random.Generator, spec: CarSpec, yaw: float, width: int, height: int,
             ) -> tuple[np.ndarray, np.ndarray]:
     """Render one view of ``spec`` into a fresh studio scene."""
-    rot = _rotation(yaw, math.radians(rng.uniform(6, 16)))
-    light = np.array([rng.choice([-0.45, 0.45]), 0.65, 0.6])
-    light /= np.linalg.norm(light)
-    side = 1.0 if rot[2, 2] >= 0 else -1.0  # flank facing the camera
-
-    def proj(p3: np.ndarray) -> np.ndarray:
-        return p3 @ rot.T
-
-    def shade(base: np.ndarray, normal: np.ndarray, amb: float = 0.55, diff: float = 0.55) -> tuple:
-        n = rot @ normal
-        b = amb + diff * max(0.0, float(n @ light) / (np.linalg.norm(n) + 1e-9))
-        return tuple(int(v) for v in np.clip(base * b, 0, 255))
-
-    near, far = proj(_lift(spec, spec.profile, side)), proj(_lift(spec, spec.profile, -side))
-    orient = 1.0 if np.sum(spec.profile[:, 0] * np.roll(spec.profile[:, 1], -1)
-                           - np.roll(spec.profile[:, 0], -1) * spec.profile[:, 1]) > 0 else -1.0
-    dark = tuple(int(v) for v in spec.colour * 0.4)
-    back: list[np.ndarray] = [far]
-    items: list[tuple[float, np.ndarray, tuple]] = []  # (depth, polygon, colour)
-    count = len(spec.profile)
-    for i in range(count):
-        j = (i + 1) % count
-        quad = np.stack([near[i], near[j], far[j], far[i]])
-        d = spec.profile[j] - spec.profile[i]
-        normal = orient * np.array([d[1], -d[0], 0.0])
-        if (rot @ normal)[2] <= 0:
-            back.append(quad)
-            continue
-        mat = spec.materials[i]
-        if mat == _GLASS:
-            col = shade(spec.glass, normal, 0.8, 0.9)
-        elif mat == _WELL:
-            col = (18, 18, 20)
-        else:
-            col = shade(spec.colour, normal)
-        items.append((float(quad[:, 2].mean()), quad, col))
-
-    ts = np.linspace(0, 2 * math.pi, 28, endpoint=False)
-    circle = np.column_stack([np.cos(ts), np.sin(ts)])
-    wheels: list[tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
-    for xw in spec.wheel_x:
-        for s in (-1.0, 1.0):
-            zo = s * spec.half_width * 0.96
-            zi = zo - s * spec.half_width * 0.45
-            ring = np.array([xw, spec.wheel_r]) + spec.wheel_r * circle
-            tyre = np.vstack([proj(np.column_stack([ring, np.full(len(ring), z)])) for z in (zo, zi)])
-            rim = hub = None
-            if rot[2, 2] * s > 0.05:
-                for k, frac in ((0, 0.62), (1, 0.22)):
-                    disc = np.array([xw, spec.wheel_r]) + frac * spec.wheel_r * circle
-                    poly = proj(np.column_stack([disc, np.full(len(disc), zo)]))
-                    rim, hub = (poly, hub) if k == 0 else (rim, poly)
-            centre = proj(np.array([[xw, spec.wheel_r, zo]]))[0]
-            wheels.append((float(centre[2]), _hull(tyre[:, :2]), rim, hub))
-
-    overlays: list[tuple[np.ndarray, tuple]] = []
-    cap_normal = np.array([0.0, 0.0, side])
-    win = proj(_lift(spec, spec.window, side))
-    overlays.append((win, shade(spec.glass, cap_normal, 0.8, 0.9)))
-    p = spec.pillar_x
-    overlays.append((proj(_lift(spec, np.array([(p - 0.013, spec.belt), (p - 0.01, spec.roof),
-                                                 (p + 0.01, spec.roof), (p + 0.013, spec.belt)]), side)),
-                     shade(spec.colour * 0.85, cap_normal)))
-    c, b = spec.clearance, spec.belt
-    a = spec.wheel_r * 1.17
-    sill = np.array([(spec.wheel_x[1] + a, c + 0.002), (spec.wheel_x[0] - a, c + 0.002),
-                     (spec.wheel_x[0] - a, c + 0.035), (spec.wheel_x[1] + a, c + 0.035)])
-    overlays.append((proj(_lift(spec, sill, side)), shade(spec.colour * 0.7, cap_normal)))
-    crease = np.array([(-0.46, b - 0.05), (0.45, b - 0.05), (0.45, b - 0.035), (-0.46, b - 0.035)])
-    overlays.append((proj(_lift(spec, crease, side)), shade(np.minimum(spec.colour * 1.2 + 15, 255),
-                                                            cap_normal)))
-    lamp_y = spec.nose_h
-    for cx, col in ((0.47, (235, 235, 225)), (-0.47, (170, 20, 20))):
-        y0 = lamp_y if cx > 0 else spec.tail_h
-        lamp = np.array([(cx - 0.03, y0 - 0.045), (cx + 0.025, y0 - 0.045), (cx + 0.025, y0 - 0.02),
-                         (cx - 0.03, y0 - 0.015)])
-        overlays.append((proj(_lift(spec, lamp, side)), col))
-    n_cap = len(overlays)
-    for sign, y0, col in ((1.0, spec.nose_h, (235, 235, 225)), (-1.0, spec.tail_h, (170, 20, 20))):
-        if rot[2, 0] * sign <= 0.1:
-            continue  # that end faces away from the camera
-        x = 0.504 * sign
-        for zs in (-1.0, 1.0):
-            z0, z1 = zs * spec.half_width * 0.5, zs * spec.half_width * 0.9
-            overlays.append((proj(np.array([(x, y0 - 0.05, z0), (x, y0 - 0.05, z1),
-                                            (x, y0 - 0.018, z1), (x, y0 - 0.018, z0)])), col))
-        if sign > 0:
-            hw = spec.half_width * 0.4
-            overlays.append((proj(np.array([(x, c + 0.05, -hw), (x, c + 0.05, hw),
-                                            (x, y0 - 0.06, hw), (x, y0 - 0.06, -hw)])), (30, 30, 32)))
-
-    # Scale and place the car: 40-80% of the width, within the frame vertically.
-    allpts = np.vstack([near[:, :2], far[:, :2]] + [w[1] for w in wheels])
-    umin, vmin = allpts.min(axis=0)
-    umax, vmax = allpts.max(axis=0)
-    scale = float(min(rng.uniform(0.4, 0.8) * width / (umax - umin),
-                      rng.uniform(0.6, 0.85) * height / (vmax - vmin)))
-    cw, ch = (umax - umin) * scale, (vmax - vmin) * scale
-    x0 = (width - cw) / 2 + rng.uniform(-0.5, 0.5) * (width - cw) * 0.5
-    bottom = min(height * rng.uniform(0.8, 0.93), height * 0.97)
-    y0 = max(bottom - ch, height * 0.03)
-
-    def screen(poly: np.ndarray) -> np.ndarray:
-        return np.column_stack([x0 + (poly[:, 0] - umin) * scale, y0 + (vmax - poly[:, 1]) * scale])
-
-    image = _background(rng, width, height)
-
-    # Soft floor shadow from the car's footprint, drawn small and blurred.
-    sf = 4
-    foot = np.array([(x, 0.0, z) for x in (-0.55, 0.55) for z in (-1.15, 1.15)]) * [1, 1, spec.half_width]
-    sh = Image.new("L", (max(1, width // sf), max(1, height // sf)))
-    sdraw = ImageDraw.Draw(sh)
-    sdraw.polygon([tuple(q) for q in (screen(_hull(proj(foot)[:, :2])) / sf).tolist()], fill=200)
-    sh = sh.filter(ImageFilter.GaussianBlur(max(0.5, 0.03 * scale / sf)))
-    sdraw = ImageDraw.Draw(sh)
-    for w in wheels:
-        low = screen(w[1])
-        bx, by = low[:, 0], low[:, 1].max()
-        sdraw.ellipse([bx.min() / sf, (by - 0.02 * scale) / sf, bx.max() / sf, (by + 0.015 * scale) / sf],
-                      fill=255)
-    sh = sh.filter(ImageFilter.GaussianBlur(max(0.5, 0.006 * scale / sf))).resize((width, height),
-                                                                                  Image.BILINEAR)
-    image *= 1.0 - rng.uniform(0.25, 0.5) * (np.asarray(sh, dtype=np.float32)[:, :, None] / 255.0)
-
-    # Paint the car at _SS x resolution inside its bounding box.
-    bx0, by0 = max(0, int(x0) - 2), max(0, int(y0) - 2)
-    bx1, by1 = min(width, int(math.ceil(x0 + cw)) + 2), min(height, int(math.ceil(y0 + ch)) + 2)
-    size = ((bx1 - bx0) * _SS, (by1 - by0) * _SS)
-    rgb, sil = Image.new("RGB", size), Image.new("L", size)
-    dr, ds = ImageDraw.Draw(rgb), ImageDraw.Draw(sil)
-
-    def poly_xy(poly: np.ndarray) -> list[tuple[float, float]]:
-        pts = (screen(poly) - [bx0, by0]) * _SS
-        return [tuple(q) for q in pts.tolist()]
-
-    for poly in back:
-        xy = poly_xy(poly)
-        dr.polygon(xy, fill=dark)
-        ds.polygon(xy, fill=255)
-    tyre_col = (20, 20, 22)
-    rim_col = shade(spec.rim, cap_normal, 0.7, 0.4)
-    scene = [(d, "face", poly, col) for d, poly, col in items] + [(w[0], "wheel", w, None) for w in wheels]
-    for _, what, obj, col in sorted(scene, key=lambda t: t[0]):
-        if what == "face":
-            xy = poly_xy(obj)
-            dr.polygon(xy, fill=col)
-            ds.polygon(xy, fill=255)
-        else:
-            xy = poly_xy(obj[1])
-            dr.polygon(xy, fill=tyre_col)
-            ds.polygon(xy, fill=255)
-            if obj[2] is not None:
-                dr.polygon(poly_xy(obj[2]), fill=rim_col)
-                dr.polygon(poly_xy(obj[3]), fill=tuple(int(v * 0.6) for v in rim_col))
-    cap = poly_xy(near)
-    dr.polygon(cap, fill=shade(spec.colour, cap_normal))
-    ds.polygon(cap, fill=255)
-    # Details are clipped: flank details to the flank, lamps and grille to the silhouette.
-    cap_mask = Image.new("L", size)
-    ImageDraw.Draw(cap_mask).polygon(cap, fill=255)
-    for group, clip in ((overlays[:n_cap], cap_mask), (overlays[n_cap:], sil)):
-        if group:
-            layer = rgb.copy()
-            dl = ImageDraw.Draw(layer)
-            for poly, col in group:
-                dl.polygon(poly_xy(poly), fill=col)
-            rgb = Image.composite(layer, rgb, clip)
-
-    rgb, sil = rgb.reduce(_SS), sil.reduce(_SS)
-    alpha = np.asarray(sil, dtype=np.float32)[:, :, None] / 255.0
-    car = np.asarray(rgb, dtype=np.float32)
-    grad = np.linspace(1.12, 0.82, car.shape[0], dtype=np.float32)[:, None, None]
-    region = image[by0:by1, bx0:bx1]
-    image[by0:by1, bx0:bx1] = region * (1.0 - alpha) + car * grad
-
-    image += rng.standard_normal((height, width), dtype=np.float32)[:, :, None] * rng.uniform(1.0, 3.0)
-    mask = np.zeros((height, width), dtype=np.uint8)
-    mask[by0:by1, bx0:bx1] = np.asarray(sil) >= 128
-    return np.clip(image, 0, 255).astype(np.uint8), mask
+    cam = sr.camera(rng, yaw)
+    near, far, back, items = sr.faces(spec, cam)
+    wheels = sr.wheels(spec, cam)
+    flank, ends = sr.flank_details(spec, cam), sr.end_details(spec, cam)
+    place = sr.place(rng, near, far, wheels, width, height)
+    image = sr.background(rng, width, height)
+    sr.shadow(rng, image, spec, cam, place, wheels, width, height)
+    canvas = sr.Canvas(place, place.box(width, height))
+    cap = sr.paint_solid(canvas, spec, cam, near, back, items, wheels)
+    sr.paint_details(canvas, cap, flank, ends)
+    return sr.composite(rng, image, canvas, width, height)
 
 
 def render_car(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:

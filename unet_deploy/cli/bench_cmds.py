@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..errors import UserError
 from ..names import BACKENDS, PRECISIONS
 from ._app import app
+
+if TYPE_CHECKING:
+    from ..bench import BenchSettings
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -143,40 +148,13 @@ def benchmark(
     """
     from rich.console import Console
 
-    from ..backends import COMPILE_MODES
-    from ..bench import (
-        VARIANT_HELP,
-        BenchSettings,
-        expand_variants,
-        reproduce_command,
-        resolve_settings,
-        run_benchmark,
-    )
+    from ..bench import BenchSettings
 
-    backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
-    _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
-    for b in backend_words:
-        if not _is_variant(b):
-            raise UserError(f"--backends {b}: unknown backend; use {VARIANT_HELP}")
-    if compile_ and compile_mode not in COMPILE_MODES:
-        raise UserError(f"--compile-mode {compile_mode}: use {', '.join(COMPILE_MODES)}")
-    if stages < 0:
-        raise UserError(f"--stages {stages}: use 0 (off) or a number of images")
+    backend_words, scale_words, precision_words = _option_words(ctx, backends, scales, precision, compile_,
+                                                                compile_mode, stages)
     merged = [_read_json(path, "--merge", "give a JSON written by --json or int8_eval.py") for path in merge or []]
-    words = backend_words or list(BACKENDS)
-    if precision_words or channels_last or compile_:
-        from ..backends import resolve_device
-
-        words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
-                                resolve_device(device))
-    for out in (json_out, plot, markdown):
-        if out is not None and out.is_dir():
-            raise UserError(f"{out}: is a folder; give a file name")
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise UserError(f"--plot {plot}: the plot is a PNG; use a .png file name")
-    if model is not None and not model.exists():
-        raise UserError(f"-m {model}: checkpoint not found; omit -m to benchmark a fresh seed-architecture "
-                        "model")
+    words = _variants(backend_words, precision_words, channels_last, compile_, compile_mode, device)
+    _check_paths(json_out, plot, markdown, model)
     settings = BenchSettings(
         checkpoint=model, backends=tuple(words), stages=stages, stages_crf=stages_crf, roofline=roofline,
         scales=tuple(_floats(scale_words)) or (0.5, 1.0), device=device, runs=runs, warmup=warmup,
@@ -187,14 +165,68 @@ def benchmark(
     if from_json is not None:
         report = _read_report(from_json)
     else:
-        report = run_benchmark(settings, cache_dir=cache_dir, log=log)
-        outputs = [*(["--targets"] if show_targets else []),
-                   *(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
-                   *(["--markdown", str(markdown)] if markdown else []),
-                   *[w for p in merge or [] for w in ("--merge", str(p))]]
-        report["command"] = reproduce_command(resolve_settings(settings), outputs)
+        report = _run(settings, cache_dir, log, show_targets, json_out, plot, markdown, merge)
     _show(report, show_targets)
     _write(report, json_out, plot, markdown, merged, show_targets)
+
+
+def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[str] | None,
+                  precision: list[str] | None, compile_: bool, compile_mode: str, stages: int
+                  ) -> tuple[list[str], list[str], list[str]]:
+    """Backend, scale and precision words from the flags and the words click left over, checked."""
+    from ..backends import COMPILE_MODES
+    from ..bench import VARIANT_HELP
+
+    backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
+    _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
+    for b in backend_words:
+        if not _is_variant(b):
+            raise UserError(f"--backends {b}: unknown backend; use {VARIANT_HELP}")
+    if compile_ and compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile-mode {compile_mode}: use {', '.join(COMPILE_MODES)}")
+    if stages < 0:
+        raise UserError(f"--stages {stages}: use 0 (off) or a number of images")
+    return backend_words, scale_words, precision_words
+
+
+def _variants(backend_words: list[str], precision_words: list[str], channels_last: bool, compile_: bool,
+              compile_mode: str, device: str) -> list[str]:
+    """The variants to run: the backends, expanded by --precision, --channels-last and --compile."""
+    from ..bench import expand_variants
+
+    words = backend_words or list(BACKENDS)
+    if precision_words or channels_last or compile_:
+        from ..backends import resolve_device
+
+        words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
+                                resolve_device(device))
+    return words
+
+
+def _check_paths(json_out: Path | None, plot: Path | None, markdown: Path | None, model: Path | None) -> None:
+    """Output files must not be folders, --plot must be a PNG, -m must exist."""
+    for out in (json_out, plot, markdown):
+        if out is not None and out.is_dir():
+            raise UserError(f"{out}: is a folder; give a file name")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {plot}: the plot is a PNG; use a .png file name")
+    if model is not None and not model.exists():
+        raise UserError(f"-m {model}: checkpoint not found; omit -m to benchmark a fresh seed-architecture "
+                        "model")
+
+
+def _run(settings: BenchSettings, cache_dir: Path | None, log: Callable[[str], None] | None, show_targets: bool,
+         json_out: Path | None, plot: Path | None, markdown: Path | None, merge: list[Path] | None) -> dict:
+    """Run the benchmark; the report records the command that reproduces it."""
+    from ..bench import reproduce_command, resolve_settings, run_benchmark
+
+    report = run_benchmark(settings, cache_dir=cache_dir, log=log)
+    outputs = [*(["--targets"] if show_targets else []),
+               *(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
+               *(["--markdown", str(markdown)] if markdown else []),
+               *[w for p in merge or [] for w in ("--merge", str(p))]]
+    report["command"] = reproduce_command(resolve_settings(settings), outputs)
+    return report
 
 
 def _read_json(path: Path, flag: str, hint: str) -> dict:

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,55 @@ def export(
     `unet-deploy export -m MODEL.pth --format all -o exported --images data/imgs`, or
     `unet-deploy export --format onnx --int8 --calibration data/imgs --calibration-count 16`
     """
+    formats, calib_images, ckpt_path, image_paths = _checked_options(
+        fmt, int8, fp16, calibration, calibration_count, opset, model, name, images)
+
+    from ..checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    eager = ckpt.build_model("cpu")
+    stem = name or ckpt_path.stem
+    console = _console()
+    console.print(f"exporting {ckpt_path} ({ckpt.kind}, {ckpt.config.model.architecture}) to {output}/")
+
+    output.mkdir(parents=True, exist_ok=True)
+    done = _Outcome()
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
+    try:
+        cases = None
+        if not no_verify:
+            from ..parity import default_cases
+
+            cases = default_cases(ckpt.config, image_paths, quick=quick_verify)
+        for f in formats:
+            _export_format(f, eager, ckpt.config, staging, output / f"{stem}{FORMATS[f][0]}", opset, cases,
+                           no_verify, console, done)
+        onnx_written = next((t for f, t in done.written if f == "onnx"), None)
+        for kind, wanted in (("int8", int8), ("fp16", fp16)):
+            if wanted:
+                _export_derived(kind, onnx_written, ckpt.config, eager, staging, output / f"{stem}.{kind}.onnx",
+                                calib_images, calibration_count, image_paths, cases, no_verify, quick_verify,
+                                console, done)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _report(json_out, ckpt_path, done, ckpt.training, console)
+    if done.failed:
+        raise typer.Exit(1)
+
+
+@dataclass
+class _Outcome:
+    """What export did: the --json entry per file, the files written (format, path) and what failed."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    written: list[tuple[str, Path]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def _checked_options(fmt: str, int8: bool, fp16: bool, calibration: Path | None, calibration_count: int,
+                     opset: int, model: Path | None, name: str | None, images: list[Path] | None,
+                     ) -> tuple[list[str], list[Path], Path, list[Path]]:
+    """Check export's options before any work: (formats, calibration images, checkpoint, --images files)."""
     formats = _formats(fmt)
     if (int8 or fp16) and "onnx" not in formats:
         raise UserError(f"--{'int8' if int8 else 'fp16'} derives from the ONNX export; use --format onnx or all")
@@ -157,74 +207,59 @@ def export(
     ckpt_path = _checkpoint_path(model)
     if name is not None and (not name.strip() or Path(name).name != name):
         raise UserError(f"--name {name!r}: give a plain file name without folders (use -o for the folder)")
-    image_paths = _images(images)
+    return formats, calib_images, ckpt_path, _images(images)
 
-    from ..checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(ckpt_path)
-    eager = ckpt.build_model("cpu")
-    stem = name or ckpt_path.stem
-    console = _console()
-    console.print(f"exporting {ckpt_path} ({ckpt.kind}, {ckpt.config.model.architecture}) to {output}/")
+def _export_format(f: str, eager: Any, config: Any, staging: Path, target: Path, opset: int, cases: Any,
+                   no_verify: bool, console: Any, done: _Outcome) -> None:
+    """Write one format to the staging folder, check it (unless --no-verify) and move it into place."""
+    backend = FORMATS[f][1]
+    staged = staging / target.name
+    seconds = _write(f, eager, config, staged, opset)
+    entry: dict[str, Any] = {"path": str(target), "export_s": round(seconds, 3)}
+    if cases is not None:
+        report = _verify_file(staged, target, backend, eager, cases, console)
+        entry["parity"] = report.to_dict()
+        if not report.passed:
+            done.failed.append(f)
+            entry["written"] = False
+            done.results[f] = entry
+            console.print(f"[bold red]{f}: parity FAILED; {target} was not written"
+                          f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
+            return
+    os.replace(staged, target)
+    entry.update(written=True, bytes=target.stat().st_size)
+    done.results[f] = entry
+    done.written.append((f, target))
+    console.print(f"wrote {target} ({_size(target)}, exported in {seconds:.1f} s"
+                  f"{', parity not checked' if no_verify else ', parity ok'})")
 
-    output.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    written: list[tuple[str, Path]] = []
-    failed: list[str] = []
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
-    try:
-        cases = None
-        if not no_verify:
-            from ..parity import default_cases
 
-            cases = default_cases(ckpt.config, image_paths, quick=quick_verify)
-        for f in formats:
-            suffix, backend = FORMATS[f]
-            target = output / f"{stem}{suffix}"
-            staged = staging / target.name
-            seconds = _write(f, eager, ckpt.config, staged, opset)
-            entry: dict[str, Any] = {"path": str(target), "export_s": round(seconds, 3)}
-            if cases is not None:
-                report = _verify_file(staged, target, backend, eager, cases, console)
-                entry["parity"] = report.to_dict()
-                if not report.passed:
-                    failed.append(f)
-                    entry["written"] = False
-                    results[f] = entry
-                    console.print(f"[bold red]{f}: parity FAILED; {target} was not written"
-                                  f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
-                    continue
-            os.replace(staged, target)
-            entry.update(written=True, bytes=target.stat().st_size)
-            results[f] = entry
-            written.append((f, target))
-            console.print(f"wrote {target} ({_size(target)}, exported in {seconds:.1f} s"
-                          f"{', parity not checked' if no_verify else ', parity ok'})")
-        onnx_written = next((t for f, t in written if f == "onnx"), None)
-        for kind, wanted in (("int8", int8), ("fp16", fp16)):
-            if not wanted:
-                continue
-            if onnx_written is None:
-                failed.append(kind)
-                console.print(f"[bold red]{kind}: skipped, the fp32 ONNX export was not written[/]")
-                continue
-            entry, ok = _derived(kind, onnx_written, ckpt.config, eager, staging, output / f"{stem}.{kind}.onnx",
-                                 calib_images, calibration_count, image_paths, cases, no_verify, quick_verify,
-                                 console)
-            results[f"onnx-{kind}"] = entry
-            if ok:
-                written.append(("onnx", Path(entry["path"])))
-            else:
-                failed.append(kind)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _export_derived(kind: str, onnx_written: Path | None, config: Any, eager: Any, staging: Path, target: Path,
+                    calib_images: list[Path], count: int, image_paths: list[Path], cases: Any, no_verify: bool,
+                    quick: bool, console: Any, done: _Outcome) -> None:
+    """NAME.int8.onnx / NAME.fp16.onnx from the fp32 ONNX file, or a failure when that was not written."""
+    if onnx_written is None:
+        done.failed.append(kind)
+        console.print(f"[bold red]{kind}: skipped, the fp32 ONNX export was not written[/]")
+        return
+    entry, ok = _derived(kind, onnx_written, config, eager, staging, target, calib_images, count, image_paths,
+                         cases, no_verify, quick, console)
+    done.results[f"onnx-{kind}"] = entry
+    if ok:
+        done.written.append(("onnx", Path(entry["path"])))
+    else:
+        done.failed.append(kind)
+
+
+def _report(json_out: Path | None, ckpt_path: Path, done: _Outcome, training: dict[str, Any], console: Any,
+            ) -> None:
+    """--json, then a next-step command for each file written."""
     if json_out:
-        _write_json(json_out, {"checkpoint": str(ckpt_path), "formats": results})
+        _write_json(json_out, {"checkpoint": str(ckpt_path), "formats": done.results})
         console.print(f"wrote {json_out}")
-    for f, target in written:
-        console.print(_next_hint(FORMATS[f][1], target, ckpt.training))
-    if failed:
-        raise typer.Exit(1)
+    for f, target in done.written:
+        console.print(_next_hint(FORMATS[f][1], target, training))
 
 
 def _next_hint(backend: str, target: Path, training: dict[str, Any]) -> str:
