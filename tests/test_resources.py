@@ -123,15 +123,16 @@ print(peak_rss_bytes() - base + x.nbytes)
 @pytest.mark.parametrize(("runtime", "low", "high"), [("torch", 0.75, 1.5), ("ort", 0.9, 1.3)])
 def test_estimate_is_within_its_stated_factor_of_the_measured_peak(runtime: str, low: float, high: float,
                                                                    tmp_path: Path) -> None:
-    """The docstring's calibration, re-measured: ONNX Runtime is steady; eager torch's peak moves with
-    glibc's mmap threshold from one process to the next, hence its wider band."""
+    """The docstring's calibration, re-measured at sizes where activations dominate: ONNX Runtime is
+    steady; eager torch's peak moves with glibc's mmap threshold from one process to the next (by about
+    50 MiB: at 480x320 that alone is a factor of 1.5), hence its wider band."""
     cfg = DeployConfig(model=ModelConfig(base_channels=16))
     path = save_checkpoint(tmp_path / "w16.pth", cfg.model.build().eval(), cfg)
     if runtime == "ort":
         from unet_deploy.export import export_onnx
 
         path = export_onnx(cfg.model.build().eval(), cfg, tmp_path / "w16.onnx")
-    for h, w in ((320, 480), (640, 960)):
+    for h, w in ((640, 960), (1280, 1920)):  # where activations dominate the fixed overhead
         run = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(h), str(w)], capture_output=True,
                              text=True, timeout=300, preexec_fn=_limit_address_space(12))
         if run.returncode == 3:
