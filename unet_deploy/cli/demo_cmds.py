@@ -9,9 +9,10 @@ from pathlib import Path
 
 import typer
 
+from ..names import DEMO_DIR, EXPORT_DIR
 from ._app import app
 
-DEFAULT_OUT = Path("demo")  #: predict's model discovery falls back to this folder (predict.DEMO_DIR)
+DEFAULT_OUT = Path(DEMO_DIR)  #: predict's model discovery falls back to this folder
 
 
 def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
@@ -52,7 +53,7 @@ def _sample_image(out: Path) -> Path:
 
 def _next_hint(out: Path, car: Path) -> str:
     """The headline command, written so it works when pasted here (with -m unless discovery finds the demo)."""
-    uses_discovery = out == DEFAULT_OUT and not any(Path("exported").glob("*.onnx"))
+    uses_discovery = out == DEFAULT_OUT and not any(Path(EXPORT_DIR).glob("*.onnx"))
     model = [] if uses_discovery else ["-m", str(out / "exported" / "best.onnx")]
     return "next: unet-deploy " + shlex.join(["predict", "--backend", "ort", *model, str(car)])
 
