@@ -23,6 +23,7 @@ from unet_deploy.backends import (
     configure_cudnn,
     cpu_supports_bf16,
     load_backend,
+    OrtOptions,
     ort_session_options,
     physical_cores,
 )
@@ -253,10 +254,10 @@ def test_release_large_frees_returns_freed_blocks_to_the_system() -> None:
 def test_ort_profiles_and_io_binding_give_the_same_logits(trained: dict) -> None:
     x = image_cases(list_images(trained["train_imgs"])[:1], trained["config"])[0].batch
     plain = load_backend(trained["onnx"], device="cpu", io_binding=False)
-    default = load_backend(trained["onnx"], device="cpu", ort_profile="default")
+    default = load_backend(trained["onnx"], device="cpu", profile="default")
     bound = load_backend(trained["onnx"], device="cpu", io_binding=True)
-    assert type(bound._impl).__name__ == "_OrtIoBindingRunner"
-    assert type(plain._impl).__name__ == "_OrtRunner"
+    assert bound.options == OrtOptions(io_binding=True) and plain.options == OrtOptions(io_binding=False)
+    assert default.options.profile == "default" and default.options.io_binding is False  # off on the CPU
     assert "default options" in default.provider
     ref = plain(x)
     torch.testing.assert_close(default(x), ref, rtol=1e-5, atol=1e-5)

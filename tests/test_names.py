@@ -75,4 +75,4 @@ def test_options_left_at_their_defaults_are_accepted_by_every_backend(tmp_path: 
     checkpoint = tmp_path / "best.pth"
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a PyTorch checkpoint|not a readable PyTorch checkpoint"):
-        load_backend(checkpoint, device="cpu", threads=None, ort_profile="tuned", io_binding=None)
+        load_backend(checkpoint, device="cpu", threads=None, profile="tuned", io_binding=None)

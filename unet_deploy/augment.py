@@ -180,13 +180,13 @@ class AugmentTransform:
         self.cfg = cfg.validate()
         self.seed = int(seed)
         self._pid: int | None = None
-        self._compose = None
+        self._compose: Any = None  # albumentations.Compose, built per process by _ensure_stream
 
     def _ensure_stream(self) -> None:
         pid = os.getpid()
         if self._pid == pid and self._compose is not None:
             return
-        import torch.utils.data
+        import torch.utils.data  # torch: not on the ONNX Runtime predict path, which imports this module
 
         info = torch.utils.data.get_worker_info()
         worker = info.id + 1 if info is not None else 0

@@ -1,10 +1,16 @@
 """One small interface over eager PyTorch, TorchScript and ONNX Runtime.
 
-``load_backend(path, backend=None, device="auto")`` returns a :class:`Backend`, which is a :class:`Runner`;
-calling it on a float32 NCHW batch (numpy or torch) returns float32 logits (N, C, H, W) as a torch tensor;
-``backend.run(batch)`` returns them as the runtime made them (numpy for ONNX Runtime on the CPU), so the
-ONNX Runtime path never imports torch. Preprocessing and post-processing live elsewhere
+``load_backend(path, backend=None, device="auto", options=None)`` returns a :class:`Backend`, which is a
+:class:`Runner`. ``options`` is the backend's own option object (:mod:`unet_deploy.backend_options`:
+``TorchOptions``, ``TorchScriptOptions``, ``OrtOptions``), so an option a backend does not take cannot be
+passed to it silently. ``backend.run(batch)`` on a float32 NCHW batch (numpy or torch) returns float32
+logits (N, C, H, W) as the runtime made them (numpy for ONNX Runtime on the CPU, so that path never imports
+torch); calling the backend returns them as a torch tensor. :func:`as_runner` makes an in-memory module or
+a plain callable a Runner too (parity's reference). Preprocessing and post-processing live elsewhere
 (``data.preprocess``, ``postprocess``), so backends can only differ in the network itself.
+
+torch (and :mod:`.checkpoint`, which needs it), onnx and onnxruntime are imported inside the functions that
+use them: the ONNX Runtime path must never load torch, and the torch path need not load ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,10 +28,18 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .backend_options import (
+    COMPILE_MODES,
+    BackendOptions,
+    OrtOptions,
+    TorchOptions,
+    TorchScriptOptions,
+    options_for,
+)
 from .config import CONFIG_KEY, DeployConfig
 from .errors import UserError, first_line
 from .fileio import require_file
-from .names import BACKENDS, MODEL_SUFFIXES, TORCH_PRECISIONS, backend_for_path, is_checkpoint_file
+from .names import BACKENDS, MODEL_SUFFIXES, backend_for_path, is_checkpoint_file
 from .ort_session import (
     ORT_PROFILES,
     ort_providers,
@@ -33,27 +48,15 @@ from .ort_session import (
     release_large_frees,
 )
 
-__all__ = ["Runner", "Backend", "Description", "BACKEND_OPTIONS", "BACKENDS", "ORT_PROFILES", "COMPILE_MODES",
-           "load_backend", "backend_for_path", "check_model_file", "resolve_device", "read_embedded_config",
+__all__ = ["Runner", "Backend", "Description", "load_backend", "module_backend", "as_runner", "BackendOptions",
+           "TorchOptions", "TorchScriptOptions", "OrtOptions", "options_for", "BACKENDS", "ORT_PROFILES",
+           "COMPILE_MODES", "backend_for_path", "check_model_file", "resolve_device", "read_embedded_config",
            "silence_torchscript_deprecation", "physical_cores", "ort_session_options", "ort_providers",
            "cpu_supports_bf16", "configure_cudnn", "release_large_frees"]
 
-#: ``torch.compile`` modes accepted by ``load_backend(compile=...)``; "reduce-overhead" uses CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 #: cuDNN convolution workspace cap (MiB) applied with ``configure_cudnn``: autotuning may not pick an
 #: algorithm that needs more scratch memory than this.
 CUDNN_WORKSPACE_MIB = 1024
-#: load_backend options that only some backends take: name -> (flag, default, the backend it applies to).
-#: A non-default value for another backend is refused, never silently ignored.
-BACKEND_OPTIONS = {
-    "precision": ("--precision", "fp32", "torch"),
-    "channels_last": ("--channels-last", False, "torch"),
-    "compile": ("--compile", None, "torch"),
-    "threads": ("--threads", None, "ort"),
-    "ort_profile": ("ORT profile", "tuned", "ort"),
-    "io_binding": ("IO binding", None, "ort"),
-}
-_WHERE = {"torch": "the eager torch backend (a .pth model)", "ort": "--backend ort (an .onnx model)"}
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class Description(dict):
         return f"{self['backend']} ({self['precision']}) on {self['provider']} from {self['path']}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Backend:
     """A loaded model (a :class:`Runner`). ``backend(batch)`` -> logits (N, C, H, W), float32 torch tensor."""
 
@@ -141,7 +144,8 @@ class Backend:
     config: DeployConfig
     provider: str = ""  # what really runs: "torch cpu", "CPUExecutionProvider", ...
     precision: str = "fp32"
-    _impl: Any = field(default=None, repr=False)
+    call: Callable[[Any], Any] = field(repr=False)  #: the runtime's own call (see :meth:`run`)
+    options: BackendOptions = field(default_factory=TorchOptions)  #: what it was loaded with
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         out = self.native(batch)
@@ -154,7 +158,7 @@ class Backend:
     def run(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Float32 logits (N, C, H, W) as the runtime made them: a torch tensor (on the model's device)
         for torch, TorchScript and IO-bound ONNX Runtime, a numpy array for ONNX Runtime on the CPU."""
-        return self._impl(batch)
+        return self.call(batch)
 
     def native(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """The same as :meth:`run` (its older name; predict calls it once per batch)."""
@@ -168,7 +172,7 @@ class Backend:
     def wrapped(self, run: Callable[[Any], Any], label: str) -> Backend:
         """A copy of this backend whose runs go through ``run`` (which may call this backend's own
         :meth:`run`, as flip TTA does); ``label`` is added to the provider, e.g. "flip TTA"."""
-        return replace(self, provider=f"{self.provider} + {label}", _impl=run)
+        return replace(self, provider=f"{self.provider} + {label}", call=run)
 
 
 class _TorchRunner:
@@ -193,6 +197,36 @@ class _TorchRunner:
                 torch.compiler.cudagraph_mark_step_begin()
                 return self.module(x).float().clone()
             return self.module(x).float()
+
+
+def module_backend(module: torch.nn.Module, config: DeployConfig | None = None) -> Backend:
+    """An in-memory eager module as a :class:`Backend`: eval mode, no autograd, run on the device and in the
+    dtype of its parameters (export's parity reference, before any file exists)."""
+    import torch
+
+    module = module.eval()
+    param = next(module.parameters(), None)
+    device = str(param.device) if param is not None else "cpu"
+    dtype = param.dtype if param is not None else torch.float32
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    name = type(module).__name__
+    return Backend(name="torch", path=Path(f"<in-memory {name}>"), device=device, config=config or DeployConfig(),
+                   provider=f"eager {name} ({device})", precision=precision,
+                   options=TorchOptions(precision=precision), call=_TorchRunner(module, device, dtype))
+
+
+def as_runner(model: Any, config: DeployConfig | None = None) -> Runner:
+    """``model`` as a :class:`Runner`: a Runner as it is, an eager ``nn.Module`` through
+    :func:`module_backend`, any other callable (batch -> logits) wrapped with ``config``."""
+    if isinstance(model, Runner):
+        return model
+    if hasattr(model, "parameters") and hasattr(model, "eval"):  # an nn.Module, without importing torch
+        return module_backend(model, config)
+    if not callable(model):
+        raise TypeError(f"as_runner: {type(model).__name__} is neither a Runner, a module nor a callable")
+    name = getattr(model, "__name__", type(model).__name__)
+    return Backend(name="callable", path=Path(f"<{name}>"), device="cpu", config=config or DeployConfig(),
+                   provider=name, call=model)
 
 
 class _OrtRunner:
@@ -277,8 +311,6 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
         meta = {p.key: p.value for p in model.metadata_props}
         return DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     if kind == "torchscript":
-        import zipfile
-
         try:
             with zipfile.ZipFile(path) as z:
                 name = next((n for n in z.namelist() if n.endswith("extra/" + CONFIG_KEY)), None)
@@ -326,20 +358,20 @@ def configure_cudnn(workspace_mib: int | None = CUDNN_WORKSPACE_MIB) -> None:
 def _compile(model: torch.nn.Module, mode: str, path: Path) -> Any:
     import torch
 
-    if mode not in COMPILE_MODES:
-        raise UserError(f"--compile {mode}: unknown mode; use {', '.join(COMPILE_MODES)}")
     try:
         return torch.compile(model, mode=mode, dynamic=False)
     except Exception as e:  # noqa: BLE001 - compile errors come in many types; one line for the user
         raise UserError(f"{path}: torch.compile failed ({first_line(e)[:200]}); run without --compile") from None
 
 
-def _load_torch(path: Path, device: str, precision: str, channels_last: bool,
-                compile: str | None = None) -> Backend:
+def _load_torch(path: Path, device: str, options: TorchOptions) -> Backend:
     import torch
 
     from .checkpoint import load_checkpoint
 
+    precision = options.precision
+    if precision == "fp16" and device == "cpu":
+        raise UserError("--precision fp16 needs a GPU for the torch backend; use bf16 or fp32 on CPU")
     ckpt = load_checkpoint(path)
     model = ckpt.build_model(device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -349,16 +381,17 @@ def _load_torch(path: Path, device: str, precision: str, channels_last: bool,
         log.warning("%s: this CPU has no native bfloat16 (AVX-512 BF16/AMX); bf16 will be slow", path)
     if dtype != torch.float32:
         model = model.to(dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped kwarg
     module: Any = model
     provider = f"torch {device}"
-    if compile:
-        module = _compile(model, compile, path)
-        provider += f" compiled ({compile})"
-    cuda_graphs = bool(compile == "reduce-overhead" and device.startswith("cuda"))
-    return Backend("torch", path, device, ckpt.config, provider, precision,
-                   _TorchRunner(module, device, dtype, channels_last, cuda_graphs))
+    if options.compile:
+        module = _compile(model, options.compile, path)
+        provider += f" compiled ({options.compile})"
+    cuda_graphs = bool(options.compile == "reduce-overhead" and device.startswith("cuda"))
+    return Backend(name="torch", path=path, device=device, config=ckpt.config, provider=provider,
+                   precision=precision, options=options,
+                   call=_TorchRunner(module, device, dtype, options.channels_last, cuda_graphs))
 
 
 def _load_torchscript(path: Path, device: str) -> Backend:
@@ -377,18 +410,19 @@ def _load_torchscript(path: Path, device: str) -> Backend:
         dtype = p.dtype
         break
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    return Backend("torchscript", path, device, config, f"torchscript {device}", precision,
-                   _TorchRunner(module, device, dtype))
+    return Backend(name="torchscript", path=path, device=device, config=config,
+                   provider=f"torchscript {device}", precision=precision, options=TorchScriptOptions(),
+                   call=_TorchRunner(module, device, dtype))
 
 
-def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tuned",
-              io_binding: bool | None = None) -> Backend:
+def _load_ort(path: Path, device: str, options: OrtOptions) -> Backend:
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("--backend ort needs ONNX Runtime: pip install onnxruntime-gpu (Linux x86-64) "
                         "or onnxruntime") from None
-    opts = ort_session_options(threads, profile)
+    profile, io_binding = options.profile, options.io_binding
+    opts = ort_session_options(options.threads, profile)
     if profile == "tuned":
         release_large_frees()  # before the session exists: its load-time copies are freed into the system
     try:
@@ -412,36 +446,21 @@ def _load_ort(path: Path, device: str, threads: int | None, profile: str = "tune
                    if io_binding else _OrtRunner(session))
     if profile != "tuned":
         active = f"{active}, {profile} options"
-    return Backend("ort", path, device, config, active, precision, runner)
-
-
-def _refuse_inapplicable(backend: str, options: dict[str, Any]) -> None:
-    """A one-line :class:`UserError` for the first option given a non-default value that ``backend`` does
-    not take (e.g. "--threads applies to --backend ort (an .onnx model) only, not to torch")."""
-    for name, value in options.items():
-        flag, default, owner = BACKEND_OPTIONS[name]
-        if owner == backend or value == default:
-            continue
-        shown = f"{flag} {value}" if name == "precision" else flag
-        hint = ("a .ts / .onnx model runs at the precision it was exported with (for ONNX fp16, export an "
-                "fp16 model)" if name == "precision" else f"drop {flag}")
-        raise UserError(f"{shown} applies to {_WHERE[owner]} only, not to {backend}; {hint}")
+    return Backend(name="ort", path=path, device=device, config=config, provider=active, precision=precision,
+                   options=replace(options, io_binding=io_binding), call=runner)
 
 
 def load_backend(path: str | Path, backend: str | None = None, device: str = "auto",
-                 precision: str = "fp32", channels_last: bool = False, threads: int | None = None,
-                 compile: str | None = None, ort_profile: str = "tuned",
-                 io_binding: bool | None = None) -> Backend:
+                 options: BackendOptions | None = None, **option_values: Any) -> Backend:
     """Load a checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx) model for inference.
 
-    Eager torch only: ``precision`` (fp32; bf16 on CPUs with native bfloat16 or CUDA; fp16 on CUDA),
-    ``channels_last`` (NHWC memory layout, faster convolutions on oneDNN and tensor cores) and
-    ``compile`` (a ``torch.compile`` mode; "reduce-overhead" = CUDA graphs). On CUDA, cuDNN autotuning is
-    on with a bounded workspace (:func:`configure_cudnn`). ONNX Runtime only: ``threads``, ``ort_profile``
-    ("tuned" or "default", :func:`ort_session_options`) and ``io_binding`` (default: on when running on
-    CUDA). The precision of an ONNX file (fp32, fp16, int8) is the one it was exported with. An option set
-    away from its default for a backend that does not take it is a one-line :class:`UserError`
-    (:data:`BACKEND_OPTIONS`), never silently ignored.
+    ``backend`` defaults to the one the file's suffix names. ``options`` is the backend's option object
+    (:class:`TorchOptions`, :class:`TorchScriptOptions` or :class:`OrtOptions`); alternatively give the
+    option values as keywords (``precision="bf16"``, ``threads=2``, ...), which :func:`options_for` turns
+    into that object: a value for an option the backend does not take is a one-line :class:`UserError`,
+    never silently ignored. On CUDA, torch runs with cuDNN autotuning and a bounded workspace
+    (:func:`configure_cudnn`). The precision of an ONNX file (fp32, fp16, int8) is the one it was
+    exported with.
     """
     path = Path(path)
     check_model_file(path)
@@ -452,15 +471,15 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     if expected != backend:
         raise UserError(f"{path}: a {expected} model file cannot run on --backend {backend}; "
                         f"pass --backend {expected} or a matching file")
-    _refuse_inapplicable(backend, {"precision": precision, "channels_last": channels_last, "compile": compile,
-                                   "threads": threads, "ort_profile": ort_profile, "io_binding": io_binding})
+    if options is None:
+        options = options_for(backend, **option_values)
+    elif option_values:
+        raise TypeError("load_backend: pass either an options object or option keywords, not both")
+    elif options.backend != backend:
+        raise UserError(f"{path}: {type(options).__name__} are for --backend {options.backend}, not {backend}")
     device = resolve_device(device, backend)
-    if backend == "torch":
-        if precision not in TORCH_PRECISIONS:
-            raise UserError(f"--precision {precision}: use {', '.join(TORCH_PRECISIONS)}")
-        if precision == "fp16" and device == "cpu":
-            raise UserError("--precision fp16 needs a GPU for the torch backend; use bf16 or fp32 on CPU")
-        return _load_torch(path, device, precision, channels_last, compile)
-    if backend == "torchscript":
+    if isinstance(options, TorchOptions):
+        return _load_torch(path, device, options)
+    if isinstance(options, TorchScriptOptions):
         return _load_torchscript(path, device)
-    return _load_ort(path, device, threads, ort_profile, io_binding)
+    return _load_ort(path, device, options)

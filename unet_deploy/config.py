@@ -8,6 +8,9 @@ import platform
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy
+
+from . import __version__
 from .names import SCALE_MAX, scale_in_range
 
 __all__ = [
@@ -49,7 +52,7 @@ class ModelConfig:
     conv_bias: bool = False
 
     def build(self):
-        from .model import UNet
+        from .model import UNet  # torch: the ONNX Runtime predict path imports this module
 
         return UNet(self.n_channels, self.n_classes, self.bilinear, self.base_channels, self.conv_bias)
 
@@ -98,21 +101,18 @@ class InferenceConfig:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    from . import __version__
+    import torch  # not on the ONNX Runtime predict path, which imports this module
 
     out = {"unet_deploy": __version__, "torch": str(torch.__version__), "numpy": numpy.__version__,
            "python": platform.python_version()}
     try:
-        import onnx
+        import onnx  # not on the ONNX Runtime predict path
 
         out["onnx"] = str(onnx.__version__)
     except ImportError:
         pass
     try:
-        import onnxruntime
+        import onnxruntime  # optional runtime
 
         out["onnxruntime"] = str(onnxruntime.__version__)
     except ImportError:

@@ -12,7 +12,9 @@ import concurrent.futures as cf
 import math
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+import signal
+import sys
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,9 +159,6 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "N
 def _init_worker() -> None:
     """Keep each worker process to one thread: the parallelism comes from the processes. Ctrl-C reaches
     the whole process group: the parent handles it (one line) and shuts the pool down, workers ignore it."""
-    import signal
-    import sys
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in _THREAD_VARS:
         os.environ[var] = "1"
@@ -173,7 +172,7 @@ def _crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.nda
 
 
 def crf_map(items: Iterable[tuple[np.ndarray, np.ndarray]], params: CRFParams | None = None,
-            workers: int = 1, max_in_flight: int | None = None) -> Iterator[np.ndarray]:
+            workers: int = 1, max_in_flight: int | None = None) -> Generator[np.ndarray, None, None]:
     """Yield ``dense_crf(image, probs, params)`` for each ``(image, probs)`` pair, in input order.
 
     ``workers <= 1`` runs in this process.  Otherwise a pool of ``workers`` spawned processes does

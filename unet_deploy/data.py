@@ -113,15 +113,21 @@ def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
     :class:`UserError` naming the file.
     """
     with _open(path, "image") as img:  # closes the file: multi-frame formats (GIF, TIFF) keep it open
-        try:
-            upright = ImageOps.exif_transpose(img)
-        except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
-            upright = img
-        rgb = _to_rgb(upright)
-        if channels == 3:
-            return np.asarray(rgb, dtype=np.uint8)
-        if channels == 1:
-            return np.asarray(rgb.convert("L"), dtype=np.uint8)[:, :, None]
+        return image_to_array(img, channels)
+
+
+def image_to_array(img: Image.Image, channels: int = 3) -> np.ndarray:
+    """An opened image as :func:`load_image` returns it: EXIF orientation applied, any mode converted to
+    uint8 (H, W, 3) for ``channels=3`` or (H, W, 1) for ``channels=1``."""
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
+        upright = img
+    rgb = _to_rgb(upright)
+    if channels == 3:
+        return np.asarray(rgb, dtype=np.uint8)
+    if channels == 1:
+        return np.asarray(rgb.convert("L"), dtype=np.uint8)[:, :, None]
     raise UserError(f"models with {channels} input channels are not supported (use 1 or 3)")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["DistEnv", "dist_env", "process_device", "init_distributed", "all_reduce_sum", "finish_distributed",
@@ -57,8 +58,6 @@ def process_device(env: DistEnv, device: str) -> str:
 
 def init_distributed(env: DistEnv, device: str) -> bool:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU); True if this call created it."""
-    import torch.distributed as dist
-
     if env.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         return True
@@ -68,8 +67,6 @@ def init_distributed(env: DistEnv, device: str) -> bool:
 def all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
     """Sum ``values`` over every process, in place (unchanged in a single process)."""
     if env.enabled:
-        import torch.distributed as dist
-
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
@@ -77,16 +74,12 @@ def all_reduce_sum(values: Tensor, env: DistEnv) -> Tensor:
 def finish_distributed(env: DistEnv, own_group: bool) -> None:
     """Wait for every rank (the checkpoints are on disk before any returns); leave a group we created."""
     if env.enabled:
-        import torch.distributed as dist
-
         dist.barrier()
         if own_group:
             dist.destroy_process_group()
 
 
 def _world() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -95,8 +88,6 @@ class _SumAllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        import torch.distributed as dist
-
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
@@ -133,13 +124,14 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         y = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        if self.track_running_stats:
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if self.track_running_stats and tracked is not None and running_mean is not None and running_var is not None:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                tracked.add_(1)
+                m = 1.0 / float(tracked) if self.momentum is None else self.momentum
                 unbiased = var * (n / (n - 1)) if float(n) > 1 else var
-                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+                running_mean.mul_(1 - m).add_(mean, alpha=m)
+                running_var.mul_(1 - m).add_(unbiased, alpha=m)
         return y.to(x.dtype)
 
 
@@ -164,8 +156,6 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     Without ``--sync-bn`` each rank updates its running statistics from its own share of the batch;
     broadcasting rank 0's makes validation measure exactly the model rank 0 writes to the checkpoint.
     """
-    import torch.distributed as dist
-
     if _world() > 1:
         for buf in module.buffers():
             dist.broadcast(buf, src)

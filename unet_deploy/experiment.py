@@ -35,10 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .augment import preset
+from .backends import load_backend
+from .checkpoint import load_checkpoint
+from .data import find_pairs
 from .errors import UserError
+from .fileio import atomic_path, atomic_write_text
+from .losses import boundary_accuracy
+from .metrics import image_dice
 from .quality import QualityOptions
+from .synth import generate_dataset
+from .train import TrainConfig, predicted_masks, train
 
 __all__ = ["ExperimentConfig", "VARIANTS", "run_experiment", "markdown_table", "evaluate_boundary",
            "QUICK"]
@@ -122,30 +131,19 @@ def _generate(folder: Path, n: int, cfg: ExperimentConfig, seed: int, log: Calla
     settings = {"n": n, "width": cfg.width, "height": cfg.height, "seed": seed}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return folder  # complete set from an earlier run with the same settings
-    try:
-        from .synth import generate_dataset
-    except ImportError:
-        raise UserError("unet_deploy.synth is not available to generate data; pass --data, --heldout and "
-                        "--source (or --pretrained) folders") from None
     log(f"generating {n} synthetic {cfg.width}x{cfg.height} images in {folder} (seed {seed})")
     generate_dataset(folder, n=n, width=cfg.width, height=cfg.height, seed=seed, overwrite=True)
-    from .fileio import atomic_write_text
-
     atomic_write_text(marker, json.dumps(settings))
     return folder
 
 
 def _steps_per_epoch(data: Path, batch_size: int) -> int:
-    from .data import find_pairs
-
     return max(len(find_pairs(data / "imgs", data / "masks")) // batch_size, 1)
 
 
 def _train_one(cfg: ExperimentConfig, data: Path, out: Path, seed: int, options: QualityOptions, steps: int,
                load: Path | None, log: Callable[[str], None]) -> tuple[Path, float, float]:
     """Train; return (last checkpoint, wall seconds, training images/s)."""
-    from .train import TrainConfig, train
-
     epochs = math.ceil(steps / _steps_per_epoch(data, cfg.batch_size))
     tc = TrainConfig(data=data, epochs=epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                      load=load, scale=cfg.scale, validation=0.0, base_channels=cfg.base_channels,
@@ -168,10 +166,6 @@ def evaluate_boundary(backend, pairs: Sequence, band: int, scale: float | None =
 
 def _dice_and_boundary(backend, pairs: Sequence, band: int, scale: float | None = None) -> tuple[float, float]:
     """Held-out dice (Carvana's metric) and boundary accuracy from one prediction per image."""
-    from .losses import boundary_accuracy
-    from .metrics import image_dice
-    from .train import predicted_masks
-
     dice, boundary = [], []
     for _pair, pred, truth in predicted_masks(backend, pairs, scale):
         dice.append(image_dice(pred, truth, backend.config.model.n_classes))
@@ -183,20 +177,12 @@ def _dice_and_boundary(backend, pairs: Sequence, band: int, scale: float | None 
 
 
 def _score(cfg: ExperimentConfig, ckpt: Path, heldout: Path) -> tuple[float, float]:
-    from .backends import load_backend
-    from .data import find_pairs
-
     backend = load_backend(ckpt, "torch", cfg.device)
     return _dice_and_boundary(backend, find_pairs(heldout / "imgs", heldout / "masks"), cfg.band)
 
 
 def _export_pytorch_unet(ckpt: Path, dest: Path) -> Path:
     """Re-save a unet-deploy checkpoint as Pytorch-UNet saves MODEL.pth: a bare state dict + mask_values."""
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .fileio import atomic_path
-
     loaded = load_checkpoint(ckpt)
     state: dict[str, Any] = dict(loaded.state_dict)
     state["mask_values"] = list(loaded.config.inference.mask_values or [0, 1])
@@ -215,7 +201,6 @@ def _summary(values: list[float]) -> dict[str, float]:
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every variant for every seed; return a JSON-ready dict with per-run rows and a summary."""
     cfg.validate()
-    import torch
 
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -294,8 +279,6 @@ def _summarise(cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> list[dict[s
 
 
 def _run(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    import torch
-
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{cfg.width}x{cfg.height}"
@@ -342,8 +325,6 @@ def quick_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def write_results(result: dict[str, Any], json_path: Path) -> None:
     """Write the result dict as JSON, atomically."""
-    from .fileio import atomic_write_text
-
     def clean(v: Any) -> Any:  # NaN is not JSON: write null
         if isinstance(v, float) and math.isnan(v):
             return None

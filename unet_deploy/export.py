@@ -15,6 +15,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -22,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
+from torch.export import Dim
 
 from .backends import silence_torchscript_deprecation
 from .config import CONFIG_KEY, DeployConfig, versions
+from .data import load_image, preprocess
 from .errors import UserError, first_line
 from .fileio import atomic_path
 from .model import export_form
@@ -68,8 +73,6 @@ def export_torchscript(model: nn.Module, config: DeployConfig, path: str | Path,
 def _recorded(config: DeployConfig) -> DeployConfig:
     """The config to embed: this run's versions, and the source checkpoint's absolute path beside the path
     as given (``verify`` finds the checkpoint from any folder)."""
-    import os
-
     source = dict(config.source)
     if source.get("path") and not source.get("abs_path"):
         source["abs_path"] = os.path.abspath(source["path"])
@@ -112,8 +115,6 @@ def _quiet_exporter() -> Iterator[None]:
 def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset: int = DEFAULT_OPSET,
                 example_shape: tuple[int, ...] | None = None, dynamic: bool = True) -> Path:
     """Export with dynamic (batch, height, width), embed metadata, run ``onnx.checker``, save atomically."""
-    from torch.export import Dim
-
     if opset < 17:
         raise UserError(f"--opset {opset}: use 17 or newer (bilinear Resize with align_corners needs a "
                         "recent opset; the dynamo exporter targets 18)")
@@ -129,6 +130,8 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
                                         external_data=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
         raise UserError(f"{path}: ONNX export failed ({first_line(e)[:300]})") from None
+    if program is None:  # the dynamo exporter always returns a program; None would be an exporter bug
+        raise UserError(f"{path}: ONNX export produced no model; report this with the torch version")
     precision = "fp16" if next(model.parameters()).dtype == torch.float16 else "fp32"
     return _save_onnx(program.model_proto, cfg, precision, path, full_check=True)
 
@@ -137,15 +140,13 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
 # Derived ONNX files: int8 (static QDQ) and fp16, made from a verified fp32 export
 
 
-def _save_onnx(proto: object, config: DeployConfig, precision: str, path: str | Path,
+def _save_onnx(proto: onnx.ModelProto, config: DeployConfig, precision: str, path: str | Path,
                full_check: bool = False) -> Path:
     """Embed the config as metadata, run ``onnx.checker`` and write ``path`` atomically."""
-    import onnx
-
-    proto.producer_name = "unet-deploy"  # type: ignore[attr-defined]
-    del proto.metadata_props[:]  # type: ignore[attr-defined]
+    proto.producer_name = "unet-deploy"
+    del proto.metadata_props[:]
     for key, value in onnx_metadata(_recorded(config), precision).items():
-        entry = proto.metadata_props.add()  # type: ignore[attr-defined]
+        entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=full_check)
     with atomic_path(path) as tmp:
@@ -157,8 +158,6 @@ def calibration_batches(images: list[Path], config: DeployConfig, scale: float |
                         ) -> Iterator[np.ndarray]:
     """Each image decoded and preprocessed exactly as ``predict`` does (``data.preprocess`` at the
     model's scale), as a (1, C, H, W) float32 batch."""
-    from .data import load_image, preprocess
-
     scale = config.inference.scale if scale is None else scale
     for path in images:
         yield preprocess(load_image(path, config.model.n_channels), scale)[None]
@@ -186,7 +185,6 @@ def _calibration_reader(calibration: Iterable[np.ndarray]) -> Any:
 
 def _int8_preprocess(source: str | Path, tmp: Path) -> Path:
     """ConvTranspose rewritten as Conv + DepthToSpace, then ``quant_pre_process``; the file it wrote."""
-    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = tmp / "pre.onnx"
@@ -213,9 +211,6 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
     (ONNX Runtime runs u8 x s8 convolutions with AVX-512 VNNI / AVX2 on x86). The config is embedded
     with precision "int8". Written atomically.
     """
-    import tempfile
-
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     path = Path(path)
@@ -246,8 +241,6 @@ def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path
     Meant for CUDA (tensor cores). ONNX Runtime's CPU provider runs it too, but slowly: it lacks fp16
     kernels for most ops and inserts casts.
     """
-    import onnx
-
     try:
         from onnxconverter_common import float16
     except ImportError:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UserError
 
 
 def _read_umask() -> int:
@@ -58,8 +61,6 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -70,8 +71,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def require_file(path: str | os.PathLike[str], what: str, missing_hint: str, empty_hint: str = "") -> Path:
     """``path`` as a Path if it is a non-empty file, else a one-line :class:`UserError` saying which of
     missing / a folder / empty it is (``what``: "image", "checkpoint", ...)."""
-    from .errors import UserError
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: {what} not found; {missing_hint}")

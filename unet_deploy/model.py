@@ -7,8 +7,10 @@ load unchanged when ``base_channels=64``. Smaller widths (16, 32) give fast CPU 
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -154,20 +156,25 @@ def count_parameters(model: nn.Module) -> int:
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Weight and bias of ``bn(conv(x))`` as one convolution (eval-mode statistics), in float64."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if running_mean is None or running_var is None:
+        raise ValueError("folding a BatchNorm needs its running statistics (track_running_stats=True)")
+    scale = bn.weight.double() / torch.sqrt(running_var.double() + bn.eps)
     weight = conv.weight.double() * scale[:, None, None, None]
-    bias = bn.bias.double() - bn.running_mean.double() * scale
+    bias = bn.bias.double() - running_mean.double() * scale
     if conv.bias is not None:
         bias = bias + conv.bias.double() * scale
     return weight, bias
 
 
 def _conv_like(weight: Tensor, bias: Tensor | None, like: nn.Conv2d) -> nn.Conv2d:
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=like.kernel_size, padding=like.padding,
+    kernel_size = cast(tuple[int, int], like.kernel_size)  # Conv2d stores a 2-tuple
+    padding = cast("str | tuple[int, int]", like.padding)
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=kernel_size, padding=padding,
                      bias=bias is not None).to(device=like.weight.device, dtype=like.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight.to(like.weight.dtype))
-        if bias is not None:
+        if bias is not None and conv.bias is not None:
             conv.bias.copy_(bias.to(like.weight.dtype))
     return conv
 
@@ -177,13 +184,15 @@ class SplitUp(nn.Module):
     ``conv_skip(x2) + conv_up(x1)`` (the convolution is linear in its input channels), with both
     BatchNorms folded into the convolutions. ONNX Runtime fuses the addition and the ReLU into
     ``conv_up``, so the decoder holds neither the concatenated tensor (the largest activation of the
-    network: 2x the channels at full resolution) nor its layout-converted copy; in our measurements this
-    cut ONNX Runtime's peak RSS at 1918x1280 by about a fifth (3.26 -> 2.62 GB) at unchanged speed.
+    network: 2x the channels at full resolution) nor its layout-converted copy, which lowers ONNX
+    Runtime's peak memory at the same speed.
     """
 
     def __init__(self, up: Up):
         super().__init__()
-        first, bn1, _, second, bn2, _ = up.conv.double_conv
+        seq = up.conv.double_conv  # Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU
+        first, bn1 = cast(nn.Conv2d, seq[0]), cast(nn.BatchNorm2d, seq[1])
+        second, bn2 = cast(nn.Conv2d, seq[3]), cast(nn.BatchNorm2d, seq[4])
         weight, bias = _fold_bn(first, bn1)
         skip_channels = first.in_channels // 2  # cat([x2, x1]): the skip tensor's channels come first
         self.up = up.up
@@ -203,8 +212,6 @@ def export_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) in the form the ONNX export traces: a :class:`UNet`'s decoder blocks
     become :class:`SplitUp`; anything else is returned as a plain eval-mode copy. Same outputs up to
     float rounding (the export's parity check compares the exported file with the original model)."""
-    import copy
-
     model = copy.deepcopy(model).eval()
     if isinstance(model, UNet):
         for name in ("up1", "up2", "up3", "up4"):

@@ -9,7 +9,7 @@ from .errors import UserError
 
 __all__ = ["BACKENDS", "PRECISIONS", "TORCH_PRECISIONS", "MODEL_SUFFIXES", "EXPORT_SUFFIXES", "backend_for_path",
            "is_checkpoint_file", "is_export_file", "SCALE_MAX", "scale_in_range", "check_scale", "CHECKPOINT_DIR",
-           "DEFAULT_CHECKPOINT", "EXPORT_DIR", "DEMO_DIR"]
+           "DEFAULT_CHECKPOINT", "EXPORT_DIR", "DEMO_DIR", "MAX_DIR_IMAGES"]
 
 #: Runtimes a model runs on, in table order; "torch" (eager) is the parity reference.
 BACKENDS = ("torch", "torchscript", "ort")
@@ -34,6 +34,8 @@ CHECKPOINT_DIR = "checkpoints"
 DEFAULT_CHECKPOINT = Path(CHECKPOINT_DIR) / "best.pth"
 #: Where export writes and where predict looks for the newest .onnx / .ts.
 EXPORT_DIR = "exported"
+#: A folder given to export/verify --images adds its first this many images (by name) to the parity inputs.
+MAX_DIR_IMAGES = 4
 #: Where `unet-deploy demo` writes; its model is the fallback when none is here.
 DEMO_DIR = "demo"
 

@@ -1,9 +1,8 @@
 """ONNX graph rewrites that make the int8 model run in int8 from end to end on ONNX Runtime's CPU provider.
 
-Profiling the static QDQ model of the seed network (959x640, 2 AVX-512 cores) showed a third of its time
-outside the int8 convolutions: ONNX Runtime has no int8 ``ConvTranspose`` kernel, so the four 2x2/stride-2
-up-convolutions ran in float32 between Dequantize/Quantize pairs, and the ``Pad`` before each skip
-concatenation (its pads are computed from the input size) did the same. Two exact rewrites fix that:
+ONNX Runtime has no int8 ``ConvTranspose`` kernel, so a static QDQ model runs the U-Net's 2x2/stride-2
+up-convolutions in float32 between Dequantize/Quantize pairs, and the ``Pad`` before each skip
+concatenation (its pads are computed from the input size) does the same. Two exact rewrites fix that:
 
 * :func:`conv_transpose_to_depth_to_space` - a ConvTranspose with kernel = stride = k (no padding, no
   groups) maps every input pixel to its own k x k output block, so it equals a 1x1 Conv to k*k*C_out
@@ -22,13 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 __all__ = ["conv_transpose_to_depth_to_space", "fold_qdq_data_movement"]
 
 
 def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -53,8 +51,6 @@ def conv_transpose_to_depth_to_space(model: Any) -> int:
     """Rewrite, in place, every ConvTranspose with a square kernel k = stride, no padding, dilation 1,
     group 1 and constant weights into Conv 1x1 (k*k*C_out channels) + DepthToSpace(k, CRD).
     Returns how many nodes were rewritten."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     names = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | set(inits)
@@ -111,8 +107,6 @@ def conv_transpose_to_depth_to_space(model: Any) -> int:
 
 
 def _same_constant(inits: dict[str, Any], a: str, b: str) -> bool:
-    from onnx import numpy_helper
-
     if a == b:
         return True
     if a not in inits or b not in inits:
@@ -125,8 +119,6 @@ def fold_qdq_data_movement(model: Any) -> int:
     """Run DepthToSpace and constant-zero Pad on quantised tensors: rewrite, in place, each
     ``DequantizeLinear -> (DepthToSpace | Pad) -> QuantizeLinear`` whose two quantisation parameters are
     equal (per-tensor) into the op alone on the uint8/int8 tensor. Returns how many were folded."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     names = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | set(inits)
@@ -135,48 +127,64 @@ def fold_qdq_data_movement(model: Any) -> int:
     graph_outputs = {o.name for o in graph.output}
     remove: set[int] = set()
     replace: dict[int, Any] = {}
-    folded = 0
     for node in graph.node:
         if node.op_type not in ("DepthToSpace", "Pad") or node.domain not in ("", "ai.onnx"):
             continue
-        dq = producers.get(node.input[0])
-        users = consumers.get(node.output[0], [])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        pair = _qdq_pair(node, producers, consumers, graph_outputs, inits)
+        if pair is None:
             continue
-        q = users[0]
-        if len(dq.input) < 3 or len(q.input) < 3 or node.output[0] in graph_outputs:
+        dq, q = pair
+        inputs = _quantized_inputs(node, dq, inits)
+        if inputs is None:
             continue
-        if dq.input[1] not in inits or not (_same_constant(inits, dq.input[1], q.input[1])
-                                            and _same_constant(inits, dq.input[2], q.input[2])):
-            continue
-        if numpy_helper.to_array(inits[dq.input[1]]).size != 1:
-            continue  # per-channel activations: a permutation would move channels across scales
-        inputs = [dq.input[0]] + list(node.input[1:])
-        if node.op_type == "Pad":
-            a = _attrs(node)
-            mode = a.get("mode", b"constant")
-            if mode not in (b"constant", "constant"):
-                continue
-            value = node.input[2] if len(node.input) > 2 else ""
-            if value:
-                if value not in inits or float(numpy_helper.to_array(inits[value]).reshape(-1)[0]) != 0.0:
-                    continue
-            if len(node.input) < 2 or (len(node.input) > 3 and node.input[3]):
-                continue  # pads as an attribute (opset < 11) or explicit axes: keep the float op
-            inputs = [dq.input[0], node.input[1], dq.input[2]]  # fill with the zero point (= 0.0)
         new = helper.make_node(node.op_type, inputs, [q.output[0]], name=_unique(names, f"{node.name}_quantized"))
         new.attribute.extend(node.attribute)
         replace[id(node)] = new
         remove.add(id(q))
         if len(consumers.get(dq.output[0], [])) == 1 and dq.output[0] not in graph_outputs:
             remove.add(id(dq))
-        folded += 1
-    if folded:
+    if replace:
         nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in remove]
         del graph.node[:]
         graph.node.extend(nodes)
         _drop_unused_initializers(graph)
-    return folded
+    return len(replace)
+
+
+def _qdq_pair(node: Any, producers: dict[str, Any], consumers: dict[str, list[Any]], graph_outputs: set[str],
+              inits: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The ``(DequantizeLinear, QuantizeLinear)`` around ``node`` when the op can run on the quantised
+    tensor: ``node`` is the Dequantize's consumer and the Quantize's only producer, its output is no graph
+    output, and both sides share one constant per-tensor scale and zero point. ``None`` otherwise."""
+    dq = producers.get(node.input[0])
+    users = consumers.get(node.output[0], [])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        return None
+    q = users[0]
+    if len(dq.input) < 3 or len(q.input) < 3 or node.output[0] in graph_outputs:
+        return None
+    if dq.input[1] not in inits or not (_same_constant(inits, dq.input[1], q.input[1])
+                                        and _same_constant(inits, dq.input[2], q.input[2])):
+        return None
+    if numpy_helper.to_array(inits[dq.input[1]]).size != 1:
+        return None  # per-channel activations: a permutation would move channels across scales
+    return dq, q
+
+
+def _quantized_inputs(node: Any, dq: Any, inits: dict[str, Any]) -> list[str] | None:
+    """The inputs of ``node`` rewired to the quantised tensor; for Pad only constant mode with a zero fill
+    value and pads as an input qualifies, and the fill becomes the zero point. ``None``: keep the float op."""
+    if node.op_type != "Pad":
+        return [dq.input[0]] + list(node.input[1:])
+    mode = _attrs(node).get("mode", b"constant")
+    if mode not in (b"constant", "constant"):
+        return None
+    value = node.input[2] if len(node.input) > 2 else ""
+    if value and (value not in inits or float(numpy_helper.to_array(inits[value]).reshape(-1)[0]) != 0.0):
+        return None
+    if len(node.input) < 2 or (len(node.input) > 3 and node.input[3]):
+        return None  # pads as an attribute (opset < 11) or explicit axes: keep the float op
+    return [dq.input[0], node.input[1], dq.input[2]]  # fill with the zero point (= 0.0)
 
 
 def _drop_unused_initializers(graph: Any) -> None:

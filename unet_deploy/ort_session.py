@@ -49,8 +49,8 @@ def ort_session_options(threads: int | None = None, profile: str = "tuned") -> A
     ``tuned`` (the default): all graph optimisations (on x86 this includes the NCHWc convolution layout),
     ``intra_op_num_threads`` = ``threads`` or the physical cores this process may use (hyper-threads only
     contend for the same vector units), sequential execution, and no memory arena: the arena keeps every
-    block it ever grew to, which nearly doubled peak memory at 1918x1280 in our measurements for 1-2 %
-    of speed (see benchmarks/RESULTS.md). The ``ort`` backend also calls :func:`release_large_frees` before
+    block it ever grew to, which raises peak memory on large inputs for little speed (the benchmark's
+    ``ort-default`` variant measures the difference). The ``ort`` backend also calls :func:`release_large_frees` before
     it builds a tuned session (sessions made elsewhere from these options do not get that).
     ``default``: ONNX Runtime's own defaults, only ``threads`` applied.
     """
@@ -84,10 +84,9 @@ def release_large_frees() -> bool:
 
     glibc raises its mmap threshold each time a large mapped block is freed, up to 32 MiB, after which
     blocks below that size come from the heap and stay resident once freed. ONNX Runtime without its
-    arena allocates and frees every activation on each run, so the heap kept ~130 MiB of dead weight
-    copies and tensors of the seed network at 959x640: peak RSS 864 -> 736 MiB with a fixed 1 MiB
-    threshold, same speed (measured here). A no-op where the C library is not glibc. Returns whether the
-    setting is in force.
+    arena allocates and frees every activation on each run, so the heap would keep dead copies of weights
+    and tensors; with a fixed threshold they go back to the system, at the same speed. A no-op where the
+    C library is not glibc. Returns whether the setting is in force.
     """
     global _malloc_tuned
     if _malloc_tuned:

@@ -26,10 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.table import Table
 from torch import nn
 
+from .backends import Description, Runner, as_runner
 from .config import DeployConfig
+from .data import load_image, preprocess
 from .errors import UserError
+from .metrics import multiclass_dice_per_image
+from .postprocess import logits_to_mask
 
 __all__ = ["ParityThresholds", "ParityCase", "ParityRow", "ParityReport", "parity", "default_cases",
            "image_cases", "CARVANA_HALF", "QUICK_SIZE", "ODD_SIZE", "BATCH_SIZE", "HALF_MAX_REL_ERR",
@@ -173,8 +178,6 @@ class ParityReport:
 
     def table(self) -> Any:
         """A ``rich.table.Table`` of the rows."""
-        from rich.table import Table
-
         t = Table(title=f"parity: {self.candidate} vs {self.reference}",
                   caption=f"thresholds {self.thresholds.describe()}")
         for name, justify in (("case", "left"), ("shape", "left"), ("max abs err", "right"),
@@ -192,29 +195,14 @@ class ParityReport:
         return self.table()
 
 
-Runner = Callable[[Any], torch.Tensor]
-
-
-def _as_runner(model: nn.Module | Runner) -> tuple[Runner, str]:
-    """An eager module (run in eval mode, no grad, on its own device) or any backend-like callable."""
-    if isinstance(model, nn.Module):
-        module = model.eval()
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-
-        @torch.inference_mode()
-        def run(batch: Any) -> torch.Tensor:
-            return module(torch.as_tensor(batch).to(device, dtype)).float().cpu()
-
-        return run, f"eager {type(module).__name__} ({device})"
-    describe = getattr(model, "describe", None)
-    return model, describe() if callable(describe) else type(model).__name__
+def _label(runner: Runner) -> str:
+    """One line naming what runs: the provider for an in-memory model, else backend, precision, provider
+    and file."""
+    info = runner.describe()
+    return str(info["provider"]) if str(info["path"]).startswith("<") else str(Description(info))
 
 
 def _mask_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
-    from .metrics import multiclass_dice_per_image
-
     ta = torch.from_numpy(a.astype(np.int64))
     tb = torch.from_numpy(b.astype(np.int64))
     scores = multiclass_dice_per_image(ta, tb, max(n_classes, 2))
@@ -246,8 +234,6 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, thresholds: Parity
 
 
 def _masks(logits: torch.Tensor, threshold: float) -> np.ndarray:
-    from .postprocess import logits_to_mask
-
     return logits_to_mask(torch.nan_to_num(logits), None, threshold)
 
 
@@ -259,11 +245,13 @@ def _error_line(e: Exception) -> str:
     return line[:160]
 
 
-def parity(reference: nn.Module | Runner, candidate: Runner, cases: Iterable[ParityCase] | None = None,
-           thresholds: ParityThresholds | None = None, config: DeployConfig | None = None,
+def parity(reference: nn.Module | Runner, candidate: Runner | Callable[[Any], Any],
+           cases: Iterable[ParityCase] | None = None, thresholds: ParityThresholds | None = None,
+           config: DeployConfig | None = None,
            progress: Callable[[ParityRow], None] | None = None) -> ParityReport:
-    """Compare ``candidate`` (a loaded :class:`~unet_deploy.backends.Backend` or any callable returning
-    logits) with ``reference`` (the eager ``nn.Module`` or another backend) on ``cases``.
+    """Compare ``candidate`` (a :class:`~unet_deploy.backends.Runner` such as a loaded backend, an eager
+    module, or any callable returning logits) with ``reference`` (the eager ``nn.Module`` or another
+    Runner) on ``cases``; both run through :func:`~unet_deploy.backends.as_runner`.
 
     ``cases`` defaults to :func:`default_cases` of the candidate's (else the reference's) config;
     ``thresholds`` default to :meth:`ParityThresholds.for_precision` of the candidate's precision.
@@ -273,19 +261,18 @@ def parity(reference: nn.Module | Runner, candidate: Runner, cases: Iterable[Par
     config = (config or getattr(candidate, "config", None) or getattr(reference, "config", None)
               or DeployConfig())
     thresholds = thresholds or ParityThresholds.for_precision(getattr(candidate, "precision", "fp32"))
-    ref_run, ref_name = _as_runner(reference)
-    cand_run, cand_name = _as_runner(candidate)
+    ref_runner, cand_runner = as_runner(reference, config), as_runner(candidate, config)
     cases = list(cases) if cases is not None else default_cases(config)
     if not cases:
         raise UserError("parity: no input cases to compare on")
-    report = ParityReport(ref_name, cand_name, thresholds)
+    report = ParityReport(_label(ref_runner), _label(cand_runner), thresholds)
     for case in cases:
         t0 = time.perf_counter()
-        ref = ref_run(case.batch)
+        ref = torch.as_tensor(ref_runner.run(case.batch))
         t1 = time.perf_counter()
         error = ""
         try:
-            out = cand_run(case.batch)
+            out = torch.as_tensor(cand_runner.run(case.batch))
         except Exception as e:  # noqa: BLE001 - a candidate that cannot run this shape fails the case
             out = None
             error = _error_line(e)
@@ -309,8 +296,6 @@ def parity(reference: nn.Module | Runner, candidate: Runner, cases: Iterable[Par
 def image_cases(images: Sequence[str | Path], config: DeployConfig,
                 scale: float | None = None) -> list[ParityCase]:
     """One case per real image, loaded and preprocessed exactly as ``predict`` does (model's scale)."""
-    from .data import load_image, preprocess
-
     scale = config.inference.scale if scale is None else scale
     out = []
     for path in images:

@@ -54,7 +54,7 @@ def upsample_logits(logits: Any, size: tuple[int, int]) -> Any:
         return logits
     if _is_numpy(logits):
         return resize_bilinear(logits, size)
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # torch tensors only: the ONNX Runtime path passes numpy
 
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
@@ -90,11 +90,11 @@ def probabilities(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | Non
             p = _sigmoid(t[0, 0])
             return np.stack([1 - p, p])
         return _softmax(t[0], axis=0)
-    import torch
+    import torch  # torch tensors only: the ONNX Runtime path passes numpy
 
     if t.shape[1] == 1:
-        p = torch.sigmoid(t[0, 0])
-        return torch.stack([1 - p, p]).cpu().numpy()
+        pt = torch.sigmoid(t[0, 0])
+        return torch.stack([1 - pt, pt]).cpu().numpy()
     return torch.softmax(t[0], dim=0).cpu().numpy()
 
 
@@ -128,7 +128,7 @@ def logits_to_mask(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | No
         if t.shape[1] == 2:
             return (_softmax(t, axis=1)[:, 1] > threshold).astype(dtype)
         return t.argmax(axis=1).astype(dtype)
-    import torch
+    import torch  # torch tensors only: the ONNX Runtime path passes numpy
 
     if t.shape[1] == 1:
         mask = torch.sigmoid(t[:, 0]) > threshold

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .augment import AugmentConfig, build_transform
+from .augment import AugmentConfig, augmentation_missing, build_transform, preset
 from .errors import UserError
 
 __all__ = ["QualityOptions", "SCHEDULES", "EDGE_CACHE_BYTES", "RECIPES", "resolve_recipe", "merge_stored_recipe",
@@ -56,7 +56,7 @@ class QualityOptions:
 
     def hooks(self, seed: int, max_steps: int | None = None) -> dict[str, Any]:
         """The ``TrainConfig.hooks`` dict; empty when every option is off (plain Pytorch-UNet training)."""
-        from .losses import EdgeWeight, warmup_cosine
+        from .losses import EdgeWeight, warmup_cosine  # torch: training only; predict imports this module
 
         self.validate()
         out: dict[str, Any] = {}
@@ -162,7 +162,7 @@ def merge_stored_recipe(record: dict[str, Any], stored: dict[str, Any] | None,
     if not stored:
         return record, []
     explicit = set(explicit)
-    stored = {**RECIPES.get(stored.get("recipe"), RECIPES["default"]), **stored}
+    stored = {**RECIPES.get(stored.get("recipe") or "default", RECIPES["default"]), **stored}
     if "recipe" in explicit and record["recipe"] != stored.get("recipe"):
         return record, [f"--recipe {record['recipe']}"]
     merged = {k: stored[k] for k in ("recipe", *RECIPE_KEYS)}
@@ -182,8 +182,6 @@ def merge_stored_recipe(record: dict[str, Any], stored: dict[str, Any] | None,
 
 def options_from_record(record: dict[str, Any]) -> QualityOptions:
     """The :class:`QualityOptions` a training record describes (validated)."""
-    from .augment import preset
-
     aug = preset(record["augment"], **record.get("augment_overrides", {}))
     return QualityOptions(aug, record["edge_weight"], record["edge_width"], record["schedule"],
                           record["warmup_steps"]).validate()
@@ -197,8 +195,6 @@ def recipe_hooks(record: dict[str, Any], explicit: tuple[str, ...] | set[str], s
     and it is not installed, training goes on without augmentation after one warning line; when
     ``--augment`` or a single augmentation flag was given, that is a one-line error.
     """
-    from .augment import augmentation_missing
-
     options = options_from_record(record)
     missing = augmentation_missing() if options.augment.active or options.edge_weight > 1 else None
     if missing is not None:

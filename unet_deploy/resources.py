@@ -21,6 +21,10 @@ import resource
 from pathlib import Path
 from typing import Any
 
+import psutil
+from PIL import Image
+
+from .data import scaled_size
 from .errors import UserError
 
 __all__ = ["available_memory", "cgroup_memory_left", "estimate_inference_bytes", "estimate_training_bytes",
@@ -43,7 +47,7 @@ PRECISION_FACTOR: dict[str, float] = {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5, "in
 TRAIN_ACTIVATION_BYTES = 96
 #: Bytes per parameter a training step adds: the gradient and two optimizer moments (fp32).
 TRAIN_PARAM_BYTES = 12
-#: ``synth``: peak bytes per image pixel while one image is rendered and saved (measured 56-70).
+#: ``synth``: peak bytes per image pixel while one image is rendered and saved (an upper bound).
 SYNTH_BYTES_PER_PIXEL = 80
 
 
@@ -130,16 +134,12 @@ def _address_space_left() -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return None
-    import psutil
-
     return max(0, soft - psutil.Process().memory_info().vms)
 
 
 def available_memory() -> tuple[int, str]:
     """``(bytes, what limits it)``: the least of available system memory, the cgroup's room and
     ``RLIMIT_AS`` minus the mapped address space."""
-    import psutil
-
     options = [(int(psutil.virtual_memory().available), "available system memory")]
     cgroup = cgroup_memory_left()
     if cgroup is not None:
@@ -170,13 +170,11 @@ def estimate_inference_bytes(model: Any, height: int, width: int, batch: int = 1
     ``precision_factor``: fp32 1, bf16/fp16 0.5, int8 0.4. The second line's last term is the float32
     input and logits; the third is the image at its own size, its mask and the logits resized to it.
 
-    Calibrated on a 2-core x86 CPU (fp32, 2 threads): peak-RSS growth of one forward pass over the
-    loaded, warmed-up model, base 16 and base 64, at 480x320, 960x640 and 1920x1280, batch 1 and 2.
-    ONNX Runtime is steady (estimate / measured 1.02-1.1 at batch 1, 1.27 at batch 2). Eager torch is
-    not: glibc's moving mmap threshold makes the same run peak 100-155 MiB (base 16, 480x320) or
-    314-411 MiB (bilinear base 16, 960x640) from one process to the next, so its estimate is 0.86-1.41x
-    of a measurement, 0.99-1.01x where the activations pass 1 GiB. TorchScript's and int8's coefficients
-    come from the benchmark's peak RSS at 959x640 and 1918x1280 (``benchmarks/RESULTS.md``).
+    The coefficients are fitted to the peak-RSS growth of one forward pass over the loaded, warmed-up
+    model (fp32, base 16 and 64, batch 1 and 2). ONNX Runtime's peak is steady from one process to the
+    next; eager torch's moves with glibc's mmap threshold, so its estimate is looser on small inputs.
+    ``tests/test_resources.py`` re-measures the peak and states the band each runtime must stay within.
+    TorchScript's and int8's coefficients come from the benchmark's peak RSS (``benchmarks/RESULTS.md``).
     """
     base, classes, in_ch, bilinear = _model_fields(model)
     kind = runtime if runtime in ACTIVATION_BYTES else "torch"
@@ -194,8 +192,7 @@ def estimate_training_bytes(model: Any, height: int, width: int, batch: int, n_p
 
     96 bytes per pixel per base channel is three times eager inference's 32: the forward activations are
     kept for the backward pass, which adds their gradients. ``12 * n_params``: gradients and the two
-    optimizer moments. Calibrated on base-16 models (RMSprop, fp32) at 480x320 (batch 1 and 2) and
-    960x640: 0.94x-1.04x of the measured peak-RSS growth of a step.
+    optimizer moments. Fitted to the peak-RSS growth of a training step of base-16 models (RMSprop, fp32).
     """
     base, classes, in_ch, _ = _model_fields(model)
     per_pixel = TRAIN_ACTIVATION_BYTES * base + 4 * (in_ch + classes) + 8  # + int64 target
@@ -226,8 +223,6 @@ def check_predict_memory(backend: Any, width: int, height: int, scale: float, ba
     """Refuse (UserError) a CPU prediction of ``batch`` images of ``width`` x ``height`` at ``scale``
     (twice as many with flip ``tta``) whose :func:`estimate_inference_bytes` exceeds the memory
     available; GPU runs are not checked (their out-of-memory error is mapped to one line instead)."""
-    from .data import scaled_size
-
     if _on_gpu(getattr(backend, "device", "cpu")):
         return
     w, h = scaled_size(width, height, scale)
@@ -252,14 +247,11 @@ def check_train_memory(model: Any, image: str | Path, scale: float, batch: int, 
                        device: str = "cpu") -> None:
     """Refuse a CPU training run whose one-step estimate (``image``'s size at ``scale``, this process's
     ``batch``) exceeds the memory available; the size is read from the image's header."""
-    from PIL import Image
-
-    from .data import scaled_size
-
     if _on_gpu(device):
         return
     with Image.open(image) as img:
-        width, height = scaled_size(*img.size, scale)
+        full_width, full_height = img.size
+    width, height = scaled_size(full_width, full_height, scale)
     needed = estimate_training_bytes(model, height, width, batch, n_params)
     check_fits(needed, f"training on batches of {batch} image(s) of {width}x{height} px (scale {scale:g})",
                "lower -b/--batch-size or -s/--scale, use a smaller --base-channels, or free memory")

@@ -11,6 +11,9 @@ model and the options that change masks; each further line is ``<crc32 hex> <jso
 fsync'd before the next image. A line is trusted only when it is complete (newline-terminated), its
 checksum matches and its runs fit the image size it records, so a crash mid-write loses at most that
 one row, which is predicted again. Rows of a journal with another fingerprint are never used.
+
+torch (``torch.distributed``) is imported inside the functions that use it: every predict run imports
+this module, and ONNX Runtime prediction in one process must not load torch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .fileio import sha256_file
 
 __all__ = ["Group", "process_group", "split", "rank_device", "JournalRow", "JournalWriter", "journal_dir",
            "read_journal", "rle_fits", "new_run_id", "model_digest", "fingerprint", "SharedError",
@@ -232,6 +236,9 @@ def _read_file(path: Path, fingerprint: str) -> tuple[list[JournalRow], int]:
     bad = torn
     for line in complete[1:]:
         p = _parse(line)
+        if p is None:
+            bad += 1
+            continue
         try:
             row = JournalRow(str(p["key"]), str(p["id"]), int(p["h"]), int(p["w"]), str(p["rle"]))
         except (TypeError, KeyError, ValueError):
@@ -275,8 +282,6 @@ def model_digest(path: str | os.PathLike[str], known: dict[str, Any] | None = No
     ``known``: a config ``source`` dict; when it already holds this very file's hash (checkpoints are
     hashed as they load), it is used instead of reading the file again.
     """
-    from .fileio import sha256_file
-
     if known and known.get("sha256") and os.path.abspath(str(known.get("path", ""))) == os.path.abspath(path):
         return str(known["sha256"])
     return sha256_file(path)

@@ -174,7 +174,7 @@ def _prepare(folder: Path, overwrite: bool) -> None:
         raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from exc
 
 
-def _views(rng: np.random.Generator, n: int, angles: int):  # type: ignore[no-untyped-def]
+def _views(rng: np.random.Generator, n: int, angles: int):
     """Yield ``(id, spec, yaw)`` for n images grouped into cars of ``angles`` turntable views."""
     seen: set[str] = set()
     for i in range(n):

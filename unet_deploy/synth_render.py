@@ -249,7 +249,7 @@ def shadow(rng: np.random.Generator, image: np.ndarray, spec: CarSpec, cam: Came
         sdraw.ellipse([bx.min() / sf, (by - 0.02 * scale) / sf, bx.max() / sf, (by + 0.015 * scale) / sf],
                       fill=255)
     sh = sh.filter(ImageFilter.GaussianBlur(max(0.5, 0.006 * scale / sf))).resize((width, height),
-                                                                                  Image.BILINEAR)
+                                                                                  Image.Resampling.BILINEAR)
     image *= 1.0 - rng.uniform(0.25, 0.5) * (np.asarray(sh, dtype=np.float32)[:, :, None] / 255.0)
 
 

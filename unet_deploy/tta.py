@@ -67,13 +67,14 @@ class _FlipRunner:
         self.inner = inner
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> Any:
+        both: Any
         if not isinstance(batch, np.ndarray) and hasattr(batch, "detach"):  # a torch tensor
-            import torch
+            import torch  # only when torch runs the model: the ONNX Runtime path stays numpy
 
             both = torch.cat([batch, torch.flip(batch, dims=[-1])])
         else:
-            batch = np.asarray(batch)
-            both = np.ascontiguousarray(np.concatenate([batch, batch[..., ::-1]]))
+            array = np.asarray(batch)
+            both = np.ascontiguousarray(np.concatenate([array, array[..., ::-1]]))
         logits = self.inner.run(both)
         logits = logits.astype(np.float32) if isinstance(logits, np.ndarray) else logits.float()
         n = logits.shape[0] // 2

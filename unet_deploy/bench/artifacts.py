@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import DeployConfig, InferenceConfig, ModelConfig
 from ..data import preprocess
+from ..export import convert_onnx_fp16, export_onnx, export_torchscript, quantize_onnx_int8
 from ..fileio import sha256_file
 from .inputs import synthetic_image
 from .settings import CARVANA_SIZE, BenchSettings, resolve_settings
@@ -43,14 +48,8 @@ class ModelFiles:
 
 def cache_key(settings: BenchSettings) -> str:
     """Hash of the weights (or the fresh-init recipe), the export recipe and the torch/onnx versions."""
-    import torch
-
     # recipe: bump when the export/quantisation recipe changes, so cached files are made again
-    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 4}
-    with contextlib.suppress(ImportError):
-        import onnx
-
-        what["onnx"] = onnx.__version__
+    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 4, "onnx": onnx.__version__}
     if settings.checkpoint is not None:
         what["checkpoint"] = sha256_file(settings.checkpoint)
     else:
@@ -75,9 +74,6 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
     already in ``folder`` from an earlier run with the same inputs are reused (the folder name is a hash
     of the weights/architecture and the torch/onnx versions).
     """
-    from ..checkpoint import load_checkpoint
-    from ..export import export_onnx, export_torchscript
-
     settings = resolve_settings(settings)
     say = log or (lambda _msg: None)
     folder = Path(folder)
@@ -119,10 +115,6 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
 def _fresh_checkpoint(settings: BenchSettings, folder: Path) -> tuple[DeployConfig, Path, Any]:
     """The seed architecture initialised with ``torch.manual_seed(seed)``, saved once into ``folder``:
     (config, checkpoint path, the model when it was made now, else None)."""
-    import torch
-
-    from ..checkpoint import save_checkpoint
-
     mc = ModelConfig(bilinear=settings.bilinear, base_channels=int(settings.base_channels or 64))
     config = DeployConfig(model=mc, inference=InferenceConfig(scale=settings.scales[0]),
                           source={"format": "fresh-init", "seed": settings.seed})
@@ -138,8 +130,6 @@ def _fresh_checkpoint(settings: BenchSettings, folder: Path) -> tuple[DeployConf
 def _derived_onnx(key: str, settings: BenchSettings, config: Any, paths: dict[str, Path], folder: Path,
                   export_s: dict[str, float], say: Callable[[str], None]) -> None:
     """Write (or reuse) the int8 or fp16 model made from the fp32 ONNX file; add it to ``paths``."""
-    from ..export import convert_onnx_fp16, quantize_onnx_int8
-
     target = folder / MODEL_FILES[key]
     paths[key] = target
     if target.exists():

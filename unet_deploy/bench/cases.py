@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..data import preprocess
+from ..parity import ParityThresholds, compare
 from .artifacts import ModelFiles
 from .inputs import synthetic_image
 from .probe import CaseSpec, run_case_isolated
@@ -27,10 +29,6 @@ def parity(reference: np.ndarray, other: np.ndarray, threshold: float = 0.5,
     ``max_rel_err`` = max |a - b| / max |a|; ``pixel_agreement`` = share of mask pixels that agree after
     post-processing; ``passed`` = within the documented thresholds for ``precision``.
     """
-    import torch
-
-    from ..parity import ParityThresholds, compare
-
     a = np.asarray(reference, dtype=np.float32)
     b = np.asarray(other, dtype=np.float32)
     if a.shape != b.shape:
@@ -69,7 +67,7 @@ def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, tempora
             result = run_case_isolated(spec, settings.timeout_s)
             if name == "reference":
                 continue
-            ref = np.load(logits.get("torch", logits.get("reference")))
+            ref = np.load(logits["torch"] if "torch" in logits else logits["reference"])
             par = parity(ref, np.load(logits[name]), precision=result.get("precision", "fp32"))
             path = files.paths[backend]
             cases.append({

@@ -13,33 +13,16 @@ from ..crf import dense_crf
 from ..data import load_image, preprocess
 from ..fileio import atomic_path
 from ..postprocess import logits_to_mask, probabilities
+from ..synth import render_car
 
 __all__ = ["synthetic_image", "write_jpeg", "end_to_end"]
 
 
 def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A deterministic Carvana-like uint8 (H, W, 3) image: a car on a studio background.
-
-    Uses :func:`unet_deploy.synth.render_car` when that module is installed, else a simple car shape.
-    """
+    """A deterministic Carvana-like uint8 (H, W, 3) image: a car on a studio background
+    (:func:`unet_deploy.synth.render_car`)."""
     rng = np.random.default_rng(seed)
-    try:
-        from ..synth import render_car
-    except ImportError:
-        render_car = None
-    if render_car is not None:
-        return np.ascontiguousarray(render_car(rng, width, height)[0], dtype=np.uint8)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.empty((height, width, 3), np.float32)
-    img[...] = 200 + 30 * (yy / max(height - 1, 1))[..., None]  # light grey studio gradient
-    body = ((xx - 0.5 * width) / (0.38 * width)) ** 2 + ((yy - 0.6 * height) / (0.2 * height)) ** 2 <= 1
-    cabin = ((xx - 0.47 * width) / (0.2 * width)) ** 2 + ((yy - 0.42 * height) / (0.14 * height)) ** 2 <= 1
-    img[body | cabin] = rng.uniform(20, 200, 3).astype(np.float32)
-    for cx in (0.3, 0.7):  # wheels
-        wheel = ((xx - cx * width) ** 2 + (yy - 0.77 * height) ** 2) <= (0.07 * width) ** 2
-        img[wheel] = 25
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(render_car(rng, width, height)[0], dtype=np.uint8)
 
 
 def write_jpeg(image: np.ndarray, path: str | Path, quality: int = 90) -> Path:

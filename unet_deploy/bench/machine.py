@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 
 from ..config import versions
 from .variants import variant_label
@@ -38,8 +39,6 @@ def load_average_1m() -> float | None:
 
 def machine_facts(device: str = "cpu") -> dict[str, Any]:
     """CPU model, cores, RAM, GPU, library versions and ONNX Runtime providers of this machine."""
-    import torch
-
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -69,7 +68,9 @@ def unsteady(case: dict[str, Any]) -> bool:
     """True when the case's p90/p50 is above :data:`UNSTEADY_SPREAD`."""
     lat = case.get("latency") or {}
     p50, p90 = lat.get("p50_ms"), lat.get("p90_ms")
-    return bool(p50 and p90) and p90 / p50 > UNSTEADY_SPREAD
+    if not p50 or not p90:
+        return False
+    return bool(p90 / p50 > UNSTEADY_SPREAD)
 
 
 def reliability(report: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 import psutil
+import torch
 
 __all__ = ["MIB", "PeakSampler", "reset_peak_rss", "peak_rss_bytes", "maxrss_bytes", "memory_result"]
 
@@ -28,8 +29,6 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _device_used(self) -> int:
-        import torch
-
         free, total = torch.cuda.mem_get_info(self._cuda)
         return int(total - free)
 
@@ -94,8 +93,6 @@ def memory_result(device: str, sampler: PeakSampler, base: dict[str, Any]) -> di
     result: dict[str, Any] = {"host_peak_mib": max(peak_rss - base["rss"], 0) / MIB,
                               "host_baseline_mib": base["rss"] / MIB}
     if device.startswith("cuda"):
-        import torch
-
         reserved = torch.cuda.max_memory_reserved(device)
         result["device_peak_mib"] = max(sampler.peak_device - base["device"], reserved, 0) / MIB
         result["torch_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB

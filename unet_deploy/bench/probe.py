@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import torch
 
 from .. import backends
 from ..errors import UserError
@@ -72,10 +73,7 @@ def latency_stats(times_s: Sequence[float], batch: int = 1) -> dict[str, Any]:
 def load_variant(model_path: str | Path, v: Variant, device: str, threads: int | None) -> Any:
     """Load the model file as variant ``v`` (its runtime, precision and fast-path options); ``threads`` are
     ONNX Runtime's (torch's are set for the whole process)."""
-    return backends.load_backend(model_path, v.backend, device,
-                                 precision=v.precision if v.backend == "torch" else "fp32",
-                                 channels_last=v.channels_last, threads=threads if v.backend == "ort" else None,
-                                 compile=v.compile, ort_profile=v.ort_profile, io_binding=v.io_binding)
+    return backends.load_backend(model_path, v.backend, device, v.options(threads))
 
 
 def run_case(spec: CaseSpec) -> dict[str, Any]:
@@ -85,21 +83,9 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
     taken here, after the heavy imports. Exactly ``spec.warmup`` untimed calls run before the ``spec.runs``
     timed ones (with no warm-up, the first timed call also supplies the parity logits).
     """
-    import torch
-
-    if spec.backend == "ort":
-        import onnxruntime  # noqa: F401  - part of the baseline, not of the model's memory
     cuda = spec.device.startswith("cuda")
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    if cuda:  # the CUDA context is part of the baseline, like the imports
-        torch.zeros(1, device=spec.device)
-        torch.cuda.synchronize(spec.device)
-        torch.cuda.reset_peak_memory_stats(spec.device)
-    if spec.mode == "model":
-        batch: Any = np.load(spec.input)
-    elif spec.mode not in ("e2e", "e2e-crf"):
-        raise ValueError(f"unknown benchmark mode {spec.mode!r}")
+    _prepare_baseline(spec, cuda)
+    batch = _load_batch(spec)
     base = {"rss": psutil.Process().memory_info().rss, "maxrss": maxrss_bytes(),
             "exact": not cuda and reset_peak_rss()}  # the import-time peak must not hide the model's
 
@@ -134,6 +120,29 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
     if spec.runs:
         result["latency"] = latency_stats(times, int(batch.shape[0]) if spec.mode == "model" else 1)
     return result
+
+
+def _prepare_baseline(spec: CaseSpec, cuda: bool) -> None:
+    """Import the runtime, set torch's threads and create the CUDA context before the memory baseline:
+    they are part of the process, not of the model's memory."""
+    if spec.backend == "ort":
+        import onnxruntime  # noqa: F401  - optional dependency; part of the baseline
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if cuda:
+        torch.zeros(1, device=spec.device)
+        torch.cuda.synchronize(spec.device)
+        torch.cuda.reset_peak_memory_stats(spec.device)
+
+
+def _load_batch(spec: CaseSpec) -> Any:
+    """The input batch of mode "model" (a .npy array); ``None`` for the end-to-end modes, which read
+    ``spec.input`` as an image file on each call."""
+    if spec.mode == "model":
+        return np.load(spec.input)
+    if spec.mode not in ("e2e", "e2e-crf"):
+        raise ValueError(f"unknown benchmark mode {spec.mode!r}")
+    return None
 
 
 def _timed_runs(spec: CaseSpec, once: Callable[[], Any], sync: Callable[[], None]) -> list[float]:

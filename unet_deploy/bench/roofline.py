@@ -25,9 +25,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from ..backends import ort_session_options
 from ..onnx_passes import fold_qdq_data_movement
@@ -42,16 +46,13 @@ PEAK_LAYER = {"channels": 256, "height": 120, "width": 160}
 def network_work(config: Any, width: int, height: int) -> dict[str, float]:
     """Multiply-accumulates of the U-Net described by ``config`` (a ModelConfig) at ``width`` x ``height``
     (batch 1): ``{"gmac": ..., "gflop": ...}`` with one multiply-add = 2 FLOP."""
-    import torch
-    from torch import nn
-
     with torch.device("meta"):
         model = config.build().eval()
     macs = 0
 
     def conv_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         nonlocal macs
-        w = module.weight  # type: ignore[union-attr]
+        w = cast(torch.Tensor, module.weight)  # hooks are registered on convolutions only
         if isinstance(module, nn.ConvTranspose2d):  # every input pixel feeds C_out x kH x kW outputs
             macs += inputs[0].numel() * w.shape[1] * w.shape[2] * w.shape[3]
         else:  # every output pixel reads C_in / groups x kH x kW inputs
@@ -69,9 +70,6 @@ def network_work(config: Any, width: int, height: int) -> dict[str, float]:
 
 
 def _probe_model(channels: int, height: int, width: int) -> Any:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
     b = np.zeros(channels, np.float32)
@@ -114,7 +112,6 @@ def _quiet() -> Iterator[None]:
 
 def measure_peaks(threads: int | None = None, runs: int = 10, layer: dict[str, int] | None = None) -> dict[str, Any]:
     """Peak GFLOP/s (float32) and GOP/s (int8) of ONNX Runtime's CPU convolutions on the probe layer."""
-    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     spec = dict(PEAK_LAYER if layer is None else layer)

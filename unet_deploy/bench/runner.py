@@ -38,7 +38,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
             roof = run_roofline(settings, cases, files, say)
         stages = run_stages(settings, cases, files, scratch, say) if settings.stages else None
     s = settings
-    report = {
+    report: dict[str, Any] = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
         "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
         "settings": {

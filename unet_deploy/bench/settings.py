@@ -72,16 +72,7 @@ def default_counts(device: str, quick: bool) -> tuple[int, int]:
 def resolve_settings(settings: BenchSettings) -> BenchSettings:
     """Validate ``settings`` and fill in the defaults; bad values raise a one-line :class:`UserError`."""
     quick = settings.quick or quick_from_env()
-    words = [b.strip().lower() for b in settings.backends if b.strip()]
-    if not words:
-        raise UserError("--backends: name at least one of " + ", ".join(BENCH_BACKENDS))
-    device_word = str(settings.device or "auto").lower()
-    if device_word == "auto":
-        device_word = resolve_device("auto")
-    variants = [parse_variant(b, device_word) for b in words]
-    # table order: by backend (torch, torchscript, ort), then as given
-    order = {b: i for i, b in enumerate(BENCH_BACKENDS)}
-    backends = tuple(sorted(dict.fromkeys(v.name for v in variants), key=lambda n: order[n.split("-")[0]]))
+    backends = _backend_names(settings.backends, settings.device)
     scales = tuple(dict.fromkeys(float(s) for s in settings.scales))
     if not scales:
         raise UserError("--scales: give at least one scale, e.g. --scales 0.5 1.0")
@@ -91,28 +82,57 @@ def resolve_settings(settings: BenchSettings) -> BenchSettings:
     default_warmup, default_runs = default_counts(device, quick)
     runs = settings.runs if settings.runs is not None else default_runs
     warmup_runs = settings.warmup if settings.warmup is not None else default_warmup
-    if runs < 1:
-        raise UserError(f"--runs {runs}: time at least 1 run")
-    if warmup_runs < 0:
-        raise UserError(f"--warmup {warmup_runs}: use 0 or more warm-up runs")
-    if settings.threads is not None and settings.threads < 1:
-        raise UserError(f"--threads {settings.threads}: use 1 or more threads")
+    _check_counts(runs, warmup_runs, settings.threads)
     base = settings.base_channels or (QUICK_BASE_CHANNELS if quick else SEED_BASE_CHANNELS)
     if base < 1:
         raise UserError(f"--base-channels {base}: use a positive width (64 = Pytorch-UNet)")
     size = settings.image_size or (QUICK_SIZE if quick else CARVANA_SIZE)
-    if settings.checkpoint is not None:
-        ckpt = Path(settings.checkpoint)
+    _check_checkpoint(settings.checkpoint)
+    _check_scaled_size(scales, size)
+    return replace(settings, quick=quick, backends=backends, scales=scales, device=device, runs=runs,
+                   warmup=warmup_runs, base_channels=base, image_size=(int(size[0]), int(size[1])))
+
+
+def _backend_names(words_in: Sequence[str], device: str | None) -> tuple[str, ...]:
+    """The variant names of ``--backends``, parsed for ``device``, without repeats, in table order: by
+    backend (torch, torchscript, ort), then as given."""
+    words = [b.strip().lower() for b in words_in if b.strip()]
+    if not words:
+        raise UserError("--backends: name at least one of " + ", ".join(BENCH_BACKENDS))
+    device_word = str(device or "auto").lower()
+    if device_word == "auto":
+        device_word = resolve_device("auto")
+    variants = [parse_variant(b, device_word) for b in words]
+    order = {b: i for i, b in enumerate(BENCH_BACKENDS)}
+    return tuple(sorted(dict.fromkeys(v.name for v in variants), key=lambda n: order[n.split("-")[0]]))
+
+
+def _check_counts(runs: int, warmup: int, threads: int | None) -> None:
+    """Reject fewer than 1 timed run, a negative warm-up or fewer than 1 thread."""
+    if runs < 1:
+        raise UserError(f"--runs {runs}: time at least 1 run")
+    if warmup < 0:
+        raise UserError(f"--warmup {warmup}: use 0 or more warm-up runs")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: use 1 or more threads")
+
+
+def _check_checkpoint(checkpoint: str | Path | None) -> None:
+    """``-m`` takes the training checkpoint: the benchmark makes its own exports from it."""
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
         if is_export_file(ckpt):
             raise UserError(f"-m {ckpt}: pass the .pth checkpoint; the benchmark exports TorchScript and "
                             "ONNX from it itself")
+
+
+def _check_scaled_size(scales: Sequence[float], size: Sequence[int]) -> None:
+    """Every scaled ``size`` (W, H) must stay at least 16x16, the smallest input a U-Net takes."""
     for s in scales:
         w, h = int(size[0] * s), int(size[1] * s)
         if w < 16 or h < 16:
             raise UserError(f"--scales {s:g}: a {size[0]}x{size[1]} image becomes {w}x{h}; a U-Net needs "
                             "at least 16x16 input")
-    return replace(settings, quick=quick, backends=backends, scales=scales, device=device, runs=runs,
-                   warmup=warmup_runs, base_channels=base, image_size=(int(size[0]), int(size[1])))
 
 
 def reproduce_command(settings: BenchSettings, extra: Sequence[str] = ()) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..crf import dense_crf
 from ..data import load_image, preprocess
@@ -36,8 +38,6 @@ def measure_stages(model_path: str | Path, variant: str, device: str, images: Se
     its slowest stage: ``slowest_ratio`` = slowest stage's images/s / pipeline images/s (1.0 = perfect
     overlap; the target is <= :data:`PIPELINE_TARGET`).
     """
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
     v = parse_variant(variant, device)
@@ -47,7 +47,9 @@ def measure_stages(model_path: str | Path, variant: str, device: str, images: Se
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     paths = [Path(p) for p in images]
     stage_ms = _stage_medians_ms(backend, paths, out_dir, crf, sync)
-    options = PredictOptions(crf=crf, progress=False, **({"crf_workers": crf_workers} if crf_workers else {}))
+    options = PredictOptions(crf=crf, progress=False)
+    if crf_workers:
+        options = replace(options, crf_workers=crf_workers)
     t0 = time.perf_counter()
     summary = predict_files(backend, [str(p) for p in paths], options, outputs=[str(out_dir / "pipeline") + "/"])
     pipeline_s = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from ..backend_options import BackendOptions, OrtOptions, TorchOptions, TorchScriptOptions
 from ..errors import UserError
 from ..names import BACKENDS, PRECISIONS
 
@@ -52,6 +53,15 @@ class Variant:
         if self.io_binding:
             parts.append("iob")
         return "-".join(parts)
+
+    def options(self, threads: int | None = None) -> BackendOptions:
+        """The backend's load options for this variant (``threads``: ONNX Runtime's; torch's are set for
+        the whole process). An ONNX file's precision is the file's, so it is no load option."""
+        if self.backend == "ort":
+            return OrtOptions(threads=threads, profile=self.ort_profile, io_binding=self.io_binding)
+        if self.backend == "torchscript":
+            return TorchScriptOptions()
+        return TorchOptions(precision=self.precision, channels_last=self.channels_last, compile=self.compile)
 
     @property
     def file_key(self) -> str:

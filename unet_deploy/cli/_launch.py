@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ..errors import UserError
+
 __all__ = ["command_args", "relaunch"]
 
 
@@ -16,15 +18,15 @@ def command_args(ctx: typer.Context, drop: tuple[str, ...] = ("nproc",)) -> list
     args = [ctx.info_name or ""]
     positional: list[str] = []
     for param in ctx.command.params:
-        value = ctx.params.get(param.name)
+        value = ctx.params.get(param.name or "")
         if param.name in drop or value is None:
             continue
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if param.param_type_name != "option":
             positional += [str(v) for v in values]
             continue
-        if param.is_flag:
-            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+        if getattr(param, "is_flag", False):  # options only (typer may vendor its own click)
+            flag = param.opts[0] if value else next(iter(param.secondary_opts), None)
             args += [flag] if flag else []
         else:
             for v in values:
@@ -37,9 +39,7 @@ def relaunch(ctx: typer.Context, nproc: int) -> None:
 
     Check the command's own arguments before calling this, so a mistake is one line, not one per process.
     """
-    from ..distributed import launch_torchrun
-    from ..errors import UserError
-    from ..distributed import dist_env
+    from ..distributed import dist_env, launch_torchrun  # imports torch
 
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be >= 1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from ..errors import UserError
+from ..fileio import atomic_write_text
 from ..names import BACKENDS, PRECISIONS
 from ._app import app
 
@@ -230,8 +233,6 @@ def _run(settings: BenchSettings, cache_dir: Path | None, log: Callable[[str], N
 
 
 def _read_json(path: Path, flag: str, hint: str) -> dict:
-    import json
-
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file; {hint}")
     try:
@@ -252,8 +253,6 @@ def _read_report(path: Path) -> dict:
 
 def _show(report: dict, show_targets: bool) -> None:
     """The table, the speed-ups (with any "?" footnotes), roofline, targets (``--targets``) and stages."""
-    import sys
-
     from rich.console import Console
 
     from ..bench import render_roofline, render_speedups, render_table, render_targets
@@ -273,7 +272,6 @@ def _show(report: dict, show_targets: bool) -> None:
 def _write(report: dict, json_out: Path | None, plot: Path | None, markdown: Path | None, merged: list[dict],
            show_targets: bool) -> None:
     from ..bench import render_markdown, write_json, write_plot
-    from ..fileio import atomic_write_text
 
     if json_out:
         write_json(report, json_out)

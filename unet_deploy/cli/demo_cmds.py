@@ -70,7 +70,7 @@ def demo(
 
     Example: `unet-deploy demo`, then `unet-deploy predict --backend ort demo/car.jpg`
     """
-    from . import app as cli_app
+    from . import app as cli_app  # cycle: the cli package imports this module
 
     start = time.perf_counter()
     steps = demo_steps(out, quick)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 
+from ..errors import UserError
+from ..fileio import atomic_write_text
 from ._app import app
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from ..errors import UserError
-
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -23,11 +23,13 @@ def _command_line(ctx: typer.Context) -> str:
     """The command as the user gave it (options they set explicitly, in declaration order)."""
     parts = [ctx.command_path]
     for param in ctx.command.params:
+        if param.name is None:
+            continue
         source = ctx.get_parameter_source(param.name)
         if getattr(source, "name", None) != "COMMANDLINE":  # by name: typer may vendor its own click
             continue
         value = ctx.params[param.name]
-        if param.is_flag:
+        if getattr(param, "is_flag", False):  # options only (typer may vendor its own click)
             names = param.opts if value else param.secondary_opts
             if names:
                 parts.append(max(names, key=len))
@@ -85,7 +87,6 @@ def experiment(
     Example: `unet-deploy experiment --seeds 0,1,2 --markdown benchmarks/RESULTS-training.md`
     """
     from ..experiment import ExperimentConfig, markdown_table, quick_config, run_experiment, write_results
-    from ..fileio import atomic_write_text
 
     cfg = ExperimentConfig(work_dir=work_dir, data=data, heldout=heldout, source=source,
                            pretrained=pretrained, n_train=n_train, n_heldout=n_heldout, width=width,

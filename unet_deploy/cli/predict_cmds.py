@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 from typer.core import TyperCommand
 
+from ..crf import CRFParams, require_crf
+from ..errors import UserError
+from ..names import backend_for_path
+from ..shard import rank_device
 from ._app import app
+from ._launch import relaunch
 
 _NAME_LIST_OPTIONS = ("-o", "--output")
 _INPUT_OPTIONS = ("-i", "--input")
@@ -57,8 +65,6 @@ class _SeedStyleCommand(TyperCommand):
 def _mask_values(text: str | None) -> list[Any] | None:
     if text is None:
         return None
-    from ..errors import UserError
-
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
@@ -155,32 +161,38 @@ def predict(
     `unet-deploy predict -m MODEL.pth a.jpg b.jpg -o a_mask.png b_mask.png` (or -i a.jpg b.jpg -o ...);
     `unet-deploy predict data/test/ --rle submission.csv --no-save --nproc 4 --resume`
     """
-    from ..errors import UserError
-
     specs = list(input_ or []) + list(inputs or [])
     if not specs:
         raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
     if nproc != 1:
         from ..backends import check_model_file
         from ..predict import default_model
-        from ._launch import relaunch
 
         check_model_file(model if model is not None else default_model(backend))  # one error line, not N
         relaunch(ctx, nproc)
-    import contextlib
-    import os
-
+    from ..predict import PredictOptions, default_model
+    from ..predict.overlay import display_available
     from ..shard import Group, SharedError, process_group
 
+    if crf_workers is not None and crf_workers < 1:
+        raise UserError(f"--crf-workers {crf_workers}: use 1 or more (or leave it out for one per core)")
+    crf_params = CRFParams(gauss_sxy=crf_gauss_sxy, gauss_compat=crf_gauss_compat, bilat_sxy=crf_bilat_sxy,
+                           bilat_srgb=crf_bilat_srgb, bilat_compat=crf_bilat_compat, iterations=crf_iterations,
+                           clip=crf_clip)
+    options = PredictOptions(
+        scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
+        save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf, crf_params=crf_params,
+        crf_workers=crf_workers or _cores_per_process(), tta=tta, skip_existing=skip_existing, progress=not quiet)
+    if crf:
+        require_crf()
+    path = model if model is not None else default_model(backend)
+    model_args = _ModelArgs(path=path, backend=backend, device=device, precision=precision, threads=threads,
+                            channels_last=channels_last, compile=compile_mode, classes=classes, bilinear=bilinear)
     # one process (no torchrun): no process group, so the ONNX Runtime path never imports torch
     alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     with contextlib.nullcontext(Group()) if alone else process_group() as group:
         try:
-            _predict(group, specs, model, output, backend, device, precision, threads, channels_last,
-                     compile_mode, viz, no_save,
-                     mask_threshold, scale, mask_values, classes, bilinear, batch_size, crf, crf_workers,
-                     (crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
-                      crf_iterations, crf_clip), tta, rle, skip_existing, quiet)
+            _predict(group, specs, output, model_args, options, quiet=quiet)
         except SharedError as e:
             if group.main:
                 raise
@@ -214,61 +226,64 @@ def _where_lines(paths: list[Path], noun: str, limit: int = 3) -> list[str]:
     return lines
 
 
-def _predict(group: Any, specs: list[str], model: Path | None, output: list[str] | None, backend: str | None,
-             device: str, precision: str, threads: int | None, channels_last: bool, compile_mode: str | None,
-             viz: bool, no_save: bool,
-             mask_threshold: float | None, scale: float | None, mask_values: str | None, classes: int | None,
-             bilinear: bool | None, batch_size: int, crf: bool, crf_workers: int | None,
-             crf_args: tuple[float, ...], tta: bool, rle: Path | None, skip_existing: bool, quiet: bool) -> None:
+def _cores_per_process() -> int:
+    """This process's share of the machine's cores: processes on one machine share them."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ModelArgs:
+    """predict's model flags: the file, its backend and load options, and the seed's compatibility checks."""
+
+    path: Path
+    backend: str | None
+    device: str
+    precision: str
+    threads: int | None
+    channels_last: bool
+    compile: str | None
+    classes: int | None
+    bilinear: bool | None
+
+    def load(self, group: Any) -> Any:
+        """The Predictor's runner for this process (its GPU, or its share of the cores, under torchrun)."""
+        from ..api import Predictor
+        from ..backend_options import options_for
+
+        device, threads = self.device, self.threads
+        if group.world > 1:
+            device = rank_device(device, group.local_rank, group.world)
+        backend = self.backend or backend_for_path(self.path)
+        if group.world > 1 and threads is None and not device.startswith("cuda") and backend == "ort":
+            threads = _cores_per_process()  # ONNX Runtime's threads: this process's share of the cores
+        options = options_for(backend, precision=self.precision, threads=threads,
+                              channels_last=self.channels_last, compile=self.compile)
+        predictor = Predictor.load(self.path, backend=backend, device=device, backend_options=options)
+        self.check_compatibility(predictor.config.model)
+        return predictor
+
+    def check_compatibility(self, mc: Any) -> None:
+        """Pytorch-UNet's --classes / --bilinear, checked against what the model file says."""
+        if self.classes is not None and max(self.classes, 1) != mc.n_classes:
+            noun = "class" if mc.n_classes == 1 else "classes"
+            raise UserError(f"--classes {self.classes}: {self.path} predicts {mc.n_classes} {noun}; drop --classes "
+                            "(it is read from the model)")
+        if self.bilinear is not None and self.bilinear != mc.bilinear:
+            raise UserError(f"--{'bilinear' if self.bilinear else 'transposed'}: {self.path} uses "
+                            f"{'bilinear' if mc.bilinear else 'transposed'} up-sampling; drop the flag (it is "
+                            "read from the model)")
+
+
+def _predict(group: Any, specs: list[str], output: list[str] | None, model_args: _ModelArgs, options: Any, *,
+             quiet: bool) -> None:
     """The body of ``predict`` in one process (one rank under torchrun)."""
-    import os
-
-    from ..backends import load_backend
-    from ..crf import CRFParams
-    from ..errors import UserError
-    from ..names import MODEL_SUFFIXES
-    from ..predict import PredictOptions, default_model, predict_files
-    from ..predict.overlay import display_available
-    from ..shard import rank_device
-
-    # processes on one machine share its cores (ONNX Runtime threads, CRF workers) and its GPUs
-    share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if group.world > 1:
-        device = rank_device(device, group.local_rank, group.world)
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads}: use 1 or more (or leave it out for all cores)")
-    if crf_workers is not None and crf_workers < 1:
-        raise UserError(f"--crf-workers {crf_workers}: use 1 or more (or leave it out for one per core)")
-    options = PredictOptions(
-        scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
-        save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf,
-        crf_params=CRFParams(*crf_args), crf_workers=share if crf_workers is None else crf_workers, tta=tta,
-        skip_existing=skip_existing,
-        progress=not quiet)
-    if crf:
-        from ..crf import require_crf
-
-        require_crf()
-    path = model if model is not None else default_model(backend)
-    if group.world > 1 and threads is None and not device.startswith("cuda") and \
-            (backend or MODEL_SUFFIXES.get(Path(path).suffix.lower())) == "ort":
-        threads = share  # ONNX Runtime's threads: this process's share of the cores
-    be = load_backend(path, backend, device, precision=precision, threads=threads, channels_last=channels_last,
-                      compile=compile_mode)
-    mc = be.config.model
-    if classes is not None and max(classes, 1) != mc.n_classes:
-        noun = "class" if mc.n_classes == 1 else "classes"
-        raise UserError(f"--classes {classes}: {path} predicts {mc.n_classes} {noun}; drop --classes "
-                        "(it is read from the model)")
-    if bilinear is not None and bilinear != mc.bilinear:
-        raise UserError(f"--{'bilinear' if bilinear else 'transposed'}: {path} uses "
-                        f"{'bilinear' if mc.bilinear else 'transposed'} up-sampling; drop the flag (it is "
-                        "read from the model)")
-    summary = predict_files(be, specs, options, outputs=output, group=group)
+    predictor = model_args.load(group)
+    predictor.options = options
+    summary = predictor.predict_files(specs, outputs=output, group=group)
     if group.main and not quiet:
         for line in _where_lines(summary.masks, "masks") + _where_lines(summary.overlays, "overlays"):
             typer.echo(line)
     if group.main and (not quiet or summary.failed):
-        typer.echo(f"{summary.line()} [{be.describe()}]", err=bool(summary.failed))
+        typer.echo(f"{summary.line()} [{predictor.describe()}]", err=bool(summary.failed))
     if summary.failed:
         raise typer.Exit(summary.exit_code)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
 
-from ..quality import recipe_help
+from ..errors import UserError
+from ..fileio import atomic_write_text
+from ..quality import recipe_help, resolve_recipe
 from ._app import app
+from ._launch import relaunch
 
 QUALITY = "Training quality (augmentation, edge-weighted loss, LR schedule)"
 
@@ -99,7 +103,6 @@ def train(
     Quality options: `--augment strong --edge-weight 5 --schedule cosine --warmup-steps 100`;
     `unet-deploy experiment` measures what each one buys.
     """
-    from ..quality import resolve_recipe
     from ..train import TrainConfig, dist_env
     from ..train import train as run_train
 
@@ -133,8 +136,6 @@ def train(
 
 def _next_hint(best: Path, data: Path) -> str:
     """Evaluate on DATA/heldout when synth wrote one (never on the training images), else export."""
-    import shlex
-
     held = data / "heldout"
     if (held / "imgs").is_dir():
         return "next: unet-deploy " + shlex.join(["evaluate", "-m", str(best), "--data", str(held)])
@@ -144,8 +145,6 @@ def _next_hint(best: Path, data: Path) -> str:
 def _relaunch(ctx: typer.Context, nproc: int) -> None:
     """Check the data once here, then re-run this command without --nproc under torch.distributed.run."""
     from ..data import find_pairs
-    from ..errors import UserError
-    from ._launch import relaunch
 
     opts = ctx.params  # catch the common mistakes here, in one line, before starting N processes
     if nproc >= 1 and opts["batch_size"] % nproc:
@@ -180,8 +179,6 @@ def evaluate(
     """
     from ..backends import load_backend
     from ..data import find_pairs
-    from ..errors import UserError
-    from ..fileio import atomic_write_text
     from ..progress import file_progress
     from ..train import ensure_writable_dir, evaluate_model
 
@@ -203,8 +200,6 @@ def evaluate(
 
 
 def _parse_values(text: str) -> list[int]:
-    from ..errors import UserError
-
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:

@@ -9,6 +9,7 @@
                                             -> probabilities / mask at the original size
                                             -> [dense CRF]                                 (.postprocess)
                                             yields one PredictResult per job, in input order (.run)
+    predict_arrays(backend, images, opts)   the same stages for decoded images (the Python API, serve)
     predict_files(backend, inputs, opts)    writes masks / overlays (.write, .overlay) and the RLE
                                             submission through a resumable journal (.resume);
                                             returns a PredictSummary                      (.run)
@@ -24,12 +25,12 @@ from .overlay import overlay_image
 from .plan import check_rle_target, default_model, expand_inputs, plan_jobs
 from .records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
 from .resume import run_fingerprint
-from .run import iter_predictions, predict_files
+from .run import iter_predictions, predict_arrays, predict_files
 from .write import mask_fingerprint, output_values, write_mask, write_overlay
 
 __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
-    "iter_predictions", "predict_files", "write_mask", "write_overlay", "overlay_image",
+    "iter_predictions", "predict_arrays", "predict_files", "write_mask", "write_overlay", "overlay_image",
     "default_model", "output_values", "check_rle_target", "run_fingerprint", "mask_fingerprint",
     "MASK_SUFFIX", "OVERLAY_SUFFIX", "FINGERPRINT_KEY", "PredictInterrupted",
 ]

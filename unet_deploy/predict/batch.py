@@ -53,7 +53,7 @@ class BatchedModel:
             return
         self._check_memory(item)
         try:
-            x = preprocess(item.image, self.scale)
+            x = preprocess(item.decoded(), self.scale)
         except UserError as e:
             yield from self._flush()
             yield item, None, str(e)
@@ -70,7 +70,7 @@ class BatchedModel:
 
     def _check_memory(self, item: Loaded) -> None:
         """Issue 12: refuse what cannot fit, before the model runs (once per image shape)."""
-        shape = item.image.shape
+        shape = item.decoded().shape
         if shape not in self.checked:
             self.checked.add(shape)
             check_predict_memory(self.backend, shape[1], shape[0], self.scale,

@@ -31,6 +31,12 @@ class Loaded:
     error: str | None = None
     skipped_mask: np.ndarray | None = None
 
+    def decoded(self) -> np.ndarray:
+        """The decoded image of a job that loaded (one with an error or a skipped mask has none)."""
+        if self.image is None:
+            raise ValueError(f"{self.job.path}: no decoded image ({self.error or 'output skipped'})")
+        return self.image
+
 
 class ImageLoader:
     """Turns a job into a :class:`Loaded` (thread-safe: it only reads files)."""

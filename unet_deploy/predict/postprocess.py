@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,8 @@ from .batch import Inferred
 from .load import Loaded
 from .records import PredictOptions, PredictResult
 
-__all__ = ["with_tta", "logits_to_outputs", "to_result", "results_in_order", "crf_results_in_order"]
+__all__ = ["with_tta", "logits_to_outputs", "crf_probabilities", "crf_image", "to_result", "results_in_order",
+           "crf_results_in_order"]
 
 
 def with_tta(backend: Backend, options: PredictOptions) -> Backend:
@@ -36,12 +38,23 @@ def logits_to_outputs(stream: Iterable[Inferred], threshold: float, crf: bool) -
         if logits is None:
             yield item, None, error
             continue
-        size = item.image.shape[:2]
+        size = item.decoded().shape[:2]
         if crf:
-            probs = probabilities(logits[0], size)
-            yield item, threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs, None
+            yield item, crf_probabilities(logits, size, threshold), None
         else:
             yield item, logits_to_mask(logits, size, threshold)[0], None
+
+
+def crf_probabilities(logits: Any, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """A batch-of-one's logits -> the class probabilities at ``size`` that dense CRF refines (binary models:
+    re-weighted so that ``threshold`` maps to 0.5)."""
+    probs = probabilities(logits[0], size)
+    return threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs
+
+
+def crf_image(image: np.ndarray) -> np.ndarray:
+    """A decoded image (H, W, 1|3) as dense CRF takes it: RGB, or (H, W) grey."""
+    return image if image.shape[2] == 3 else image[..., 0]
 
 
 def to_result(item: Loaded, mask: np.ndarray | None, error: str | None, keep_image: bool) -> PredictResult:
@@ -70,7 +83,7 @@ class _CrfQueue:
         for item, probs, error in stream:
             self.pending.append((item, error))
             if probs is not None:
-                yield (item.image if item.image.shape[2] == 3 else item.image[..., 0]), probs
+                yield crf_image(item.decoded()), probs
 
     def waiting(self) -> Iterator[tuple[Loaded, str | None]]:
         """The items before the next one with a CRF mask (errors and skipped outputs)."""

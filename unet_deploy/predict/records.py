@@ -88,6 +88,12 @@ class PredictResult:
     def id(self) -> str:
         return self.job.id
 
+    def require_mask(self) -> np.ndarray:
+        """The mask of a successful result (a failed one has none)."""
+        if self.mask is None:
+            raise ValueError(f"{self.job.path}: no mask ({self.error or 'not predicted'})")
+        return self.mask
+
     @property
     def ok(self) -> bool:
         return self.error is None

@@ -7,9 +7,11 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..backends import Backend
 from ..errors import UserError, first_line
@@ -17,7 +19,7 @@ from ..rle import rle_encode
 from ..shard import Group, JournalRow, JournalWriter, journal_dir
 from ..shard import split as split_jobs
 from .batch import BatchedModel
-from .load import ImageLoader, ordered_map
+from .load import ImageLoader, Loaded, ordered_map
 from .overlay import display_available, show_overlay
 from .plan import plan_run
 from .postprocess import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
@@ -25,7 +27,7 @@ from .records import Job, PredictInterrupted, PredictOptions, PredictResult, Pre
 from .resume import check_same_run, crash_hook, journal_key, merge_submission, on_main, resume_plan, run_fingerprint
 from .write import output_values, write_result
 
-__all__ = ["iter_predictions", "predict_files"]
+__all__ = ["iter_predictions", "predict_arrays", "predict_files"]
 
 
 def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOptions | None = None,
@@ -45,14 +47,30 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
     options = options or PredictOptions()
     if options.skip_existing and fingerprint is None:
         fingerprint = run_fingerprint(backend, options)
+    loader = ImageLoader(backend.config.model.n_channels, output_values(backend, options), options.skip_existing,
+                         fingerprint or "")
+    yield from _model_and_postprocess(backend, ordered_map(loader, jobs, options.loader_threads), len(jobs),
+                                      options)
+
+
+def predict_arrays(backend: Backend, images: Sequence[np.ndarray], options: PredictOptions | None = None
+                   ) -> Iterator[PredictResult]:
+    """Predict decoded images (uint8 (H, W, C), as :func:`unet_deploy.data.load_image` returns them) through
+    the same batching, model and post-processing stages as files: one :class:`PredictResult` per image,
+    in order; a job's ``path`` is ``<image N>``."""
+    options = options or PredictOptions()
+    loaded = (Loaded(Job(i, Path(f"<image {i}>")), image=np.asarray(image)) for i, image in enumerate(images))
+    yield from _model_and_postprocess(backend, loaded, len(images), options)
+
+
+def _model_and_postprocess(backend: Backend, loaded: Iterable[Loaded], n_jobs: int, options: PredictOptions
+                           ) -> Iterator[PredictResult]:
+    """batch + model (with flip TTA when asked) -> post-process (mask, or CRF) -> results in job order."""
     backend = with_tta(backend, options)
     inference = backend.config.inference
     scale = inference.scale if options.scale is None else options.scale
     threshold = inference.threshold if options.threshold is None else options.threshold
-    loader = ImageLoader(backend.config.model.n_channels, output_values(backend, options), options.skip_existing,
-                         fingerprint or "")
-    model = BatchedModel(backend, options, scale, len(jobs))
-    inferred = model.run(ordered_map(loader, jobs, options.loader_threads))
+    inferred = BatchedModel(backend, options, scale, n_jobs).run(loaded)
     outputs = logits_to_outputs(inferred, threshold, options.crf)
     keep_image = options.crf or options.viz or options.show
     if options.crf:
@@ -75,7 +93,7 @@ class _PlainBar:
     def __exit__(self, *exc: Any) -> None:
         return None
 
-    def add_task(self, *_: Any, **__: Any) -> int:
+    def add_task(self, *_: Any, **__: Any) -> Any:
         return 0
 
     def advance(self, *_: Any) -> None:
@@ -92,7 +110,9 @@ class _Share:
                  on_error: Callable[[str], None] | None):
         self.backend, self.options, self.fp, self.values = backend, options, fp, values
         self.writer, self.group, self.summary, self.on_error = writer, group, summary, on_error
-        self.local, self.ok, self.wrote = PredictSummary(), [], []
+        self.local = PredictSummary()
+        self.ok: list[int] = []  # job indices done or skipped
+        self.wrote: list[int] = []  # job indices predicted
         self.after_journal_row = crash_hook(group.rank)  # the test hook, read once
         self.show = options.show and display_available()
         self.bar: Any = None
@@ -128,7 +148,7 @@ class _Share:
             return
         if not res.skipped and not self._write(res):
             return
-        if self.writer is not None and not self._journal(res):
+        if self.writer is not None and not self._journal(res, self.writer):
             return
         self.ok.append(res.job.index)
         if res.skipped:
@@ -144,13 +164,14 @@ class _Share:
             self._report(f"{res.job.path}: cannot write output ({first_line(e)})")
             return False
         if self.show and res.image is not None:
-            show_overlay(res.job.path.name, res.image, res.mask)
+            show_overlay(res.job.path.name, res.image, res.require_mask())
         return True
 
-    def _journal(self, res: PredictResult) -> bool:
-        job, writer = res.job, self.writer
+    def _journal(self, res: PredictResult, writer: JournalWriter) -> bool:
+        job, mask = res.job, res.require_mask()
+        height, width = mask.shape[:2]
         try:
-            writer.append(JournalRow(journal_key(job), job.id, *res.mask.shape[:2], rle_encode(res.mask)))
+            writer.append(JournalRow(journal_key(job), job.id, height, width, rle_encode(mask)))
         except OSError as e:
             self._report(f"{job.path}: cannot write to the journal {writer.path} ({first_line(e)})")
             return False

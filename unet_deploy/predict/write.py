@@ -18,7 +18,8 @@ from ..postprocess import colorize
 from .overlay import overlay_image
 from .records import PredictOptions, PredictResult, values_text
 
-__all__ = ["MASK_FORMATS", "output_values", "write_mask", "mask_fingerprint", "write_overlay", "write_result"]
+__all__ = ["MASK_FORMATS", "output_values", "mask_values_image", "write_mask", "mask_fingerprint", "write_overlay",
+           "write_result"]
 
 MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -36,7 +37,8 @@ def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
     return inf.output_values(n_classes)
 
 
-def _mask_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
+def mask_values_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
+    """Class indices (H, W) -> an image of the class ``values`` (L for 0-255 grey values, RGB for colours)."""
     pixels = colorize(mask, list(values))
     if pixels.ndim == 3:
         return Image.fromarray(pixels, mode="RGB")
@@ -54,7 +56,7 @@ def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any], finger
     """
     path = Path(path)
     fmt = MASK_FORMATS.get(path.suffix.lower(), "PNG")
-    img = _mask_image(mask, values)
+    img = mask_values_image(mask, values)
     extra: dict[str, Any] = {}
     if fingerprint is not None and fmt == "PNG":
         info = PngInfo()
@@ -87,7 +89,8 @@ def write_result(result: PredictResult, values: Sequence[Any], fingerprint: str,
     """Write a predicted result's mask and overlay (where its job names them), appending each path to
     ``written`` as soon as it is written; an OSError (disk full, permissions) is raised."""
     job = result.job
+    mask = result.require_mask()
     if job.output is not None:
-        written.append(write_mask(job.output, result.mask, values, fingerprint))
+        written.append(write_mask(job.output, mask, values, fingerprint))
     if job.overlay is not None and result.image is not None:
-        written.append(write_overlay(job.overlay, result.image, result.mask))
+        written.append(write_overlay(job.overlay, result.image, mask))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_sum, broadcast_buffers
 from ..errors import UserError
 from ..metrics import dice_loss
 from .checkpointing import save_epoch
@@ -87,7 +87,6 @@ def run_epoch(run: TrainRun, progress: Progress, bar: Any) -> tuple[float, int]:
             break
     progress.train_time += time.perf_counter() - t0
     if env.enabled:  # mean loss over all ranks; validate rank 0's model (what gets saved)
-        from ..distributed import broadcast_buffers
 
         sums = all_reduce_sum(torch.tensor([epoch_loss, n_batches], dtype=torch.float64), env)
         epoch_loss, n_batches = float(sums[0]) / env.world, round(float(sums[1]) / env.world)

@@ -19,6 +19,8 @@ from ..data import (
     to_input,
 )
 from ..errors import UserError
+from ..metrics import image_dice
+from ..postprocess import logits_to_mask
 
 __all__ = ["predicted_masks", "evaluate_model"]
 
@@ -32,8 +34,6 @@ def predicted_masks(backend, pairs: Sequence[Pair], scale: float | None = None,
     what ``predict`` writes. For binary models a mask written by ``predict`` (0/255) is read as well as
     the training masks' own values (e.g. Carvana's 0/1).
     """
-    from ..postprocess import logits_to_mask
-
     inf = backend.config.inference
     scale = inf.scale if scale is None else scale
     threshold = inf.threshold if threshold is None else threshold
@@ -66,8 +66,6 @@ def evaluate_model(backend, pairs: Sequence[Pair], scale: float | None = None,
 
     ``backend`` is any :class:`unet_deploy.backends.Backend`; see :func:`predicted_masks`.
     """
-    from ..metrics import image_dice
-
     scores: dict[str, float] = {}
     n_classes = backend.config.model.n_classes
     for i, (p, pred, truth) in enumerate(predicted_masks(backend, pairs, scale, mask_values, threshold)):

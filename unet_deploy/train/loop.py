@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..backends import resolve_device
 from ..config import DeployConfig, InferenceConfig
 from ..distributed import DistEnv, dist_env, finish_distributed, init_distributed, process_device
 from ..errors import UserError
+from ..progress import TrainProgress
 from .checkpointing import ensure_writable_dir, save_final_best, save_interrupted
 from .config import TrainConfig, TrainResult, check_config
 from .data import load_pairs, make_loaders, seed_everything
@@ -38,8 +40,6 @@ def _quiet(_msg: str) -> None:
 
 def start(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[DistEnv, str, bool, Callable[[str], None]]:
     """(environment, device, created the process group?, logger: ``log`` on rank 0, silent elsewhere)."""
-    from ..backends import resolve_device
-
     env = dist_env()
     device = process_device(env, resolve_device(cfg.device))
     own_group = init_distributed(env, device)
@@ -73,8 +73,6 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: str, say: Callable[[str], No
 
 def fit(run: TrainRun, progress: Progress) -> None:
     """Train the remaining epochs; Ctrl-C writes interrupted.pth and returns with ``progress.interrupted``."""
-    from ..progress import TrainProgress
-
     cfg, env = run.cfg, run.env
     run.say(f"training {run.model_cfg.architecture} on {len(run.data.train_pairs)} images (validation "
             f"{len(run.data.val_pairs)}), scale {cfg.scale}, batch {cfg.batch_size}, device {run.device}"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..quality import merge_stored_recipe, options_from_record, recipe_hooks
 from .config import TrainConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "apply_stored_recipe", "apply_recipe", "load_optimizer_state",
@@ -40,8 +41,6 @@ def schedule_name(cfg: TrainConfig) -> str:
 
 def apply_stored_recipe(cfg: TrainConfig, resume: dict[str, Any], say: Callable[[str], None]) -> None:
     """-f resume: take the checkpoint's stored recipe, except for the flags given explicitly now."""
-    from ..quality import merge_stored_recipe
-
     if cfg.recipe is None or not resume.get("recipe"):
         return  # an API run without a recipe, or an older checkpoint: the given values apply
     cfg.recipe, changed = merge_stored_recipe(cfg.recipe, resume["recipe"], cfg.explicit)
@@ -55,7 +54,6 @@ def apply_recipe(cfg: TrainConfig, say: Callable[[str], None]) -> None:
     """The recipe's hooks (augmentation, loss weights, schedule) into ``cfg.hooks``; one line describing it."""
     if cfg.recipe is None:
         return
-    from ..quality import options_from_record, recipe_hooks
 
     cfg.hooks, cfg.recipe = recipe_hooks(cfg.recipe, cfg.explicit, cfg.seed, cfg.max_steps, say)
     say(f"training options: recipe {cfg.recipe['recipe']}, {cfg.optimizer} lr {cfg.learning_rate:g} "

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..backends import configure_cudnn
 from ..checkpoint import LoadedCheckpoint, load_checkpoint, load_state
 from ..config import ModelConfig
-from ..distributed import DistEnv
+from ..distributed import DistEnv, convert_sync_batchnorm
 from ..errors import UserError
 from ..resources import check_train_memory
 from .config import TrainConfig
@@ -60,19 +62,14 @@ def build_model(cfg: TrainConfig, env: DistEnv, device: str, model_cfg: ModelCon
     if loaded is not None:
         load_state(model, loaded.state_dict, loaded.path)
     if cfg.sync_bn and env.enabled:
-        from ..distributed import convert_sync_batchnorm
-
         model = convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.startswith("cuda"):  # cuDNN autotuning (fixed training shapes), bounded workspace
-        from ..backends import configure_cudnn
 
         configure_cudnn()
     net: nn.Module = model
     if env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model, device_ids=[env.local_rank] if device.startswith("cuda") else None)
     return model, net

@@ -33,7 +33,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 FULL_RUN = ("unet-deploy benchmark --device cpu --targets --markdown benchmarks/RESULTS.md "
             "--json benchmarks/results.json --plot benchmarks/results.png")
 #: The CPU fast-path record in benchmarks/RESULTS.md: one run per scale (fewer timed runs at full size,
-#: where eager takes tens of seconds an image on 2 cores) and the int8 accuracy script, rendered together.
+#: where eager is slowest) and the int8 accuracy script, rendered together.
 FAST_PATH_RUNS = (
     "V='torch torch-cl torch-bf16-cl torchscript ort-default ort ort-int8'\n"
     "unet-deploy benchmark --device cpu --backends $V --scales 0.5 --warmup 1 --runs 3 --threads 2 --stages 4 "

@@ -1,0 +1,109 @@
+"""Per-backend load options: one small object per backend, holding only the options that backend takes.
+
+``TorchOptions`` (eager ``.pth``: precision, channels_last, compile), ``TorchScriptOptions`` (none) and
+``OrtOptions`` (ONNX Runtime: threads, session profile, IO binding). :func:`options_for` builds the right
+one from command-line values and refuses, in one line, a value given for an option the backend does not
+take (``--threads`` for a checkpoint, ``--precision bf16`` for an ONNX file): never silently ignored.
+No torch and no ONNX Runtime imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import UserError
+from .names import BACKENDS, TORCH_PRECISIONS, backend_for_path
+from .ort_session import ORT_PROFILES
+
+__all__ = ["TorchOptions", "TorchScriptOptions", "OrtOptions", "BackendOptions", "COMPILE_MODES",
+           "OPTION_FLAGS", "options_for", "options_for_model"]
+
+#: ``torch.compile`` modes for ``TorchOptions(compile=...)``; "reduce-overhead" uses CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+#: option field -> the command-line flag that sets it (for messages)
+OPTION_FLAGS = {"precision": "--precision", "channels_last": "--channels-last", "compile": "--compile",
+                "threads": "--threads", "profile": "ORT profile", "io_binding": "IO binding"}
+_WHERE = {"torch": "the eager torch backend (a .pth model)", "ort": "--backend ort (an .onnx model)",
+          "torchscript": "--backend torchscript (a .ts model)"}
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """Eager torch: ``precision`` fp32, bf16 (CPUs with native bfloat16, or CUDA) or fp16 (CUDA);
+    ``channels_last`` NHWC memory layout; ``compile`` a ``torch.compile`` mode or None."""
+
+    backend: ClassVar[str] = "torch"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in TORCH_PRECISIONS:
+            raise UserError(f"--precision {self.precision}: use {', '.join(TORCH_PRECISIONS)}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise UserError(f"--compile {self.compile}: unknown mode; use {', '.join(COMPILE_MODES)}")
+
+
+@dataclass(frozen=True)
+class TorchScriptOptions:
+    """TorchScript runs at the precision it was exported with; it takes no load options."""
+
+    backend: ClassVar[str] = "torchscript"
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """ONNX Runtime: ``threads`` intra-op threads (None: the physical cores); ``profile`` "tuned" (this
+    package's session options) or "default" (ONNX Runtime's own); ``io_binding`` (None: on for CUDA)."""
+
+    backend: ClassVar[str] = "ort"
+    threads: int | None = None
+    profile: str = "tuned"
+    io_binding: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads {self.threads}: use 1 or more (or leave it out for all cores)")
+        if self.profile not in ORT_PROFILES:
+            raise UserError(f"ORT profile {self.profile!r}: use {' or '.join(ORT_PROFILES)}")
+
+
+BackendOptions = TorchOptions | TorchScriptOptions | OrtOptions
+_CLASSES: dict[str, type[TorchOptions] | type[TorchScriptOptions] | type[OrtOptions]] = {
+    "torch": TorchOptions, "torchscript": TorchScriptOptions, "ort": OrtOptions}
+_DEFAULTS = {f.name: f.default for cls in _CLASSES.values() for f in fields(cls)}
+
+
+def _owner(name: str) -> str:
+    return next(b for b, cls in _CLASSES.items() if name in {f.name for f in fields(cls)})
+
+
+def _refusal(backend: str, name: str, value: Any) -> UserError:
+    flag = OPTION_FLAGS[name]
+    shown = f"{flag} {value}" if name == "precision" else flag
+    hint = ("a .ts / .onnx model runs at the precision it was exported with (for ONNX fp16, export an "
+            "fp16 model)" if name == "precision" else f"drop {flag}")
+    return UserError(f"{shown} applies to {_WHERE[_owner(name)]} only, not to {backend}; {hint}")
+
+
+def options_for(backend: str, **given: Any) -> BackendOptions:
+    """The option object for ``backend`` from option values (``precision=``, ``threads=``, ...). A value
+    left at its default is dropped when the backend does not take it; any other is a one-line
+    :class:`UserError` naming the flag and the backend it applies to."""
+    if backend not in _CLASSES:
+        raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
+    cls = _CLASSES[backend]
+    own = {f.name for f in fields(cls)}
+    for name, value in given.items():
+        if name not in _DEFAULTS:
+            raise TypeError(f"options_for: unknown option {name!r}")
+        if name not in own and value != _DEFAULTS[name]:
+            raise _refusal(backend, name, value)
+    return cls(**{k: v for k, v in given.items() if k in own})
+
+
+def options_for_model(path: str | Path, backend: str | None = None, **given: Any) -> BackendOptions:
+    """:func:`options_for` the backend that runs ``path`` (``backend``, else the one its suffix names)."""
+    return options_for(backend or backend_for_path(Path(path)), **given)

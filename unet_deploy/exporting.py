@@ -1,0 +1,279 @@
+"""The export pipeline behind ``unet-deploy export`` and :func:`unet_deploy.api.export`.
+
+checkpoint -> eager model -> each format written to a staging folder inside the output folder ->
+loaded back and compared with eager (:func:`unet_deploy.parity.parity`) -> moved into place only when it
+passes. ``--int8`` / ``--fp16`` files derive from the verified fp32 ONNX file and are checked the same
+way (int8 on real held-out calibration images). A file that fails is deleted and an older file under its
+name is left as it was; the staging folder is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .backends import load_backend
+from .checkpoint import load_checkpoint
+from .config import DeployConfig
+from .data import list_images
+from .errors import UserError
+from .export import (
+    DEFAULT_CALIBRATION_COUNT,
+    DEFAULT_OPSET,
+    calibration_batches,
+    convert_onnx_fp16,
+    export_onnx,
+    export_torchscript,
+    quantize_onnx_int8,
+)
+from .names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
+from .parity import ParityCase, ParityReport, default_cases, image_cases, parity
+
+__all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
+
+#: format word -> (the suffix it writes, the backend that runs it)
+FORMATS = {"onnx": (EXPORT_SUFFIXES["ort"], "ort"), "torchscript": (EXPORT_SUFFIXES["torchscript"], "torchscript")}
+Log = Callable[[Any], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """What to export and how to check it (the ``unet-deploy export`` flags)."""
+
+    formats: Sequence[str] = tuple(FORMATS)  #: "onnx" and/or "torchscript"
+    output: Path = Path(EXPORT_DIR)
+    name: str | None = None  #: file stem (default: the checkpoint's)
+    opset: int = DEFAULT_OPSET
+    verify: bool = True
+    images: Sequence[Path] = ()  #: real images added to the parity inputs
+    quick_verify: bool = False  #: 239x160 instead of 959x640 for the large parity case
+    int8: bool = False
+    calibration: Path | None = None  #: int8 calibration folder (default: data/imgs)
+    calibration_count: int = DEFAULT_CALIBRATION_COUNT
+    fp16: bool = False
+
+
+@dataclass
+class ExportResult:
+    """What an export did: the JSON entry per file, the files written (format, path) and what failed."""
+
+    checkpoint: Path
+    training: dict[str, Any] = field(default_factory=dict)  #: the checkpoint's training record
+    results: dict[str, Any] = field(default_factory=dict)
+    written: list[tuple[str, Path]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "formats": self.results}
+
+
+def parse_formats(fmt: str) -> list[str]:
+    """``onnx``, ``torchscript`` (or ``ts``/``jit``) or ``all`` -> the format words."""
+    fmt = fmt.strip().lower()
+    if fmt == "all":
+        return list(FORMATS)
+    if fmt in ("ts", "jit"):
+        fmt = "torchscript"
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown format; use onnx, torchscript or all")
+    return [fmt]
+
+
+def parity_images(items: Sequence[Path] | None) -> list[Path]:
+    """``--images``: files as given; folders contribute their first :data:`MAX_DIR_IMAGES` images."""
+    out: list[Path] = []
+    for item in items or []:
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise UserError(f"--images {item}: no images in this folder (.jpg, .png, .gif, ...)")
+            out += found[:MAX_DIR_IMAGES]
+        elif item.exists():
+            out.append(item)
+        else:
+            raise UserError(f"--images {item}: no such file or folder")
+    return out
+
+
+def _check_opset(opset: int) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise UserError(f"--opset {opset}: use an ONNX opset from 17 to {newest} (default 18, the one "
+                        "torch's exporter targets)")
+
+
+def _checkpoint_path(model: Path | None) -> Path:
+    if model is None:
+        if not DEFAULT_CHECKPOINT.exists():
+            raise UserError(f"{DEFAULT_CHECKPOINT}: no checkpoint here; train one with `unet-deploy train` "
+                            "or pass -m MODEL.pth (this project's checkpoint or Pytorch-UNet's)")
+        return DEFAULT_CHECKPOINT
+    if is_export_file(model):
+        raise UserError(f"-m {model}: export starts from a .pth checkpoint, not an exported model; "
+                        f"check an existing export with `unet-deploy verify {model} -m MODEL.pth`")
+    return model
+
+
+def _calibration_images(folder: Path | None, count: int) -> list[Path]:
+    """All images of the calibration folder, sorted by name (the first ``count`` calibrate)."""
+    if count < 1:
+        raise UserError(f"--calibration-count {count}: use 1 or more images")
+    folder = folder or Path("data/imgs")
+    if not folder.is_dir():
+        raise UserError(f"--calibration {folder}: no such folder; pass training images with --calibration DIR")
+    found = list_images(folder)
+    if not found:
+        raise UserError(f"--calibration {folder}: no images in this folder (.jpg, .png, .gif, ...)")
+    return found
+
+
+def _check(opts: ExportOptions, checkpoint: Path | None) -> tuple[list[Path], Path, list[Path]]:
+    """Check the options before any work: (calibration images, checkpoint, parity images)."""
+    for f in opts.formats:
+        if f not in FORMATS:
+            raise UserError(f"--format {f}: unknown format; use onnx, torchscript or all")
+    if (opts.int8 or opts.fp16) and "onnx" not in opts.formats:
+        raise UserError(f"--{'int8' if opts.int8 else 'fp16'} derives from the ONNX export; use --format onnx "
+                        "or all")
+    calib = _calibration_images(opts.calibration, opts.calibration_count) if opts.int8 else []
+    if "onnx" in opts.formats:
+        _check_opset(opts.opset)
+    ckpt_path = _checkpoint_path(checkpoint)
+    name = opts.name
+    if name is not None and (not name.strip() or Path(name).name != name):
+        raise UserError(f"--name {name!r}: give a plain file name without folders (use -o for the folder)")
+    return calib, ckpt_path, parity_images(opts.images)
+
+
+@dataclass
+class _Job:
+    """One export run's shared state: the eager reference, where files go, the cases and the outcome."""
+
+    opts: ExportOptions
+    eager: Any
+    config: DeployConfig
+    staging: Path
+    cases: list[ParityCase] | None
+    log: Log
+    done: ExportResult
+
+    def target(self, suffix: str) -> Path:
+        return self.opts.output / f"{self.opts.name or self.done.checkpoint.stem}{suffix}"
+
+
+def run_export(checkpoint: Path | None, opts: ExportOptions, log: Log = print) -> ExportResult:
+    """Export ``checkpoint`` (default: checkpoints/best.pth) as ``opts`` says; ``log`` gets each line and
+    parity table. Invalid options are a :class:`UserError` before anything is written."""
+    calib, ckpt_path, images = _check(opts, checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    eager = ckpt.build_model("cpu")
+    log(f"exporting {ckpt_path} ({ckpt.kind}, {ckpt.config.model.architecture}) to {opts.output}/")
+    opts.output.mkdir(parents=True, exist_ok=True)
+    done = ExportResult(ckpt_path, ckpt.training)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=opts.output))
+    try:
+        cases = default_cases(ckpt.config, images, quick=opts.quick_verify) if opts.verify else None
+        job = _Job(opts, eager, ckpt.config, staging, cases, log, done)
+        for f in opts.formats:
+            _export_format(job, f)
+        onnx_written = next((t for f, t in done.written if f == "onnx"), None)
+        for kind, wanted in (("int8", opts.int8), ("fp16", opts.fp16)):
+            if wanted:
+                _export_derived(job, kind, onnx_written, calib, images)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return done
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _verify_file(job: _Job, staged: Path, target: Path, backend: str, cases: list[ParityCase]) -> ParityReport:
+    candidate = load_backend(staged, backend, device="cpu")
+    report = parity(job.eager, candidate, cases)
+    report.candidate = f"{target} ({candidate.name}, {candidate.provider})"
+    job.log(report.table())
+    return report
+
+
+def _place(job: _Job, staged: Path, target: Path, entry: dict[str, Any], seconds: float, verb: str) -> None:
+    os.replace(staged, target)
+    entry.update(written=True, bytes=target.stat().st_size)
+    job.log(f"wrote {target} ({_size(target)}, {verb} in {seconds:.1f} s"
+            f"{', parity ok' if job.opts.verify else ', parity not checked'})")
+
+
+def _export_format(job: _Job, f: str) -> None:
+    """Write one format to the staging folder, check it (unless not verifying) and move it into place."""
+    target = job.target(FORMATS[f][0])
+    staged = job.staging / target.name
+    t0 = time.perf_counter()
+    if f == "onnx":
+        export_onnx(job.eager, job.config, staged, opset=job.opts.opset)
+    else:
+        export_torchscript(job.eager, job.config, staged)
+    seconds = time.perf_counter() - t0
+    entry: dict[str, Any] = {"path": str(target), "export_s": round(seconds, 3)}
+    job.done.results[f] = entry
+    if job.cases is not None:
+        report = _verify_file(job, staged, target, FORMATS[f][1], job.cases)
+        entry["parity"] = report.to_dict()
+        if not report.passed:
+            job.done.failed.append(f)
+            entry["written"] = False
+            job.log(f"[bold red]{f}: parity FAILED; {target} was not written"
+                    f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
+            return
+    _place(job, staged, target, entry, seconds, "exported")
+    job.done.written.append((f, target))
+
+
+def _export_derived(job: _Job, kind: str, source: Path | None, calib: list[Path], images: list[Path]) -> None:
+    """NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 ONNX file, checked, moved into place."""
+    if source is None:
+        job.done.failed.append(kind)
+        job.log(f"[bold red]{kind}: skipped, the fp32 ONNX export was not written[/]")
+        return
+    target = job.target(f".{kind}.onnx")
+    staged = job.staging / target.name
+    entry: dict[str, Any] = {"path": str(target)}
+    job.done.results[f"onnx-{kind}"] = entry
+    t0 = time.perf_counter()
+    cases = job.cases
+    if kind == "int8":
+        count = job.opts.calibration_count
+        used, held_out = calib[:count], calib[count:count + 4]
+        job.log(f"int8: calibrating on {len(used)} image(s) from {used[0].parent}")
+        quantize_onnx_int8(source, job.config, staged, calibration_batches(used, job.config))
+        entry["calibration_images"] = [str(p) for p in used]
+        if job.opts.verify:  # calibrated ranges do not cover random noise: real images only
+            cases = image_cases([*(held_out or used[:2]), *images], job.config)
+            cases = cases[:2] if job.opts.quick_verify else cases
+    else:
+        convert_onnx_fp16(source, job.config, staged)
+    seconds = time.perf_counter() - t0
+    entry["export_s"] = round(seconds, 3)
+    if cases is not None:
+        report = _verify_file(job, staged, target, "ort", cases)
+        entry["parity"] = report.to_dict()
+        if not report.passed:
+            entry["written"] = False
+            job.done.failed.append(kind)
+            job.log(f"[bold red]{kind}: parity FAILED; {target} was not written[/]")
+            return
+    _place(job, staged, target, entry, seconds, "made")
+    job.done.written.append(("onnx", target))
