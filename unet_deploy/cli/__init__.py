@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 
 import typer
 
+from .. import __version__
 from ..errors import UserError
 from . import (  # noqa: F401  (registers commands)
     bench_cmds,
@@ -20,6 +22,7 @@ from . import (  # noqa: F401  (registers commands)
     experiment_cmds,
     export_cmds,
     predict_cmds,
+    serve_cmds,
     train_cmds,
 )
 from ._app import app
@@ -32,10 +35,7 @@ def _print_version(value: bool) -> None:
     package metadata (importing torch would take a second)."""
     if not value:
         return
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .. import __version__
+    from importlib.metadata import PackageNotFoundError, version  # email, zipfile, csv...: only for --version
 
     found = []
     for dist in ("torch", "onnxruntime", "onnxruntime-gpu"):
@@ -65,29 +65,33 @@ def main(args: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="unet-deploy")
     except UserError as e:
-        from ..progress import err_console
+        from rich.markup import escape  # a message may hold [brackets]: file names, extras, cuda[:N]
 
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        from ..progress import err_console  # rich: loaded only to print an error
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except OSError as e:  # a file system problem the commands did not foresee: still one line, no traceback
-        from ..progress import err_console
+        from ..progress import err_console  # rich: loaded only to print an error
 
         where = f"{e.filename}: " if e.filename else ""
-        err_console.print(f"[bold red]error:[/] {where}{e.strerror or e}", markup=True, highlight=False,
-                          soft_wrap=True)
+        from rich.markup import escape  # a file name may hold [brackets]
+
+        err_console.print(f"[bold red]error:[/] {escape(f'{where}{e.strerror or e}')}", markup=True,
+                          highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # out of memory (MemoryError, torch, ONNX Runtime): one line; other bugs: traceback
-        from ..resources import out_of_memory_line
+        from ..resources import out_of_memory_line  # psutil, PIL: only on this error path
 
         line = out_of_memory_line(e, _command(args))
         if line is None:
             raise
-        from rich.markup import escape
+        from rich.markup import escape  # rich: loaded only to print an error
 
-        from ..progress import err_console
+        from ..progress import err_console  # rich: loaded only to print an error
 
         err_console.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)

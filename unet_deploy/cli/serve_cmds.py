@@ -1,0 +1,82 @@
+"""``unet-deploy serve``: an HTTP server for a model, with the prediction path of ``predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import UserError
+from ._app import app
+
+_SERVER_PACKAGES = {"starlette", "uvicorn", "prometheus_client", "multipart", "python_multipart", "anyio"}
+_INSTALL = "pip install 'unet-deploy[serve]' (starlette, uvicorn, prometheus_client, python-multipart)"
+
+
+def _crf_available() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401  - optional: only CRF requests need it
+    except ImportError:
+        return False
+    return True
+
+
+@app.command()
+def serve(
+    model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
+                                      help="Checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx); found as in "
+                                           "`predict` when omitted."),
+    backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the model file)."),
+    device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help="torch backend: fp32, fp16 (GPU) or bf16."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: the physical cores)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed at start)."),
+    max_batch: int = typer.Option(4, "--max-batch", help="Most concurrent requests of one input size per "
+                                                         "model call."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a request waits for others to batch "
+                                                                  "with."),
+    queue: int = typer.Option(32, help="Requests admitted beyond the running batch; more get 503 with "
+                                       "Retry-After at once."),
+    workers: int = typer.Option(1, help="Server processes behind the port, each with its own model."),
+    token: str | None = typer.Option(None, envvar="UNET_DEPLOY_TOKEN", show_default=False,
+                                     help="Require 'Authorization: Bearer TOKEN' (also read from "
+                                          "UNET_DEPLOY_TOKEN); /healthz and /readyz stay open."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload; larger ones get 413."),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", help="A request not answered by then gets 504."),
+    crf: bool = typer.Option(False, "--crf/--no-crf", help="Dense CRF by default (requests may say crf=0/1)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip TTA by default (requests may say tta=0/1)."),
+    crf_workers: int = typer.Option(1, "--crf-workers", help="Processes for dense CRF."),
+    grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM: how long queued and running requests "
+                                                          "may take to finish."),
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics and a web page.
+
+    Concurrent requests of one input size are batched (--max-batch, --max-wait-ms). Masks have the pixels
+    `predict` writes for the same file and options. Bad uploads get 400/413/415, a full queue 503, a slow
+    answer 504; every error is JSON {"error": "..."}. SIGTERM or Ctrl-C: new requests get 503, the admitted
+    ones finish, exit 0.
+
+    Examples: `unet-deploy serve -m exported/best.onnx` then
+    `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
+    `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`
+    """
+    try:
+        from ..serve.options import ServeOptions
+        from ..serve.run import serve as run_server
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in _SERVER_PACKAGES:
+            raise
+        raise UserError(f"serve needs the server packages ({e.name} is missing): {_INSTALL}") from None
+    from ..predict import default_model
+
+    allow_crf = _crf_available()
+    if crf and not allow_crf:
+        raise UserError("--crf needs pydensecrf: pip install pydensecrf2 (or drop --crf)")
+    options = ServeOptions(
+        model=model if model is not None else default_model(backend), backend=backend, device=device,
+        backend_options={"precision": precision, "threads": threads}, host=host, port=port,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, workers=workers, token=token,
+        max_upload_mb=max_upload_mb, timeout_s=timeout_s, crf=crf, tta=tta, allow_crf=allow_crf,
+        crf_workers=crf_workers, grace_s=grace_s)
+    raise typer.Exit(run_server(options))

@@ -1,0 +1,13 @@
+"""``unet-deploy serve``: the prediction path of ``predict`` over HTTP, with dynamic micro-batching.
+
+::
+
+    options (.options)  ->  load model, metrics, engine (.run)  ->  Starlette app (.app) under uvicorn
+    POST /v1/predict: admit (503 when full) -> read upload (413) -> decode (.decode: 415/400/413)
+                      -> preprocess -> MicroBatcher (.batcher) -> model thread -> mask or CRF (.engine)
+                      -> encode png | rle | json | overlay
+    GET / (.page), /healthz, /readyz, /metrics (.metrics), /v1/model
+
+Needs the ``serve`` extra (starlette, uvicorn, prometheus_client, python-multipart); nothing here is
+imported by the other commands.
+"""

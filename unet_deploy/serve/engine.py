@@ -1,0 +1,120 @@
+"""The server's prediction path: the stages of ``predict`` for one decoded image at a time, with the model
+call shared by concurrent requests through :class:`~unet_deploy.serve.batcher.MicroBatcher`.
+
+decode (thread) -> preprocess (thread) -> batched model (model thread) -> mask at the image's size, or
+dense CRF (process pool) -> encode (thread). Preprocessing, the model's logits and post-processing are the
+functions ``predict`` uses, so a served mask has the pixels ``predict`` writes for the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backends import Backend
+from ..crf import CRFParams, dense_crf
+from ..data import preprocess
+from ..postprocess import logits_to_mask
+from ..predict.batch import MIN_SIDE
+from ..predict.postprocess import crf_image, crf_probabilities
+from ..tta import flip_tta
+from .batcher import MicroBatcher
+from .decode import HTTPError
+from .options import ServeOptions
+
+__all__ = ["Engine", "RequestSettings"]
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """One request's post-processing: the server's defaults unless the request overrides them."""
+
+    threshold: float
+    crf: bool
+    tta: bool
+
+
+class Engine:
+    """A loaded backend behind a micro-batcher, plus the pools for pre- and post-processing."""
+
+    def __init__(self, backend: Backend, options: ServeOptions, on_batch: Any = None):
+        self.backend = backend
+        self.flipped = flip_tta(backend)
+        self.options = options
+        self.scale = backend.config.inference.scale
+        self.threshold = backend.config.inference.threshold
+        self.model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.cpu = cf.ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="io")
+        self.crf_pool: cf.ProcessPoolExecutor | None = None
+        self.batcher = MicroBatcher(self._run_batch, options.max_batch, options.max_wait_ms / 1000,
+                                    self.model_thread, on_batch)
+        self.ready = False
+
+    def _run_batch(self, inputs: np.ndarray, tta: bool) -> Any:
+        return (self.flipped if tta else self.backend).native(inputs)
+
+    async def start(self) -> asyncio.Task[None]:
+        """Start batching and warm the model up on a small image (``/readyz`` turns ready after it)."""
+        task = asyncio.create_task(self.batcher.run())
+        warm = np.full((64, 96, self.backend.config.model.n_channels), 128, np.uint8)
+        await self.predict(warm, RequestSettings(self.threshold, False, self.options.tta))
+        self.ready = True
+        return task
+
+    def settings(self, threshold: float | None, crf: bool | None, tta: bool | None) -> RequestSettings:
+        """A request's settings, checked against what this server allows (400 otherwise)."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise HTTPError(400, f"threshold {threshold}: use a probability in [0, 1]")
+        want_crf = self.options.crf if crf is None else crf
+        if want_crf and not self.options.allow_crf:
+            raise HTTPError(400, "crf: this server has no dense CRF (pip install pydensecrf2); drop crf=1")
+        return RequestSettings(self.threshold if threshold is None else threshold, want_crf,
+                               self.options.tta if tta is None else tta)
+
+    def _preprocess(self, image: np.ndarray) -> np.ndarray:
+        x = preprocess(image, self.scale)
+        if min(x.shape[1:]) < MIN_SIDE:
+            raise HTTPError(400, f"image too small for the U-Net at scale {self.scale} ({x.shape[2]}x{x.shape[1]} "
+                                 f"px after scaling, needs {MIN_SIDE} or more per side)")
+        return x
+
+    async def predict(self, image: np.ndarray, settings: RequestSettings) -> np.ndarray:
+        """The class-index mask (H, W) of one decoded image."""
+        loop = asyncio.get_running_loop()
+        x = await loop.run_in_executor(self.cpu, self._preprocess, image)
+        future = self.batcher.submit(x, settings.tta)
+        try:
+            logits = await future
+        except asyncio.CancelledError:
+            future.cancel()  # dropped from the queue if its batch has not started
+            raise
+        size = image.shape[:2]
+        if not settings.crf:
+            return await loop.run_in_executor(self.cpu, _mask, logits, size, settings.threshold)
+        probs = await loop.run_in_executor(self.cpu, crf_probabilities, logits, size, settings.threshold)
+        return await loop.run_in_executor(self._crf_pool(), dense_crf, crf_image(image), probs, CRFParams())
+
+    def _crf_pool(self) -> cf.ProcessPoolExecutor:
+        if self.crf_pool is None:
+            self.crf_pool = cf.ProcessPoolExecutor(self.options.crf_workers,
+                                                   mp_context=multiprocessing.get_context("spawn"))
+        return self.crf_pool
+
+    def waiting(self) -> int:
+        return len(self.batcher.waiting)
+
+    def close(self) -> None:
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
+        self.cpu.shutdown(wait=False, cancel_futures=True)
+        if self.crf_pool is not None:
+            self.crf_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _mask(logits: Any, size: tuple[int, int], threshold: float) -> np.ndarray:
+    return logits_to_mask(logits, size, threshold)[0]

@@ -1,0 +1,80 @@
+"""What ``unet-deploy serve`` is given: where to listen, the batching and back-pressure limits, the request
+defaults (CRF, TTA) and the access token. Checked once, with one-line errors naming the flag."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+__all__ = ["ServeOptions", "TOKEN_ENV", "OPTIONS_ENV"]
+
+#: The environment variable read for the access token when ``--token`` is not given.
+TOKEN_ENV = "UNET_DEPLOY_TOKEN"
+#: How ``--workers N`` hands the options to each worker process (JSON).
+OPTIONS_ENV = "UNET_DEPLOY_SERVE_OPTIONS"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+    """The server's settings (the ``serve`` flags); model loading is as in ``predict``."""
+
+    model: Path
+    backend: str | None = None
+    device: str = "auto"
+    backend_options: dict[str, Any] = field(default_factory=dict)  #: precision, threads, ... (options_for)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 4  #: most requests of one input shape run as one batch
+    max_wait_ms: float = 5.0  #: how long the first request of a batch waits for others
+    queue: int = 32  #: requests admitted beyond the running batch; more get 503 at once
+    workers: int = 1
+    token: str | None = None
+    max_upload_mb: float = 20.0
+    max_pixels: int = 50_000_000  #: larger images are refused (413) before they are decoded
+    timeout_s: float = 30.0
+    crf: bool = False  #: the default of each request's ``crf``
+    tta: bool = False  #: the default of each request's ``tta``
+    allow_crf: bool = True  #: whether requests may ask for CRF (needs pydensecrf)
+    crf_workers: int = 1
+    grace_s: float = 30.0  #: SIGTERM: how long queued and running requests may take to finish
+
+    def __post_init__(self) -> None:
+        checks = [("--port", self.port, 0 <= self.port <= 65535, "use 0-65535 (0: any free port)"),
+                  ("--max-batch", self.max_batch, self.max_batch >= 1, "use 1 or more"),
+                  ("--max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "use 0 or more"),
+                  ("--queue", self.queue, self.queue >= 1, "use 1 or more"),
+                  ("--workers", self.workers, self.workers >= 1, "use 1 or more"),
+                  ("--max-upload-mb", self.max_upload_mb, self.max_upload_mb > 0, "use a positive size"),
+                  ("--timeout-s", self.timeout_s, self.timeout_s > 0, "use a positive number of seconds"),
+                  ("--crf-workers", self.crf_workers, self.crf_workers >= 1, "use 1 or more")]
+        for flag, value, ok, fix in checks:
+            if not ok:
+                raise UserError(f"{flag} {value}: {fix}")
+        if self.token is not None and not self.token.strip():
+            raise UserError(f"--token: an empty token protects nothing; give a secret or unset {TOKEN_ENV}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once (queued, plus one running batch); memory is bounded by this times the
+        largest upload, whatever the number of clients."""
+        return self.queue + self.max_batch
+
+    def to_env(self) -> str:
+        data = asdict(self)
+        data["model"] = str(self.model)
+        return json.dumps(data)
+
+    @classmethod
+    def from_env(cls) -> ServeOptions:
+        data = json.loads(os.environ[OPTIONS_ENV])
+        data["model"] = Path(data["model"])
+        return cls(**data)
