@@ -93,8 +93,8 @@ class BenchSession:
 
         key = (name, device)
         if key not in self._backends:
-            self._backends[key] = load_backend(self.files.paths[name], name, device,
-                                               threads=self.settings.threads)
+            threads = self.settings.threads if name == "ort" else None  # torch's are set per process
+            self._backends[key] = load_backend(self.files.paths[name], name, device, threads=threads)
         return self._backends[key]
 
     def memory(self, name: str, device: str, mode: str, scale: float) -> dict[str, Any]:

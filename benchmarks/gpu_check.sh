@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check: every backend x precision at both scales, training img/s, peak memory -- one table.
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]          # on an H100/H200 machine; about 6-8 minutes
+#   benchmarks/gpu_check.sh [OUT_DIR]          # on an H100/H200 machine; within GPU_CHECK_BUDGET_S
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 benchmarks/gpu_check.sh /tmp/check   # smoke test, any machine
 #
 # Installs nothing: it runs the unet-deploy in this checkout with the Python on PATH (or $PYTHON).

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                    calibration_batches(train_imgs, ckpt.config))
     quant_s = time.perf_counter() - t0
     pairs = find_pairs(out / "heldout" / "imgs", out / "heldout" / "masks")
-    backends = {"eager fp32": load_backend(result.best_path, "torch", "cpu", threads=args.threads),
+    backends = {"eager fp32": load_backend(result.best_path, "torch", "cpu"),
                 "onnx fp32": load_backend(fp32_path, "ort", "cpu", threads=args.threads),
                 "onnx int8": load_backend(int8_path, "ort", "cpu", threads=args.threads)}
     dice = {name: evaluate_model(b, pairs)["dice"] for name, b in backends.items()}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_helpers import Reply, Server, multipart, png_pixels, write_test_images
 
 from unet_deploy.api import Predictor
 from unet_deploy.checkpoint import save_checkpoint
@@ -19,9 +20,7 @@ from unet_deploy.data import list_images, load_image, preprocess
 from unet_deploy.export import export_onnx, export_torchscript
 from unet_deploy.rle import rle_encode
 
-from serve_helpers import Reply, Server, multipart, png_pixels, write_test_images
-
-pytest.importorskip("starlette", reason="serve needs the [serve] extra")
+pytest.importorskip("starlette", reason="serve needs starlette (a dependency of unet-deploy)")
 
 
 @pytest.fixture(scope="module")

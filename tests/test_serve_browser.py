@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_helpers import Server, png_pixels
 
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.data import list_images, load_image, preprocess
 from unet_deploy.export import export_onnx
 
-from serve_helpers import Server, png_pixels
-
-pytest.importorskip("starlette", reason="serve needs the [serve] extra")
+pytest.importorskip("starlette", reason="serve needs starlette (a dependency of unet-deploy)")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,7 +10,7 @@ from ..errors import UserError
 from ._app import app
 
 _SERVER_PACKAGES = {"starlette", "uvicorn", "prometheus_client", "multipart", "python_multipart", "anyio"}
-_INSTALL = "pip install 'unet-deploy[serve]' (starlette, uvicorn, prometheus_client, python-multipart)"
+_INSTALL = "pip install starlette uvicorn prometheus-client python-multipart (dependencies of unet-deploy)"
 
 
 def _crf_available() -> bool:

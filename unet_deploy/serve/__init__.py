@@ -8,6 +8,6 @@
                       -> encode png | rle | json | overlay
     GET / (.page), /healthz, /readyz, /metrics (.metrics), /v1/model
 
-Needs the ``serve`` extra (starlette, uvicorn, prometheus_client, python-multipart); nothing here is
-imported by the other commands.
+Needs starlette, uvicorn, prometheus_client and python-multipart (dependencies of the package); nothing
+here is imported by the other commands, so they run where those are missing.
 """

@@ -258,7 +258,7 @@ def reproduce_section() -> list[str]:
         "both benchmark runs to export once):", "",
         "```", FAST_PATH_RUNS, "```", "",
         "On a GPU machine, `benchmarks/gpu_check.sh OUT_DIR` measures every variant at both scales plus "
-        "training throughput in about 8 minutes and writes OUT_DIR/RESULTS.md.", "",
+        "training throughput within its time budget (GPU_CHECK_BUDGET_S, 480 s) and writes OUT_DIR/RESULTS.md.", "",
         "Quick mode (width 8, 240x160 source image; seconds): add `--quick` or set "
         f"`{QUICK_ENV}=1`. The pytest-benchmark suites: `pytest benchmarks/` (full) or "
         f"`{QUICK_ENV}=1 pytest benchmarks/` (quick).", "",
