@@ -102,8 +102,9 @@ class BenchSession:
         key = (name, device, mode, scale)
         if key not in self._memory:
             source = self.batch_path(scale) if mode == "model" else self.jpeg
-            spec = bench.CaseSpec(name, str(self.files.paths[name]), device, str(source), scale, mode,
-                                  runs=0, warmup=1, threads=self.settings.threads)
+            spec = bench.CaseSpec(backend=name, model_path=str(self.files.paths[name]), device=device,
+                                  input=str(source), scale=scale, mode=mode, runs=0, warmup=1,
+                                  threads=self.settings.threads)
             self._memory[key] = bench.run_case_isolated(spec)
         return self._memory[key]
 

@@ -402,7 +402,8 @@ def test_warmup_n_makes_exactly_n_untimed_calls(warmup: int, runs: int, tmp_path
 
     monkeypatch.setattr("unet_deploy.backends.load_backend", lambda *a, **k: Counting())
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 4, 4), np.float32))
-    spec = bench.CaseSpec("torch", "unused.pth", "cpu", str(tmp_path / "x.npy"), runs=runs, warmup=warmup,
+    spec = bench.CaseSpec(backend="torch", model_path="unused.pth", device="cpu", input=str(tmp_path / "x.npy"),
+                          runs=runs, warmup=warmup,
                           logits_out=str(tmp_path / "logits.npy"))
     result = bench.run_case(spec)
     assert len(calls) == warmup + runs

@@ -119,9 +119,9 @@ def test_dataset_layout_and_masks(tmp_path: Path) -> None:
 def test_gif_mask_equals_rendered_mask(tmp_path: Path) -> None:
     ids = generate_dataset(tmp_path, n=2, width=64, height=48, seed=4)
     rng = np.random.default_rng(4)
-    for (image_id, spec, yaw), saved in zip(synth._views(rng, 2, 16), ids, strict=True):
+    for (image_id, spec, yaw), saved in zip(synth.turntable_views(rng, 2, 16), ids, strict=True):
         assert image_id == saved
-        _, mask = synth._render(rng, spec, yaw, 64, 48)
+        _, mask = synth.render_view(rng, spec, yaw, 64, 48)
         with Image.open(tmp_path / "masks" / f"{image_id}_mask.gif") as gif:
             assert np.array_equal(np.asarray(gif), mask)
 

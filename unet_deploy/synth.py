@@ -29,7 +29,8 @@ from .synth_render import BODY as _BODY
 from .synth_render import GLASS as _GLASS
 from .synth_render import WELL as _WELL
 
-__all__ = ["CarSpec", "generate_dataset", "generate_test_images", "render_car", "sample_car"]
+__all__ = ["CarSpec", "generate_dataset", "generate_test_images", "render_car", "render_view", "sample_car",
+           "turntable_views"]
 
 _COLOURS: tuple[tuple[tuple[int, int, int], float], ...] = (
     ((238, 239, 240), 0.20), ((186, 189, 193), 0.14), ((22, 23, 26), 0.16),  # white, silver, black
@@ -123,7 +124,7 @@ def sample_car(rng: np.random.Generator) -> CarSpec:
                    rng.uniform(0.72, 0.85), colour, rim, glass)
 
 
-def _render(rng: np.random.Generator, spec: CarSpec, yaw: float, width: int, height: int,
+def render_view(rng: np.random.Generator, spec: CarSpec, yaw: float, width: int, height: int,
             ) -> tuple[np.ndarray, np.ndarray]:
     """Render one view of ``spec`` into a fresh studio scene."""
     cam = sr.camera(rng, yaw)
@@ -147,7 +148,7 @@ def render_car(rng: np.random.Generator, width: int, height: int) -> tuple[np.nd
     The result depends only on ``rng``'s state.
     """
     spec = sample_car(rng)
-    return _render(rng, spec, rng.uniform(0, 2 * math.pi), width, height)
+    return render_view(rng, spec, rng.uniform(0, 2 * math.pi), width, height)
 
 
 def _check_args(n: int, width: int, height: int, angles: int, jpeg_quality: int) -> None:
@@ -174,7 +175,7 @@ def _prepare(folder: Path, overwrite: bool) -> None:
         raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from exc
 
 
-def _views(rng: np.random.Generator, n: int, angles: int):
+def turntable_views(rng: np.random.Generator, n: int, angles: int):
     """Yield ``(id, spec, yaw)`` for n images grouped into cars of ``angles`` turntable views."""
     seen: set[str] = set()
     for i in range(n):
@@ -220,8 +221,8 @@ def generate_dataset(out_dir: str | os.PathLike[str], n: int = 16, width: int = 
         _prepare(folder, overwrite)
     rng = np.random.default_rng(seed)
     ids = []
-    for image_id, spec, yaw in _views(rng, n, angles):
-        image, mask = _render(rng, spec, yaw, width, height)
+    for image_id, spec, yaw in turntable_views(rng, n, angles):
+        image, mask = render_view(rng, spec, yaw, width, height)
         _save_jpeg(image, imgs / f"{image_id}.jpg", jpeg_quality)
         _save_mask(mask, masks / f"{image_id}_mask.gif")
         ids.append(image_id)
@@ -240,8 +241,8 @@ def generate_test_images(out_dir: str | os.PathLike[str], n: int = 16, width: in
     _prepare(out, overwrite)
     rng = np.random.default_rng([seed, 1])
     ids = []
-    for image_id, spec, yaw in _views(rng, n, angles):
-        image, _ = _render(rng, spec, yaw, width, height)
+    for image_id, spec, yaw in turntable_views(rng, n, angles):
+        image, _ = render_view(rng, spec, yaw, width, height)
         _save_jpeg(image, out / f"{image_id}.jpg", jpeg_quality)
         ids.append(image_id)
     return ids

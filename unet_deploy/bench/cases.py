@@ -59,10 +59,12 @@ def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, tempora
             variant = parse_variant("torch" if name == "reference" else name)
             backend = variant.file_key
             logits[name] = scratch / f"logits-{name}-{scale:g}.npy"
-            spec = CaseSpec(variant.backend, str(files.paths[backend]), settings.device, str(input_path),
-                            scale, "model", 0 if name == "reference" else int(settings.runs or 1),
-                            int(settings.warmup or 0) if name != "reference" else 1, settings.threads,
-                            str(logits[name]), variant.name)
+            reference = name == "reference"
+            spec = CaseSpec(backend=variant.backend, model_path=str(files.paths[backend]), device=settings.device,
+                            input=str(input_path), scale=scale, mode="model",
+                            runs=0 if reference else int(settings.runs or 1),
+                            warmup=1 if reference else int(settings.warmup or 0), threads=settings.threads,
+                            logits_out=str(logits[name]), variant=variant.name)
             say(f"{name} scale {scale:g} ({w}x{h}): running in a fresh process")
             result = run_case_isolated(spec, settings.timeout_s)
             if name == "reference":

@@ -36,7 +36,7 @@ __all__ = ["WORKER_MODULE", "CaseSpec", "images_per_s", "latency_stats", "load_v
 WORKER_MODULE = "unet_deploy.bench.worker"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CaseSpec:
     """One backend x input measurement. ``input`` is a .npy float32 NCHW batch (mode "model") or an image
     file (modes "e2e" and "e2e-crf", with ``scale``). ``runs=0`` measures memory only."""
