@@ -146,19 +146,21 @@ def _overload(model: Path, body: bytes) -> dict:
         flood = asyncio.run(_drive_all(server.url, body, 64))
     finally:
         server.stop()
-    busy = [ms for status, ms in flood if status == 503]
-    return {"clients": 64, "ok": sum(1 for s, _ in flood if s == 200), "busy_503": len(busy),
-            "other": sum(1 for s, _ in flood if s not in (200, 503)),
+    busy = [ms for status, ms, _ in flood if status == 503]
+    in_server = [server_ms for status, _, server_ms in flood if status == 503]
+    return {"clients": 64, "ok": sum(1 for s, _, _ in flood if s == 200), "busy_503": len(busy),
+            "other": sum(1 for s, _, _ in flood if s not in (200, 503)),
             "busy_p50_ms": float(np.percentile(busy, 50)) if busy else None,
-            "busy_p99_ms": float(np.percentile(busy, 99)) if busy else None}
+            "busy_p99_ms": float(np.percentile(busy, 99)) if busy else None,
+            "busy_in_server_p99_ms": float(np.percentile(in_server, 99)) if in_server else None}
 
 
-async def _drive_all(url: str, body: bytes, clients: int) -> list[tuple[int, float]]:
+async def _drive_all(url: str, body: bytes, clients: int) -> list[tuple[int, float, float]]:
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
-        async def one() -> tuple[int, float]:
+        async def one() -> tuple[int, float, float]:
             t = time.perf_counter()
             r = await http.post(url + "/v1/predict", content=body)
-            return r.status_code, (time.perf_counter() - t) * 1000
+            return r.status_code, (time.perf_counter() - t) * 1000, float(r.headers.get("x-response-ms", "nan"))
         return list(await asyncio.gather(*(one() for _ in range(clients))))
 
 

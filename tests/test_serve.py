@@ -176,6 +176,7 @@ def _announce_large_upload(srv: Server, size: int) -> Reply:
 def test_request_ids_and_the_page(ort_server) -> None:
     srv = ort_server
     assert srv.get("/healthz", {"X-Request-ID": "client-id-42"}).headers["x-request-id"] == "client-id-42"
+    assert float(srv.get("/healthz").headers["x-response-ms"]) >= 0  # the time spent in the server
     assert len(srv.get("/healthz", {"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]) == 16
     page = srv.get("/").body.decode()
     assert "<input type=\"file\"" in page and "/v1/predict" in page

@@ -90,6 +90,7 @@ def endpoint(state: ServerState, name: str, handler: Handler, *, auth: bool = Tr
             response = _error(500, f"internal error ({type(e).__name__}); see the server log, request {request_id}")
         seconds = time.perf_counter() - start
         response.headers["X-Request-ID"] = request_id
+        response.headers["X-Response-Ms"] = f"{seconds * 1000:.1f}"  # time in the handler, upload included
         state.metrics.observe_request(name, response.status_code, seconds)
         client = request.client.host if request.client else "-"
         access_log.info('%s %s "%s %s" %d %s %.1fms', request_id, client, request.method, request.url.path,

@@ -1,8 +1,8 @@
 """Starting the server: load the model, build the app, run uvicorn with draining on SIGTERM.
 
 SIGTERM (or Ctrl-C): new requests get 503, the queued and running ones finish, then the process exits 0; a
-second signal, or ``grace_s`` without the work finishing, stops it at once. ``--workers N`` runs N processes
-behind one port (uvicorn's supervisor), each loading its own model with its own queue and metrics.
+second signal stops it at once (exit 1, one line), and after ``grace_s`` it stops whatever is left.
+``--workers N`` runs N processes behind one port, each loading its own model with its own queue and metrics.
 """
 
 from __future__ import annotations
@@ -98,8 +98,12 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = _STATES[-1] if _STATES else None
-        if state is None or state.draining or self.loop is None:
-            self.should_exit = self.force_exit = True
+        if state is not None and state.draining:  # a second signal: stop now, without a traceback
+            print(f"stopped without draining ({state.admitted} requests were still admitted)", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+        if state is None or self.loop is None:
+            self.should_exit = True
             return
         state.draining = True
         self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(state)))
