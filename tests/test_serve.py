@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import http.client
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import Reply, Server, multipart, png_pixels, write_test_images
+from serve_helpers import ROOT, Reply, Server, multipart, png_pixels, write_test_images
 
 from unet_deploy.api import Predictor
 from unet_deploy.checkpoint import save_checkpoint
@@ -265,6 +268,20 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(served) -> None:
         assert srv.metric("unet_deploy_in_flight") == 0
     finally:
         assert srv.stop() == 0
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(served) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "unet_deploy", "serve", "-m", str(served["files"]["ort"]),
+                              "--port", str(port)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2  # a user error, as for any bad flag
+    assert run.stderr.strip().splitlines() == [f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address "
+                                               "already in use); pick another --port (0: any free port) or stop the "
+                                               "server that uses it"]
 
 
 def test_workers_share_one_port_each_with_its_model(served) -> None:

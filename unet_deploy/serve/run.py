@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from starlette.applications import Starlette
 
 from ..backend_options import options_for_model
 from ..backends import load_backend
+from ..errors import UserError
 from ..predict import PredictOptions, output_values
 from .app import ServerState, build_app
 from .engine import Engine
@@ -139,8 +141,20 @@ def _log_access() -> None:
     log.propagate = False
 
 
+def _check_port(host: str, port: int) -> None:
+    """A one-line error, before the model loads, when the address cannot be listened on."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); pick another "
+                        "--port (0: any free port) or stop the server that uses it") from None
+
+
 def serve(options: ServeOptions) -> int:
     """Run the server until SIGTERM/SIGINT; the exit code (0 after a clean drain)."""
+    _check_port(options.host, options.port)
     _log_access()
     common: dict[str, Any] = {"host": options.host, "port": options.port, "log_level": "warning",
                               "access_log": False, "timeout_graceful_shutdown": options.grace_s,
