@@ -65,3 +65,25 @@ def fit_tiny_unet() -> Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.n
         return model.eval(), cfg
 
     return fit
+
+
+@pytest.fixture(scope="session")
+def fit_on_heldout_cars(fit_tiny_unet, synth_heldout
+                        ) -> Callable[[int, int], tuple[torch.nn.Module, object, list[Path]]]:
+    """``fit(n, steps)``: :func:`fit_tiny_unet` on the first ``n`` held-out cars (inputs at scale 0.5, car vs
+    background); returns (model, DeployConfig, all held-out image paths)."""
+    import numpy as np
+    from PIL import Image
+
+    from unet_deploy.data import list_images, load_image, preprocess
+
+    def fit(n: int, steps: int):
+        images = list_images(synth_heldout / "imgs")
+        masks = sorted((synth_heldout / "masks").iterdir())
+        x = torch.from_numpy(np.stack([preprocess(load_image(p), 0.5) for p in images[:n]]))
+        y = torch.from_numpy(np.stack([np.asarray(Image.open(m).resize((96, 64), Image.Resampling.NEAREST)) > 0
+                                       for m in masks[:n]])).long()
+        model, cfg = fit_tiny_unet(x, y, steps)
+        return model, cfg, images
+
+    return fit

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from unet_deploy.api import Predictor, export
 from unet_deploy.backends import OrtOptions, TorchOptions, TorchScriptOptions, load_backend, options_for
 from unet_deploy.checkpoint import save_checkpoint
-from unet_deploy.data import list_images, load_image, preprocess
 from unet_deploy.errors import UserError
 from unet_deploy.parity import default_cases, parity
 
@@ -24,14 +22,9 @@ EXIF_ORIENTATION = 0x0112
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory, fit_tiny_unet, synth_heldout) -> dict:
+def model_files(tmp_path_factory, fit_on_heldout_cars) -> dict:
     """A base-8 U-Net fitted on 12 synthetic cars, its checkpoint, and its exports made through the API."""
-    images = list_images(synth_heldout / "imgs")
-    masks = [np.asarray(Image.open(p)) for p in sorted((synth_heldout / "masks").iterdir())]
-    x = torch.from_numpy(np.stack([preprocess(load_image(p), 0.5) for p in images[:12]]))
-    y = torch.from_numpy(np.stack([(np.asarray(Image.fromarray(m).resize((96, 64), Image.Resampling.NEAREST)) > 0)
-                                   for m in masks[:12]])).long()
-    model, cfg = fit_tiny_unet(x, y, 30)
+    model, cfg, images = fit_on_heldout_cars(12, 30)
     d = tmp_path_factory.mktemp("api")
     checkpoint = save_checkpoint(d / "tiny.pth", model, cfg)
     lines: list[str] = []

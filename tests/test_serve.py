@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from serve_helpers import ROOT, Reply, Server, multipart, png_pixels, write_test_images
 
 from unet_deploy.api import Predictor
 from unet_deploy.checkpoint import save_checkpoint
-from unet_deploy.data import list_images, load_image, preprocess
 from unet_deploy.export import export_onnx, export_torchscript
 from unet_deploy.rle import rle_encode
 
@@ -27,14 +25,9 @@ pytest.importorskip("starlette", reason="serve needs starlette (a dependency of 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, fit_tiny_unet, synth_heldout) -> dict:
+def served(tmp_path_factory, fit_on_heldout_cars) -> dict:
     """A base-8 U-Net fitted on 12 synthetic cars, as .pth, .ts and .onnx, and test images of many modes."""
-    images = list_images(synth_heldout / "imgs")
-    masks = sorted((synth_heldout / "masks").iterdir())
-    x = torch.from_numpy(np.stack([preprocess(load_image(p), 0.5) for p in images[:12]]))
-    y = torch.from_numpy(np.stack([np.asarray(Image.open(m).resize((96, 64), Image.Resampling.NEAREST)) > 0
-                                   for m in masks[:12]])).long()
-    model, cfg = fit_tiny_unet(x, y, 30)
+    model, cfg, images = fit_on_heldout_cars(12, 30)
     d = tmp_path_factory.mktemp("serve")
     files = {"torch": save_checkpoint(d / "tiny.pth", model, cfg),
              "torchscript": export_torchscript(model, cfg, d / "tiny.ts"),

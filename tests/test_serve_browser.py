@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from serve_helpers import Server, png_pixels
 
 from unet_deploy.checkpoint import save_checkpoint
-from unet_deploy.data import list_images, load_image, preprocess
 from unet_deploy.export import export_onnx
 
 pytest.importorskip("starlette", reason="serve needs starlette (a dependency of unet-deploy)")
@@ -48,13 +46,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_server(tmp_path_factory, fit_tiny_unet, synth_heldout):
-    images = list_images(synth_heldout / "imgs")
-    masks = sorted((synth_heldout / "masks").iterdir())
-    x = torch.from_numpy(np.stack([preprocess(load_image(p), 0.5) for p in images[:8]]))
-    y = torch.from_numpy(np.stack([np.asarray(Image.open(m).resize((96, 64), Image.Resampling.NEAREST)) > 0
-                                   for m in masks[:8]])).long()
-    model, cfg = fit_tiny_unet(x, y, 20)
+def page_server(tmp_path_factory, fit_on_heldout_cars):
+    model, cfg, images = fit_on_heldout_cars(8, 20)
     d = tmp_path_factory.mktemp("page")
     save_checkpoint(d / "tiny.pth", model, cfg)
     onnx_file = export_onnx(model, cfg, d / "tiny.onnx")
