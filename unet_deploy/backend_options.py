@@ -1,10 +1,11 @@
 """Per-backend load options: one small object per backend, holding only the options that backend takes.
 
 ``TorchOptions`` (eager ``.pth``: precision, channels_last, compile), ``TorchScriptOptions`` (none) and
-``OrtOptions`` (ONNX Runtime: threads, session profile, IO binding). :func:`options_for` builds the right
-one from command-line values and refuses, in one line, a value given for an option the backend does not
-take (``--threads`` for a checkpoint, ``--precision bf16`` for an ONNX file): never silently ignored.
-No torch and no ONNX Runtime imports here.
+``OrtOptions`` (ONNX Runtime: threads, session profile, IO binding) and ``OpenVinoOptions`` (precision
+hint, threads, performance hint, compiled-model cache). :func:`options_for` builds the right one from
+command-line values and refuses, in one line, a value given for an option the backend does not take
+(``--threads`` for a checkpoint, ``--precision bf16`` for an ONNX file on ONNX Runtime): never silently
+ignored. No torch, ONNX Runtime or OpenVINO imports here.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import UserError
-from .names import BACKENDS, TORCH_PRECISIONS, backend_for_path
+from .names import BACKENDS, OPENVINO_PRECISIONS, TORCH_PRECISIONS, backend_for_path
 from .ort_session import ORT_PROFILES
 
-__all__ = ["TorchOptions", "TorchScriptOptions", "OrtOptions", "BackendOptions", "COMPILE_MODES",
-           "OPTION_FLAGS", "options_for", "options_for_model"]
+__all__ = ["TorchOptions", "TorchScriptOptions", "OrtOptions", "OpenVinoOptions", "BackendOptions", "COMPILE_MODES",
+           "OPENVINO_HINTS", "OPTION_FLAGS", "options_for", "options_for_model"]
 
 #: ``torch.compile`` modes for ``TorchOptions(compile=...)``; "reduce-overhead" uses CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+#: OpenVINO performance hints: "auto" compiles for latency and, for batches of several images, also for
+#: throughput (parallel streams, one image each); "latency" / "throughput" force one.
+OPENVINO_HINTS = ("auto", "latency", "throughput")
 #: option field -> the command-line flag that sets it (for messages)
 OPTION_FLAGS = {"precision": "--precision", "channels_last": "--channels-last", "compile": "--compile",
-                "threads": "--threads", "profile": "ORT profile", "io_binding": "IO binding"}
+                "threads": "--threads", "profile": "ORT profile", "io_binding": "IO binding",
+                "hint": "OpenVINO hint", "cache": "OpenVINO cache"}
 _WHERE = {"torch": "the eager torch backend (a .pth model)", "ort": "--backend ort (an .onnx model)",
-          "torchscript": "--backend torchscript (a .ts model)"}
+          "torchscript": "--backend torchscript (a .ts model)", "openvino": "--backend openvino"}
 
 
 @dataclass(frozen=True)
@@ -70,22 +75,46 @@ class OrtOptions:
             raise UserError(f"ORT profile {self.profile!r}: use {' or '.join(ORT_PROFILES)}")
 
 
-BackendOptions = TorchOptions | TorchScriptOptions | OrtOptions
-_CLASSES: dict[str, type[TorchOptions] | type[TorchScriptOptions] | type[OrtOptions]] = {
-    "torch": TorchOptions, "torchscript": TorchScriptOptions, "ort": OrtOptions}
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """OpenVINO: ``precision`` its inference-precision hint (fp32; bf16 on CPUs with AVX-512 BF16 or AMX;
+    fp16 where the device has it; an int8 IR keeps its int8 layers); ``threads`` CPU inference threads
+    (None: OpenVINO's choice, the physical cores); ``hint`` a performance hint (:data:`OPENVINO_HINTS`);
+    ``cache`` a compiled-model cache in ``.openvino-cache/`` beside the model (faster start-up)."""
+
+    backend: ClassVar[str] = "openvino"
+    precision: str = "fp32"
+    threads: int | None = None
+    hint: str = "auto"
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in OPENVINO_PRECISIONS:
+            raise UserError(f"--precision {self.precision}: OpenVINO takes {', '.join(OPENVINO_PRECISIONS)} "
+                            "(an int8 model is exported with `unet-deploy export --format openvino --int8`)")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads {self.threads}: use 1 or more (or leave it out for all cores)")
+        if self.hint not in OPENVINO_HINTS:
+            raise UserError(f"OpenVINO hint {self.hint!r}: use {', '.join(OPENVINO_HINTS)}")
+
+
+BackendOptions = TorchOptions | TorchScriptOptions | OrtOptions | OpenVinoOptions
+_CLASSES: dict[str, type[TorchOptions] | type[TorchScriptOptions] | type[OrtOptions] | type[OpenVinoOptions]] = {
+    "torch": TorchOptions, "torchscript": TorchScriptOptions, "ort": OrtOptions, "openvino": OpenVinoOptions}
 _DEFAULTS = {f.name: f.default for cls in _CLASSES.values() for f in fields(cls)}
 
 
-def _owner(name: str) -> str:
-    return next(b for b, cls in _CLASSES.items() if name in {f.name for f in fields(cls)})
+def _owners(name: str) -> list[str]:
+    return [b for b, cls in _CLASSES.items() if name in {f.name for f in fields(cls)}]
 
 
 def _refusal(backend: str, name: str, value: Any) -> UserError:
     flag = OPTION_FLAGS[name]
     shown = f"{flag} {value}" if name == "precision" else flag
-    hint = ("a .ts / .onnx model runs at the precision it was exported with (for ONNX fp16, export an "
-            "fp16 model)" if name == "precision" else f"drop {flag}")
-    return UserError(f"{shown} applies to {_WHERE[_owner(name)]} only, not to {backend}; {hint}")
+    hint = ("a .ts / .onnx model on ONNX Runtime runs at the precision it was exported with (for ONNX fp16, "
+            "export an fp16 model)" if name == "precision" else f"drop {flag}")
+    where = " and ".join(_WHERE[b] for b in _owners(name))
+    return UserError(f"{shown} applies to {where} only, not to {backend}; {hint}")
 
 
 def options_for(backend: str, **given: Any) -> BackendOptions:

@@ -1,16 +1,17 @@
-"""One small interface over eager PyTorch, TorchScript and ONNX Runtime.
+"""One small interface over eager PyTorch, TorchScript, ONNX Runtime and OpenVINO.
 
 ``load_backend(path, backend=None, device="auto", options=None)`` returns a :class:`Backend`, which is a
 :class:`Runner`. ``options`` is the backend's own option object (:mod:`unet_deploy.backend_options`:
-``TorchOptions``, ``TorchScriptOptions``, ``OrtOptions``), so an option a backend does not take cannot be
-passed to it silently. ``backend.run(batch)`` on a float32 NCHW batch (numpy or torch) returns float32
-logits (N, C, H, W) as the runtime made them (numpy for ONNX Runtime on the CPU, so that path never imports
-torch); calling the backend returns them as a torch tensor. :func:`as_runner` makes an in-memory module or
-a plain callable a Runner too (parity's reference). Preprocessing and post-processing live elsewhere
+``TorchOptions``, ``TorchScriptOptions``, ``OrtOptions``, ``OpenVinoOptions``), so an option a backend does
+not take cannot be passed to it silently. ``backend.run(batch)`` on a float32 NCHW batch (numpy or torch)
+returns float32 logits (N, C, H, W) as the runtime made them (numpy for ONNX Runtime on the CPU, so that path
+never imports torch); calling the backend returns them as a torch tensor. :func:`as_runner` makes an in-memory
+module or a plain callable a Runner too (parity's reference). Preprocessing and post-processing live elsewhere
 (``data.preprocess``, ``postprocess``), so backends can only differ in the network itself.
 
-torch (and :mod:`.checkpoint`, which needs it), onnx and onnxruntime are imported inside the functions that
-use them: the ONNX Runtime path must never load torch, and the torch path need not load ONNX Runtime.
+torch (and :mod:`.checkpoint`, which needs it), onnx, onnxruntime and openvino (:mod:`.backend_openvino`)
+are imported inside the functions that use them: the ONNX Runtime path must never load torch, and the
+torch path need not load ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from .backend_options import (
     COMPILE_MODES,
     BackendOptions,
+    OpenVinoOptions,
     OrtOptions,
     TorchOptions,
     TorchScriptOptions,
@@ -49,7 +51,8 @@ from .ort_session import (
 )
 
 __all__ = ["Runner", "Backend", "Description", "load_backend", "module_backend", "as_runner", "BackendOptions",
-           "TorchOptions", "TorchScriptOptions", "OrtOptions", "options_for", "BACKENDS", "ORT_PROFILES",
+           "TorchOptions", "TorchScriptOptions", "OrtOptions", "OpenVinoOptions", "options_for", "BACKENDS",
+           "ORT_PROFILES",
            "COMPILE_MODES", "backend_for_path", "check_model_file", "resolve_device", "read_embedded_config",
            "silence_torchscript_deprecation", "physical_cores", "ort_session_options", "ort_providers",
            "cpu_supports_bf16", "configure_cudnn", "release_large_frees"]
@@ -301,6 +304,11 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
     """The config embedded in an export (TorchScript extra file / ONNX metadata), or None."""
     path = Path(path)
     kind = backend_for_path(path)
+    if kind == "openvino":
+        from .backend_openvino import read_ir_metadata
+
+        meta = read_ir_metadata(path)
+        return DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     if kind == "ort":
         import onnx
 
@@ -452,15 +460,16 @@ def _load_ort(path: Path, device: str, options: OrtOptions) -> Backend:
 
 def load_backend(path: str | Path, backend: str | None = None, device: str = "auto",
                  options: BackendOptions | None = None, **option_values: Any) -> Backend:
-    """Load a checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx) model for inference.
+    """Load a checkpoint (.pth), TorchScript (.ts), ONNX (.onnx) or OpenVINO IR (.xml) model for inference.
 
     ``backend`` defaults to the one the file's suffix names. ``options`` is the backend's option object
-    (:class:`TorchOptions`, :class:`TorchScriptOptions` or :class:`OrtOptions`); alternatively give the
+    (:class:`TorchOptions`, :class:`TorchScriptOptions`, :class:`OrtOptions` or :class:`OpenVinoOptions`);
+    alternatively give the
     option values as keywords (``precision="bf16"``, ``threads=2``, ...), which :func:`options_for` turns
     into that object: a value for an option the backend does not take is a one-line :class:`UserError`,
     never silently ignored. On CUDA, torch runs with cuDNN autotuning and a bounded workspace
     (:func:`configure_cudnn`). The precision of an ONNX file (fp32, fp16, int8) is the one it was
-    exported with.
+    exported with. ``--backend openvino`` also runs an .onnx file (OpenVINO reads ONNX directly).
     """
     path = Path(path)
     check_model_file(path)
@@ -468,7 +477,7 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
     expected = MODEL_SUFFIXES.get(path.suffix.lower(), backend)
-    if expected != backend:
+    if expected != backend and not (backend == "openvino" and expected == "ort"):
         raise UserError(f"{path}: a {expected} model file cannot run on --backend {backend}; "
                         f"pass --backend {expected} or a matching file")
     if options is None:
@@ -477,6 +486,10 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
         raise TypeError("load_backend: pass either an options object or option keywords, not both")
     elif options.backend != backend:
         raise UserError(f"{path}: {type(options).__name__} are for --backend {options.backend}, not {backend}")
+    if isinstance(options, OpenVinoOptions):
+        from .backend_openvino import load_openvino
+
+        return load_openvino(path, device, options)
     device = resolve_device(device, backend)
     if isinstance(options, TorchOptions):
         return _load_torch(path, device, options)

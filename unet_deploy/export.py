@@ -38,7 +38,8 @@ from .model import export_form
 from .onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
 
 __all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "quantize_onnx_int8", "convert_onnx_fp16",
-           "calibration_batches", "DEFAULT_OPSET", "EXAMPLE_SHAPE", "DEFAULT_CALIBRATION_COUNT"]
+           "calibration_batches", "recorded_config", "quiet_exporter", "DEFAULT_OPSET", "EXAMPLE_SHAPE",
+           "DEFAULT_CALIBRATION_COUNT"]
 
 DEFAULT_OPSET = 18
 #: Images used to calibrate int8 activation ranges when --calibration-count is not given.
@@ -60,7 +61,7 @@ def export_torchscript(model: nn.Module, config: DeployConfig, path: str | Path,
     path = Path(path)
     model = model.eval()
     x = _example(model, config, example_shape)
-    cfg = _recorded(config)
+    cfg = recorded_config(config)
     with silence_torchscript_deprecation(), torch.inference_mode(False), torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
         if freeze:
@@ -70,7 +71,7 @@ def export_torchscript(model: nn.Module, config: DeployConfig, path: str | Path,
     return path
 
 
-def _recorded(config: DeployConfig) -> DeployConfig:
+def recorded_config(config: DeployConfig) -> DeployConfig:
     """The config to embed: this run's versions, and the source checkpoint's absolute path beside the path
     as given (``verify`` finds the checkpoint from any folder)."""
     source = dict(config.source)
@@ -97,7 +98,7 @@ def onnx_metadata(config: DeployConfig, precision: str = "fp32") -> dict[str, st
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs and prints a lot (missing torchvision ops, progress); keep real errors."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -124,7 +125,7 @@ def export_onnx(model: nn.Module, config: DeployConfig, path: str | Path, opset:
     dynamic_shapes = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},) if dynamic else None
     cfg = replace(config, versions=versions())
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
                                         output_names=["logits"], dynamic_shapes=dynamic_shapes,
                                         external_data=False, verbose=False)
@@ -145,7 +146,7 @@ def _save_onnx(proto: onnx.ModelProto, config: DeployConfig, precision: str, pat
     """Embed the config as metadata, run ``onnx.checker`` and write ``path`` atomically."""
     proto.producer_name = "unet-deploy"
     del proto.metadata_props[:]
-    for key, value in onnx_metadata(_recorded(config), precision).items():
+    for key, value in onnx_metadata(recorded_config(config), precision).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=full_check)
@@ -194,7 +195,7 @@ def _int8_preprocess(source: str | Path, tmp: Path) -> Path:
         conv_transpose_to_depth_to_space(source_proto)  # int8 QLinearConv instead of a float ConvTranspose
         onnx.save_model(source_proto, str(rewritten))
         del source_proto
-        with _quiet_exporter():
+        with quiet_exporter():
             quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
     except Exception as e:  # noqa: BLE001 - the pre-processor raises many types
         raise UserError(f"{source}: int8 pre-processing failed ({first_line(e)[:200]})") from None
@@ -219,7 +220,7 @@ def quantize_onnx_int8(source: str | Path, config: DeployConfig, path: str | Pat
         pre = _int8_preprocess(source, Path(tmp))
         out = Path(tmp) / "int8.onnx"
         try:
-            with _quiet_exporter():
+            with quiet_exporter():
                 quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
@@ -247,6 +248,6 @@ def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path
         raise UserError("--fp16 needs onnxconverter-common: pip install onnxconverter-common") from None
     path = Path(path)
     proto = onnx.load(str(source))
-    with _quiet_exporter():
+    with quiet_exporter():
         half = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
     return _save_onnx(half, config, "fp16", path)

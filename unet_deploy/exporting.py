@@ -2,8 +2,10 @@
 
 checkpoint -> eager model -> each format written to a staging folder inside the output folder ->
 loaded back and compared with eager (:func:`unet_deploy.parity.parity`) -> moved into place only when it
-passes. ``--int8`` / ``--fp16`` files derive from the verified fp32 ONNX file and are checked the same
-way (int8 on real held-out calibration images). A file that fails is deleted and an older file under its
+passes. The OpenVINO IR (``NAME.xml`` + ``NAME.bin``) is converted from the fp32 ONNX export and checked
+like it (plus bf16 inference at the bf16 thresholds where the CPU has bf16). ``--int8`` / ``--fp16`` files
+derive from the verified fp32 ONNX file (and ``--int8`` also from the IR, through NNCF) and are checked the
+same way (int8 on real held-out calibration images). A file that fails is deleted and an older file under its
 name is left as it was; the staging folder is removed whatever happens.
 """
 
@@ -20,6 +22,8 @@ from typing import Any
 
 import onnx
 
+from .backend_openvino import import_openvino, openvino_cpu_has
+from .backend_options import OpenVinoOptions
 from .backends import load_backend
 from .checkpoint import load_checkpoint
 from .config import DeployConfig
@@ -34,13 +38,16 @@ from .export import (
     export_torchscript,
     quantize_onnx_int8,
 )
+from .export_openvino import bin_path, convert_onnx_to_ir, openvino_installed, place_ir, quantize_ir_int8
 from .names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
 from .parity import ParityCase, ParityReport, default_cases, image_cases, parity
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
 
 #: format word -> (the suffix it writes, the backend that runs it)
-FORMATS = {"onnx": (EXPORT_SUFFIXES["ort"], "ort"), "torchscript": (EXPORT_SUFFIXES["torchscript"], "torchscript")}
+FORMATS = {"onnx": (EXPORT_SUFFIXES["ort"], "ort"), "torchscript": (EXPORT_SUFFIXES["torchscript"], "torchscript"),
+           "openvino": (EXPORT_SUFFIXES["openvino"], "openvino")}
+_ALIASES = {"ts": "torchscript", "jit": "torchscript", "ov": "openvino", "ir": "openvino"}
 Log = Callable[[Any], None]
 
 
@@ -48,7 +55,7 @@ Log = Callable[[Any], None]
 class ExportOptions:
     """What to export and how to check it (the ``unet-deploy export`` flags)."""
 
-    formats: Sequence[str] = tuple(FORMATS)  #: "onnx" and/or "torchscript"
+    formats: Sequence[str] = tuple(FORMATS)  #: "onnx", "torchscript" and/or "openvino"
     output: Path = Path(EXPORT_DIR)
     name: str | None = None  #: file stem (default: the checkpoint's)
     opset: int = DEFAULT_OPSET
@@ -80,15 +87,17 @@ class ExportResult:
 
 
 def parse_formats(fmt: str) -> list[str]:
-    """``onnx``, ``torchscript`` (or ``ts``/``jit``) or ``all`` -> the format words."""
-    fmt = fmt.strip().lower()
-    if fmt == "all":
-        return list(FORMATS)
-    if fmt in ("ts", "jit"):
-        fmt = "torchscript"
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: unknown format; use onnx, torchscript or all")
-    return [fmt]
+    """``onnx``, ``torchscript`` (or ``ts``/``jit``), ``openvino`` (or ``ov``/``ir``), several joined by
+    commas, or ``all`` (every format whose runtime is installed: OpenVINO is an extra) -> the format words."""
+    words = [_ALIASES.get(w, w) for w in (p.strip().lower() for p in fmt.split(",")) if w]
+    if words == ["all"]:
+        return [f for f in FORMATS if f != "openvino" or openvino_installed()]
+    for word in words:
+        if word not in FORMATS:
+            raise UserError(f"--format {word}: unknown format; use onnx, torchscript, openvino or all")
+    if not words:
+        raise UserError("--format: name a format: onnx, torchscript, openvino or all")
+    return list(dict.fromkeys(words))
 
 
 def parity_images(items: Sequence[Path] | None) -> list[Path]:
@@ -143,12 +152,15 @@ def _check(opts: ExportOptions, checkpoint: Path | None) -> tuple[list[Path], Pa
     """Check the options before any work: (calibration images, checkpoint, parity images)."""
     for f in opts.formats:
         if f not in FORMATS:
-            raise UserError(f"--format {f}: unknown format; use onnx, torchscript or all")
-    if (opts.int8 or opts.fp16) and "onnx" not in opts.formats:
-        raise UserError(f"--{'int8' if opts.int8 else 'fp16'} derives from the ONNX export; use --format onnx "
-                        "or all")
+            raise UserError(f"--format {f}: unknown format; use onnx, torchscript, openvino or all")
+    if opts.fp16 and "onnx" not in opts.formats:
+        raise UserError("--fp16 derives from the ONNX export; use --format onnx or all")
+    if opts.int8 and not {"onnx", "openvino"} & set(opts.formats):
+        raise UserError("--int8 derives from the ONNX or OpenVINO export; use --format onnx, openvino or all")
+    if "openvino" in opts.formats:
+        import_openvino()  # one line saying how to install it, before any work
     calib = _calibration_images(opts.calibration, opts.calibration_count) if opts.int8 else []
-    if "onnx" in opts.formats:
+    if {"onnx", "openvino"} & set(opts.formats):
         _check_opset(opts.opset)
     ckpt_path = _checkpoint_path(checkpoint)
     name = opts.name
@@ -186,24 +198,33 @@ def run_export(checkpoint: Path | None, opts: ExportOptions, log: Log = print) -
     try:
         cases = default_cases(ckpt.config, images, quick=opts.quick_verify) if opts.verify else None
         job = _Job(opts, eager, ckpt.config, staging, cases, log, done)
-        for f in opts.formats:
+        for f in sorted(opts.formats, key=list(FORMATS).index):  # the IR is converted from the ONNX file
             _export_format(job, f)
-        onnx_written = next((t for f, t in done.written if f == "onnx"), None)
         for kind, wanted in (("int8", opts.int8), ("fp16", opts.fp16)):
-            if wanted:
-                _export_derived(job, kind, onnx_written, calib, images)
+            if wanted and "onnx" in opts.formats:
+                _export_derived(job, kind, _written(done, ".onnx"), calib, images)
+        if opts.int8 and "openvino" in opts.formats:
+            _export_derived(job, "int8", _written(done, ".xml"), calib, images)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return done
 
 
+def _written(done: ExportResult, suffix: str) -> Path | None:
+    """The fp32 file of this suffix written by this run (derived files come later), or None."""
+    return next((t for _f, t in done.written if t.suffix == suffix), None)
+
+
 def _size(path: Path) -> str:
-    n = path.stat().st_size
+    n = path.stat().st_size + (bin_path(path).stat().st_size if path.suffix == ".xml" else 0)
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _verify_file(job: _Job, staged: Path, target: Path, backend: str, cases: list[ParityCase]) -> ParityReport:
-    candidate = load_backend(staged, backend, device="cpu")
+def _verify_file(job: _Job, staged: Path, target: Path, backend: str, cases: list[ParityCase],
+                 precision: str = "fp32") -> ParityReport:
+    """Load the staged file (OpenVINO: at ``precision``, without the compiled-model cache) and compare."""
+    options = OpenVinoOptions(precision=precision, cache=False) if backend == "openvino" else None
+    candidate = load_backend(staged, backend, device="cpu", options=options)
     report = parity(job.eager, candidate, cases)
     report.candidate = f"{target} ({candidate.name}, {candidate.provider})"
     job.log(report.table())
@@ -211,10 +232,45 @@ def _verify_file(job: _Job, staged: Path, target: Path, backend: str, cases: lis
 
 
 def _place(job: _Job, staged: Path, target: Path, entry: dict[str, Any], seconds: float, verb: str) -> None:
-    os.replace(staged, target)
+    if target.suffix == ".xml":
+        place_ir(staged, target)
+    else:
+        os.replace(staged, target)
     entry.update(written=True, bytes=target.stat().st_size)
     job.log(f"wrote {target} ({_size(target)}, {verb} in {seconds:.1f} s"
             f"{', parity ok' if job.opts.verify else ', parity not checked'})")
+
+
+def _stage(job: _Job, f: str, staged: Path) -> None:
+    """Write format ``f`` to ``staged``; the IR from this run's ONNX file, else from one staged for it."""
+    if f == "onnx":
+        export_onnx(job.eager, job.config, staged, opset=job.opts.opset)
+    elif f == "torchscript":
+        export_torchscript(job.eager, job.config, staged)
+    else:
+        source = _written(job.done, ".onnx")
+        if source is None:
+            source = export_onnx(job.eager, job.config, staged.with_suffix(".source.onnx"), opset=job.opts.opset)
+        convert_onnx_to_ir(source, job.config, staged)
+
+
+def _passes(job: _Job, f: str, staged: Path, target: Path, entry: dict[str, Any]) -> bool:
+    """Parity of a staged file (OpenVINO also at bf16 where the CPU has it); failures logged."""
+    assert job.cases is not None
+    report = _verify_file(job, staged, target, FORMATS[f][1], job.cases)
+    entry["parity"] = report.to_dict()
+    if report.passed and f == "openvino":
+        if openvino_cpu_has("bf16"):
+            report = _verify_file(job, staged, target, "openvino", job.cases, precision="bf16")
+            entry["parity_bf16"] = report.to_dict()
+        else:
+            job.log("openvino bf16: not checked, OpenVINO has no bf16 kernels on this CPU (it would run fp32)")
+    if not report.passed:
+        job.done.failed.append(f)
+        entry["written"] = False
+        job.log(f"[bold red]{f}: parity FAILED; {target} was not written"
+                f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
+    return report.passed
 
 
 def _export_format(job: _Job, f: str) -> None:
@@ -222,58 +278,58 @@ def _export_format(job: _Job, f: str) -> None:
     target = job.target(FORMATS[f][0])
     staged = job.staging / target.name
     t0 = time.perf_counter()
-    if f == "onnx":
-        export_onnx(job.eager, job.config, staged, opset=job.opts.opset)
-    else:
-        export_torchscript(job.eager, job.config, staged)
+    _stage(job, f, staged)
     seconds = time.perf_counter() - t0
     entry: dict[str, Any] = {"path": str(target), "export_s": round(seconds, 3)}
     job.done.results[f] = entry
-    if job.cases is not None:
-        report = _verify_file(job, staged, target, FORMATS[f][1], job.cases)
-        entry["parity"] = report.to_dict()
-        if not report.passed:
-            job.done.failed.append(f)
-            entry["written"] = False
-            job.log(f"[bold red]{f}: parity FAILED; {target} was not written"
-                    f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
-            return
+    if job.cases is not None and not _passes(job, f, staged, target, entry):
+        return
     _place(job, staged, target, entry, seconds, "exported")
     job.done.written.append((f, target))
 
 
+def _derive(kind: str, source: Path, config: DeployConfig, staged: Path, used: list[Path]) -> None:
+    """Write the ``kind`` file derived from ``source`` (.onnx: ORT int8 QDQ or fp16; .xml: NNCF int8)."""
+    if kind == "fp16":
+        convert_onnx_fp16(source, config, staged)
+    elif source.suffix == ".xml":
+        quantize_ir_int8(source, config, staged, calibration_batches(used, config))
+    else:
+        quantize_onnx_int8(source, config, staged, calibration_batches(used, config))
+
+
 def _export_derived(job: _Job, kind: str, source: Path | None, calib: list[Path], images: list[Path]) -> None:
-    """NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 ONNX file, checked, moved into place."""
+    """NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 ONNX file (NAME.int8.xml from the IR),
+    checked, moved into place."""
+    fmt = "openvino" if source is not None and source.suffix == ".xml" else "onnx"
     if source is None:
         job.done.failed.append(kind)
-        job.log(f"[bold red]{kind}: skipped, the fp32 ONNX export was not written[/]")
+        job.log(f"[bold red]{kind}: skipped, the fp32 {fmt} export was not written[/]")
         return
-    target = job.target(f".{kind}.onnx")
+    target = job.target(f".{kind}{source.suffix}")
     staged = job.staging / target.name
     entry: dict[str, Any] = {"path": str(target)}
-    job.done.results[f"onnx-{kind}"] = entry
+    job.done.results[f"{fmt}-{kind}"] = entry
     t0 = time.perf_counter()
     cases = job.cases
+    used = calib[:job.opts.calibration_count]
     if kind == "int8":
-        count = job.opts.calibration_count
-        used, held_out = calib[:count], calib[count:count + 4]
-        job.log(f"int8: calibrating on {len(used)} image(s) from {used[0].parent}")
-        quantize_onnx_int8(source, job.config, staged, calibration_batches(used, job.config))
+        job.log(f"{fmt} int8: calibrating on {len(used)} image(s) from {used[0].parent}")
         entry["calibration_images"] = [str(p) for p in used]
         if job.opts.verify:  # calibrated ranges do not cover random noise: real images only
+            held_out = calib[job.opts.calibration_count:job.opts.calibration_count + 4]
             cases = image_cases([*(held_out or used[:2]), *images], job.config)
             cases = cases[:2] if job.opts.quick_verify else cases
-    else:
-        convert_onnx_fp16(source, job.config, staged)
+    _derive(kind, source, job.config, staged, used)
     seconds = time.perf_counter() - t0
     entry["export_s"] = round(seconds, 3)
     if cases is not None:
-        report = _verify_file(job, staged, target, "ort", cases)
+        report = _verify_file(job, staged, target, FORMATS[fmt][1], cases)
         entry["parity"] = report.to_dict()
         if not report.passed:
             entry["written"] = False
-            job.done.failed.append(kind)
+            job.done.failed.append(f"{fmt}-{kind}" if fmt != "onnx" else kind)
             job.log(f"[bold red]{kind}: parity FAILED; {target} was not written[/]")
             return
     _place(job, staged, target, entry, seconds, "made")
-    job.done.written.append(("onnx", target))
+    job.done.written.append((fmt, target))

@@ -1,0 +1,219 @@
+"""The OpenVINO backend: an OpenVINO IR (``NAME.xml`` + ``NAME.bin``, as ``unet-deploy export --format
+openvino`` writes it) or an ``.onnx`` file, compiled by OpenVINO and run as a :class:`~.backends.Runner`.
+
+* Precision: ``OpenVinoOptions.precision`` is OpenVINO's inference-precision hint (fp32, bf16, fp16). A
+  device without the asked precision (bf16 on a CPU without AVX-512 BF16 / AMX) runs what it has: the
+  backend reports the precision really compiled, and says so in one warning line.
+* Performance hints: "auto" compiles for latency (all threads on one request) and, on the first batch of
+  several images, a second time for throughput (parallel streams, one image each): single images stay
+  fast and folders keep every core busy. "latency" / "throughput" force one.
+* A compiled-model cache in ``.openvino-cache/`` beside the model: a second start skips compilation. The
+  model is compiled from the read model, not from its path, so OpenVINO keys the cache on the weights too
+  (a path-keyed cache reuses a stale blob when an export's ``.bin`` changes under the same ``.xml``).
+* Metadata: the same keys as the ONNX export, in the IR's ``rt_info`` under ``unet_deploy``;
+  :func:`read_ir_metadata` reads them from the ``.xml`` without OpenVINO.
+
+OpenVINO is imported only here and only when used (``pip install "unet-deploy[openvino]"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backend_options import OpenVinoOptions
+from .config import CONFIG_KEY, DeployConfig
+from .errors import UserError, first_line
+
+__all__ = ["load_openvino", "read_ir_metadata", "import_openvino", "openvino_device", "openvino_cpu_has",
+           "RT_INFO_SECTION", "CACHE_FOLDER", "INSTALL_HINT"]
+
+log = logging.getLogger(__name__)
+
+#: rt_info section of the IR that holds this package's metadata (the ONNX export's keys).
+RT_INFO_SECTION = "unet_deploy"
+#: Compiled-model cache folder, created beside the model file.
+CACHE_FOLDER = ".openvino-cache"
+INSTALL_HINT = 'pip install "unet-deploy[openvino]" (or pip install openvino)'
+#: OpenVINO element type name -> this package's precision name
+_PRECISION_OF_TYPE = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "f16": "fp16", "float16": "fp16"}
+_HINT_OF_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, or a one-line :class:`UserError` saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise UserError(f"--backend openvino needs OpenVINO: {INSTALL_HINT}") from None
+    return openvino
+
+
+def openvino_cpu_has(precision: str) -> bool:
+    """Whether OpenVINO's CPU plugin has native kernels for ``precision`` here (fp32 always; bf16 with
+    AVX-512 BF16 or AMX; fp16 with AVX-512 FP16 or AMX-FP16; int8 with AVX2/VNNI)."""
+    if precision == "fp32":
+        return True
+    core = import_openvino().Core()
+    capabilities = {str(c).upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    return {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}.get(precision, precision.upper()) in capabilities
+
+
+def read_ir_metadata(path: str | Path) -> dict[str, str]:
+    """The ``unet_deploy`` rt_info entries of an IR ``.xml`` (key -> value), read with ElementTree (no
+    OpenVINO, no weights); {} when it has none. A file that is not XML is a one-line :class:`UserError`."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise UserError(f"{path}: not a readable OpenVINO IR ({first_line(e)}); re-export it") from None
+    section = root.find(f"rt_info/{RT_INFO_SECTION}")
+    if section is None:
+        return {}
+    return {child.tag: child.get("value", "") for child in section}
+
+
+def openvino_device(device: str, available: list[str]) -> str:
+    """This package's ``--device`` as an OpenVINO device: auto/cpu -> CPU; an OpenVINO name (GPU, NPU,
+    AUTO, GPU.1, HETERO:GPU,CPU...) passes through when the device is present; CUDA is refused in one line."""
+    word = (device or "auto").strip()
+    if word.lower() in ("auto", "cpu"):
+        return "CPU"
+    if word.lower().startswith("cuda"):
+        raise UserError(f"--device {device}: OpenVINO does not run on CUDA; use --backend ort or torch on an "
+                        "NVIDIA GPU, or --device cpu")
+    name = word.upper()
+    if name.split(":")[0] in ("AUTO", "HETERO", "MULTI") or name in available:
+        return name
+    raise UserError(f"--device {device}: OpenVINO sees {', '.join(available) or 'no device'} here; use "
+                    "--device cpu (or AUTO, GPU, NPU where present)")
+
+
+def _read_model(core: Any, path: Path) -> Any:
+    try:
+        return core.read_model(str(path))
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for any bad file
+        what = "its .bin beside it is missing or does not match" if path.suffix == ".xml" else "not a model"
+        raise UserError(f"{path}: OpenVINO cannot read this model ({first_line(e)[:160]}; {what}); "
+                        "re-export it with `unet-deploy export --format openvino`") from None
+
+
+def _cache_dir(path: Path) -> str | None:
+    folder = path.parent / CACHE_FOLDER
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        log.debug("%s: no compiled-model cache (cannot create %s)", path, folder)
+        return None
+    return str(folder)
+
+
+def _compile(core: Any, model: Any, device: str, properties: dict[str, Any], path: Path) -> Any:
+    try:
+        return core.compile_model(model, device, properties)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: OpenVINO cannot compile this model for {device} ({first_line(e)[:200]})") from None
+
+
+class _OpenVinoRunner:
+    """numpy in, numpy out. Batches of one image run on a latency-compiled model; with ``hint`` "auto" or
+    "throughput", a batch of several runs its images in parallel on a throughput-compiled model."""
+
+    def __init__(self, core: Any, model: Any, device: str, properties: dict[str, Any], options: OpenVinoOptions,
+                 path: Path):
+        self.core, self.model, self.device, self.path = core, model, device, path
+        self.properties = properties
+        self.hint = options.hint
+        first = "THROUGHPUT" if options.hint == "throughput" else "LATENCY"
+        self.compiled = {first: _compile(core, model, device, {**properties, "PERFORMANCE_HINT": first}, path)}
+        self.request = self.compiled[first].create_infer_request()
+        self.queue: Any = None
+
+    def _throughput_queue(self) -> Any:
+        if self.queue is None:
+            from openvino import AsyncInferQueue
+
+            compiled = self.compiled.get("THROUGHPUT") or _compile(
+                self.core, self.model, self.device, {**self.properties, "PERFORMANCE_HINT": "THROUGHPUT"}, self.path)
+            self.compiled["THROUGHPUT"] = compiled
+            self.queue = AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        return self.queue
+
+    def _run_parallel(self, x: np.ndarray) -> np.ndarray:
+        queue = self._throughput_queue()
+        outputs: list[np.ndarray] = [np.empty(0, np.float32)] * len(x)
+
+        def keep(request: Any, index: int) -> None:
+            outputs[index] = request.get_output_tensor(0).data.copy()
+
+        queue.set_callback(keep)
+        for i in range(len(x)):
+            queue.start_async({0: x[i:i + 1]}, userdata=i)
+        queue.wait_all()
+        return np.concatenate(outputs)
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        if not isinstance(batch, np.ndarray) and hasattr(batch, "detach"):  # a torch tensor
+            batch = batch.detach().cpu().numpy()
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if len(x) > 1 and self.hint != "latency":
+            out = self._run_parallel(x)
+        else:
+            self.request.infer({0: x})
+            out = self.request.get_output_tensor(0).data.copy()  # the request reuses its buffer next call
+        return np.asarray(out, dtype=np.float32)
+
+
+def _metadata(path: Path, model: Any) -> dict[str, str]:
+    if path.suffix.lower() == ".xml":
+        return read_ir_metadata(path)
+    keys = (CONFIG_KEY, "unet_deploy.precision")  # an ONNX file: OpenVINO keeps its metadata_props there
+    return {k: model.get_rt_info(["framework", k]).astype(str) for k in keys if model.has_rt_info(["framework", k])}
+
+
+def _compiled_precision(compiled: Any, asked: str) -> str:
+    try:
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # noqa: BLE001 - a device without the property runs what it was asked
+        return asked
+    name = value.to_string() if hasattr(value, "to_string") else str(value)
+    return _PRECISION_OF_TYPE.get(name.lower(), asked)
+
+
+def _properties(options: OpenVinoOptions, path: Path) -> dict[str, Any]:
+    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT_OF_PRECISION[options.precision]}
+    if options.threads is not None:
+        properties["INFERENCE_NUM_THREADS"] = options.threads
+    cache = _cache_dir(path) if options.cache else None
+    if cache is not None:
+        properties["CACHE_DIR"] = cache
+    return properties
+
+
+def load_openvino(path: Path, device: str, options: OpenVinoOptions) -> Any:
+    """A :class:`~.backends.Backend` running ``path`` (.xml IR or .onnx) on OpenVINO ``device``."""
+    from .backends import Backend
+
+    ov = import_openvino()
+    core = ov.Core()
+    target = openvino_device(device, list(core.available_devices))
+    model = _read_model(core, path)
+    meta = _metadata(path, model)
+    config = DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else DeployConfig()
+    runner = _OpenVinoRunner(core, model, target, _properties(options, path), options, path)
+    compiled = next(iter(runner.compiled.values()))
+    ran = _compiled_precision(compiled, options.precision)
+    if ran != options.precision:
+        log.warning("%s: OpenVINO on %s has no %s kernels here; it runs %s", path, target, options.precision, ran)
+    exported = meta.get("unet_deploy.precision", "fp32")
+    precision = "int8" if exported == "int8" else ran
+    try:
+        name = core.get_property(target, "FULL_DEVICE_NAME")
+    except Exception:  # noqa: BLE001 - AUTO/HETERO have no single name
+        name = target
+    provider = f"OpenVINO {ov.__version__.split('-')[0]} {target} ({name}), {ran}"
+    return Backend(name="openvino", path=path, device="cpu" if target == "CPU" else target, config=config,
+                   provider=provider, precision=precision, options=options, call=runner)

@@ -1,0 +1,112 @@
+"""OpenVINO IR writers: ``NAME.xml`` + ``NAME.bin`` from this package's verified ONNX export, and an int8 IR
+quantised by NNCF post-training quantisation.
+
+* :func:`convert_onnx_to_ir` reads the ONNX file with OpenVINO's ONNX front end (the same graph ONNX Runtime
+  runs: the decoder without concatenations) and saves the IR with fp32 weights (``compress_to_fp16=False``:
+  the parity check compares fp32 with fp32), the ONNX export's metadata in ``rt_info`` under
+  ``unet_deploy``.
+* :func:`quantize_ir_int8` calibrates NNCF's post-training quantisation on images preprocessed exactly as
+  ``predict`` does (``export.calibration_batches``) and saves the int8 IR with precision "int8".
+* :func:`place_ir` moves a verified IR into place: the ``.bin`` first, then the ``.xml`` that reads it, so
+  the ``.xml`` under the target name never names weights that are not there yet.
+
+openvino and nncf are imported here only (``pip install "unet-deploy[openvino]"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backend_openvino import INSTALL_HINT, RT_INFO_SECTION, import_openvino
+from .config import DeployConfig
+from .errors import UserError, first_line
+from .export import onnx_metadata, quiet_exporter, recorded_config
+
+__all__ = ["convert_onnx_to_ir", "quantize_ir_int8", "place_ir", "bin_path", "openvino_installed"]
+
+
+def openvino_installed() -> bool:
+    """Whether ``import openvino`` would work (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def bin_path(xml: str | Path) -> Path:
+    """The weights file OpenVINO reads beside an IR ``.xml``."""
+    return Path(xml).with_suffix(".bin")
+
+
+def _save_ir(model: Any, config: DeployConfig, precision: str, xml: Path) -> Path:
+    ov = import_openvino()
+    for key, value in onnx_metadata(recorded_config(config), precision).items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
+    try:
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+        raise UserError(f"{xml}: OpenVINO could not write the IR ({first_line(e)[:200]})") from None
+    return xml
+
+
+def convert_onnx_to_ir(source: str | Path, config: DeployConfig, xml: str | Path) -> Path:
+    """``source`` (this package's fp32 ONNX export) as an fp32 IR at ``xml`` (+ ``.bin``), metadata embedded."""
+    ov = import_openvino()
+    try:
+        model = ov.Core().read_model(str(source))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{source}: OpenVINO cannot read this ONNX file ({first_line(e)[:200]})") from None
+    return _save_ir(model, config, "fp32", Path(xml))
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF logs at INFO and draws progress bars; keep errors only."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with quiet_exporter(), contextlib.redirect_stderr(open(os.devnull, "w")) as sink:  # noqa: SIM115
+            try:
+                yield
+            finally:
+                sink.close()
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_ir_int8(source: str | Path, config: DeployConfig, xml: str | Path,
+                     calibration: Iterable[np.ndarray]) -> Path:
+    """NNCF post-training int8 quantisation of the fp32 IR ``source`` into ``xml`` (+ ``.bin``).
+
+    Activations are calibrated on the ``calibration`` batches (each (1, C, H, W) float32, preprocessed as
+    ``predict`` does); weights are int8 per output channel (NNCF's "performance" preset: symmetric
+    activations, fast on CPUs with VNNI/AMX). Precision "int8" in the metadata."""
+    try:
+        import nncf
+    except ImportError:
+        raise UserError(f"--int8 for OpenVINO needs NNCF: {INSTALL_HINT.replace('openvino)', 'nncf)')}") from None
+    ov = import_openvino()
+    batches = list(calibration)
+    if not batches:
+        raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
+    model = ov.Core().read_model(str(source))
+    try:
+        with _quiet_nncf():
+            quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                                      preset=nncf.QuantizationPreset.PERFORMANCE)
+    except Exception as e:  # noqa: BLE001 - NNCF raises many types
+        raise UserError(f"{source}: OpenVINO int8 quantisation failed ({first_line(e)[:200]})") from None
+    return _save_ir(quantized, config, "int8", Path(xml))
+
+
+def place_ir(staged: Path, target: Path) -> None:
+    """Move a staged IR into place: ``.bin`` first, then the ``.xml`` (each one atomic rename)."""
+    os.replace(bin_path(staged), bin_path(target))
+    os.replace(staged, target)
