@@ -8,7 +8,8 @@ quantised by NNCF post-training quantisation.
 * :func:`quantize_ir_int8` calibrates NNCF's post-training quantisation on images preprocessed exactly as
   ``predict`` does (``export.calibration_batches``) and saves the int8 IR with precision "int8".
 * :func:`place_ir` moves a verified IR into place: the ``.bin`` first, then the ``.xml`` that reads it, so
-  the ``.xml`` under the target name never names weights that are not there yet.
+  the ``.xml`` under the target name never names weights that are not there yet. The writers above save
+  under a temporary name beside the target and place it the same way: an interrupted write leaves no IR.
 
 openvino and nncf are imported here only (``pip install "unet-deploy[openvino]"``).
 """
@@ -48,10 +49,15 @@ def _save_ir(model: Any, config: DeployConfig, precision: str, xml: Path) -> Pat
     ov = import_openvino()
     for key, value in onnx_metadata(recorded_config(config), precision).items():
         model.set_rt_info(value, [RT_INFO_SECTION, key])
+    staged = xml.with_name(f".{xml.stem}.{os.getpid()}.tmp.xml")  # beside the target: the renames are atomic
     try:
-        ov.save_model(model, str(xml), compress_to_fp16=False)
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        place_ir(staged, xml)
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
         raise UserError(f"{xml}: OpenVINO could not write the IR ({first_line(e)[:200]})") from None
+    finally:
+        for leftover in (staged, bin_path(staged)):
+            leftover.unlink(missing_ok=True)
     return xml
 
 

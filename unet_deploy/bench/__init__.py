@@ -50,7 +50,7 @@ from .settings import (
     resolve_settings,
 )
 from .stages import PIPELINE_TARGET, STAGES_SCHEMA, measure_stages
-from .variants import BENCH_BACKENDS, VARIANT_HELP, Variant, expand_variants, parse_variant
+from .variants import BENCH_BACKENDS, VARIANT_HELP, Variant, default_backends, expand_variants, parse_variant
 
 __all__ = [
     "QUICK_ENV", "CARVANA_SIZE", "QUICK_SIZE", "QUICK_BASE_CHANNELS", "DEFAULT_SCALES", "BENCH_BACKENDS", "SCHEMA",
@@ -58,7 +58,8 @@ __all__ = [
     "synthetic_image", "write_jpeg", "end_to_end", "run_case", "run_case_isolated", "parity",
     "latency_stats", "machine_facts", "run_benchmark", "speedups", "render_table", "render_speedups",
     "render_markdown", "render_targets", "render_roofline", "reliability", "reliability_notes", "unsteady",
-    "UNSTEADY_SPREAD", "Variant", "parse_variant", "expand_variants", "VARIANT_HELP", "targets", "before_after",
+    "UNSTEADY_SPREAD", "Variant", "parse_variant", "expand_variants", "default_backends", "VARIANT_HELP",
+    "targets", "before_after",
     "measure_stages", "STAGES_SCHEMA", "PIPELINE_TARGET", "FULL_RUN", "peak_rss_bytes", "reset_peak_rss",
     "reproduce_command", "write_json", "write_plot",
 ]

@@ -1,6 +1,7 @@
 """The model files a benchmark loads: the checkpoint (given, or a seeded fresh init), its TorchScript and ONNX
-exports and the int8/fp16 ONNX files made from them, kept in a folder named by a hash of what made them so
-a cache folder is reused across runs."""
+exports, the int8/fp16 ONNX files made from them and the OpenVINO IRs (from this package's ONNX export, its
+NNCF int8 form, and from a plain ``torch.onnx.export`` for comparison), kept in a folder named by a hash of
+what made them so a cache folder is reused across runs."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import DeployConfig, InferenceConfig, ModelConfig
 from ..data import preprocess
-from ..export import convert_onnx_fp16, export_onnx, export_torchscript, quantize_onnx_int8
+from ..export import convert_onnx_fp16, export_onnx, export_torchscript, quantize_onnx_int8, quiet_exporter
 from ..fileio import sha256_file
 from .inputs import synthetic_image
 from .settings import CARVANA_SIZE, BenchSettings, resolve_settings
@@ -30,7 +31,10 @@ __all__ = ["MODEL_FILES", "BENCH_CALIBRATION_IMAGES", "ModelFiles", "cache_key",
 
 #: File name of each model file, by ``Variant.file_key``.
 MODEL_FILES = {"torch": "model.pth", "torchscript": "model.ts", "ort": "model.onnx", "ort-int8": "model.int8.onnx",
-               "ort-fp16": "model.fp16.onnx"}
+               "ort-fp16": "model.fp16.onnx", "openvino": "model.xml", "openvino-int8": "model.int8.xml",
+               "openvino-plain": "model.plain.xml"}
+#: Derived files -> the file each is made from.
+_DERIVED_FROM = {"ort-int8": "ort", "ort-fp16": "ort", "openvino": "ort", "openvino-int8": "openvino"}
 #: Synthetic Carvana-like images the benchmark calibrates its int8 model on.
 BENCH_CALIBRATION_IMAGES = 4
 
@@ -49,7 +53,8 @@ class ModelFiles:
 def cache_key(settings: BenchSettings) -> str:
     """Hash of the weights (or the fresh-init recipe), the export recipe and the torch/onnx versions."""
     # recipe: bump when the export/quantisation recipe changes, so cached files are made again
-    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 4, "onnx": onnx.__version__}
+    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 5, "onnx": onnx.__version__,
+                            "openvino": _openvino_version()}
     if settings.checkpoint is not None:
         what["checkpoint"] = sha256_file(settings.checkpoint)
     else:
@@ -91,8 +96,9 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
         ckpt = load_checkpoint(paths["torch"])
     export_s: dict[str, float] = {}
     keys = {parse_variant(v).file_key for v in settings.backends}
-    if keys & {"ort-int8", "ort-fp16"}:
-        keys.add("ort")
+    for derived in ("openvino-int8", "openvino", "ort-int8", "ort-fp16"):  # each one's source, recursively
+        if derived in keys:
+            keys.add(_DERIVED_FROM[derived])
     for backend, writer in (("torchscript", export_torchscript), ("ort", export_onnx)):
         if backend not in keys:
             continue
@@ -106,9 +112,9 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
         t0 = time.perf_counter()
         writer(model, ckpt.config, target)
         export_s[backend] = time.perf_counter() - t0
-    for key in ("ort-int8", "ort-fp16"):
+    for key in ("ort-int8", "ort-fp16", "openvino", "openvino-int8", "openvino-plain"):
         if key in keys:
-            _derived_onnx(key, settings, ckpt.config, paths, folder, export_s, say)
+            _derived_file(key, settings, ckpt, paths, folder, export_s, say)
     return ModelFiles(paths, config.model.architecture, source, export_s, config.model)
 
 
@@ -127,24 +133,60 @@ def _fresh_checkpoint(settings: BenchSettings, folder: Path) -> tuple[DeployConf
     return config, path, model
 
 
-def _derived_onnx(key: str, settings: BenchSettings, config: Any, paths: dict[str, Path], folder: Path,
+def _openvino_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _calibration(settings: BenchSettings, config: Any) -> Iterator[Any]:
+    width, height = settings.image_size or CARVANA_SIZE
+    return (preprocess(synthetic_image(width, height, settings.seed + 1000 + i), config.inference.scale)[None]
+            for i in range(BENCH_CALIBRATION_IMAGES))
+
+
+def _plain_onnx_ir(ckpt: Any, target: Path) -> None:
+    """OpenVINO's IR of a plain ``torch.onnx.export`` of the network as built (no export rewrites, dynamic
+    batch/height/width, torch's default exporter): what a user without this package would run."""
+    from ..export_openvino import convert_onnx_to_ir
+
+    model = ckpt.build_model("cpu").eval()
+    onnx_path = target.with_suffix(".onnx")
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    with quiet_exporter(), torch.no_grad():
+        torch.onnx.export(model, (torch.rand(2, 3, 64, 96),), str(onnx_path), dynamo=True, input_names=["input"],
+                          output_names=["logits"], dynamic_shapes=(dims,))
+    convert_onnx_to_ir(onnx_path, ckpt.config, target)
+    onnx_path.unlink()
+
+
+def _derived_file(key: str, settings: BenchSettings, ckpt: Any, paths: dict[str, Path], folder: Path,
                   export_s: dict[str, float], say: Callable[[str], None]) -> None:
-    """Write (or reuse) the int8 or fp16 model made from the fp32 ONNX file; add it to ``paths``."""
+    """Write (or reuse) a file made from another one (int8/fp16 ONNX, the IRs); add it to ``paths``."""
     target = folder / MODEL_FILES[key]
     paths[key] = target
     if target.exists():
         return
     t0 = time.perf_counter()
+    config = ckpt.config
+    source = paths.get(_DERIVED_FROM.get(key, ""))
+    say(f"making {key} -> {target}" + (f" (calibrating on {BENCH_CALIBRATION_IMAGES} synthetic images at scale "
+                                       f"{config.inference.scale:g})" if key.endswith("int8") else ""))
     if key == "ort-int8":
-        width, height = settings.image_size or CARVANA_SIZE
-        scale = config.inference.scale
-        say(f"quantising int8 -> {target} (calibrating on {BENCH_CALIBRATION_IMAGES} synthetic images "
-            f"at scale {scale:g})")
-        batches = (preprocess(synthetic_image(width, height, settings.seed + 1000 + i), scale)[None]
-                   for i in range(BENCH_CALIBRATION_IMAGES))
-        quantize_onnx_int8(paths["ort"], config, target, batches)
-    else:
-        say(f"converting fp16 -> {target}")
+        quantize_onnx_int8(paths["ort"], config, target, _calibration(settings, config))
+    elif key == "ort-fp16":
         convert_onnx_fp16(paths["ort"], config, target)
-    export_s[key] = time.perf_counter() - t0
+    elif key == "openvino-plain":
+        _plain_onnx_ir(ckpt, target)
+    else:
+        from ..export_openvino import convert_onnx_to_ir, quantize_ir_int8
 
+        assert source is not None
+        if key == "openvino":
+            convert_onnx_to_ir(source, config, target)
+        else:
+            quantize_ir_int8(source, config, target, _calibration(settings, config))
+    export_s[key] = time.perf_counter() - t0

@@ -39,6 +39,12 @@ def parity(reference: np.ndarray, other: np.ndarray, threshold: float = 0.5,
             "pixel_agreement": result["pixel_agreement"], "dice": result["dice"], "passed": result["passed"]}
 
 
+def _file_bytes(path: Path) -> int:
+    """Size of a model file; an OpenVINO IR's .xml counts with its .bin."""
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (weights.stat().st_size if weights is not None and weights.exists() else 0)
+
+
 def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, temporary_models: Path | None,
               say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every backend x scale case in its own process, with parity against eager on the same input. Files in
@@ -76,6 +82,6 @@ def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, tempora
                 **result, "scale": scale, "input": f"{w}x{h}", "input_width": int(w), "input_height": int(h),
                 "parity": {**par, "reference": name == "torch"},
                 "file": path.name if path.parent == temporary_models else str(path),
-                "file_mb": path.stat().st_size / 1e6, "export_s": files.export_s.get(backend),
+                "file_mb": _file_bytes(path) / 1e6, "export_s": files.export_s.get(backend),
             })
     return cases

@@ -1,6 +1,6 @@
 """Variant names: a backend plus its fast-path options, written like "torch-bf16-cl" or "ort-int8".
 
-The grammar is ``BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob]``; the plain backend and precision
+The grammar is ``BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-plain]``; the plain backend and precision
 names are :mod:`unet_deploy.names`'s, this module adds the flags and which combinations make sense.
 """
 
@@ -9,22 +9,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..backend_options import BackendOptions, OrtOptions, TorchOptions, TorchScriptOptions
+from ..backend_options import BackendOptions, OpenVinoOptions, OrtOptions, TorchOptions, TorchScriptOptions
 from ..errors import UserError
 from ..names import BACKENDS, PRECISIONS
 
-__all__ = ["BENCH_BACKENDS", "PRECISIONS", "FLAGS", "BACKEND_NAMES", "VARIANT_HELP", "Variant", "parse_variant",
-           "expand_variants", "variant_label"]
+__all__ = ["BENCH_BACKENDS", "default_backends", "PRECISIONS", "FLAGS", "BACKEND_NAMES", "VARIANT_HELP", "Variant",
+           "parse_variant", "expand_variants", "variant_label"]
 
 #: Backends in table order; "torch" (eager) is the parity reference.
 BENCH_BACKENDS = BACKENDS
-FLAGS = ("cl", "compile", "cgraph", "default", "iob")
+FLAGS = ("cl", "compile", "cgraph", "default", "iob", "plain")
 #: How the tables name each backend.
-BACKEND_NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime"}
-VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob]: torch, torchscript or ort; "
-                "precision fp32 (default), bf16/fp16 (torch), fp16/int8 (ort files); cl = channels_last; "
-                "compile = torch.compile, cgraph = torch.compile reduce-overhead (CUDA graphs); default = "
-                "ONNX Runtime's default session options (untuned); iob = ORT IO binding")
+BACKEND_NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime", "openvino": "openvino"}
+VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-plain]: torch, torchscript, ort or "
+                "openvino; precision fp32 (default), bf16/fp16 (torch, openvino), fp16/int8 (ort files), int8 "
+                "(openvino: NNCF); cl = channels_last; compile = torch.compile, cgraph = torch.compile "
+                "reduce-overhead (CUDA graphs); default = ONNX Runtime's default session options (untuned); iob = "
+                "ORT IO binding; plain = openvino on a plain torch.onnx export (no export rewrites)")
+
+
+def default_backends() -> tuple[str, ...]:
+    """The backends a benchmark runs when none are named: every one whose runtime is installed (OpenVINO
+    is an extra)."""
+    import importlib.util
+
+    return tuple(b for b in BENCH_BACKENDS if b != "openvino" or importlib.util.find_spec("openvino") is not None)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class Variant:
     compile: str | None = None
     ort_profile: str = "tuned"
     io_binding: bool | None = None
+    plain: bool = False  #: openvino: the IR of a plain torch.onnx export instead of this package's export
 
     @property
     def name(self) -> str:
@@ -52,6 +62,8 @@ class Variant:
             parts.append("default")
         if self.io_binding:
             parts.append("iob")
+        if self.plain:
+            parts.append("plain")
         return "-".join(parts)
 
     def options(self, threads: int | None = None) -> BackendOptions:
@@ -61,11 +73,15 @@ class Variant:
             return OrtOptions(threads=threads, profile=self.ort_profile, io_binding=self.io_binding)
         if self.backend == "torchscript":
             return TorchScriptOptions()
+        if self.backend == "openvino":  # an int8 IR is int8 by its file; its other layers run fp32
+            return OpenVinoOptions(precision="fp32" if self.precision == "int8" else self.precision, threads=threads)
         return TorchOptions(precision=self.precision, channels_last=self.channels_last, compile=self.compile)
 
     @property
     def file_key(self) -> str:
         """Which model file it loads (keys of ``ModelFiles.paths``)."""
+        if self.backend == "openvino":
+            return "openvino-plain" if self.plain else ("openvino-int8" if self.precision == "int8" else "openvino")
         return f"ort-{self.precision}" if self.backend == "ort" and self.precision != "fp32" else self.backend
 
     @property
@@ -74,6 +90,23 @@ class Variant:
         base = BACKEND_NAMES.get(self.backend, self.backend)
         extra = [w for w in self.name.split("-")[1:]]
         return " ".join([base, *extra]) if extra else base
+
+
+def _refuse_combination(backend: str, precision: str, flags: set[str], device: str | None) -> str | None:
+    """Why this backend cannot take ``precision`` / ``flags`` (a message), or None when it can."""
+    if backend == "torchscript" and (precision != "fp32" or flags):
+        return "torchscript runs the fp32 export as is; use plain torchscript"
+    if "plain" in flags and backend != "openvino":
+        return "-plain is an openvino option (openvino-plain)"
+    if backend == "torch" and (precision == "int8" or flags & {"default", "iob"}):
+        return "int8, default and iob are ONNX Runtime options (ort-...)"
+    if backend == "torch" and precision == "fp16" and device is not None and not device.startswith("cuda"):
+        return "torch fp16 needs CUDA; use torch-bf16 on CPU"
+    if backend == "ort" and (precision == "bf16" or flags & {"cl", "compile", "cgraph"}):
+        return "ort takes fp32, fp16 or int8 and -default/-iob only"
+    if backend == "openvino" and (flags - {"plain"} or (flags and precision == "int8")):
+        return "openvino takes fp32, bf16, fp16 or int8 and -plain (fp32/bf16) only"
+    return None
 
 
 def parse_variant(word: str, device: str | None = None) -> Variant:
@@ -90,19 +123,12 @@ def parse_variant(word: str, device: str | None = None) -> Variant:
             flags.add(p)
         else:
             raise UserError(f"--backends {word}: unknown option {p!r}; use {VARIANT_HELP}")
-    if backend == "torchscript" and (precision != "fp32" or flags):
-        raise UserError(f"--backends {word}: torchscript runs the fp32 export as is; drop {'-'.join(rest)}")
-    if backend == "torch":
-        if precision == "int8" or flags & {"default", "iob"}:
-            raise UserError(f"--backends {word}: int8, default and iob are ONNX Runtime options (ort-...)")
-        if precision == "fp16" and device is not None and not device.startswith("cuda"):
-            raise UserError(f"--backends {word}: torch fp16 needs CUDA; use torch-bf16 on CPU")
-    if backend == "ort":
-        if precision == "bf16" or flags & {"cl", "compile", "cgraph"}:
-            raise UserError(f"--backends {word}: ort takes fp32, fp16 or int8 and -default/-iob only")
+    problem = _refuse_combination(backend, precision, flags, device)
+    if problem:
+        raise UserError(f"--backends {word}: {problem}")
     compile_mode = "reduce-overhead" if "cgraph" in flags else ("default" if "compile" in flags else None)
     return Variant(backend, precision, "cl" in flags, compile_mode, "default" if "default" in flags else "tuned",
-                   True if "iob" in flags else None)
+                   True if "iob" in flags else None, "plain" in flags)
 
 
 def expand_variants(words: Sequence[str], precisions: Sequence[str] = (), channels_last: bool = False,
@@ -123,7 +149,7 @@ def expand_variants(words: Sequence[str], precisions: Sequence[str] = (), channe
                 continue
             if v.backend == "torch" and (p == "int8" or (p == "fp16" and not str(device).startswith("cuda"))):
                 continue
-            if v.backend == "ort" and p == "bf16":
+            if (v.backend == "ort" and p == "bf16") or (v.backend == "openvino" and v.plain and p == "int8"):
                 continue
             c = replace(v, precision=p)
             if c.backend == "torch":

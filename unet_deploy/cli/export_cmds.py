@@ -1,4 +1,5 @@
-"""``unet-deploy export`` and ``unet-deploy verify``: TorchScript / ONNX files that provably match eager."""
+"""``unet-deploy export`` and ``unet-deploy verify``: TorchScript / ONNX / OpenVINO files that provably match
+eager."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def export(
                                       help="Checkpoint to export: this project's .pth or a Pytorch-UNet "
                                            "MODEL.pth [default: checkpoints/best.pth, the best of the last "
                                            "`unet-deploy train`]."),
-    fmt: str = typer.Option("all", "--format", "-f", help="onnx, torchscript or all."),
+    fmt: str = typer.Option("all", "--format", "-f",
+                            help="onnx, torchscript, openvino (IR: NAME.xml + NAME.bin), several joined by commas, "
+                                 "or all (openvino when installed: pip install \"unet-deploy[openvino]\")."),
     output: Path = typer.Option(Path("exported"), "--output", "-o", help="Folder to write the files into."),
     name: str | None = typer.Option(None, "--name",
                                     help="File name without suffix [default: the checkpoint's stem, e.g. "
@@ -55,8 +58,9 @@ def export(
                                            "(faster on CPU; still odd sizes and batch 2)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the parity reports as JSON."),
     int8: bool = typer.Option(False, "--int8",
-                              help="Also write NAME.int8.onnx: static int8 (QDQ) quantisation of the ONNX "
-                                   "export, calibrated on --calibration images."),
+                              help="Also write NAME.int8.onnx (static int8 QDQ quantisation of the ONNX export) "
+                                   "and, with the openvino format, NAME.int8.xml (NNCF post-training "
+                                   "quantisation of the IR), calibrated on --calibration images."),
     calibration: Path | None = typer.Option(None, "--calibration",
                                             help="Folder of training images for int8 calibration, "
                                                  "preprocessed as predict does [default: data/imgs]."),
@@ -67,24 +71,27 @@ def export(
                               help="Also write NAME.fp16.onnx: half-precision weights and activations with "
                                    "float32 input/output (for ONNX Runtime on CUDA)."),
 ) -> None:
-    """Export a checkpoint to ONNX and/or TorchScript and check each file against eager PyTorch.
+    """Export a checkpoint to ONNX, TorchScript and/or OpenVINO IR and check each file against eager PyTorch.
 
-    Each file is written to a temporary name, loaded back (ONNX Runtime / torch.jit.load) and compared
-    with the eager model on random inputs at 959x640 (Carvana at scale 0.5), 97x61 (not divisible by 16)
-    and a batch of 2, plus --images. Only a file that passes is moved to OUTPUT/NAME.onnx or
-    OUTPUT/NAME.ts; one that fails is deleted, an older file under that name is left as it was, the
-    parity table is printed and the exit code is 1. Pass criteria (fp32): relative logit error <= 1e-5,
-    mask pixel agreement >= 99.99 %, dice between the masks >= 0.9999.
+    Each file is written to a temporary name, loaded back (ONNX Runtime / torch.jit.load / OpenVINO) and
+    compared with the eager model on random inputs at 959x640 (Carvana at scale 0.5), 97x61 (not divisible by
+    16) and a batch of 2, plus --images. Only a file that passes is moved to OUTPUT/NAME.onnx, OUTPUT/NAME.ts or
+    OUTPUT/NAME.xml (+ NAME.bin, placed first); one that fails is deleted, an older file under that name is left
+    as it was, the parity table is printed and the exit code is 1. Pass criteria (fp32): relative logit error <=
+    1e-5, mask pixel agreement >= 99.99 %, dice between the masks >= 0.9999.
 
     --int8 also writes NAME.int8.onnx (per-channel int8 weights, uint8 activations, ranges calibrated on
     --calibration images) and checks it on real images only (calibrated ranges do not cover random
     noise): the held-out calibration-folder images plus --images, by mask criteria (pixel agreement >=
-    99 %, dice >= 0.98). --fp16 also writes NAME.fp16.onnx (float32 input/output), checked like the
-    fp32 file with fp16 thresholds.
+    99 %, dice >= 0.98); with --format openvino it also writes NAME.int8.xml, checked the same way.
+    --fp16 also writes NAME.fp16.onnx (float32 input/output), checked like the fp32 file with fp16
+    thresholds. The OpenVINO IR is converted from the ONNX export and checked at fp32, and at bf16
+    (bf16 thresholds) where OpenVINO has bf16 kernels on this CPU.
 
     Example: `unet-deploy export --format onnx` (after `unet-deploy train`), or
     `unet-deploy export -m MODEL.pth --format all -o exported --images data/imgs`, or
-    `unet-deploy export --format onnx --int8 --calibration data/imgs --calibration-count 16`
+    `unet-deploy export --format onnx --int8 --calibration data/imgs --calibration-count 16`, or
+    `unet-deploy export --format openvino --int8`
     """
     from ..api import export as export_checkpoint
 
@@ -140,7 +147,7 @@ def _recorded_checkpoint(model_file: Path, source: dict[str, Any]) -> Path:
 
 @app.command()
 def verify(
-    model_file: Path = typer.Argument(..., help="Exported model: .onnx or .ts (or another .pth)."),
+    model_file: Path = typer.Argument(..., help="Exported model: .onnx, .ts or .xml (or another .pth)."),
     model: Path | None = typer.Option(None, "--model", "-m",
                                       help="Reference checkpoint run in eager PyTorch [default: the "
                                            "checkpoint recorded in the export: its absolute path, else its "
@@ -150,9 +157,10 @@ def verify(
                                              help="Real images (files, or folders: their first "
                                                   f"{MAX_DIR_IMAGES}) added to the parity inputs."),
     quick: bool = typer.Option(False, "--quick", help="239x160 instead of 959x640 for the large case."),
-    backend: str | None = typer.Option(None, "--backend", help="torch, torchscript or ort (default: from "
-                                                               "the file's suffix)."),
-    device: str = typer.Option("cpu", "--device", help="Device for both models: cpu, cuda or cuda:N."),
+    backend: str | None = typer.Option(None, "--backend", help="torch, torchscript, ort or openvino (default: "
+                                                               "from the file's suffix; openvino also runs .onnx)."),
+    device: str = typer.Option("cpu", "--device", help="Device for both models: cpu, cuda or cuda:N (OpenVINO: "
+                                                       "cpu, or GPU/NPU/AUTO for the candidate)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the parity report as JSON."),
 ) -> None:
     """Check an existing export against eager PyTorch (same inputs and criteria as `export`).
