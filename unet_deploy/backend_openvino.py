@@ -29,7 +29,8 @@ from .backend_options import OpenVinoOptions
 from .config import CONFIG_KEY, DeployConfig
 from .errors import UserError, first_line
 
-__all__ = ["load_openvino", "read_ir_metadata", "import_openvino", "openvino_device", "openvino_cpu_has",
+__all__ = ["load_openvino", "read_ir_metadata", "import_openvino", "openvino_installed", "openvino_device",
+           "openvino_cpu_has",
            "RT_INFO_SECTION", "CACHE_FOLDER", "INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ INSTALL_HINT = 'pip install "unet-deploy[openvino]" (or pip install openvino)'
 #: OpenVINO element type name -> this package's precision name
 _PRECISION_OF_TYPE = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "f16": "fp16", "float16": "fp16"}
 _HINT_OF_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def openvino_installed() -> bool:
+    """Whether ``import openvino`` would work (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def import_openvino() -> Any:

@@ -25,19 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from .backend_openvino import INSTALL_HINT, RT_INFO_SECTION, import_openvino
+from .backend_openvino import INSTALL_HINT, RT_INFO_SECTION, import_openvino, openvino_installed
 from .config import DeployConfig
 from .errors import UserError, first_line
 from .export import onnx_metadata, quiet_exporter, recorded_config
 
 __all__ = ["convert_onnx_to_ir", "quantize_ir_int8", "place_ir", "bin_path", "openvino_installed"]
-
-
-def openvino_installed() -> bool:
-    """Whether ``import openvino`` would work (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
 
 
 def bin_path(xml: str | Path) -> Path:

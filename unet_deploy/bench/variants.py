@@ -31,9 +31,9 @@ VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-pla
 def default_backends() -> tuple[str, ...]:
     """The backends a benchmark runs when none are named: every one whose runtime is installed (OpenVINO
     is an extra)."""
-    import importlib.util
+    from .. import backend_openvino  # light: no openvino import
 
-    return tuple(b for b in BENCH_BACKENDS if b != "openvino" or importlib.util.find_spec("openvino") is not None)
+    return tuple(b for b in BENCH_BACKENDS if b != "openvino" or backend_openvino.openvino_installed())
 
 
 @dataclass(frozen=True)
