@@ -17,6 +17,7 @@ from PIL import Image
 from serve_helpers import ROOT, Reply, Server, multipart, png_pixels, write_test_images
 
 from unet_deploy.api import Predictor
+from unet_deploy.backend_openvino import openvino_installed
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.export import export_onnx, export_torchscript
 from unet_deploy.rle import rle_encode
@@ -26,12 +27,17 @@ pytest.importorskip("starlette", reason="serve needs starlette (a dependency of 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, fit_on_heldout_cars) -> dict:
-    """A base-8 U-Net fitted on 12 synthetic cars, as .pth, .ts and .onnx, and test images of many modes."""
+    """A base-8 U-Net fitted on 12 synthetic cars, as .pth, .ts, .onnx and OpenVINO IR (.xml, when the openvino
+    extra is installed), and test images of many modes."""
     model, cfg, images = fit_on_heldout_cars(12, 30)
     d = tmp_path_factory.mktemp("serve")
     files = {"torch": save_checkpoint(d / "tiny.pth", model, cfg),
              "torchscript": export_torchscript(model, cfg, d / "tiny.ts"),
              "ort": export_onnx(model, cfg, d / "tiny.onnx")}
+    if openvino_installed():
+        from unet_deploy.export_openvino import convert_onnx_to_ir
+
+        files["openvino"] = convert_onnx_to_ir(files["ort"], cfg, d / "tiny.xml")
     return {"dir": d, "files": files, "images": write_test_images(d / "images", images[12]), "photo": images[13]}
 
 
@@ -47,9 +53,11 @@ def ort_server(served):
     assert srv.stop() == 0, srv.log.read_text()[-2000:]
 
 
-@pytest.fixture(scope="module", params=["ort", "torchscript", "torch"])
+@pytest.fixture(scope="module", params=["ort", "torchscript", "torch", "openvino"])
 def server(request, served, ort_server):
     """A server per backend (the ORT one is shared with the tests that need only one)."""
+    if request.param not in served["files"]:
+        pytest.skip("--backend openvino needs the openvino extra: pip install 'unet-deploy[openvino]'")
     if request.param == "ort":
         yield "ort", ort_server
         return
