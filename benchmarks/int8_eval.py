@@ -1,11 +1,13 @@
-"""Dice of the int8 ONNX model against fp32 on a held-out synthetic set (benchmarks/RESULTS.md).
+"""Dice of the int8 models (ONNX Runtime QDQ, and OpenVINO NNCF when the openvino extra is installed)
+against fp32 on a held-out synthetic set (benchmarks/RESULTS.md).
 
-Trains a small U-Net on synthetic Carvana-style cars (``unet_deploy.synth``), exports fp32 ONNX, quantises
-it to static int8 (QDQ) calibrated on the TRAINING images (preprocessed as predict does), then scores
-eager torch, ONNX fp32 and ONNX int8 on HELD-OUT images with the Carvana metric
-(``train.evaluate_model``: mean per-image dice at the original resolution) and compares the int8 masks
-with the fp32 masks pixel by pixel. Writes one JSON (schema ``unet-deploy.int8-eval/1``) that
-``unet-deploy benchmark --merge`` renders into RESULTS.md.
+Trains a small U-Net on synthetic Carvana-style cars (``unet_deploy.synth``), exports fp32 ONNX, quantises it
+to static int8 (QDQ) calibrated on the TRAINING images (preprocessed as predict does), then scores eager
+torch, ONNX fp32 and ONNX int8 on HELD-OUT images with the Carvana metric (``train.evaluate_model``: mean
+per-image dice at the original resolution) and compares the int8 masks with the fp32 masks pixel by pixel.
+With openvino and nncf installed, the same fp32 ONNX file is converted to an OpenVINO IR and quantised by NNCF
+on the same calibration images, and scored the same way. Writes one JSON (schema ``unet-deploy.int8-eval/1``)
+that ``unet-deploy benchmark --merge`` renders into RESULTS.md.
 
     python benchmarks/int8_eval.py --out /tmp/int8-eval --json benchmarks/int8-eval.json
 """
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from unet_deploy.data import find_pairs
     from unet_deploy.export import calibration_batches, export_onnx, quantize_onnx_int8
     from unet_deploy.fileio import atomic_write_text
-    from unet_deploy.parity import compare
+    from unet_deploy.parity import ParityThresholds
     from unet_deploy.synth import generate_dataset
     from unet_deploy.train import TrainConfig, evaluate_model, train
 
@@ -79,33 +81,76 @@ def main(argv: list[str] | None = None) -> int:
     backends = {"eager fp32": load_backend(result.best_path, "torch", "cpu"),
                 "onnx fp32": load_backend(fp32_path, "ort", "cpu", threads=args.threads),
                 "onnx int8": load_backend(int8_path, "ort", "cpu", threads=args.threads)}
+    openvino = _openvino_int8(fp32_path, ckpt.config, out, calibration_batches(train_imgs, ckpt.config))
+    if openvino is not None:
+        backends["openvino int8"] = load_backend(openvino[0], "openvino", "cpu", threads=args.threads)
     dice = {name: evaluate_model(b, pairs)["dice"] for name, b in backends.items()}
-    # int8 vs fp32 masks on the held-out images, by the export's int8 parity criteria
-    from unet_deploy.parity import ParityThresholds, image_cases
-
-    thresholds = ParityThresholds.for_precision("int8")
-    agreements, mask_dice, flipped, total = [], [], 0, 0
-    for case in image_cases([p.image for p in pairs], ckpt.config):
-        r = compare(backends["onnx fp32"](case.batch), backends["onnx int8"](case.batch), thresholds)
-        agreements.append(r["pixel_agreement"])
-        mask_dice.append(r["dice"])
-        flipped += r["flipped_pixels"]
-        total += int(np.prod(case.batch.shape[-2:]))
+    masks = _masks_vs_fp32(backends["onnx fp32"], backends["onnx int8"], pairs, ckpt.config)
     report = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/int8_eval.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": ckpt.config.model.architecture, "train_s": train_s, "quantise_s": quant_s,
+        "machine": _machine(), "model": ckpt.config.model.architecture, "train_s": train_s, "quantise_s": quant_s,
         "train_val_dice": result.best_dice, "heldout_images": len(pairs),
         "dice": dice, "dice_change_int8_vs_fp32": dice["onnx int8"] - dice["onnx fp32"],
-        "int8_vs_fp32_masks": {"min_pixel_agreement": min(agreements), "mean_pixel_agreement":
-                               float(np.mean(agreements)), "min_mask_dice": min(mask_dice),
-                               "flipped_pixels": flipped, "pixels": total},
-        "thresholds": thresholds.describe(),
+        "int8_vs_fp32_masks": masks,
+        "thresholds": ParityThresholds.for_precision("int8").describe(),
     }
+    if openvino is not None:
+        report.update(openvino_quantise_s=openvino[1],
+                      dice_change_openvino_int8_vs_fp32=dice["openvino int8"] - dice["onnx fp32"],
+                      openvino_int8_vs_fp32_masks=_masks_vs_fp32(backends["onnx fp32"], backends["openvino int8"],
+                                                                 pairs, ckpt.config))
     atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _machine() -> dict:
+    """The CPU and its int8/bf16 instruction sets: int8 kernels differ with and without VNNI."""
+    import platform
+
+    from unet_deploy.bench.machine import cpu_model
+
+    flags: set[str] = set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {"cpu": cpu_model(), "platform": platform.platform(), "isa": [f for f in wanted if f in flags]}
+
+
+def _openvino_int8(fp32_onnx: Path, config, out: Path, calibration) -> tuple[Path, float] | None:
+    """(NNCF int8 IR, seconds to make it) from the fp32 ONNX file, or None without openvino + nncf."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
+        print("openvino/nncf not installed: OpenVINO int8 not evaluated (pip install 'unet-deploy[openvino]')")
+        return None
+    from unet_deploy.export_openvino import convert_onnx_to_ir, quantize_ir_int8
+
+    fp32_ir = convert_onnx_to_ir(fp32_onnx, config, out / "model.xml")
+    t0 = time.perf_counter()
+    int8_ir = quantize_ir_int8(fp32_ir, config, out / "model.int8.xml", calibration)
+    return int8_ir, time.perf_counter() - t0
+
+
+def _masks_vs_fp32(fp32, int8, pairs, config) -> dict:
+    """int8 vs fp32 masks on the held-out images, by the export's int8 parity criteria."""
+    from unet_deploy.parity import ParityThresholds, compare, image_cases
+
+    thresholds = ParityThresholds.for_precision("int8")
+    agreements, mask_dice, flipped, total = [], [], 0, 0
+    for case in image_cases([p.image for p in pairs], config):
+        r = compare(fp32(case.batch), int8(case.batch), thresholds)
+        agreements.append(r["pixel_agreement"])
+        mask_dice.append(r["dice"])
+        flipped += r["flipped_pixels"]
+        total += int(np.prod(case.batch.shape[-2:]))
+    return {"min_pixel_agreement": min(agreements), "mean_pixel_agreement": float(np.mean(agreements)),
+            "min_mask_dice": min(mask_dice), "flipped_pixels": flipped, "pixels": total}
 
 
 if __name__ == "__main__":
