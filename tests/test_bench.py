@@ -159,8 +159,8 @@ def test_roofline_reports_work_throughput_and_floors(cli_run: dict) -> None:
     roof = report["roofline"]
     # ONNX Runtime's u8 x s8 convolution does 2-4x the work per cycle of its fp32 one (VNNI on AVX-512: 804
     # vs 212 in benchmarks/RESULTS.md; AVX2 vpmaddubsw: 85 vs 38 on a loaded 2-core AMD EPYC), best of 10
-    roof_peaks = roof["peaks"]
-    assert roof_peaks["int8_gops"] > roof_peaks["fp32_gflops"] > 0, roof_peaks
+    best = roof["peaks"]["layer"]["best"]  # the best rate any installed runtime reaches on one layer
+    assert best["int8"]["gops"] > best["fp32"]["gops"] > 0, best
     assert {e["input"] for e in roof["sizes"]} == {c["input"] for c in report["cases"]}
     for entry in roof["sizes"]:
         for c in (c for c in report["cases"] if c["input"] == entry["input"]):

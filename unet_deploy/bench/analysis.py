@@ -105,7 +105,9 @@ def _gpu_targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def ceilings(report: dict[str, Any], size: str) -> dict[str, float]:
-    """Largest speed-up over eager that ORT's measured peak allows at ``size`` (``--roofline`` runs)."""
+    """Largest speed-up over eager fp32 per precision at ``size`` (``--roofline`` runs): the best layer peak
+    of any installed runtime / eager's rate on the whole network (reports before the roofline schema: ONNX
+    Runtime's fp32 and int8 probe peaks). Never computed from the case's own run."""
     for entry in (report.get("roofline") or {}).get("sizes", []):
         if entry["input"] == size:
             return dict(entry.get("ceiling_speedup") or {})

@@ -14,10 +14,11 @@ import psutil
 import torch
 
 from ..config import versions
+from .uarch import per_cycle, read_cpu
 from .variants import variant_label
 
-__all__ = ["UNSTEADY_SPREAD", "cpu_model", "load_average_1m", "machine_facts", "unsteady", "reliability",
-           "reliability_notes"]
+__all__ = ["UNSTEADY_SPREAD", "VECTOR_FLAGS", "cpu_model", "cpu_identity", "load_average_1m", "machine_facts",
+           "unsteady", "reliability", "reliability_notes"]
 
 #: A case whose p90 is more than this times its p50 had unsteady timings (other work got in the way).
 UNSTEADY_SPREAD = 1.25
@@ -32,6 +33,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The ISA flags that decide a core's per-cycle throughput (see :mod:`.uarch`).
+VECTOR_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+                "asimd", "asimddp", "bf16")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """Vendor, family, model, microarchitecture and vector ISA flags (the CPU model name of a VM often says
+    only "AMD EPYC"; these say which core it is)."""
+    cpu = read_cpu()
+    return {"vendor": cpu.vendor, "family": cpu.family, "model": cpu.model, "uarch": per_cycle(cpu)["uarch"],
+            "vector_flags": [f for f in VECTOR_FLAGS if f in cpu.flags]}
+
+
 def load_average_1m() -> float | None:
     """The 1-minute load average, rounded to 0.01; None where the platform has none."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -44,7 +58,7 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
     except AttributeError:
         usable = os.cpu_count() or 1
     facts: dict[str, Any] = {
-        "cpu": cpu_model(), "cores_logical": os.cpu_count(),
+        "cpu": cpu_model(), "cpu_id": cpu_identity(), "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_usable": usable, "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
         "platform": platform.platform(), "python": platform.python_version(),

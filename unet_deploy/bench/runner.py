@@ -69,10 +69,11 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
 
 def run_roofline(settings: BenchSettings, cases: list[dict[str, Any]], files: ModelFiles,
                  say: Callable[[str], None]) -> dict[str, Any]:
-    """The roofline section: work per image, achieved GFLOP/s and (CPU) ONNX Runtime's measured peaks."""
+    """The roofline section: work per image, achieved G(FL)OP/s and (CPU) this machine's peaks per precision:
+    theoretical (per-cycle table x timed clock x cores) and the best rate of any installed runtime on one layer."""
     peaks = None
     if settings.device == "cpu":
-        say("roofline: timing ONNX Runtime's fp32 and int8 convolutions on one large layer")
+        say("roofline: timing the clock and one compute-bound layer on every installed runtime and precision")
         try:
             peaks = measure_peaks(settings.threads)
         except Exception as e:  # noqa: BLE001 - keep the timings already measured; report without peaks

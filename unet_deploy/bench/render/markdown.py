@@ -11,11 +11,11 @@ from ..machine import UNSTEADY_SPREAD, reliability_notes
 from ..settings import QUICK_ENV, SCHEMA
 from ..stages import STAGES_SCHEMA
 from ..variants import variant_label
-from .table import COLUMNS, mark_doubtful, table_rows
+from .table import COLUMNS, busy_peaks_note, fmt_pct, fmt_rate, limit_lines, mark_doubtful, table_rows
 
 __all__ = ["FULL_RUN", "FAST_PATH_RUNS", "INT8_EVAL_SCHEMA", "md_table", "bench_section", "ratio_rows",
-           "before_after_rows", "targets_section", "roofline_section", "load_text", "stages_section", "int8_section",
-           "machine_section", "method_section", "reproduce_section", "render_markdown"]
+           "before_after_rows", "targets_section", "roofline_section", "peaks_lines", "load_text", "stages_section",
+           "int8_section", "machine_section", "method_section", "reproduce_section", "render_markdown"]
 
 #: Schema of ``benchmarks/int8_eval.py``'s JSON (``--merge``).
 INT8_EVAL_SCHEMA = "unet-deploy.int8-eval/1"
@@ -100,7 +100,7 @@ def targets_section(goals: list[dict[str, Any]]) -> list[str]:
     if not goals:
         return []
     ceilings = any("ceiling" in g for g in goals)  # --roofline runs: one more column
-    header = ["target", "measured", "met"] + (["ceiling on this machine (at ORT's measured peak)"]
+    header = ["target", "measured", "met"] + (["ceiling on this machine (measured layer peak / eager)"]
                                               if ceilings else [])
     rows = [[g["target"], g["measured"], "met" if g["met"] else "NOT met"]
             + ([f"{g['ceiling']:.2f}x ({'reachable' if g['reachable'] else 'out of reach'})"
@@ -109,25 +109,66 @@ def targets_section(goals: list[dict[str, Any]]) -> list[str]:
 
 
 def roofline_section(report: dict[str, Any]) -> list[str]:
-    """Work per image, achieved throughput per backend, and the floors at ORT's measured peaks."""
+    """Both peaks per precision (theoretical, best layer), each backend's rate on the whole network as a
+    fraction of both, the floors and the speed-up ceilings over eager fp32."""
     roof = report["roofline"]
+    if roof.get("schema") is None:  # a report from before the roofline schema: ORT's probe peaks only
+        return _roofline_v1_section(roof)
+    out = ["### Compute ceiling (roofline)", ""]
+    peaks = roof.get("peaks")
+    if peaks:
+        note = busy_peaks_note(peaks)
+        out += peaks_lines(peaks) + [""] + ([f"> {note}", ""] if note else [])
+    rows = [[e["input"], f"{e['gflop']:.4g}", variant_label(name), c["precision"], fmt_rate(c["gflops"]),
+             fmt_pct(c["of_theoretical"]), fmt_pct(c["of_best_layer"])]
+            for e in roof["sizes"] for name, c in e["cases"].items()]
+    out += [md_table(["input", "network GFLOP", "backend", "precision", "achieved G(FL)OP/s",
+                      "of theoretical peak", "of best layer peak"], rows), ""]
+    for entry in roof["sizes"]:
+        out += [f"- {line}" for line in limit_lines(entry)]
+    return out + [""]
+
+
+def peaks_lines(peaks: dict[str, Any]) -> list[str]:
+    """Where the peaks come from (CPU, per-cycle source, clock, cores, layer) and a per-precision table."""
+    cpu, clock, layer = peaks["cpu"], peaks["clock"], peaks["layer"]
+    ghz = "unknown" if clock["ghz"] is None else f"{clock['ghz']:.2f} GHz"
+    reported = "" if clock.get("reported_ghz") is None else f"; the OS reports {clock['reported_ghz']:.2f} GHz"
+    capped = f", {'/'.join(cpu['capped'])} capped by the CPU flags" if cpu.get("capped") else ""
+    family = "" if cpu.get("family") is None else f" family 0x{cpu['family']:x} model 0x{cpu['model'] or 0:x}"
+    rates = ", ".join(f"{r['runtime']} {r['precision']} {r['gops']:.0f}" for r in layer["rates"])
+    skipped = "; ".join(f"{k}: {v}" for k, v in layer.get("skipped", {}).items())
+    lines = [f"CPU {cpu['model_name'] or '?'} ({cpu['vendor'] or '?'}{family}): **{cpu['uarch']}**, per-cycle "
+             f"figures from {'the microarchitecture table' if cpu['source'] == 'table' else cpu['source']}"
+             f"{capped}; clock **{ghz}** ({clock['method']}{reported}); {peaks['cores']} cores (the benchmark's "
+             f"threads). Theoretical peak = operations per core per cycle x clock x cores. Best layer peak = the "
+             f"best rate of any installed runtime on {layer['layer']} ({layer['gflop']:.1f} GFLOP, best of up to "
+             f"{layer['runs']} runs, this run, load average {peaks.get('load_avg_1m', '?')} as it started): "
+             f"{rates or 'none ran'}" + (f" (skipped: {skipped})" if skipped else "") + ".", ""]
+    rows = []
+    for p, ops in cpu["per_cycle"].items():
+        best = layer["best"].get(p)
+        theory = peaks["theoretical"].get(p)
+        rows.append([p, "-" if ops is None else str(ops), fmt_rate(theory),
+                     "-" if best is None else f"{best['gops']:.3g} ({best['runtime']})",
+                     fmt_pct(best["gops"] / theory) if best and theory else "-"])
+    return lines + [md_table(["precision", "ops / core / cycle", "theoretical G(FL)OP/s",
+                              "best layer G(FL)OP/s (runtime)", "best layer of theoretical"], rows)]
+
+
+def _roofline_v1_section(roof: dict[str, Any]) -> list[str]:
+    """The roofline of a report written before ``ROOFLINE_SCHEMA``: ONNX Runtime's probe peaks only."""
     peaks = roof.get("peaks")
     out = ["### Compute ceiling (roofline)", ""]
     if peaks:
         out += [f"ONNX Runtime's own convolution kernels on one compute-bound layer ({peaks['layer']}, "
                 f"{peaks['gflop']:.1f} GFLOP, best of {peaks['runs']}, {peaks['threads'] or 'physical-core'} threads, "
                 f"this run): float32 **{peaks['fp32_gflops']:.0f} GFLOP/s**, int8 QDQ "
-                f"**{peaks['int8_gops']:.0f} GOP/s**. No session setting makes the whole network run faster "
-                "than its work at these rates."
-                + (f" (For {' and '.join(peaks['raised'])} a whole-network run beat the probe layer, which can "
-                   "happen when other work disturbs the probe, so that peak is the network's own best rate.)"
-                   if peaks.get("raised") else ""), ""]
-    rows = []
-    for entry in roof["sizes"]:
-        for name, c in entry["cases"].items():
-            share = "-" if c["share_of_peak"] is None else f"{100 * c['share_of_peak']:.0f}%"
-            rows.append([entry["input"], f"{entry['gflop']:.4g}", variant_label(name),
-                         "-" if c["gflops"] is None else f"{c['gflops']:.3g}", share])
+                f"**{peaks['int8_gops']:.0f} GOP/s**. (Written before the theoretical peak was reported"
+                + (f"; for {' and '.join(peaks['raised'])} the peak is the network's own best rate"
+                   if peaks.get("raised") else "") + ".)", ""]
+    rows = [[e["input"], f"{e['gflop']:.4g}", variant_label(name), fmt_rate(c["gflops"]), fmt_pct(c["share_of_peak"])]
+            for e in roof["sizes"] for name, c in e["cases"].items()]
     out += [md_table(["input", "network GFLOP", "backend", "achieved GFLOP/s", "of ORT's peak"], rows), ""]
     for entry in roof["sizes"]:
         if entry.get("floor_ms"):

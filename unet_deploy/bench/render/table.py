@@ -13,7 +13,8 @@ from ..probe import images_per_s
 from ..variants import variant_label
 
 __all__ = ["COLUMNS", "mark_doubtful", "parity_text", "table_rows", "run_title", "render_table", "render_speedups",
-           "render_targets", "render_roofline"]
+           "render_targets", "render_roofline", "limit_lines", "busy_peaks_note", "fmt_rate",
+           "fmt_pct"]
 
 #: Table columns; img/s is 1000 / p50 ms x batch, so it always agrees with the p50 column.
 COLUMNS = ("backend", "precision", "scale", "input", "parity vs eager", "p50 ms", "p90 ms", "img/s (p50)",
@@ -96,10 +97,93 @@ def render_targets(report: dict[str, Any]) -> list[str]:
 
 
 def render_roofline(report: dict[str, Any]) -> list[str]:
-    """Plain-text roofline lines for the terminal (empty without ``--roofline``)."""
+    """Plain-text roofline lines for the terminal (empty without ``--roofline``): both peaks per precision,
+    each backend's rate and its fraction of both peaks, the ceilings and the fastest case."""
     roof = report.get("roofline")
     if not roof:
         return []
+    if roof.get("schema") is None:
+        return _roofline_v1_lines(roof)
+    out = []
+    peaks = roof.get("peaks")
+    if peaks:
+        cpu, clock, layer = peaks["cpu"], peaks["clock"], peaks["layer"]
+        ghz = "?" if clock["ghz"] is None else f"{clock['ghz']:.2f} GHz"
+        out.append(f"roofline: {cpu['model_name'] or '?'} = {cpu['uarch']} ({cpu['source']}), clock {ghz} "
+                   f"({'measured' if clock['measured'] else 'reported by the OS, not measured'}), "
+                   f"{peaks['cores']} cores; layer {layer['layer']}")
+        for p, ops in cpu["per_cycle"].items():
+            theory, best = peaks["theoretical"].get(p), layer["best"].get(p)
+            out.append(f"roofline peak {p}: theoretical {fmt_rate(theory)} ({ops or '?'}/core/cycle), best layer "
+                       + ("-" if best is None else f"{best['gops']:.3g} ({best['runtime']})") + " G(FL)OP/s")
+        if layer.get("skipped"):
+            out.append("roofline: skipped " + "; ".join(f"{k} ({v})" for k, v in layer["skipped"].items()))
+        note = busy_peaks_note(peaks)
+        if note:
+            out.append(f"roofline: {note}")
+    for entry in roof["sizes"]:
+        parts = [f"{variant_label(n)} {fmt_rate(c['gflops'])} ({fmt_pct(c['of_theoretical'])} / "
+                 f"{fmt_pct(c['of_best_layer'])})" for n, c in entry["cases"].items()]
+        out.append(f"roofline {entry['input']}: {entry['gflop']:.4g} GFLOP per image; G(FL)OP/s (of theoretical / "
+                   "best layer peak): " + ", ".join(parts))
+        out += [f"roofline {line}" for line in limit_lines(entry, floors=False)]  # ceilings, fastest case
+    return out
+
+
+def fmt_rate(x: float | None) -> str:
+    """A rate with 3 significant digits, "-" for none."""
+    return "-" if x is None else f"{x:.3g}"
+
+
+def fmt_ms(ms: float) -> str:
+    """Milliseconds: whole with thousands separators from 100 up, else 3 significant digits."""
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def fmt_pct(x: float | None) -> str:
+    """A fraction as a whole percentage, "-" for none."""
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def busy_peaks_note(peaks: dict[str, Any] | None) -> str | None:
+    """A "?" line when the layer was timed on a busy machine (load above the cores it used): its rates, the
+    best-layer ceilings and every fraction are then low; the theoretical peak is not (clock in CPU time)."""
+    load = (peaks or {}).get("load_avg_1m")
+    if load is None or peaks is None or load <= peaks["cores"]:
+        return None
+    return (f"? machine busy as the layer was timed (load {load:.1f} on {peaks['cores']} cores): best-layer peaks, "
+            "their ceilings and the fractions are unreliable (too low); the theoretical peak is not affected "
+            "(its clock counts CPU time)")
+
+
+def limit_lines(entry: dict[str, Any], floors: bool = True) -> list[str]:
+    """Per input size: floors at each peak (unless ``floors`` is False), speed-up ceilings over eager fp32,
+    and the fastest case."""
+    out = []
+    floor_ms = entry.get("floor_ms") or {}
+    if floors and floor_ms:
+        out.append(f"{entry['input']}: floor latency " + ", ".join(
+            f"{p} " + " / ".join(f"{fmt_ms(ms)} ms ({kind.replace('_', ' ')})" for kind, ms in f.items())
+            for p, f in floor_ms.items()))
+    best, theory = entry.get("ceiling_speedup") or {}, entry.get("ceiling_speedup_theoretical") or {}
+    if best or theory:
+        out.append(f"{entry['input']}: largest speed-up over eager fp32 ({fmt_rate(entry.get('eager_gflops'))} "
+                   "GFLOP/s on the network) = peak / eager's rate: " + ", ".join(
+                       f"{p} {best[p]:.2f}x (best layer)" + (f" / {theory[p]:.2f}x (theoretical)" if p in theory
+                                                             else "") for p in best))
+    b = entry.get("best")
+    if b:
+        speed = "" if b["speedup"] is None else f"{b['speedup']:.2f}x eager fp32, "
+        int8 = ("" if b["precision"] == "int8" else
+                f"; {fmt_pct(b['of_theoretical_int8'])} / {fmt_pct(b['of_best_layer_int8'])} of the int8 peaks")
+        out.append(f"{entry['input']}: fastest {variant_label(b['backend'])} ({b['precision']}): {speed}"
+                   f"{fmt_rate(b['gflops'])} G(FL)OP/s = {fmt_pct(b['of_theoretical'])} of the theoretical and "
+                   f"{fmt_pct(b['of_best_layer'])} of the best layer {b['precision']} peak{int8}")
+    return out
+
+
+def _roofline_v1_lines(roof: dict[str, Any]) -> list[str]:
+    """A report from before the roofline schema: ONNX Runtime's probe peaks only."""
     out = []
     peaks = roof.get("peaks")
     if peaks:
