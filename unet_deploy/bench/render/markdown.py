@@ -226,8 +226,23 @@ def int8_section(r: dict[str, Any], show_targets: bool = False) -> list[str]:
         f"- int8 vs fp32 masks: pixel agreement min {masks['min_pixel_agreement']:.4%}, mean "
         f"{masks['mean_pixel_agreement']:.4%}; mask dice min {masks['min_mask_dice']:.5f}; "
         f"{masks['flipped_pixels']} of {masks['pixels']} pixels flipped (at network resolution)",
-        f"- export parity thresholds for int8: {r['thresholds']}", "",
+        f"- export parity thresholds for int8: {r['thresholds']}", *_openvino_int8_lines(r, show_targets),
+        *([f"- CPU: {r['machine']['cpu']}, int8/bf16 instruction sets: "
+           f"{', '.join(r['machine']['isa']) or 'none of AVX2/AVX-512/VNNI/AMX'}"] if r.get("machine") else []), "",
     ]
+
+
+def _openvino_int8_lines(r: dict[str, Any], show_targets: bool) -> list[str]:
+    """The OpenVINO (NNCF) int8 lines of an int8-eval JSON that has them."""
+    if "dice_change_openvino_int8_vs_fp32" not in r:
+        return []
+    change = r["dice_change_openvino_int8_vs_fp32"]
+    masks = r["openvino_int8_vs_fp32_masks"]
+    goal = f" (target |change| <= 0.002: {'met' if abs(change) <= 0.002 else 'NOT met'})" if show_targets else ""
+    return [f"- dice change OpenVINO int8 (NNCF, same calibration images) - fp32: **{change:+.5f}**{goal}",
+            f"- OpenVINO int8 vs fp32 masks: pixel agreement min {masks['min_pixel_agreement']:.4%}, mean "
+            f"{masks['mean_pixel_agreement']:.4%}; mask dice min {masks['min_mask_dice']:.5f}; "
+            f"{masks['flipped_pixels']} of {masks['pixels']} pixels flipped"]
 
 
 def render_markdown(report: dict[str, Any], command: str | None = None,
