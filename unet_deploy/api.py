@@ -9,6 +9,7 @@
     mask = predictor.predict("car.jpg")                     # (H, W) uint8 class indices, the image's size
     predictor.mask_image(mask).save("car_mask.png")         # the model's mask values (0/255 for binary)
     summary = predictor.predict_files(["data/test/"], outputs=["masks/"])   # what `predict` writes
+    big = Predictor.load("exported/best.onnx", tile=640)    # tiles of <= 640 px: memory of a tile, not the image
 
 A :class:`Predictor` runs the same stages as ``unet-deploy predict`` (preprocessing, batching, the model,
 post-processing with optional flip TTA and dense CRF), so a mask from :meth:`Predictor.predict` has the
@@ -56,7 +57,9 @@ class Predictor:
              backend_options: BackendOptions | None = None, **predict_options: Any) -> Predictor:
         """Load ``model`` (.pth, .ts or .onnx; default: as ``predict`` finds it) on ``device`` ("auto":
         CUDA when visible). ``backend_options``: :class:`~unet_deploy.backends.TorchOptions`,
-        :class:`~unet_deploy.backends.OrtOptions`, ...; ``predict_options``: :class:`PredictOptions` fields."""
+        :class:`~unet_deploy.backends.OrtOptions`, ...; ``predict_options``: :class:`PredictOptions` fields
+        (e.g. ``tile=640, tile_overlap=80`` for tiled inference; an image whose whole cannot fit in memory
+        is tiled automatically unless ``auto_tile=False``)."""
         path = Path(model) if model is not None else default_model(backend)
         options = PredictOptions(**predict_options)
         return cls(load_backend(path, backend, device, backend_options), options)

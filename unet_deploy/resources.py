@@ -28,7 +28,7 @@ from .data import scaled_size
 from .errors import UserError
 
 __all__ = ["available_memory", "cgroup_memory_left", "estimate_inference_bytes", "estimate_training_bytes",
-           "check_fits", "check_predict_memory", "check_train_memory", "check_synth_memory",
+           "check_fits", "check_predict_memory", "auto_tile_side", "check_train_memory", "check_synth_memory",
            "out_of_memory_kind", "out_of_memory_line", "raise_if_out_of_memory", "format_bytes",
            "SYNTH_BYTES_PER_PIXEL"]
 
@@ -218,26 +218,69 @@ def _fitting_scale(scale: float, needed: int, have: int, fixed: int) -> float:
     return math.floor(scale * math.sqrt(ratio) * 20) / 20
 
 
-def check_predict_memory(backend: Any, width: int, height: int, scale: float, batch: int = 1,
-                         tta: bool = False, label: str = "") -> None:
-    """Refuse (UserError) a CPU prediction of ``batch`` images of ``width`` x ``height`` at ``scale``
-    (twice as many with flip ``tta``) whose :func:`estimate_inference_bytes` exceeds the memory
-    available; GPU runs are not checked (their out-of-memory error is mapped to one line instead)."""
-    if _on_gpu(getattr(backend, "device", "cpu")):
-        return
+def _predict_needed(backend: Any, width: int, height: int, scale: float, batch: int, tta: bool,
+                    tile: int | None) -> tuple[int, int, int, int]:
+    """(bytes needed, network-input width, height, images per call) of predicting one image size; with
+    ``tile`` the network runs on tiles of at most ``tile`` px per side (``batch`` of them per call) and the
+    stitched (C, h, w) float32 logits and the scaled uint8 image are held at the input's size."""
     w, h = scaled_size(width, height, scale)
     runtime, precision = getattr(backend, "name", "torch"), getattr(backend, "precision", "fp32")
     model = backend.config.model
     images = batch * (2 if tta else 1)
-    needed = estimate_inference_bytes(model, h, w, images, runtime, precision, width * height)
+    if tile is None:
+        return estimate_inference_bytes(model, h, w, images, runtime, precision, width * height), w, h, images
+    _, classes, in_ch, _ = _model_fields(model)
+    net = estimate_inference_bytes(model, min(tile, h), min(tile, w), images, runtime, precision, width * height)
+    return net + h * w * (4 * max(classes, 1) + in_ch), w, h, images
+
+
+def auto_tile_side(backend: Any, width: int, height: int, scale: float, batch: int = 1, tta: bool = False
+                   ) -> tuple[int, str] | None:
+    """None when predicting the whole ``width`` x ``height`` image at ``scale`` fits in
+    :func:`available_memory` (or runs on a GPU); else ``(side, why)``: the largest tile side (a multiple of
+    64 px, model-input pixels) whose tiled estimate fits, 0 when not even 64 px tiles fit, and why the whole
+    image does not ("needs about 1.2 GiB (estimate) but 800 MiB is available (cgroup memory limit)")."""
+    if _on_gpu(getattr(backend, "device", "cpu")):
+        return None
+    needed, w, h, _ = _predict_needed(backend, width, height, scale, batch, tta, None)
+    have, source = available_memory()
+    if needed <= have:
+        return None
+    why = f"needs about {format_bytes(needed)} (estimate) but {format_bytes(have)} is available ({source})"
+    for side in range((max(w, h) - 1) // 64 * 64, 63, -64):
+        if _predict_needed(backend, width, height, scale, batch, tta, side)[0] <= have:
+            return side, why
+    return 0, why
+
+
+def check_predict_memory(backend: Any, width: int, height: int, scale: float, batch: int = 1,
+                         tta: bool = False, label: str = "", tile: int | None = None,
+                         tiles_fit: bool = True) -> None:
+    """Refuse (UserError) a CPU prediction of ``batch`` images of ``width`` x ``height`` at ``scale``
+    (twice as many with flip ``tta``; with ``tile``: ``batch`` tiles of at most ``tile`` px per side of one
+    image) whose :func:`estimate_inference_bytes` exceeds the memory available; GPU runs are not checked
+    (their out-of-memory error is mapped to one line instead). ``tiles_fit=False``: automatic tiling found
+    no tile that fits, so the fix does not suggest ``--tile``."""
+    if _on_gpu(getattr(backend, "device", "cpu")):
+        return
+    needed, w, h, images = _predict_needed(backend, width, height, scale, batch, tta, tile)
     have, source = available_memory()
     if needed <= have:
         return
-    fit = _fitting_scale(scale, needed, have, RUNTIME_OVERHEAD.get(runtime, 0))
-    smaller = f"-s/--scale (e.g. {fit:g})" if fit > 0 else "-s/--scale"
-    fix = (f"lower -b/--batch-size (to 1) or {smaller}" if batch > 1 else
-           f"lower {smaller} or drop --tta" if tta else f"lower {smaller}, use a smaller model, or free memory")
-    raise UserError(f"{label + ': ' if label else ''}predicting {images} image(s) of {w}x{h} px "
+    runtime, precision = getattr(backend, "name", "torch"), getattr(backend, "precision", "fp32")
+    model = backend.config.model
+    if tile is not None:
+        what = f"{images} tile(s) of at most {tile} px per side of a {w}x{h} px input"
+        fix = f"lower --tile (e.g. {max(64, tile // 2)})" + (" or -b/--batch-size" if batch > 1 else "")
+    else:
+        fit = _fitting_scale(scale, needed, have, RUNTIME_OVERHEAD.get(runtime, 0))
+        smaller = f"-s/--scale (e.g. {fit:g})" if fit > 0 else "-s/--scale"
+        what = f"{images} image(s) of {w}x{h} px"
+        fix = (f"lower -b/--batch-size (to 1) or {smaller}" if batch > 1 else
+               f"lower {smaller} or drop --tta" if tta else
+               f"lower {smaller}, use --tile (e.g. --tile 512), use a smaller model, or free memory" if tiles_fit
+               else f"lower {smaller}, use a smaller model, or free memory (not even 64 px tiles fit)")
+    raise UserError(f"{label + ': ' if label else ''}predicting {what} "
                     f"({width}x{height} at scale {scale:g}) with {getattr(model, 'architecture', 'the model')} "
                     f"on {runtime} {precision} needs about {format_bytes(needed)} (estimate) but only "
                     f"{format_bytes(have)} is available to this process ({source}); {fix}")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..backends import resolve_device
 from ..errors import UserError
 from ..names import check_scale, is_export_file
-from .variants import BENCH_BACKENDS, parse_variant
+from ..predict.tiling import check_tiling
+from .variants import BENCH_BACKENDS, default_backends, parse_variant
 
 __all__ = ["SCHEMA", "QUICK_ENV", "CARVANA_SIZE", "QUICK_SIZE", "QUICK_BASE_CHANNELS", "SEED_BASE_CHANNELS",
            "DEFAULT_SCALES", "BenchSettings", "quick_from_env", "default_counts", "resolve_settings",
@@ -43,7 +44,7 @@ class BenchSettings:
     runs 3 at full width; CUDA: warmup 10, runs 50)."""
 
     checkpoint: Path | None = None
-    backends: tuple[str, ...] = BENCH_BACKENDS
+    backends: tuple[str, ...] = field(default_factory=default_backends)  # openvino when installed
     scales: tuple[float, ...] = DEFAULT_SCALES
     device: str = "auto"
     runs: int | None = None
@@ -58,6 +59,8 @@ class BenchSettings:
     stages: int = 0  # > 0: also time prediction's stages and the pipeline on this many images
     stages_crf: bool = False  # ... with dense CRF
     roofline: bool = False  # also measure ORT's peak conv throughput and report each backend against it
+    tile: int | None = None  # --tile: measure tiled vs whole-image prediction instead (bench/tiled.py)
+    tile_overlap: int | None = None  # --tile-overlap (default: an eighth of the tile)
 
 
 def default_counts(device: str, quick: bool) -> tuple[int, int]:
@@ -89,13 +92,14 @@ def resolve_settings(settings: BenchSettings) -> BenchSettings:
     size = settings.image_size or (QUICK_SIZE if quick else CARVANA_SIZE)
     _check_checkpoint(settings.checkpoint)
     _check_scaled_size(scales, size)
+    check_tiling(settings.tile, settings.tile_overlap)
     return replace(settings, quick=quick, backends=backends, scales=scales, device=device, runs=runs,
                    warmup=warmup_runs, base_channels=base, image_size=(int(size[0]), int(size[1])))
 
 
 def _backend_names(words_in: Sequence[str], device: str | None) -> tuple[str, ...]:
     """The variant names of ``--backends``, parsed for ``device``, without repeats, in table order: by
-    backend (torch, torchscript, ort), then as given."""
+    backend (torch, torchscript, ort, openvino), then as given."""
     words = [b.strip().lower() for b in words_in if b.strip()]
     if not words:
         raise UserError("--backends: name at least one of " + ", ".join(BENCH_BACKENDS))
@@ -143,7 +147,7 @@ def reproduce_command(settings: BenchSettings, extra: Sequence[str] = ()) -> str
         args += ["-m", str(s.checkpoint)]
     if s.quick:
         args.append("--quick")
-    if tuple(s.backends) != BENCH_BACKENDS:
+    if tuple(s.backends) != default_backends():
         args += ["--backends", *s.backends]
     args += ["--scales", *(f"{x:g}" for x in s.scales), "--device", s.device]
     if s.runs is not None:
@@ -161,4 +165,7 @@ def reproduce_command(settings: BenchSettings, extra: Sequence[str] = ()) -> str
         args += ["--stages", str(s.stages), *(["--stages-crf"] if s.stages_crf else [])]
     if s.roofline:
         args.append("--roofline")
+    if s.tile is not None:
+        args += ["--tile", str(s.tile), *(["--tile-overlap", str(s.tile_overlap)] if s.tile_overlap is not None
+                                          else [])]
     return shlex.join([*args, *extra])

@@ -71,14 +71,16 @@ def benchmark(
                                       help="Checkpoint (.pth, also Pytorch-UNet's) to benchmark. Default: a "
                                            "freshly initialised model of the seed architecture."),
     backends: list[str] | None = typer.Option(None, "--backends", "-b",
-                                              help="Backends: torch (eager), torchscript, ort, or variants "
-                                                   "like torch-bf16-cl, ort-int8, ort-default (untuned), "
-                                                   "torch-fp16-cl-compile (CUDA). Several may follow one "
-                                                   "flag. Default: torch torchscript ort."),
+                                              help="Backends: torch (eager), torchscript, ort, openvino, or "
+                                                   "variants like torch-bf16-cl, ort-int8, ort-default (untuned), "
+                                                   "openvino-bf16, openvino-int8, openvino-plain (OpenVINO on a "
+                                                   "plain torch.onnx export), torch-fp16-cl-compile (CUDA). "
+                                                   "Several may follow one flag. Default: torch torchscript ort "
+                                                   "and openvino when installed."),
     precision: list[str] | None = typer.Option(None, "--precision", "-p",
                                                help="Precisions for every backend that has them: fp32, bf16 "
-                                                    "(torch), fp16 (torch on CUDA, ort), int8 (ort). Several "
-                                                    "may follow one flag."),
+                                                    "(torch, openvino), fp16 (torch on CUDA, ort, openvino), "
+                                                    "int8 (ort, openvino). Several may follow one flag."),
     channels_last: bool = typer.Option(False, "--channels-last",
                                        help="Eager torch variants use channels_last (NHWC) memory."),
     compile_: bool = typer.Option(False, "--compile", help="Eager torch variants use torch.compile."),
@@ -94,6 +96,14 @@ def benchmark(
                                   help="Also time ONNX Runtime's fp32 and int8 convolutions on one large layer "
                                        "(CPU) and report each backend's GFLOP/s, the network's floor latency "
                                        "and the largest speed-up over eager this machine allows."),
+    tile: int | None = typer.Option(None, "--tile", show_default=False,
+                                    help="Measure tiled prediction instead: per backend, whole-image vs tiles of "
+                                         "at most N px latency at the image size, mask agreement, and the peak "
+                                         "memory of a double-size image in tiles vs a half-size one whole (scale "
+                                         "1.0 unless --scales gives one). Results under \"tiled\" in --json."),
+    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
+                                            help="Least overlap of neighbouring tiles with --tile (default: an "
+                                                 "eighth of --tile)."),
     from_json: Path | None = typer.Option(None, "--from-json",
                                           help="Run nothing: render the table/--markdown from a --json file of "
                                                "an earlier run (with --merge: several runs in one RESULTS.md)."),
@@ -147,7 +157,8 @@ def benchmark(
     Examples:
       `unet-deploy benchmark --quick`;
       `unet-deploy benchmark -m checkpoints/best.pth --backends torch ort --scales 0.5 --runs 5`;
-      `unet-deploy benchmark --device cpu --json bench.json --plot bench.png --markdown RESULTS.md`
+      `unet-deploy benchmark --device cpu --json bench.json --plot bench.png --markdown RESULTS.md`;
+      `unet-deploy benchmark --backends ort --tile 640 --json tiled.json` (tiled vs whole images)
     """
     from rich.console import Console
 
@@ -158,10 +169,12 @@ def benchmark(
     merged = [_read_json(path, "--merge", "give a JSON written by --json or int8_eval.py") for path in merge or []]
     words = _variants(backend_words, precision_words, channels_last, compile_, compile_mode, device)
     _check_paths(json_out, plot, markdown, model)
+    _check_tiled(tile, stages, roofline, plot, markdown)
     settings = BenchSettings(
         checkpoint=model, backends=tuple(words), stages=stages, stages_crf=stages_crf, roofline=roofline,
-        scales=tuple(_floats(scale_words)) or (0.5, 1.0), device=device, runs=runs, warmup=warmup,
-        base_channels=base_channels, bilinear=bilinear, quick=quick, threads=threads,
+        scales=tuple(_floats(scale_words)) or ((1.0,) if tile is not None else (0.5, 1.0)), device=device,
+        runs=runs, warmup=warmup, base_channels=base_channels, bilinear=bilinear, quick=quick, threads=threads,
+        tile=tile, tile_overlap=tile_overlap,
     )
     err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
@@ -195,9 +208,9 @@ def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[s
 def _variants(backend_words: list[str], precision_words: list[str], channels_last: bool, compile_: bool,
               compile_mode: str, device: str) -> list[str]:
     """The variants to run: the backends, expanded by --precision, --channels-last and --compile."""
-    from ..bench import expand_variants
+    from ..bench import default_backends, expand_variants
 
-    words = backend_words or list(BACKENDS)
+    words = backend_words or list(default_backends())
     if precision_words or channels_last or compile_:
         from ..backends import resolve_device
 
@@ -218,12 +231,28 @@ def _check_paths(json_out: Path | None, plot: Path | None, markdown: Path | None
                         "model")
 
 
+def _check_tiled(tile: int | None, stages: int, roofline: bool, plot: Path | None, markdown: Path | None) -> None:
+    """``--tile`` measures tiled prediction only: the table's extras do not apply to it."""
+    if tile is None:
+        return
+    for flag, given in (("--stages", stages > 0), ("--roofline", roofline), ("--plot", plot is not None),
+                        ("--markdown", markdown is not None)):
+        if given:
+            raise UserError(f"{flag}: not with --tile (the tiled run prints its own section and writes it to "
+                            "--json); run them separately")
+
+
 def _run(settings: BenchSettings, cache_dir: Path | None, log: Callable[[str], None] | None, show_targets: bool,
          json_out: Path | None, plot: Path | None, markdown: Path | None, merge: list[Path] | None) -> dict:
     """Run the benchmark; the report records the command that reproduces it."""
     from ..bench import reproduce_command, resolve_settings, run_benchmark
 
-    report = run_benchmark(settings, cache_dir=cache_dir, log=log)
+    if settings.tile is not None:
+        from ..bench.tiled import run_tiled_benchmark
+
+        report = run_tiled_benchmark(resolve_settings(settings), cache_dir=cache_dir, log=log)
+    else:
+        report = run_benchmark(settings, cache_dir=cache_dir, log=log)
     outputs = [*(["--targets"] if show_targets else []),
                *(["--json", str(json_out)] if json_out else []), *(["--plot", str(plot)] if plot else []),
                *(["--markdown", str(markdown)] if markdown else []),
@@ -256,10 +285,20 @@ def _show(report: dict, show_targets: bool) -> None:
     from rich.console import Console
 
     from ..bench import render_roofline, render_speedups, render_table, render_targets
+    from ..bench.tiled import render_tiled
 
+    if report.get("tiled") and not report.get("cases"):
+        for line in render_tiled(report):
+            typer.echo(line)
+        return
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
+    from ..bench.recommend import render_recommendation
+
+    advice = render_recommendation(report)
+    if advice:
+        typer.echo(advice)
     for line in render_roofline(report) + (render_targets(report) if show_targets else []):
         typer.echo(line)
     if report.get("stages"):

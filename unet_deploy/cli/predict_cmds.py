@@ -137,6 +137,15 @@ def predict(
     crf_iterations: int = typer.Option(5, help="CRF mean-field iterations."),
     crf_clip: float = typer.Option(1e-5, help="Probabilities are clipped to [clip, 1-clip] before the CRF."),
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
+    tile: int | None = typer.Option(None, "--tile", show_default=False,
+                                    help="Largest tile side in model-input pixels (after --scale): a larger "
+                                         "image runs as the fewest even, overlapping tiles (batched by "
+                                         "--batch-size), blended; memory grows with the tile, not the image. "
+                                         "--crf still runs on the whole image. Default: whole images, tiled "
+                                         "automatically (one notice line) when one cannot fit in memory."),
+    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
+                                            help="Least overlap of neighbouring tiles in model-input pixels "
+                                                 "(default: an eighth of --tile, e.g. 80 for 640)."),
     rle: Path | None = typer.Option(None, "--rle",
                                     help="Also write a Kaggle Carvana submission (img,rle_mask)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", "--resume",
@@ -159,7 +168,8 @@ def predict(
 
     Examples: `unet-deploy predict data/test/ --backend ort --rle submission.csv --no-save`;
     `unet-deploy predict -m MODEL.pth a.jpg b.jpg -o a_mask.png b_mask.png` (or -i a.jpg b.jpg -o ...);
-    `unet-deploy predict data/test/ --rle submission.csv --no-save --nproc 4 --resume`
+    `unet-deploy predict data/test/ --rle submission.csv --no-save --nproc 4 --resume`;
+    `unet-deploy predict big.jpg --backend ort --tile 640` (tiled: memory of a 640 px tile, not the image)
     """
     specs = list(input_ or []) + list(inputs or [])
     if not specs:
@@ -182,7 +192,8 @@ def predict(
     options = PredictOptions(
         scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
         save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf, crf_params=crf_params,
-        crf_workers=crf_workers or _cores_per_process(), tta=tta, skip_existing=skip_existing, progress=not quiet)
+        crf_workers=crf_workers or _cores_per_process(), tta=tta, skip_existing=skip_existing, progress=not quiet,
+        tile=tile, tile_overlap=tile_overlap)
     if crf:
         require_crf()
     path = model if model is not None else default_model(backend)

@@ -47,6 +47,14 @@ def serve(
     crf: bool = typer.Option(False, "--crf/--no-crf", help="Dense CRF by default (requests may say crf=0/1)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip TTA by default (requests may say tta=0/1)."),
     crf_workers: int = typer.Option(1, "--crf-workers", help="Processes for dense CRF."),
+    tile: int | None = typer.Option(None, "--tile", show_default=False,
+                                    help="Largest tile side in model-input pixels: a larger upload runs as "
+                                         "blended overlapping tiles, batched up to --max-batch on their own "
+                                         "(default: whole images, tiled automatically when one cannot fit in "
+                                         "memory)."),
+    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
+                                            help="Least overlap of neighbouring tiles in model-input pixels "
+                                                 "(default: an eighth of --tile)."),
     grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM: how long queued and running requests "
                                                           "may take to finish."),
 ) -> None:
@@ -61,6 +69,9 @@ def serve(
     `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
     `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`
     """
+    from ..predict.tiling import check_tiling
+
+    check_tiling(tile, tile_overlap)  # before the model is looked for: the flag's own error first
     try:
         from ..serve.options import ServeOptions
         from ..serve.run import serve as run_server
@@ -78,5 +89,5 @@ def serve(
         backend_options={"precision": precision, "threads": threads}, host=host, port=port,
         max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, workers=workers, token=token,
         max_upload_mb=max_upload_mb, timeout_s=timeout_s, crf=crf, tta=tta, allow_crf=allow_crf,
-        crf_workers=crf_workers, grace_s=grace_s)
+        crf_workers=crf_workers, grace_s=grace_s, tile=tile, tile_overlap=tile_overlap)
     raise typer.Exit(run_server(options))

@@ -171,12 +171,22 @@ def evaluate(
                                            help="Mask pixel value per class, e.g. 0,255 (default: the model's; "
                                                 "binary models also read predict's 0/255 masks)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write per-image dice as JSON."),
+    tile: int | None = typer.Option(None, "--tile", show_default=False,
+                                    help="Predict in blended tiles of at most N model-input pixels per side, "
+                                         "as `predict --tile` (default: whole images, tiled automatically "
+                                         "when one cannot fit in memory)."),
+    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
+                                            help="Least overlap of neighbouring tiles in model-input pixels "
+                                                 "(default: an eighth of --tile)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Mean per-image dice (Carvana's metric) of a model on DATA, at the original resolution.
 
-    Example: `unet-deploy evaluate -m checkpoints/best.pth --data data`
+    Example: `unet-deploy evaluate -m checkpoints/best.pth --data data` (add `--tile 640` for tiled masks)
     """
+    from ..predict.tiling import check_tiling
+
+    check_tiling(tile, tile_overlap)
     from ..backends import load_backend
     from ..data import find_pairs
     from ..progress import file_progress
@@ -192,7 +202,8 @@ def evaluate(
     with file_progress(not quiet) as bar:
         task = bar.add_task("evaluate", total=len(pairs))
         result = evaluate_model(be, pairs, scale, values, threshold,
-                                progress=lambda i: bar.update(task, completed=i))
+                                progress=lambda i: bar.update(task, completed=i), tile=tile,
+                                tile_overlap=tile_overlap)
     typer.echo(f"dice {result['dice']:.6f} over {result['n']} images ({be.describe()})")
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))

@@ -1,24 +1,28 @@
 """Batching and the model: consecutive images of one network-input size run as one batch.
 
-Before the first image of each size runs, :func:`unet_deploy.resources.check_predict_memory` refuses a
-size that cannot fit in memory (one line, before the model starts); an out-of-memory error from the model
-is one line for the run (:func:`unet_deploy.resources.raise_if_out_of_memory`), other model errors fail
-the batch's files only.
+Before the first image of each size runs, :func:`unet_deploy.predict.tiling.choose_tiling` decides
+whether it runs whole or in tiles (``--tile``, or automatically with a one-line notice when the whole image
+cannot fit in memory) and refuses a size that cannot fit either way (one line, before the model starts).
+An image of more than one tile runs on its own: its tiles are the batch (up to ``--batch-size`` per call)
+and its blended logits come out as one image's. An out-of-memory error from the model is one line for the
+run (:func:`unet_deploy.resources.raise_if_out_of_memory`), other model errors fail the batch's files only.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from ..backends import Backend
-from ..data import preprocess
+from ..data import resize_image, to_input
 from ..errors import UserError, first_line
-from ..resources import check_predict_memory, raise_if_out_of_memory
+from ..resources import raise_if_out_of_memory
 from .load import Loaded
 from .records import PredictOptions
+from .tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
 
 __all__ = ["MIN_SIDE", "BatchedModel", "Inferred"]
 
@@ -37,7 +41,8 @@ class BatchedModel:
         self.scale = scale
         self.n_jobs = n_jobs  #: the run's size: no batch is ever larger (memory check)
         self.batch: list[tuple[Loaded, np.ndarray]] = []
-        self.checked: set[tuple[int, ...]] = set()  #: image shapes the memory check passed
+        self.tiling = Tiling.of(options.tile, options.tile_overlap)
+        self.checked: dict[tuple[int, ...], Tiling | None] = {}  #: image shape -> its tiling (memory checked)
 
     def run(self, loaded: Iterable[Loaded]) -> Iterator[Inferred]:
         for item in loaded:
@@ -51,30 +56,59 @@ class BatchedModel:
             yield from self._flush()
             yield item, None, item.error
             return
-        self._check_memory(item)
+        tiling = self._check_memory(item)
         try:
-            x = preprocess(item.decoded(), self.scale)
+            scaled = resize_image(item.decoded(), self.scale)
         except UserError as e:
             yield from self._flush()
             yield item, None, str(e)
             return
-        if min(x.shape[1:]) < MIN_SIDE:
+        if min(scaled.shape[:2]) < MIN_SIDE:
             yield from self._flush()
             yield item, None, (f"{item.job.path}: too small for the U-Net at scale {self.scale} "
-                               f"({x.shape[2]}x{x.shape[1]} px after scaling, needs {MIN_SIDE} or more "
+                               f"({scaled.shape[1]}x{scaled.shape[0]} px after scaling, needs {MIN_SIDE} or more "
                                "per side); use a larger --scale")
             return
+        if tiling is not None and plan_tiles(scaled.shape[0], scaled.shape[1], tiling.tile, tiling.overlap).count > 1:
+            yield from self._flush()
+            yield self._tiled(item, scaled, tiling)
+            return
+        x = to_input(scaled)  # one tile (or none asked): the whole image, exactly as untiled
+        del scaled
         if self.batch and (self.batch[0][1].shape != x.shape or len(self.batch) >= self.options.batch_size):
             yield from self._flush()
         self.batch.append((item, x))
 
-    def _check_memory(self, item: Loaded) -> None:
-        """Issue 12: refuse what cannot fit, before the model runs (once per image shape)."""
+    def _check_memory(self, item: Loaded) -> Tiling | None:
+        """Issue 12: refuse what cannot fit, before the model runs; issue 15: tile what cannot fit whole
+        (once per image shape)."""
         shape = item.decoded().shape
         if shape not in self.checked:
-            self.checked.add(shape)
-            check_predict_memory(self.backend, shape[1], shape[0], self.scale,
-                                 min(self.options.batch_size, self.n_jobs), self.options.tta, str(item.job.path))
+            opts = self.options
+            batch = min(opts.batch_size, self.n_jobs)
+            self.checked[shape] = choose_tiling(
+                self.backend, shape[1], shape[0], self.scale, tiling=self.tiling, batch=batch, tta=opts.tta,
+                label=str(item.job.path), overlap=opts.tile_overlap, auto=opts.auto_tile,
+                notice=lambda line: print(line, file=sys.stderr, flush=True))
+        return self.checked[shape]
+
+    def _tiled(self, item: Loaded, scaled: np.ndarray, tiling: Tiling) -> Inferred:
+        """One image of several tiles: its tiles in batches of ``--batch-size`` -> its blended logits."""
+        plan = plan_tiles(scaled.shape[0], scaled.shape[1], tiling.tile, tiling.overlap)
+        try:
+            return item, tiled_logits(self.backend, scaled, plan, self.options.batch_size), None
+        except Exception as e:  # noqa: BLE001 - as _flush: out of memory is one line for the run
+            h, w = plan.shape
+            return item, None, self._failure(e, f"{min(self.options.batch_size, plan.count)} tile(s) of "
+                                                f"{w}x{h} px", str(item.job.path))
+
+    @staticmethod
+    def _failure(e: Exception, what: str, path: str) -> str:
+        """The one-line error of a failed model call (out of memory: raised for the whole run)."""
+        raise_if_out_of_memory(e, f"running the model on {what}")
+        if not isinstance(e, (RuntimeError, MemoryError, ValueError)):
+            raise e
+        return f"{path}: inference failed ({first_line(e)[:200]}); try a smaller --batch-size or --scale"
 
     def _flush(self) -> Iterator[Inferred]:
         if not self.batch:
@@ -84,14 +118,9 @@ class BatchedModel:
         try:
             logits = self.backend.native(np.stack([x for _, x in items]))  # numpy from ORT: no torch
         except Exception as e:  # noqa: BLE001 - out of memory (issue 12): one line for the run, not per file
-            raise_if_out_of_memory(e, f"running the model on {len(items)} image(s) of "
-                                      f"{items[0][1].shape[2]}x{items[0][1].shape[1]} px")
-            if not isinstance(e, (RuntimeError, MemoryError, ValueError)):
-                raise
-            msg = first_line(e)[:200]
+            what = f"{len(items)} image(s) of {items[0][1].shape[2]}x{items[0][1].shape[1]} px"
             for item, _ in items:
-                yield item, None, (f"{item.job.path}: inference failed ({msg}); try a smaller "
-                                   "--batch-size or --scale")
+                yield item, None, self._failure(e, what, str(item.job.path))
             return
         for i, (item, _) in enumerate(items):
             yield item, logits[i:i + 1], None

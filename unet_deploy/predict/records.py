@@ -13,6 +13,7 @@ import numpy as np
 from ..crf import CRFParams
 from ..errors import UserError
 from ..names import check_scale
+from .tiling import check_tiling
 
 __all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text"]
 
@@ -41,8 +42,15 @@ class PredictOptions:
     skip_existing: bool = False
     loader_threads: int = 2  #: threads decoding images ahead of the network
     progress: bool = True
+    #: ``--tile``: largest tile side in model-input pixels (after ``scale``); larger images run as blended
+    #: overlapping tiles (:mod:`unet_deploy.predict.tiling`). None: whole images.
+    tile: int | None = None
+    tile_overlap: int | None = None  #: ``--tile-overlap`` in model-input pixels (default: an eighth of the tile)
+    #: tile an image automatically (one notice line) when the whole of it cannot fit in memory
+    auto_tile: bool = True
 
     def __post_init__(self) -> None:
+        check_tiling(self.tile, self.tile_overlap)
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
         if self.scale is not None:

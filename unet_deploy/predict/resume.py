@@ -62,10 +62,11 @@ def journal_key(job: Job) -> str:
 
 
 def run_fingerprint(backend: Backend, options: PredictOptions) -> str:
-    """What decides the masks (model file digest, scale, threshold, TTA, CRF, precision): journal rows and
-    mask files made with anything else are not reused by ``skip_existing``."""
+    """What decides the masks (model file digest, scale, threshold, TTA, CRF, precision, tiles): journal rows
+    and mask files made with anything else are not reused by ``skip_existing``."""
     inf = backend.config.inference
-    return fingerprint({
+    tiles = {"tile": [options.tile, options.tile_overlap]} if options.tile is not None else {}
+    return fingerprint({**tiles,
         "model": model_digest(backend.path, backend.config.source), "n_classes": backend.config.model.n_classes,
         "scale": inf.scale if options.scale is None else options.scale,
         "threshold": inf.threshold if options.threshold is None else options.threshold,

@@ -2,8 +2,11 @@
 call shared by concurrent requests through :class:`~unet_deploy.serve.batcher.MicroBatcher`.
 
 decode (thread) -> preprocess (thread) -> batched model (model thread) -> mask at the image's size, or
-dense CRF (process pool) -> encode (thread). Preprocessing, the model's logits and post-processing are the
-functions ``predict`` uses, so a served mask has the pixels ``predict`` writes for the same file.
+dense CRF (process pool) -> encode (thread). An image larger than ``--tile`` (or one whose whole cannot fit
+in memory: tiled automatically, one notice line) skips the micro-batcher: its tiles run as their own
+batches of up to ``--max-batch`` on the model thread, and its blended logits go on as one image's.
+Preprocessing, the model's logits and post-processing are the functions ``predict`` uses, so a served mask
+has the pixels ``predict`` writes for the same file.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import concurrent.futures as cf
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +23,12 @@ import numpy as np
 
 from ..backends import Backend
 from ..crf import CRFParams, dense_crf
-from ..data import preprocess
+from ..data import resize_image, to_input
+from ..errors import UserError
 from ..postprocess import logits_to_mask
 from ..predict.batch import MIN_SIDE
 from ..predict.postprocess import crf_image, crf_probabilities
+from ..predict.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
 from ..tta import flip_tta
 from .batcher import MicroBatcher
 from .decode import HTTPError
@@ -55,6 +61,8 @@ class Engine:
         self.batcher = MicroBatcher(self._run_batch, options.max_batch, options.max_wait_ms / 1000,
                                     self.model_thread, on_batch)
         self.ready = False
+        self.tiling = Tiling.of(options.tile, options.tile_overlap)
+        self.tilings: dict[tuple[Any, ...], Tiling | None] = {}  #: (shape, tta) -> its tiling (memory checked)
 
     def _run_batch(self, inputs: np.ndarray, tta: bool) -> Any:
         return (self.flipped if tta else self.backend).native(inputs)
@@ -77,23 +85,52 @@ class Engine:
         return RequestSettings(self.threshold if threshold is None else threshold, want_crf,
                                self.options.tta if tta is None else tta)
 
-    def _preprocess(self, image: np.ndarray) -> np.ndarray:
-        x = preprocess(image, self.scale)
-        if min(x.shape[1:]) < MIN_SIDE:
-            raise HTTPError(400, f"image too small for the U-Net at scale {self.scale} ({x.shape[2]}x{x.shape[1]} "
-                                 f"px after scaling, needs {MIN_SIDE} or more per side)")
-        return x
+    def _tiling(self, image: np.ndarray, tta: bool) -> Tiling | None:
+        """The tiling of an image of this shape (``--tile``, automatic when it cannot fit whole, or None); a
+        shape that cannot fit either way is refused (413)."""
+        shape = image.shape
+        key = (shape, tta)
+        if key not in self.tilings:
+            if len(self.tilings) >= 256:  # many distinct upload sizes: forget, do not grow
+                self.tilings.clear()
+            try:
+                self.tilings[key] = choose_tiling(
+                    self.backend, shape[1], shape[0], self.scale, tiling=self.tiling, batch=self.options.max_batch,
+                    tta=tta, label=f"a {shape[1]}x{shape[0]} upload", overlap=self.options.tile_overlap,
+                    notice=lambda line: print(line, file=sys.stderr, flush=True))
+            except UserError as e:
+                raise HTTPError(413, str(e)) from None
+        return self.tilings[key]
+
+    def _preprocess(self, image: np.ndarray, tta: bool = False) -> tuple[np.ndarray, Any]:
+        """(network input of the whole image, None) or (the scaled uint8 image, its tile plan)."""
+        tiling = self._tiling(image, tta)
+        scaled = resize_image(image, self.scale)
+        if min(scaled.shape[:2]) < MIN_SIDE:
+            raise HTTPError(400, f"image too small for the U-Net at scale {self.scale} ({scaled.shape[1]}x"
+                                 f"{scaled.shape[0]} px after scaling, needs {MIN_SIDE} or more per side)")
+        if tiling is not None:
+            plan = plan_tiles(scaled.shape[0], scaled.shape[1], tiling.tile, tiling.overlap)
+            if plan.count > 1:
+                return scaled, plan
+        return to_input(scaled), None
+
+    def _run_tiles(self, scaled: np.ndarray, plan: Any, tta: bool) -> np.ndarray:
+        return tiled_logits(self.flipped if tta else self.backend, scaled, plan, self.options.max_batch)
 
     async def predict(self, image: np.ndarray, settings: RequestSettings) -> np.ndarray:
         """The class-index mask (H, W) of one decoded image."""
         loop = asyncio.get_running_loop()
-        x = await loop.run_in_executor(self.cpu, self._preprocess, image)
-        future = self.batcher.submit(x, settings.tta)
-        try:
-            logits = await future
-        except asyncio.CancelledError:
-            future.cancel()  # dropped from the queue if its batch has not started
-            raise
+        x, plan = await loop.run_in_executor(self.cpu, self._preprocess, image, settings.tta)
+        if plan is not None:  # a tiled image: its own batches of tiles, on the model thread
+            logits = await loop.run_in_executor(self.model_thread, self._run_tiles, x, plan, settings.tta)
+        else:
+            future = self.batcher.submit(x, settings.tta)
+            try:
+                logits = await future
+            except asyncio.CancelledError:
+                future.cancel()  # dropped from the queue if its batch has not started
+                raise
         size = image.shape[:2]
         if not settings.crf:
             return await loop.run_in_executor(self.cpu, _mask, logits, size, settings.threshold)

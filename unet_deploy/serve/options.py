@@ -42,8 +42,13 @@ class ServeOptions:
     allow_crf: bool = True  #: whether requests may ask for CRF (needs pydensecrf)
     crf_workers: int = 1
     grace_s: float = 30.0  #: SIGTERM: how long queued and running requests may take to finish
+    tile: int | None = None  #: ``--tile``: larger images run as blended tiles (their own batches of max_batch)
+    tile_overlap: int | None = None  #: ``--tile-overlap`` (default: an eighth of the tile)
 
     def __post_init__(self) -> None:
+        from ..predict.tiling import check_tiling
+
+        check_tiling(self.tile, self.tile_overlap)
         checks = [("--port", self.port, 0 <= self.port <= 65535, "use 0-65535 (0: any free port)"),
                   ("--max-batch", self.max_batch, self.max_batch >= 1, "use 1 or more"),
                   ("--max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "use 0 or more"),

@@ -45,7 +45,8 @@ def model_info(engine: Engine, values: list[Any]) -> dict[str, Any]:
             "source_sha256": be.config.source.get("sha256"), "model_file": str(be.path), "backend": be.name,
             "provider": be.provider, "precision": be.precision, "device": be.device,
             "max_batch": engine.options.max_batch, "crf_default": engine.options.crf,
-            "tta_default": engine.options.tta}
+            "tta_default": engine.options.tta, "tile": engine.options.tile,
+            "tile_overlap": engine.tiling.overlap if engine.tiling else None}
 
 
 def load_state(options: ServeOptions) -> ServerState:
