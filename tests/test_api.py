@@ -38,22 +38,25 @@ def test_export_writes_verified_files_and_reports_them(model_files: dict) -> Non
     done = model_files["done"]
     out = model_files["dir"] / "exported"
     assert done.passed and done.failed == []
-    assert done.written == [("onnx", out / "tiny.onnx"), ("torchscript", out / "tiny.ts")]
+    # "all": every format whose runtime is installed (CI installs the openvino extra)
+    assert done.written == [("onnx", out / "tiny.onnx"), ("torchscript", out / "tiny.ts"),
+                            ("openvino", out / "tiny.xml")]
     assert all(p.stat().st_size > 10_000 for _, p in done.written)
     data = done.to_dict()
     assert data["checkpoint"] == str(model_files["checkpoint"])
-    for fmt in ("onnx", "torchscript"):
+    for fmt in ("onnx", "torchscript", "openvino"):
         entry = data["formats"][fmt]
         assert entry["written"] is True and entry["parity"]["passed"] is True
         assert entry["parity"]["thresholds"]["max_rel_err"] == 1e-5  # the product's fp32 threshold
     assert any(line.startswith(f"wrote {out / 'tiny.onnx'}") for line in model_files["lines"])
-    assert sorted(p.name for p in out.iterdir()) == ["tiny.onnx", "tiny.ts"], "the staging folder must be gone"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.bin", "tiny.onnx", "tiny.ts", "tiny.xml"], \
+        "the staging folder must be gone"
 
 
 def test_export_refuses_bad_options_before_writing(model_files: dict, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="^--format tflite: unknown format"):
         export(model_files["checkpoint"], "tflite", output=tmp_path / "x")
-    with pytest.raises(UserError, match="^--int8 derives from the ONNX export"):
+    with pytest.raises(UserError, match="^--int8 derives from the ONNX or OpenVINO export"):
         export(model_files["checkpoint"], "torchscript", output=tmp_path / "x", int8=True)
     with pytest.raises(UserError, match="export starts from a .pth checkpoint"):
         export(model_files["dir"] / "exported" / "tiny.onnx", "onnx", output=tmp_path / "x")
@@ -142,8 +145,9 @@ def test_arrays_of_every_layout_and_bad_inputs(model_files: dict, tmp_path: Path
 def test_option_objects_refuse_what_their_backend_does_not_take(model_files: dict) -> None:
     assert options_for("ort", threads=2, precision="fp32", channels_last=False) == OrtOptions(threads=2)
     assert options_for("torchscript", threads=None, compile=None) == TorchScriptOptions()
-    with pytest.raises(UserError, match=r"^--precision bf16 applies to the eager torch backend .* not to ort; "
-                                        r"a \.ts / \.onnx model runs at the precision it was exported with"):
+    with pytest.raises(UserError, match=r"^--precision bf16 applies to the eager torch backend .* and --backend "
+                                        r"openvino only, not to ort; a \.ts / \.onnx model on ONNX Runtime runs at "
+                                        r"the precision it was exported with"):
         options_for("ort", precision="bf16")
     with pytest.raises(UserError, match="^--threads applies to --backend ort .* not to torchscript; drop --threads"):
         options_for("torchscript", threads=4)

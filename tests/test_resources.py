@@ -3,7 +3,6 @@ out-of-memory failures (MemoryError, torch, ONNX Runtime) as one line without a 
 
 from __future__ import annotations
 
-import re
 import resource
 import subprocess
 import sys
@@ -183,42 +182,59 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, d / "car.png"
 
 
+def main_exit(argv: list[str]) -> None:
+    """Run the CLI in-process and require exit 0."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code in (0, None)
+
+
 def _count_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = Backend.native
+    real = Backend.run  # every model call, whole image or tile, ends here
 
     def counting(self: Backend, batch: np.ndarray) -> object:
         calls.append(len(batch))
         return real(self, batch)
 
-    monkeypatch.setattr(Backend, "native", counting)
+    monkeypatch.setattr(Backend, "run", counting)
     return calls
 
 
-def test_predict_at_scale_4_is_refused_with_the_estimate_before_the_model_runs(
+def test_predict_at_scale_4_tiles_when_the_whole_image_cannot_fit(
+        tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """100 MiB: the whole 960x640 input does not fit, so predict tiles it (one notice line) and writes the
+    mask; 4 GiB: it runs whole, in one call."""
+    model, image = tiny_model
+    monkeypatch.setattr(resources, "available_memory", lambda: (100 * MIB, "test limit"))
+    calls = _count_runs(monkeypatch)
+    main_exit(["predict", "-m", str(model), "-s", "4", "-o", str(tmp_path / "m.png"), str(image)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("notice: ") and str(image) in err[0], err
+    needed = estimate_inference_bytes(ModelConfig(base_channels=8), 640, 960, 1, "torch", source_pixels=240 * 160)
+    assert f"needs about {resources.format_bytes(needed)}" in err[0] and "in tiles of at most" in err[0]
+    assert len(calls) > 1 and Image.open(tmp_path / "m.png").size == (240, 160)
+
+    monkeypatch.setattr(resources, "available_memory", lambda: (4 * GIB, "test limit"))
+    calls.clear()
+    main_exit(["predict", "-m", str(model), "-s", "4", "-o", str(tmp_path / "m2.png"), str(image)])
+    assert calls == [1] and (tmp_path / "m2.png").exists()
+
+
+def test_predict_is_refused_before_the_model_runs_when_not_even_small_tiles_fit(
         tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     model, image = tiny_model
-    monkeypatch.setattr(resources, "available_memory", lambda: (100 * MIB, "test limit"))
+    monkeypatch.setattr(resources, "available_memory", lambda: (1 * MIB, "test limit"))
     calls = _count_runs(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         main(["predict", "-m", str(model), "-s", "4", "-o", str(tmp_path / "m.png"), str(image)])
     assert exit_.value.code == 2 and calls == []
     line = _one_error_line(capsys.readouterr().err)
-    assert "960x640 px (240x160 at scale 4)" in line and "(estimate) but only 100 MiB" in line
-    needed = estimate_inference_bytes(ModelConfig(base_channels=8), 640, 960, 1, "torch", source_pixels=240 * 160)
-    assert f"needs about {resources.format_bytes(needed)}" in line
-    suggested = float(re.search(r"-s/--scale \(e\.g\. ([0-9.]+)\)", line).group(1))
-    w, h = int(240 * suggested), int(160 * suggested)
-    assert estimate_inference_bytes(ModelConfig(base_channels=8), h, w, 1, "torch", source_pixels=240 * 160) \
-        <= 100 * MIB < needed
+    assert "960x640 px (240x160 at scale 4)" in line and "(estimate) but only 1 MiB" in line
+    assert "not even 64 px tiles fit" in line
     assert not (tmp_path / "m.png").exists()
-
-    monkeypatch.setattr(resources, "available_memory", lambda: (4 * GIB, "test limit"))
-    # the same run fits in 4 GiB: it predicts
-    with pytest.raises(SystemExit) as exit_:
-        main(["predict", "-m", str(model), "-s", "4", "-o", str(tmp_path / "m.png"), str(image)])
-    assert exit_.value.code in (0, None) and calls == [1] and (tmp_path / "m.png").exists()
 
 
 def test_training_batch_that_cannot_fit_is_refused(tiny_model: tuple[Path, Path],
