@@ -87,3 +87,26 @@ def fit_on_heldout_cars(fit_tiny_unet, synth_heldout
         return model, cfg, images
 
     return fit
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One literal ``unet-deploy demo`` (default options) per session, in a fresh folder, shared by
+    ``tests/test_demo.py`` (which checks its output in depth) and the README test (which copies its ``demo/``
+    folder instead of training a second demo). Returns ``dir`` (the folder holding ``demo/``), ``proc`` (the
+    completed process) and ``ignore`` (for ``shutil.copytree``: what tests wrote into ``demo/`` afterwards)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path_factory.mktemp("demo_run")
+    env = dict(os.environ, PYTHONPATH=str(root), COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "unet_deploy", "demo"], cwd=folder, capture_output=True, text=True,
+                          env=env, timeout=1400, stdin=subprocess.DEVNULL)
+    demo_dir = folder / "demo"
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == "car_OUT.png"] if Path(directory) == demo_dir else []
+
+    return {"dir": folder, "proc": proc, "ignore": ignore}

@@ -32,8 +32,9 @@ def _val_dice(stdout: str) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_demo_then_headline_predict(tmp_path: Path) -> None:
-    proc = _cli(["demo"], tmp_path, timeout=1400)
+def test_demo_then_headline_predict(demo_run: dict) -> None:
+    """The session's one `unet-deploy demo` run (conftest.demo_run, also the README test's demo)."""
+    tmp_path, proc = demo_run["dir"], demo_run["proc"]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     out = tmp_path / "demo"

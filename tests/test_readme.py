@@ -8,12 +8,17 @@ would paste them.
 - ``UNET_DEPLOY_README_SHRINK=0`` runs every command literally. By default image sizes and counts are shrunk
   (see :data:`SHRINK`) so the whole file runs in a few minutes on 2 cores; each command has 120 s
   (``UNET_DEPLOY_README_TIMEOUT``).
+- By default ``unet-deploy demo`` is not run a second time: its ``demo/`` folder comes from the session's one
+  literal ``unet-deploy demo`` run (:func:`conftest.demo_run`, checked in depth by ``tests/test_demo.py``),
+  whose exit code and stderr are checked here like any command's.
+- Commands in :data:`EXPECT` must also print what the README says they do (e.g. resume really resumes).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,14 +34,32 @@ SKIP_MARKER = "# not run by the README test:"
 TIMEOUT_S = float(os.environ.get("UNET_DEPLOY_README_TIMEOUT", "120"))
 
 #: (pattern, replacement) applied to each command unless UNET_DEPLOY_README_SHRINK=0: fewer and smaller
-#: images (epochs stay: at 192x128 they are cheap, and int8 parity needs a model that has learned).
+#: images, fewer epochs where nothing needs a learned model. The journey's model (``checkpoints/``, trained
+#: -e 10 as written) is the one every later section uses -- the int8 export's parity needs a model that has
+#: learned -- so the Train section trains 2 epochs and resumes to 3 in its own folder (resume still proven:
+#: :data:`EXPECT`) instead of retraining ``checkpoints/`` for 10 + 10 epochs.
 SHRINK: list[tuple[str, Any]] = [
-    (r"(unet-deploy demo)(?!\S)(?! --quick)", r"\1 --quick"),
+    (r"^(unet-deploy train --data data) -e 10 -b 8 (.*?)(\s+#.*)?$",
+     r"\1 -e 2 -b 8 \2 --checkpoint-dir checkpoints-train\3"),
+    (r"^unet-deploy train -f checkpoints/last\.pth -e 20(?!\S)",
+     "unet-deploy train -f checkpoints-train/last.pth -e 3 --checkpoint-dir checkpoints-train"),
+    (r"(--checkpoint-dir checkpoints-quality)(?!.* -e )", r"\1 -e 1"),  # the flags work in one epoch
     (r"(--n) (\d+)", lambda m: f"{m[1]} {min(int(m[2]), 64)}"),
     (r"^(unet-deploy export (?!.*--quick-verify).*?)(\s+#.*)?$", r"\1 --quick-verify\2"),  # parity at 239x160
     (r"(--heldout) (\d+)", lambda m: f"{m[1]} {min(int(m[2]), 6)}"),
     (r"(--width) (\d+) (--height) (\d+)", r"\1 192 \3 128"),
 ]
+
+
+#: (regex matching the command as run, regexes its stdout + stderr must match): what the README says it does.
+EXPECT: list[tuple[str, list[str]]] = [
+    (r"^unet-deploy train -f \S+/last\.pth -e (\d+)",  # resumes at the next epoch with the stored recipe
+     [r"resume: using the checkpoint's training recipe \(default\)", r"resuming from \S+last\.pth at epoch (\d+)",
+      r"(?m)^epoch (\d+)/\1: "]),
+]
+
+#: The command served by the session's shared demo run (see the module docstring).
+DEMO = "unet-deploy demo"
 
 
 def shell_blocks(text: str) -> list[tuple[int, str]]:
@@ -63,6 +86,27 @@ def shrink(command: str) -> str:
     return command
 
 
+def is_demo(command: str) -> bool:
+    """The README's `unet-deploy demo` line (comment aside): served by the shared demo run."""
+    return command.split("#")[0].strip() == DEMO
+
+
+def check_expected(run: str, output: str) -> list[str]:
+    """What ``run``'s :data:`EXPECT` entry wants and ``output`` lacks. For resume also: it started after the
+    checkpoint's epoch (not at 1) and finished the epoch ``-e`` names."""
+    missing = []
+    for pattern, wanted in EXPECT:
+        if not (m := re.match(pattern, run)):
+            continue
+        found = [re.search(w, output) for w in wanted]
+        missing += [w for w, f in zip(wanted, found, strict=True) if f is None]
+        if not missing:
+            first, last = int(found[1][1]), int(found[2][1])
+            if not (1 < first <= last == int(m[1])):
+                missing.append(f"resumed at epoch {first}, finished epoch {last} of -e {m[1]}")
+    return missing
+
+
 def runnable_blocks() -> list[tuple[int, list[str]]]:
     blocks = []
     for line, body in shell_blocks(README.read_text(encoding="utf-8")):
@@ -77,19 +121,33 @@ def runnable_blocks() -> list[tuple[int, list[str]]]:
 def test_readme_parsing_rules() -> None:
     body = "pip install torch==2.13.0 -e . && unet-deploy demo   # note\npytest\nunet-deploy a \\\n  --b 1\n"
     assert commands(body) == ["unet-deploy demo   # note", "unet-deploy a --b 1"]
-    assert shrink("unet-deploy demo") == "unet-deploy demo --quick"
+    assert commands("unet-deploy demo   # x") == ["unet-deploy demo   # x"] and is_demo("unet-deploy demo   # x")
+    assert not is_demo("unet-deploy demo --quick")
     assert shrink("unet-deploy synth --n 96 --heldout 16 --width 480 --height 320") == \
         "unet-deploy synth --n 64 --heldout 6 --width 192 --height 128"
     assert shrink("unet-deploy export --format all   # note") == "unet-deploy export --format all --quick-verify   # note"
     assert shrink("unet-deploy export --quick-verify") == "unet-deploy export --quick-verify"
-    assert shrink("unet-deploy train -e 10 -b 4") == "unet-deploy train -e 10 -b 4"  # small images: epochs are cheap
+    assert shrink("unet-deploy train --data data -e 10 -b 4 --bilinear") == \
+        "unet-deploy train --data data -e 10 -b 4 --bilinear"  # the journey's model: later sections use it
+    assert shrink("unet-deploy train --data data -e 10 -b 8 --base-channels 16   # the default recipe") == \
+        "unet-deploy train --data data -e 2 -b 8 --base-channels 16 --checkpoint-dir checkpoints-train   # the " \
+        "default recipe"
+    assert shrink("unet-deploy train -f checkpoints/last.pth -e 20        # resume") == \
+        "unet-deploy train -f checkpoints-train/last.pth -e 3 --checkpoint-dir checkpoints-train        # resume"
+    assert shrink("unet-deploy train --data data --checkpoint-dir checkpoints-quality --augment strong") == \
+        "unet-deploy train --data data --checkpoint-dir checkpoints-quality -e 1 --augment strong"
+    # the README's own Train block, shrunk, resumes: a checked expectation exists for its second command
+    (train,) = [cmds for _, cmds in runnable_blocks() if any(c.startswith("unet-deploy train -f ") for c in cmds)]
+    assert [shrink(c).split("#")[0].split() for c in train][1][:3] == ["unet-deploy", "train", "-f"]
+    assert any(re.match(pattern, shrink(train[1])) for pattern, _ in EXPECT)
+    assert sum(is_demo(c) for _, cmds in runnable_blocks() for c in cmds) == 1
     skipped = [b for _, b in shell_blocks(README.read_text()) if b.lstrip().startswith(SKIP_MARKER)]
     assert all(re.match(re.escape(SKIP_MARKER) + r" \S", b.lstrip()) for b in skipped)  # each says why
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_readme_commands_run_in_order(tmp_path: Path) -> None:
+def test_readme_commands_run_in_order(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Every command of every runnable block succeeds, in README order, from one fresh folder."""
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="120",
@@ -100,14 +158,23 @@ def test_readme_commands_run_in_order(tmp_path: Path) -> None:
         for cmd in cmds:
             run = cmd if literal else shrink(cmd)
             start = time.perf_counter()
-            try:
-                proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                      timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"README.md:{line}: `{run}` took more than {TIMEOUT_S:.0f} s")
+            if is_demo(run) and not literal:  # the session's one `unet-deploy demo`, run literally
+                shared = request.getfixturevalue("demo_run")
+                proc = shared["proc"]
+                shutil.copytree(shared["dir"] / "demo", tmp_path / "demo", ignore=shared["ignore"])
+                run += "   [shared run: conftest.demo_run]"
+            else:
+                try:
+                    proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True,
+                                          text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"README.md:{line}: `{run}` took more than {TIMEOUT_S:.0f} s")
             timings.append((time.perf_counter() - start, run))
             print(f"{timings[-1][0]:6.1f} s  README.md:{line}: {run}", flush=True)
             assert proc.returncode == 0, (f"README.md:{line}: `{run}` exited {proc.returncode}\n"
                                           f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
             assert "Traceback" not in proc.stderr, f"README.md:{line}: `{run}`\n{proc.stderr[-1500:]}"
+            missing = check_expected(run, proc.stdout + proc.stderr)
+            assert not missing, (f"README.md:{line}: `{run}` did not print {missing}\n"
+                                 f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
     assert timings, "no runnable block found in README.md"
