@@ -58,7 +58,7 @@ class BenchSettings:
     timeout_s: float = 3600.0  # per case (fresh process)
     stages: int = 0  # > 0: also time prediction's stages and the pipeline on this many images
     stages_crf: bool = False  # ... with dense CRF
-    roofline: bool = False  # also measure ORT's peak conv throughput and report each backend against it
+    roofline: bool = False  # also report the CPU's theoretical and best-layer peaks and each backend against them
     tile: int | None = None  # --tile: measure tiled vs whole-image prediction instead (bench/tiled.py)
     tile_overlap: int | None = None  # --tile-overlap (default: an eighth of the tile)
 

@@ -93,9 +93,10 @@ def benchmark(
                                     "with the fastest variant."),
     stages_crf: bool = typer.Option(False, "--stages-crf", help="Include dense CRF in the --stages run."),
     roofline: bool = typer.Option(False, "--roofline",
-                                  help="Also time ONNX Runtime's fp32 and int8 convolutions on one large layer "
-                                       "(CPU) and report each backend's GFLOP/s, the network's floor latency "
-                                       "and the largest speed-up over eager this machine allows."),
+                                  help="Also report this CPU's theoretical peak per precision (per-cycle table "
+                                       "x timed clock x cores) and the best rate every installed runtime "
+                                       "reaches on one compute-bound layer, each backend's share of both, the "
+                                       "floor latencies and the speed-up ceilings they allow (CPU)."),
     tile: int | None = typer.Option(None, "--tile", show_default=False,
                                     help="Measure tiled prediction instead: per backend, whole-image vs tiles of "
                                          "at most N px latency at the image size, mask agreement, and the peak "

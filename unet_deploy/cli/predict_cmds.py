@@ -82,20 +82,23 @@ def predict(
     input_: list[str] = typer.Option(None, "--input", "-i", show_default=False,
                                      help="Input images (Pytorch-UNet style; several may follow one -i)."),
     model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
-                                      help="Checkpoint (.pth, also Pytorch-UNet's), TorchScript (.ts) or "
-                                           "ONNX (.onnx). Default: checkpoints/best.pth (torch) or the "
-                                           "newest exported/*.onnx / *.ts for --backend ort / torchscript."),
+                                      help="Checkpoint (.pth, also Pytorch-UNet's), TorchScript (.ts), ONNX "
+                                           "(.onnx) or OpenVINO IR (.xml). Default: checkpoints/best.pth "
+                                           "(torch) or the newest exported/*.onnx / *.ts / *.xml for --backend "
+                                           "ort / torchscript / openvino."),
     output: list[str] = typer.Option(None, "--output", "-o", show_default=False,
                                      help="One output name per input, or one folder. Several names may follow "
                                           "one -o after the inputs (a.jpg b.jpg -o x.png y.png) or with -i; "
                                           "an -o before the inputs takes one value. Default: <stem>_OUT.png "
                                           "beside each input."),
-    backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the model "
-                                                  "file)."),
+    backend: str | None = typer.Option(None, help="torch, torchscript, ort or openvino (default: from the model "
+                                                  "file; openvino also runs an .onnx file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16; the torch backend (.pth) only: a "
-                                               ".ts / .onnx model runs at the precision it was exported with."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads, 1 or more (default: the "
+    precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16 for the torch backend (.pth); OpenVINO's "
+                                               "inference-precision hint (fp32, bf16, fp16) for --backend openvino; "
+                                               "a .ts / .onnx model on ONNX Runtime runs at the precision it was "
+                                               "exported with."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime / OpenVINO threads, 1 or more (default: the "
                                                   "physical cores)."),
     channels_last: bool = typer.Option(False, "--channels-last",
                                        help="torch backend: channels_last (NHWC) memory, faster convolutions."),

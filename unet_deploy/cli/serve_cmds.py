@@ -26,10 +26,12 @@ def serve(
     model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
                                       help="Checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx); found as in "
                                            "`predict` when omitted."),
-    backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the model file)."),
+    backend: str | None = typer.Option(None, help="torch, torchscript, ort or openvino (default: from the model "
+                                                  "file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help="torch backend: fp32, fp16 (GPU) or bf16."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: the physical cores)."),
+    precision: str = typer.Option("fp32", help="torch backend: fp32, fp16 (GPU) or bf16; openvino: its precision "
+                                               "hint (fp32, bf16, fp16)."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime / OpenVINO threads (default: the physical cores)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed at start)."),
     max_batch: int = typer.Option(4, "--max-batch", help="Most concurrent requests of one input size per "

@@ -165,7 +165,7 @@ def evaluate(
     mask_suffix: str = typer.Option("_mask", help="Mask file name = <image stem><suffix>.<ext>."),
     scale: float | None = typer.Option(None, "--scale", "-s", help="Override the model's input scale."),
     threshold: float | None = typer.Option(None, "--mask-threshold", "-t", help="Override the threshold."),
-    backend: str | None = typer.Option(None, help="torch, torchscript or ort (default: from the file)."),
+    backend: str | None = typer.Option(None, help="torch, torchscript, ort or openvino (default: from the file)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     mask_values: str | None = typer.Option(None, "--mask-values",
                                            help="Mask pixel value per class, e.g. 0,255 (default: the model's; "
