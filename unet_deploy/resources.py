@@ -37,9 +37,12 @@ _NO_LIMIT = 1 << 60  # cgroup v1 writes "unlimited" as 0x7FFFFFFFFFFFF000
 
 #: Peak bytes per network-input pixel and per base channel of one forward pass (fp32), by runtime and by
 #: up-sampling (transposed, bilinear). Measured as peak-RSS growth over the loaded, warmed-up model.
-ACTIVATION_BYTES: dict[str, tuple[float, float]] = {"torch": (32, 32), "torchscript": (18, 18), "ort": (14, 12)}
+#: OpenVINO's from the benchmark's peak RSS of the seed width at 959x640 (1,072 MiB with the 124 MB model,
+#: benchmarks/results-openvino-959x640.json); its bilinear value is assumed equal.
+ACTIVATION_BYTES: dict[str, tuple[float, float]] = {"torch": (32, 32), "torchscript": (18, 18), "ort": (14, 12),
+                                                    "openvino": (24, 24)}
 #: Fixed working memory of a forward pass (oneDNN scratch, allocator caches), by runtime.
-RUNTIME_OVERHEAD: dict[str, int] = {"torch": 64 * _MIB, "torchscript": 64 * _MIB, "ort": 0}
+RUNTIME_OVERHEAD: dict[str, int] = {"torch": 64 * _MIB, "torchscript": 64 * _MIB, "ort": 0, "openvino": 64 * _MIB}
 #: Activation size relative to fp32.
 PRECISION_FACTOR: dict[str, float] = {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5, "int8": 0.4}
 #: One training step (forward activations kept for backward, their gradients, the loss): bytes per
@@ -166,7 +169,8 @@ def estimate_inference_bytes(model: Any, height: int, width: int, batch: int = 1
               + source_pixels * (in_ch + 1 + 4 * classes)
 
     ``a`` (bytes per pixel per base channel; transposed / bilinear): torch 32 / 32, TorchScript 18 / 18,
-    ONNX Runtime 14 / 12; ``overhead``: 64 MiB for torch and TorchScript, 0 for ONNX Runtime;
+    ONNX Runtime 14 / 12, OpenVINO 24 / 24; ``overhead``: 64 MiB for torch, TorchScript and OpenVINO, 0 for
+    ONNX Runtime;
     ``precision_factor``: fp32 1, bf16/fp16 0.5, int8 0.4. The second line's last term is the float32
     input and logits; the third is the image at its own size, its mask and the logits resized to it.
 
