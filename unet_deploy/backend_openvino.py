@@ -49,7 +49,10 @@ def openvino_installed() -> bool:
     """Whether ``import openvino`` would work (without importing it)."""
     import importlib.util
 
-    return importlib.util.find_spec("openvino") is not None
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # an import hook that refuses it, a broken install
+        return False
 
 
 def import_openvino() -> Any:
