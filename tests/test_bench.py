@@ -147,8 +147,10 @@ def test_markdown_is_labelled_and_reproducible(cli_run: dict) -> None:
     assert "| backend | precision | scale | input | parity vs eager | p50 ms | p90 ms | img/s (p50) | peak MiB | " \
            "file MB |" in text
     assert "### Targets" not in text  # the project's targets only with --targets
-    table_rows = [line for line in text.splitlines() if line.startswith("| ") and " fp32 " in line]
-    assert len(table_rows) == len(cli_run["report"]["cases"])
+    header = text.index("| backend | precision | scale | input | parity vs eager")
+    latency_table = text[header:text.index("\n\n", header)].splitlines()[2:]  # below the header and |---|
+    assert len(latency_table) == len(cli_run["report"]["cases"])
+    assert all(" fp32 " in row for row in latency_table)
     assert cli_run["report"]["command"] in text
     assert bench.FULL_RUN in text
     assert "### Ratios against eager PyTorch fp32 (same run)" in text
@@ -234,7 +236,7 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("args, expected", [
     (["--backends", "tensorrt"], "--backends tensorrt: unknown backend"),
     (["--backends", "torch", "tensorrt"], "tensorrt: not a backend"),
-    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort), precision"),
+    (["--scales", "0.5", "abc"], "abc: not a backend (torch, torchscript, ort, openvino), precision"),
     (["--scales", "0"], "--scales 0: a scale must be in (0, 4]"),
     (["--scales", "x"], "--scales x: not a number"),
     (["--plot", "out.jpg"], "--plot out.jpg: the plot is a PNG"),
