@@ -162,7 +162,7 @@ def test_cli_int8_and_fp16_export(trained: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--int8", "--calibration", "no/such/dir"], "--calibration no/such/dir: no such folder"),
     (["--int8", "--calibration-count", "0"], "--calibration-count 0"),
-    (["--int8", "--format", "torchscript"], "--int8 derives from the ONNX export"),
+    (["--int8", "--format", "torchscript"], "--int8 derives from the ONNX or OpenVINO export"),
 ])
 def test_cli_int8_errors_are_one_line(trained: dict, tmp_path: Path, args: list[str], message: str) -> None:
     base = ["export", "-m", str(trained["ckpt"]), "-o", str(tmp_path / "x")]

@@ -61,8 +61,8 @@ def test_threads_with_the_torch_backend_is_refused_in_one_line(tmp_path: Path) -
     checkpoint, onnx_file = tmp_path / "best.pth", tmp_path / "best.onnx"
     for path in (checkpoint, onnx_file):
         path.write_bytes(b"never read: options are checked before the file is loaded")
-    with pytest.raises(UserError, match=r"^--threads applies to --backend ort \(an \.onnx model\) only, not to "
-                                        r"torch; drop --threads$"):
+    with pytest.raises(UserError, match=r"^--threads applies to --backend ort \(an \.onnx model\) and --backend "
+                                        r"openvino only, not to torch; drop --threads$"):
         load_backend(checkpoint, device="cpu", threads=2)
     with pytest.raises(UserError, match=r"^--channels-last applies to the eager torch backend \(a \.pth model\) "
                                         r"only, not to ort; drop --channels-last$"):

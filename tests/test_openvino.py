@@ -107,11 +107,11 @@ def test_onnx_file_on_openvino_and_a_batch_through_parallel_streams(tiny) -> Non
     x = np.random.default_rng(2).random((3, 3, 48, 80), dtype=np.float32)
     one_by_one = np.concatenate([on_onnx.run(x[i:i + 1]) for i in range(3)])
     parallel = on_onnx.run(x)  # hint "auto": a batch of 3 runs on the throughput-compiled model
-    assert on_onnx.call.queue is not None and "THROUGHPUT" in on_onnx.call.compiled
+    assert on_onnx.call.requests and "THROUGHPUT" in on_onnx.call.compiled
     np.testing.assert_allclose(parallel, one_by_one, rtol=1e-5, atol=1e-5)
     latency = load_backend(tiny["onnx"], "openvino", device="cpu", hint="latency", cache=False)
     np.testing.assert_allclose(latency.run(x), one_by_one, rtol=1e-5, atol=1e-5)
-    assert latency.call.queue is None
+    assert latency.call.requests is None
 
 
 def test_compiled_model_cache_is_used_and_never_stale(tiny, tmp_path: Path) -> None:

@@ -141,29 +141,29 @@ class _OpenVinoRunner:
         first = "THROUGHPUT" if options.hint == "throughput" else "LATENCY"
         self.compiled = {first: _compile(core, model, device, {**properties, "PERFORMANCE_HINT": first}, path)}
         self.request = self.compiled[first].create_infer_request()
-        self.queue: Any = None
+        self.requests: list[Any] | None = None
 
-    def _throughput_queue(self) -> Any:
-        if self.queue is None:
-            from openvino import AsyncInferQueue
-
+    def _throughput_requests(self) -> list[Any]:
+        """The throughput-compiled model's requests (one per stream), made on first use."""
+        if self.requests is None:
             compiled = self.compiled.get("THROUGHPUT") or _compile(
                 self.core, self.model, self.device, {**self.properties, "PERFORMANCE_HINT": "THROUGHPUT"}, self.path)
             self.compiled["THROUGHPUT"] = compiled
-            self.queue = AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        return self.queue
+            count = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            self.requests = [compiled.create_infer_request() for _ in range(count)]
+        return self.requests
 
     def _run_parallel(self, x: np.ndarray) -> np.ndarray:
-        queue = self._throughput_queue()
-        outputs: list[np.ndarray] = [np.empty(0, np.float32)] * len(x)
-
-        def keep(request: Any, index: int) -> None:
-            outputs[index] = request.get_output_tensor(0).data.copy()
-
-        queue.set_callback(keep)
-        for i in range(len(x)):
-            queue.start_async({0: x[i:i + 1]}, userdata=i)
-        queue.wait_all()
+        """Each image on its own request, as many at once as there are streams (plain start/wait: no Python
+        callbacks run on OpenVINO's threads)."""
+        requests, outputs = self._throughput_requests(), []
+        for start in range(0, len(x), len(requests)):
+            running = list(zip(requests, range(start, min(start + len(requests), len(x))), strict=False))
+            for request, i in running:
+                request.start_async({0: x[i:i + 1]})
+            for request, _i in running:
+                request.wait()
+                outputs.append(request.get_output_tensor(0).data.copy())
         return np.concatenate(outputs)
 
     def __call__(self, batch: Any) -> np.ndarray:
