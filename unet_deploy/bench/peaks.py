@@ -127,6 +127,10 @@ def _torch(feed: np.ndarray, bf16: bool) -> Callable[[], Any]:
 def _openvino(path: Path, feed: np.ndarray, threads: int | None, hint: str | None) -> Callable[[], Any]:
     import openvino as ov
 
+    from ..backend_openvino import openvino_cpu_has
+
+    if hint == "bf16" and not openvino_cpu_has("bf16"):  # never ask the plugin for what the CPU lacks
+        raise RuntimeError("this CPU runs f32 when asked for bf16")
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
