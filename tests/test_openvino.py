@@ -152,19 +152,22 @@ def test_a_failing_ir_is_not_written_and_the_older_file_stays(tiny, tmp_path: Pa
 
 
 def test_nncf_int8_ir_is_verified_on_real_images(fit_on_heldout_cars, tmp_path: Path) -> None:
-    """A fitted model quantised on 6 car images; checked by int8 mask criteria on held-out ones."""
+    """A fitted model quantised on 6 car images by `export --int8` (its own process, as users run it);
+    checked by int8 mask criteria on held-out ones."""
     model, cfg, images = fit_on_heldout_cars(12, 30)
     calib = tmp_path / "calib"
     calib.mkdir()
     for path in images[:8]:
         (calib / path.name).write_bytes(path.read_bytes())
     ckpt = save_checkpoint(tmp_path / "car.pth", model, cfg)
-    done = run_export(ckpt, ExportOptions(formats=["openvino"], output=tmp_path / "exp", quick_verify=True, int8=True,
-                                          calibration=calib, calibration_count=6), log=lambda _m: None)
-    assert done.passed, done.failed
-    entry = done.results["openvino-int8"]
+    r = _cli("export", "-m", str(ckpt), "--format", "openvino", "-o", str(tmp_path / "exp"), "--quick-verify",
+             "--int8", "--calibration", str(calib), "--calibration-count", "6", "--json", "report.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    import json
+
+    entry = json.loads((tmp_path / "report.json").read_text())["formats"]["openvino-int8"]
     assert entry["written"] and len(entry["calibration_images"]) == 6
-    assert entry["parity"]["thresholds"]["precision"] == "int8"
+    assert entry["parity"]["thresholds"]["precision"] == "int8" and entry["parity"]["passed"]
     int8 = load_backend(tmp_path / "exp" / "car.int8.xml", device="cpu", cache=False)
     assert int8.precision == "int8"
     fp32 = load_backend(tmp_path / "exp" / "car.xml", device="cpu", cache=False)
@@ -198,14 +201,16 @@ def test_options_and_errors_are_one_line(tiny, tmp_path: Path) -> None:
     assert "lonely.xml" in r.stderr and "re-export" in r.stderr
 
 
-def test_bf16_hint_runs_bf16_or_says_it_cannot(tiny, caplog) -> None:
+def test_bf16_hint_runs_bf16_or_says_it_cannot(tiny, tmp_path: Path) -> None:
     from unet_deploy.backend_openvino import openvino_cpu_has
 
-    backend = load_backend(tiny["xml"], device="cpu", precision="bf16", cache=False)
+    r = _cli("predict", "-m", str(tiny["xml"]), "--precision", "bf16", str(tiny["images"] / "rgb.jpg"),
+             "-o", str(tmp_path / "m.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
     if openvino_cpu_has("bf16"):
-        assert backend.precision == "bf16"
+        assert "openvino (bf16)" in r.stdout
     else:
-        assert backend.precision == "fp32" and "no bf16 kernels" in caplog.text
+        assert "openvino (fp32)" in r.stdout and "no bf16 kernels here; it runs fp32" in r.stderr
 
 
 def test_all_formats_include_openvino_only_when_installed(monkeypatch) -> None:

@@ -17,6 +17,7 @@ openvino and nncf are imported here only (``pip install "unet-deploy[openvino]"`
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -102,6 +103,9 @@ def quantize_ir_int8(source: str | Path, config: DeployConfig, xml: str | Path,
                                       preset=nncf.QuantizationPreset.PERFORMANCE)
     except Exception as e:  # noqa: BLE001 - NNCF raises many types
         raise UserError(f"{source}: OpenVINO int8 quantisation failed ({first_line(e)[:200]})") from None
+    finally:
+        del model
+        gc.collect()  # NNCF's statistics models and requests go now, not at some later collection
     return _save_ir(quantized, config, "int8", Path(xml))
 
 
