@@ -18,6 +18,7 @@ OpenVINO is imported only here and only when used (``pip install "unet-deploy[op
 
 from __future__ import annotations
 
+import functools
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import replace
@@ -46,6 +47,12 @@ _PRECISION_OF_TYPE = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "f16": "
 _HINT_OF_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
+@functools.lru_cache(maxsize=1)
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core`` (each Core starts its own plugin and thread pools)."""
+    return import_openvino().Core()
+
+
 def openvino_installed() -> bool:
     """Whether ``import openvino`` would work (without importing it)."""
     import importlib.util
@@ -70,7 +77,7 @@ def openvino_cpu_has(precision: str) -> bool:
     AVX-512 BF16 or AMX; fp16 with AVX-512 FP16 or AMX-FP16; int8 with AVX2/VNNI)."""
     if precision == "fp32":
         return True
-    core = import_openvino().Core()
+    core = openvino_core()
     capabilities = {str(c).upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
     return {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}.get(precision, precision.upper()) in capabilities
 
@@ -210,7 +217,7 @@ def load_openvino(path: Path, device: str, options: OpenVinoOptions) -> Any:
     from .backends import Backend
 
     ov = import_openvino()
-    core = ov.Core()
+    core = openvino_core()
     target = openvino_device(device, list(core.available_devices))
     model = _read_model(core, path)
     meta = _metadata(path, model)

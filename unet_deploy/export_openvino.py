@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend_openvino import INSTALL_HINT, RT_INFO_SECTION, import_openvino, openvino_installed
+from .backend_openvino import INSTALL_HINT, RT_INFO_SECTION, import_openvino, openvino_core, openvino_installed
 from .config import DeployConfig
 from .errors import UserError, first_line
 from .export import onnx_metadata, quiet_exporter, recorded_config
@@ -57,9 +57,8 @@ def _save_ir(model: Any, config: DeployConfig, precision: str, xml: Path) -> Pat
 
 def convert_onnx_to_ir(source: str | Path, config: DeployConfig, xml: str | Path) -> Path:
     """``source`` (this package's fp32 ONNX export) as an fp32 IR at ``xml`` (+ ``.bin``), metadata embedded."""
-    ov = import_openvino()
     try:
-        model = ov.Core().read_model(str(source))
+        model = openvino_core().read_model(str(source))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{source}: OpenVINO cannot read this ONNX file ({first_line(e)[:200]})") from None
     return _save_ir(model, config, "fp32", Path(xml))
@@ -92,11 +91,10 @@ def quantize_ir_int8(source: str | Path, config: DeployConfig, xml: str | Path,
         import nncf
     except ImportError:
         raise UserError(f"--int8 for OpenVINO needs NNCF: {INSTALL_HINT.replace('openvino)', 'nncf)')}") from None
-    ov = import_openvino()
     batches = list(calibration)
     if not batches:
         raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
-    model = ov.Core().read_model(str(source))
+    model = openvino_core().read_model(str(source))
     try:
         with _quiet_nncf():
             quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
