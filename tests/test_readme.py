@@ -125,7 +125,8 @@ def test_readme_parsing_rules() -> None:
     assert not is_demo("unet-deploy demo --quick")
     assert shrink("unet-deploy synth --n 96 --heldout 16 --width 480 --height 320") == \
         "unet-deploy synth --n 64 --heldout 6 --width 192 --height 128"
-    assert shrink("unet-deploy export --format all   # note") == "unet-deploy export --format all --quick-verify   # note"
+    assert shrink("unet-deploy export --format all   # note") == \
+        "unet-deploy export --format all --quick-verify   # note"
     assert shrink("unet-deploy export --quick-verify") == "unet-deploy export --quick-verify"
     assert shrink("unet-deploy train --data data -e 10 -b 4 --bilinear") == \
         "unet-deploy train --data data -e 10 -b 4 --bilinear"  # the journey's model: later sections use it
