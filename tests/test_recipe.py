@@ -70,24 +70,26 @@ def test_recipe_is_stored_and_resume_uses_it_unless_overridden(synth_tiny: Path,
     assert raw["training"]["recipe"] == stored
 
     messages: list[str] = []  # -f with no recipe flags: the stored recipe, not the (default) given one
-    train(_cfg(synth_tiny, tmp_path, resolve_recipe({}), epochs=2, load=tmp_path / "last.pth"), log=messages.append)
+    train(_cfg(synth_tiny, tmp_path, resolve_recipe({}), epochs=2, batch_size=1, load=tmp_path / "last.pth"),
+          log=messages.append)  # -b left at its default: the checkpoint's batch size
     assert any("using the checkpoint's training recipe (default)" in m for m in messages)
+    assert "resume: using the checkpoint's batch_size = 4 (not 1)" in messages
     assert not any("overridden" in m for m in messages)
     after = load_checkpoint(tmp_path / "last.pth").training
-    assert after["recipe"] == stored and after["epoch"] == 2
+    assert after["recipe"] == stored and after["epoch"] == 2 and after["args"]["batch_size"] == 4
     assert after["optimizer"]["param_groups"][0]["initial_lr"] == 2e-3
 
     messages.clear()  # an explicit flag together with -f wins, and says so in one line
     given = resolve_recipe({"learning_rate": 5e-4, "augment_overrides": {"hflip": 0.0}})
-    train(_cfg(synth_tiny, tmp_path, given, ("learning_rate", "hflip"), epochs=3, load=tmp_path / "last.pth"),
-          log=messages.append)
+    train(_cfg(synth_tiny, tmp_path, given, ("learning_rate", "hflip", "batch_size"), epochs=3, batch_size=2,
+               load=tmp_path / "last.pth"), log=messages.append)
     line = next(m for m in messages if "overridden" in m)
     assert "-l 0.0005" in line and "--hflip 0" in line
     after = load_checkpoint(tmp_path / "last.pth").training
     assert after["recipe"]["learning_rate"] == 5e-4 and after["recipe"]["augment"] == "default"
     assert after["recipe"]["augment_overrides"] == {"hflip": 0.0}
     assert after["optimizer"]["param_groups"][0]["initial_lr"] == 5e-4
-    assert after["args"]["learning_rate"] == 5e-4
+    assert after["args"]["learning_rate"] == 5e-4 and after["args"]["batch_size"] == 2  # an explicit -b wins
 
     # the optimizer state is resumed, so another explicit optimizer is refused before any training
     with pytest.raises(UserError, match=r"^--optimizer rmsprop: the -f checkpoint .* was trained with adamw"):

@@ -115,7 +115,8 @@ def train(
              "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
              "augment": augment, "edge_weight": edge_weight, "edge_width": edge_width}
     record = resolve_recipe({**given, "augment_overrides": overrides})
-    explicit = _explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear", "base_channels": "base_channels"})
+    explicit = _explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear", "base_channels": "base_channels",
+                                "batch_size": "batch_size"})
     explicit += tuple(k for k, v in {**given, **overrides}.items() if v is not None)
     cfg = TrainConfig(data=data, images_dir=imgs, masks_dir=masks, mask_suffix=mask_suffix, epochs=epochs,
                       batch_size=batch_size, learning_rate=record["learning_rate"], load=load, scale=scale,

@@ -54,6 +54,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: str, say: Callable[[str], No
     model_cfg, resume, loaded = resolve_architecture(cfg)
     if resume is not None:
         apply_resumed_settings(cfg, resume, say)
+        check_config(cfg, env)  # the resumed batch size against this run's process count
     apply_recipe(cfg, say)
     pairs, mask_values = load_pairs(cfg, model_cfg, loaded, resume, say)
     data = make_loaders(cfg, env, device, model_cfg, pairs, mask_values)

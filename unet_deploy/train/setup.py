@@ -39,10 +39,13 @@ def resolve_architecture(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] 
 
 
 def apply_resumed_settings(cfg: TrainConfig, resume: dict[str, Any], say: Callable[[str], None]) -> None:
-    """-f resume: the checkpoint's recipe, optimizer and scale (an explicit --optimizer that differs fails)."""
+    """-f resume: the checkpoint's recipe, optimizer, scale and batch size (an explicit --optimizer that differs
+    fails; an explicit -b wins)."""
     saved = resume.get("args") or {}
     apply_stored_recipe(cfg, resume, say)
-    for key in ("optimizer", "scale"):
+    for key in ("optimizer", "scale", "batch_size"):
+        if key == "batch_size" and key in cfg.explicit:
+            continue
         if key in saved and saved[key] != getattr(cfg, key):
             if key == "optimizer" and key in cfg.explicit:
                 raise UserError(f"--optimizer {cfg.optimizer}: the -f checkpoint {cfg.load} was trained with "
