@@ -413,3 +413,14 @@ def test_warmup_n_makes_exactly_n_untimed_calls(warmup: int, runs: int, tmp_path
     assert len(calls) == warmup + runs
     assert result["latency"]["runs"] == runs and result["warmup_calls"] == warmup
     assert np.load(tmp_path / "logits.npy")[0, 0, 0, 0] == 1.0  # the first call's logits, for parity
+
+
+def test_case_in_a_fresh_process_returns_its_json_or_one_line_error() -> None:
+    from unet_deploy.bench.isolated import run_in_fresh_process
+
+    # json.tool reads spec.json and writes it to result.json: a round trip through a real child process
+    assert run_in_fresh_process("json.tool", {"a": [1, 2]}, "case x", 60, "hint") == {"a": [1, 2]}
+    with pytest.raises(UserError, match=r"^case y failed in its process: .*No module named unet_deploy\.nothing"):
+        run_in_fresh_process("unet_deploy.nothing", {}, "case y", 60, "hint")
+    with pytest.raises(UserError, match=r"^case z ran over 0 s; use fewer --runs$"):
+        run_in_fresh_process("json.tool", {}, "case z", 0.001, "use fewer --runs")

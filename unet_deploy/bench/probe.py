@@ -8,11 +8,6 @@ memory, then times ``runs`` calls (CUDA is synchronised around each call).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,8 +19,8 @@ import psutil
 import torch
 
 from .. import backends
-from ..errors import UserError
 from .inputs import end_to_end
+from .isolated import run_in_fresh_process
 from .memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
 from .variants import Variant, parse_variant
 
@@ -167,23 +162,5 @@ def _save_logits(spec: CaseSpec, out: Any) -> None:
 
 def run_case_isolated(spec: CaseSpec, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run :func:`run_case` in a fresh ``python -m unet_deploy.bench.worker`` process and return its result."""
-    with tempfile.TemporaryDirectory(prefix="unet-bench-case-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps(asdict(spec)))
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", WORKER_MODULE, str(spec_path), str(out_path)]
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise UserError(f"benchmark case {spec.variant or spec.backend} scale {spec.scale:g} ran over "
-                            f"{timeout_s:.0f} s; "
-                            "use fewer --runs or --quick") from None
-        if proc.returncode != 0 or not out_path.exists():
-            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-            last = lines[-1] if lines else f"exit code {proc.returncode}"
-            raise UserError(f"benchmark case {spec.variant or spec.backend} scale {spec.scale:g} failed in its "
-                            "process: "
-                            f"{last[:300]}")
-        return json.loads(out_path.read_text())
+    return run_in_fresh_process(WORKER_MODULE, asdict(spec), f"benchmark case {spec.variant or spec.backend} "
+                                f"scale {spec.scale:g}", timeout_s, "use fewer --runs or --quick")

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .isolated import run_in_fresh_process
 from .settings import CARVANA_SIZE, SCHEMA, BenchSettings
 
 __all__ = ["TILED_CASES", "TiledSpec", "run_tiled_case", "run_tiled_benchmark", "tiled_summary",
@@ -112,23 +110,8 @@ def run_tiled_case(spec: TiledSpec) -> dict[str, Any]:
 
 def _run_isolated(spec: TiledSpec, timeout_s: float) -> dict[str, Any]:
     """:func:`run_tiled_case` in a fresh ``python -m unet_deploy.bench.tiled`` process."""
-    with tempfile.TemporaryDirectory(prefix="unet-bench-tiled-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps(asdict(spec)))
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "unet_deploy.bench.tiled", str(spec_path), str(out_path)]
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise UserError(f"tiled benchmark case {spec.variant} ran over {timeout_s:.0f} s; use fewer --runs "
-                            "or a smaller image (--quick)") from None
-        if proc.returncode != 0 or not out_path.exists():
-            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-            raise UserError(f"tiled benchmark case {spec.variant} failed in its process: "
-                            f"{(lines[-1] if lines else f'exit code {proc.returncode}')[:300]}")
-        return json.loads(out_path.read_text())
+    return run_in_fresh_process("unet_deploy.bench.tiled", asdict(spec), f"tiled benchmark case {spec.variant}",
+                                timeout_s, "use fewer --runs or a smaller image (--quick)")
 
 
 def _images(size: tuple[int, int], seed: int, folder: Path) -> dict[float, Path]:
