@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -294,5 +295,23 @@ def test_workers_share_one_port_each_with_its_model(served) -> None:
         text = srv.get("/metrics").body.decode()
         workers = {line.split('worker="')[1].split('"')[0] for line in text.splitlines() if 'worker="' in line}
         assert len(workers) == 1 and workers != {"0"}, "each process reports its own metrics, labelled by pid"
+        assert json.loads(srv.get("/v1/model").body)["max_batch"] == 1  # the default for ONNX Runtime on a CPU
     finally:
         assert srv.stop() == 0
+
+
+def test_default_max_batch_follows_backend_and_device(served) -> None:
+    from unet_deploy.serve.options import ServeOptions, max_batch_for
+    from unet_deploy.serve.run import load_state
+
+    state = load_state(ServeOptions(model=served["files"]["ort"], device="cpu"))
+    try:  # a CPU batch runs no faster per image: one request per model call
+        assert state.options.max_batch == state.engine.max_batch == state.model_info["max_batch"] == 1
+        assert state.options.capacity == state.options.queue + 1
+    finally:
+        state.engine.close()
+    assert max_batch_for("openvino", "cpu") == 4 and max_batch_for("ort", "cuda:0") == 4
+    assert max_batch_for("torch", "cuda") == 4 and max_batch_for("torchscript", "cpu") == 1
+    explicit = load_state(ServeOptions(model=served["files"]["ort"], device="cpu", max_batch=3))
+    explicit.engine.close()
+    assert explicit.engine.max_batch == 3 and explicit.model_info["max_batch"] == 3

@@ -34,8 +34,10 @@ def serve(
     threads: int | None = typer.Option(None, help="ONNX Runtime / OpenVINO threads (default: the physical cores)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed at start)."),
-    max_batch: int = typer.Option(4, "--max-batch", help="Most concurrent requests of one input size per "
-                                                         "model call."),
+    max_batch: int | None = typer.Option(None, "--max-batch", show_default=False,
+                                         help="Most concurrent requests of one input size per model call. "
+                                              "Default: 4 on a GPU and for OpenVINO (parallel streams), 1 "
+                                              "for other CPU backends (a CPU batch is no faster per image)."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a request waits for others to batch "
                                                                   "with."),
     queue: int = typer.Option(32, help="Requests admitted beyond the running batch; more get 503 with "

@@ -32,7 +32,7 @@ from ..predict.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
 from ..tta import flip_tta
 from .batcher import MicroBatcher
 from .decode import HTTPError
-from .options import ServeOptions
+from .options import ServeOptions, max_batch_for
 
 __all__ = ["Engine", "RequestSettings"]
 
@@ -58,7 +58,8 @@ class Engine:
         self.model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.cpu = cf.ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="io")
         self.crf_pool: cf.ProcessPoolExecutor | None = None
-        self.batcher = MicroBatcher(self._run_batch, options.max_batch, options.max_wait_ms / 1000,
+        self.max_batch = options.max_batch or max_batch_for(backend.name, backend.device)
+        self.batcher = MicroBatcher(self._run_batch, self.max_batch, options.max_wait_ms / 1000,
                                     self.model_thread, on_batch)
         self.ready = False
         self.tiling = Tiling.of(options.tile, options.tile_overlap)
@@ -95,7 +96,7 @@ class Engine:
                 self.tilings.clear()
             try:
                 self.tilings[key] = choose_tiling(
-                    self.backend, shape[1], shape[0], self.scale, tiling=self.tiling, batch=self.options.max_batch,
+                    self.backend, shape[1], shape[0], self.scale, tiling=self.tiling, batch=self.max_batch,
                     tta=tta, label=f"a {shape[1]}x{shape[0]} upload", overlap=self.options.tile_overlap,
                     notice=lambda line: print(line, file=sys.stderr, flush=True))
             except UserError as e:
@@ -116,7 +117,7 @@ class Engine:
         return to_input(scaled), None
 
     def _run_tiles(self, scaled: np.ndarray, plan: Any, tta: bool) -> np.ndarray:
-        return tiled_logits(self.flipped if tta else self.backend, scaled, plan, self.options.max_batch)
+        return tiled_logits(self.flipped if tta else self.backend, scaled, plan, self.max_batch)
 
     async def predict(self, image: np.ndarray, settings: RequestSettings) -> np.ndarray:
         """The class-index mask (H, W) of one decoded image."""

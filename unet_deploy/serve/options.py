@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["ServeOptions", "TOKEN_ENV", "OPTIONS_ENV"]
+__all__ = ["ServeOptions", "TOKEN_ENV", "OPTIONS_ENV", "max_batch_for"]
 
 #: The environment variable read for the access token when ``--token`` is not given.
 TOKEN_ENV = "UNET_DEPLOY_TOKEN"
@@ -29,7 +29,7 @@ class ServeOptions:
     backend_options: dict[str, Any] = field(default_factory=dict)  #: precision, threads, ... (options_for)
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 4  #: most requests of one input shape run as one batch
+    max_batch: int | None = None  #: most requests of one input shape per model call (None: see max_batch_for)
     max_wait_ms: float = 5.0  #: how long the first request of a batch waits for others
     queue: int = 32  #: requests admitted beyond the running batch; more get 503 at once
     workers: int = 1
@@ -50,7 +50,7 @@ class ServeOptions:
 
         check_tiling(self.tile, self.tile_overlap)
         checks = [("--port", self.port, 0 <= self.port <= 65535, "use 0-65535 (0: any free port)"),
-                  ("--max-batch", self.max_batch, self.max_batch >= 1, "use 1 or more"),
+                  ("--max-batch", self.max_batch, self.max_batch is None or self.max_batch >= 1, "use 1 or more"),
                   ("--max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "use 0 or more"),
                   ("--queue", self.queue, self.queue >= 1, "use 1 or more"),
                   ("--workers", self.workers, self.workers >= 1, "use 1 or more"),
@@ -71,7 +71,7 @@ class ServeOptions:
     def capacity(self) -> int:
         """Requests admitted at once (queued, plus one running batch); memory is bounded by this times the
         largest upload, whatever the number of clients."""
-        return self.queue + self.max_batch
+        return self.queue + (self.max_batch or 1)
 
     def to_env(self) -> str:
         data = asdict(self)
@@ -83,3 +83,10 @@ class ServeOptions:
         data = json.loads(os.environ[OPTIONS_ENV])
         data["model"] = Path(data["model"])
         return cls(**data)
+
+
+def max_batch_for(backend_name: str, device: str) -> int:
+    """The default ``--max-batch``: 4 on a GPU and for OpenVINO (which runs a batch's images on parallel
+    streams); 1 for the other CPU backends, whose threads already share one image and whose batches run no
+    faster per image (slower at large sizes: ``benchmarks/serve_load.py`` measures it)."""
+    return 4 if device.startswith("cuda") or backend_name == "openvino" else 1

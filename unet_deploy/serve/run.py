@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from ..predict import PredictOptions, output_values
 from .app import ServerState, build_app
 from .engine import Engine
 from .metrics import Metrics
-from .options import OPTIONS_ENV, ServeOptions
+from .options import OPTIONS_ENV, ServeOptions, max_batch_for
 
 __all__ = ["load_state", "create_app", "serve", "model_info"]
 
@@ -53,8 +54,10 @@ def load_state(options: ServeOptions) -> ServerState:
     """Load the model and build what the routes share (in the process that serves)."""
     backend_opts = options_for_model(options.model, options.backend, **options.backend_options)
     be = load_backend(options.model, options.backend, options.device, backend_opts)
+    max_batch = options.max_batch or max_batch_for(be.name, be.device)
+    options = dataclasses.replace(options, max_batch=max_batch)
     worker = str(os.getpid()) if options.workers > 1 else "0"
-    metrics = Metrics(worker, options.max_batch)
+    metrics = Metrics(worker, max_batch)
     engine = Engine(be, options, on_batch=metrics.observe_batch)
     metrics.track_queue(engine.waiting)
     values = output_values(be, PredictOptions())
