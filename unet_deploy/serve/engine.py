@@ -32,7 +32,7 @@ from ..predict.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
 from ..tta import flip_tta
 from .batcher import MicroBatcher
 from .decode import HTTPError
-from .options import ServeOptions, max_batch_for
+from .options import ServeOptions
 
 __all__ = ["Engine", "RequestSettings"]
 
@@ -58,7 +58,9 @@ class Engine:
         self.model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.cpu = cf.ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="io")
         self.crf_pool: cf.ProcessPoolExecutor | None = None
-        self.max_batch = options.max_batch or max_batch_for(backend.name, backend.device)
+        if options.max_batch is None:  # load_state fills it in (max_batch_for) before the engine is built
+            raise ValueError("Engine needs ServeOptions with max_batch set: build it through serve.run.load_state")
+        self.max_batch = options.max_batch
         self.batcher = MicroBatcher(self._run_batch, self.max_batch, options.max_wait_ms / 1000,
                                     self.model_thread, on_batch)
         self.ready = False
