@@ -104,7 +104,8 @@ def test_train_quality_flags(sets, tmp_path, capsys, one_thread):
     assert saved["optimizer"]["param_groups"][0]["lr"] < 1e-3  # decayed (cosine over max-steps)
 
     for bad, flag in ((["--edge-weight", "0.5"], "--edge-weight"), (["--augment", "wild"], "--augment"),
-                      (["--warmup-steps", "3", "--schedule", "plateau"], "--warmup-steps"), (["--hflip", "2"], "--hflip")):
+                      (["--warmup-steps", "3", "--schedule", "plateau"], "--warmup-steps"),
+                      (["--hflip", "2"], "--hflip")):
         with pytest.raises(SystemExit) as exc:
             main(["train", "--data", str(sets["train"]), "--checkpoint-dir", str(tmp_path / "bad"), *bad])
         assert exc.value.code != 0

@@ -20,10 +20,10 @@ import torch
 
 from unet_deploy import bench
 from unet_deploy.backends import (
+    OrtOptions,
     configure_cudnn,
     cpu_supports_bf16,
     load_backend,
-    OrtOptions,
     ort_session_options,
     physical_cores,
 )
