@@ -10,6 +10,32 @@ import torch
 
 from unet_deploy.synth import generate_dataset
 
+#: The CPU views precision-dependent tests (marker ``precision``) run under: the CPU as it is, and with bf16/AMX
+#: hidden from the capability probe (``UNET_DEPLOY_CPU_HIDE=bf16``), so an AMX or AVX-512 BF16 machine also runs
+#: the paths of a CPU without them. Child processes inherit the view through the environment.
+CPU_VIEWS = {"cpu-native": None, "cpu-no-bf16": "bf16"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("precision") is not None:
+        metafunc.parametrize("cpu_view", list(CPU_VIEWS), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu_view(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The view a ``precision`` test runs under (None for other tests: the CPU as it is, or as the caller's
+    environment already says)."""
+    from unet_deploy.cpu_features import HIDE_ENV
+
+    name = getattr(request, "param", None)
+    if name is not None:
+        hide = CPU_VIEWS[name]
+        if hide is None:
+            monkeypatch.delenv(HIDE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(HIDE_ENV, hide)
+    return name
+
 
 @pytest.fixture(scope="session")
 def synth_train(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -102,8 +102,13 @@ CPUINFO = {  # name: (cpuinfo text, uarch, source, (fp32, bf16, int8), capped)
                                  AVX512 + " avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8"),
                         "Sapphire Rapids", "table", (64, 1024, 2048), []),
     "unknown-cascade-lake": (_cpuinfo("GenuineIntel", 6, 0x55, "Intel(R) Xeon(R) Gold 6248", AVX512 + " avx512_vnni"),
-                             "unknown", "flags", (64, 64, 256), []),
-    "unknown-arm64": ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd asimddp bf16\n", "unknown", "flags",
+                             "unknown model, AVX-512 VNNI", "flags", (64, 64, 256), []),
+    # a VM that reports a made-up model number (family 6 model 167) for a Xeon with AMX: decided by the flags
+    "xeon-amx-vm": (_cpuinfo("GenuineIntel", 6, 167, "Intel(R) Xeon(R) Processor",
+                             AVX512 + " avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8"),
+                    "unknown model, AMX", "flags", (64, 1024, 2048), []),
+    "unknown-arm64": ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd asimddp bf16\n", "unknown model, asimd",
+                      "flags",
                       (16, 32, 64), []),
     "unknown-nothing": ("processor\t: 0\nvendor_id\t: Nobody\n", "unknown", "unknown", (None, None, None), []),
 }

@@ -342,7 +342,9 @@ def cpu_supports_bf16() -> bool:
     """True when oneDNN can run bfloat16 convolutions natively (AVX-512 BF16 or AMX), not emulated."""
     import torch
 
-    if not torch.backends.mkldnn.is_available():
+    from .cpu_features import bf16_hidden
+
+    if bf16_hidden() or not torch.backends.mkldnn.is_available():  # UNET_DEPLOY_CPU_HIDE=bf16
         return False
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)

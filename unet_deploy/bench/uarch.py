@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CpuId", "UARCH_TABLE", "PRECISIONS", "read_cpu", "per_cycle", "from_flags", "theoretical_peaks"]
+from ..cpu_features import hidden_flags
+
+__all__ = ["CpuId", "UARCH_TABLE", "PRECISIONS", "read_cpu", "per_cycle", "from_flags", "name_by_flags",
+           "theoretical_peaks"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -82,10 +85,12 @@ def read_cpu(text: str | None = None) -> CpuId:
             return int(fields[key], 0)
         return None
 
-    flags = fields.get("flags") or fields.get("features") or ""  # x86 / arm64
+    flags = frozenset((fields.get("flags") or fields.get("features") or "").split())  # x86 / arm64
     arch = ("aarch64" if "features" in fields else "x86_64") if sample else platform.machine().lower()
+    if not sample:
+        flags -= hidden_flags()  # UNET_DEPLOY_CPU_HIDE: the roofline sees the CPU the switch leaves
     return CpuId(vendor=fields.get("vendor_id", ""), family=number("cpu family"), model=number("model"),
-                 model_name=fields.get("model name", ""), arch=arch, flags=frozenset(flags.split()))
+                 model_name=fields.get("model name", ""), arch=arch, flags=flags)
 
 
 def from_flags(cpu: CpuId) -> dict[str, int] | None:
@@ -106,6 +111,22 @@ def from_flags(cpu: CpuId) -> dict[str, int] | None:
     return None
 
 
+def name_by_flags(cpu: CpuId) -> str:
+    """A name for a CPU the table does not know (a VM may report a made-up model number), from the vector
+    units its flags show, e.g. "unknown model, AMX" -- the flags, not the model, decide the peaks."""
+    f = cpu.flags
+    if "amx_bf16" in f or "amx_int8" in f:
+        units = "AMX"
+    elif "avx512f" in f:
+        extra = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI")) if flag in f]
+        units = "AVX-512" + (f" {'/'.join(extra)}" if extra else "")
+    elif "avx2" in f:
+        units = "AVX2" + (" + AVX-VNNI" if "avx_vnni" in f else "")
+    else:
+        units = "asimd" if "asimd" in f else "scalar"
+    return f"unknown model, {units}"
+
+
 def per_cycle(cpu: CpuId) -> dict[str, Any]:
     """``{"uarch", "source", "fp32", "bf16", "int8", "capped"}``: the table's row for ``cpu``, each number
     capped by :func:`from_flags` (``capped`` lists those), or the flags' numbers alone (``source`` "flags");
@@ -114,11 +135,14 @@ def per_cycle(cpu: CpuId) -> dict[str, Any]:
     for vendor, family, (lo, hi), name, *ops in UARCH_TABLE:
         if cpu.vendor == vendor and cpu.family == family and cpu.model is not None and lo <= cpu.model <= hi:
             row = dict(zip(PRECISIONS, ops, strict=True))
-            capped = [p for p in PRECISIONS if flags is not None and flags[p] < row[p]]
-            row.update({p: (flags or row)[p] for p in capped})
+            limit = dict(flags or row)
+            if not cpu.flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # no bf16 dot product shown: the fp32 rate
+                limit["bf16"] = min(limit["bf16"], row["fp32"], limit["fp32"])
+            capped = [p for p in PRECISIONS if limit[p] < row[p]]
+            row.update({p: limit[p] for p in capped})
             return {"uarch": name, "source": "table", **row, "capped": capped}
     if flags is not None:
-        return {"uarch": "unknown", "source": "flags", **flags, "capped": []}
+        return {"uarch": name_by_flags(cpu), "source": "flags", **flags, "capped": []}
     return {"uarch": "unknown", "source": "unknown", "fp32": None, "bf16": None, "int8": None, "capped": []}
 
 
