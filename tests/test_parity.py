@@ -20,10 +20,14 @@ from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
 from unet_deploy.data import scaled_size
 from unet_deploy.errors import UserError
 from unet_deploy.parity import (
+    BF16_MAX_REL_ERR,
+    BF16_MIN_AGREEMENT,
+    BF16_MIN_DICE,
     CARVANA_HALF,
-    HALF_MAX_REL_ERR,
-    HALF_MIN_AGREEMENT,
-    HALF_MIN_DICE,
+    FP16_MAX_REL_ERR,
+    FP16_MIN_AGREEMENT,
+    FP16_MIN_DICE,
+    INT8_MAX_REL_ERR,
     INT8_MIN_AGREEMENT,
     INT8_MIN_DICE,
     ParityCase,
@@ -60,13 +64,15 @@ def test_thresholds_by_precision() -> None:
     assert fp32 == ParityThresholds()
     assert (fp32.max_rel_err, fp32.min_pixel_agreement, fp32.min_dice) == (1e-5, 0.9999, 0.9999)
     assert fp32.max_flipped_pixels == 2
-    for half in ("fp16", "bf16"):
-        t = ParityThresholds.for_precision(half)
-        assert (t.max_rel_err, t.min_pixel_agreement, t.min_dice, t.precision) == (1e-2, 0.999, 0.998, half)
-    assert (HALF_MAX_REL_ERR, HALF_MIN_AGREEMENT, HALF_MIN_DICE) == (1e-2, 0.999, 0.998)
-    int8 = ParityThresholds.for_precision("int8")  # mask criteria only (see tests/test_fastpaths.py)
-    assert int8.precision == "int8" and int8.max_rel_err == float("inf")
-    assert (INT8_MIN_AGREEMENT, INT8_MIN_DICE) == (0.99, 0.98)
+    assert fp32.on_random == "all"
+    limits = {p: ParityThresholds.for_precision(p) for p in ("bf16", "fp16", "int8")}
+    assert {p: (t.max_rel_err, t.min_pixel_agreement, t.min_dice, t.on_random, t.precision)
+            for p, t in limits.items()} == {"bf16": (0.0625, 0.998, 0.997, "logits", "bf16"),
+                                            "fp16": (1e-2, 0.999, 0.998, "logits", "fp16"),
+                                            "int8": (0.5, 0.99, 0.98, "none", "int8")}
+    assert (BF16_MAX_REL_ERR, BF16_MIN_AGREEMENT, BF16_MIN_DICE) == (0.0625, 0.998, 0.997)
+    assert (FP16_MAX_REL_ERR, FP16_MIN_AGREEMENT, FP16_MIN_DICE) == (1e-2, 0.999, 0.998)
+    assert (INT8_MAX_REL_ERR, INT8_MIN_AGREEMENT, INT8_MIN_DICE) == (0.5, 0.99, 0.98)
     with pytest.raises(UserError, match="int4"):
         ParityThresholds.for_precision("int4")
 
@@ -86,9 +92,11 @@ def _sci(x: float) -> str:
 
 
 def test_help_states_the_thresholds_parity_applies() -> None:
-    half = _help("verify")
-    assert (f"relative error <= {_sci(HALF_MAX_REL_ERR)}, pixel agreement >= {HALF_MIN_AGREEMENT * 100:g} %, "
-            f"dice >= {HALF_MIN_DICE:g}") in half
+    reduced = _help("verify")
+    for name, (rel, agreement, dice) in {"bf16": (BF16_MAX_REL_ERR, BF16_MIN_AGREEMENT, BF16_MIN_DICE),
+                                         "fp16": (FP16_MAX_REL_ERR, FP16_MIN_AGREEMENT, FP16_MIN_DICE)}.items():
+        assert (f"{name}: relative error <= {rel:g}, pixel agreement >= {agreement * 100:g} %, "
+                f"dice >= {dice:g}") in reduced, reduced
     fp32 = ParityThresholds()
     assert (f"relative logit error <= {_sci(fp32.max_rel_err)}, mask pixel agreement >= "
             f"{fp32.min_pixel_agreement * 100:g} %, dice between the masks >= {fp32.min_dice:g}") in _help("export")
@@ -108,10 +116,13 @@ def test_default_cases_shapes(tmp_path) -> None:
     Image.fromarray(rgb).save(tmp_path / "car.jpg")
     Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.png")  # grey image -> 3 channels like predict
     with_images = default_cases(CFG, [tmp_path / "car.jpg", tmp_path / "grey.png"], quick=True)
+    assert [(c.name, c.real) for c in quick[:4]] == [("quick-odd", False), ("odd", False), ("batch-2", False),
+                                                       ("quick-car", True)]
+    assert quick[3].shape == quick[0].shape and full[3].name == "car-0.5" and full[3].shape == full[0].shape
     w, h = scaled_size(97, 61, 0.5)
-    assert [c.shape for c in with_images[3:]] == [(1, 3, h, w)] * 2
-    assert with_images[3].name == "image car.jpg"
-    for c in with_images[3:]:  # real images scaled to [0, 1] like predict's input, not left at 0..255
+    assert [c.shape for c in with_images[4:]] == [(1, 3, h, w)] * 2
+    assert with_images[4].name == "image car.jpg" and with_images[4].real
+    for c in with_images[4:]:  # real images scaled to [0, 1] like predict's input, not left at 0..255
         assert c.batch.dtype == np.float32 and 0 <= c.batch.min() and 0.5 < c.batch.max() <= 1
 
 
@@ -213,13 +224,24 @@ def _small_fg_logits(n_flipped: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_half_precision_mask_criteria_are_applied() -> None:
     """More than max_flipped_pixels flips: the agreement and dice thresholds decide."""
     half = ParityThresholds.for_precision("fp16")
-    six = compare(*_small_fg_logits(6), half)  # dice 0.9985: passes fp16/bf16, fails fp32
-    assert six["flipped_pixels"] == 6 and six["rel_err"] <= HALF_MAX_REL_ERR
-    assert HALF_MIN_DICE <= six["dice"] < 0.999 and six["pixel_agreement"] >= HALF_MIN_AGREEMENT
+    six = compare(*_small_fg_logits(6), half)  # dice 0.9985: passes fp16, fails fp32
+    assert six["flipped_pixels"] == 6 and six["rel_err"] <= FP16_MAX_REL_ERR
+    assert FP16_MIN_DICE <= six["dice"] < 0.999 and six["pixel_agreement"] >= FP16_MIN_AGREEMENT
     assert six["passed"] and not compare(*_small_fg_logits(6), ParityThresholds())["passed"]
     nine = compare(*_small_fg_logits(9), half)  # dice 0.9977 < 0.998 with agreement 99.91 %: dice fails it
-    assert nine["pixel_agreement"] >= HALF_MIN_AGREEMENT and nine["dice"] < HALF_MIN_DICE
+    assert nine["pixel_agreement"] >= FP16_MIN_AGREEMENT and nine["dice"] < FP16_MIN_DICE
     assert not nine["passed"]
+    # random noise is judged by its logits only at reduced precision: the same flips pass there ...
+    assert compare(*_small_fg_logits(9), half, real=False)["passed"]
+    a, b = _small_fg_logits(9)
+    drifted = compare(a, b + 0.1 * a.abs().max(), half, real=False)  # ... a real drift of the logits does not
+    assert drifted["rel_err"] > FP16_MAX_REL_ERR and not drifted["passed"]
+    assert not compare(a, b + 0.1 * a.abs().max(), ParityThresholds.for_precision("bf16"), real=False)["passed"]
+    # int8 judges car photos only (calibrated ranges do not cover noise); non-finite logits fail everywhere
+    int8 = ParityThresholds.for_precision("int8")
+    assert compare(a, b + 0.6 * a.abs().max(), int8, real=False)["passed"]
+    assert not compare(a, b + 0.6 * a.abs().max(), int8)["passed"]
+    assert not compare(a, b * float("nan"), int8, real=False)["passed"]
     two = compare(*_small_fg_logits(2), ParityThresholds())  # within max_flipped_pixels: fp32 passes
     assert two["flipped_pixels"] == 2 and two["dice"] < 0.9999 and two["rel_err"] > 1e-5
     assert not two["passed"]  # ... on the masks, but the logits moved by 4e-4 relative
