@@ -78,7 +78,7 @@ def test_export_writes_a_verified_ir_with_the_checkpoint_config(tiny) -> None:
     embedded = read_embedded_config(xml)
     assert embedded is not None and embedded.model == tiny["config"].model
     assert embedded.source["abs_path"] == str(tiny["ckpt"].resolve())
-    backend = load_backend(xml, device="cpu", cache=False)
+    backend = load_backend(xml, device="cpu", cache=False, precision="fp32")
     assert backend.name == "openvino" and backend.precision == "fp32" and "OpenVINO" in backend.provider
     x = np.random.default_rng(1).random((2, 3, 61, 97), dtype=np.float32)
     with torch.no_grad():
@@ -89,7 +89,8 @@ def test_export_writes_a_verified_ir_with_the_checkpoint_config(tiny) -> None:
 
 def test_predict_masks_equal_onnx_runtime_on_odd_sizes_and_modes(tiny) -> None:
     out_ov, out_ort = tiny["dir"] / "masks-ov", tiny["dir"] / "masks-ort"
-    r1 = _cli("predict", "-m", str(tiny["xml"]), str(tiny["images"]), "-o", str(out_ov), cwd=tiny["dir"])
+    r1 = _cli("predict", "-m", str(tiny["xml"]), "--precision", "fp32", str(tiny["images"]), "-o", str(out_ov),
+              cwd=tiny["dir"])
     r2 = _cli("predict", "-m", str(tiny["onnx"]), str(tiny["images"]), "-o", str(out_ort), cwd=tiny["dir"])
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     assert "openvino (fp32)" in r1.stdout
@@ -201,6 +202,7 @@ def test_options_and_errors_are_one_line(tiny, tmp_path: Path) -> None:
     assert "lonely.xml" in r.stderr and "re-export" in r.stderr
 
 
+@pytest.mark.precision
 def test_bf16_hint_runs_bf16_or_says_it_cannot(tiny, tmp_path: Path) -> None:
     from unet_deploy.backend_openvino import openvino_cpu_has
 
@@ -227,16 +229,88 @@ def test_all_formats_include_openvino_only_when_installed(monkeypatch) -> None:
     assert default_backends() == ("torch", "torchscript", "ort")
 
 
-def test_benchmark_runs_the_openvino_variants_and_recommends_one(tmp_path: Path) -> None:
+@pytest.mark.precision
+def test_benchmark_runs_the_openvino_variants_and_the_plain_recipe(tmp_path: Path) -> None:
+    """Every OpenVINO variant, the plain int8 recipe among them; our int8 IR runs its other layers at bf16 where
+    the CPU has it; a quick run of a fresh width-8 model recommends nothing and says what would."""
+    from unet_deploy.backend_openvino import openvino_cpu_has
+
     r = _cli("benchmark", "--quick", "--backends", "openvino", "openvino-int8", "openvino-plain",
-             "--scales", "0.5", "--runs", "2", "--json", "bench.json", cwd=tmp_path)
+             "openvino-int8-plain", "--scales", "0.5", "--runs", "2", "--json", "bench.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     import json
 
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {c["backend"]: c for c in report["cases"]}
-    assert set(rows) == {"openvino", "openvino-int8", "openvino-plain"}
+    assert set(rows) == {"openvino", "openvino-int8", "openvino-plain", "openvino-int8-plain"}
     assert rows["openvino-int8"]["precision"] == "int8" and rows["openvino"]["parity"]["passed"]
     assert rows["openvino"]["file_mb"] > rows["openvino-int8"]["file_mb"] > 0  # with the .bin
-    line = next(x for x in r.stdout.splitlines() if x.startswith("recommended on this machine: "))
-    assert "plain" not in line.split(",")[0] and "unet-deploy " in line
+    rest = "bf16" if openvino_cpu_has("bf16") else "fp32"
+    assert f"int8, other layers {rest}" in rows["openvino-int8"]["provider"]
+    assert rows["openvino-int8-plain"]["precision"] == "int8" and rows["openvino-int8-plain"]["parity"]["passed"]
+    assert "OpenVINO's default precision" in rows["openvino-int8-plain"]["provider"]
+    assert "no recommendation: quick run" in r.stdout and "unet-deploy benchmark --scales 0.5" in r.stdout
+
+
+@pytest.mark.precision
+def test_export_records_each_runtime_precision_and_auto_runs_the_fastest_verified(fit_on_heldout_cars, tiny,
+                                                                                  tmp_path: Path) -> None:
+    """A model fitted on cars: the IR's metadata holds this CPU's verdicts; without --precision predict runs the
+    fastest verified one and says so; --precision fp32 forces fp32; bf16 masks are the fp32 masks but for near
+    ties."""
+    import json
+
+    from unet_deploy.backend_openvino import openvino_cpu_has, read_ir_metadata
+    from unet_deploy.runtime_precision import VERDICTS_KEY
+
+    model, cfg, _images = fit_on_heldout_cars(12, 30)
+    ckpt = save_checkpoint(tmp_path / "car.pth", model, cfg)
+    lines: list[str] = []
+    done = run_export(ckpt, ExportOptions(formats=["openvino"], output=tmp_path / "exp", quick_verify=True),
+                      log=lambda m: lines.append(str(m)))
+    assert done.passed, done.results
+    xml = tmp_path / "exp" / "car.xml"
+    record = json.loads(read_ir_metadata(xml)[VERDICTS_KEY])
+    has_bf16 = openvino_cpu_has("bf16")
+    assert record["precisions"]["fp32"]["passed"] and ("bf16" in record["precisions"]) == has_bf16
+    auto = load_backend(xml, device="cpu", cache=False)
+    if has_bf16:
+        assert record["precisions"]["bf16"]["passed"], record
+        assert auto.precision == "bf16" and "auto: bf16 verified for this model on this CPU" in auto.provider
+        assert any("openvino bf16 on this CPU" in m and "runs bf16 here by default" in m for m in lines)
+    else:
+        assert auto.precision == "fp32" and "auto: fp32: this CPU has no bf16 kernels" in auto.provider
+        assert any("openvino bf16: not checked, this CPU has no bf16 kernels" in m for m in lines)
+    r = _cli("predict", "-m", str(xml), str(tiny["images"] / "rgb.jpg"), "-o", str(tmp_path / "auto.png"),
+             cwd=tmp_path)
+    forced = _cli("predict", "-m", str(xml), "--precision", "fp32", str(tiny["images"] / "rgb.jpg"),
+                  "-o", str(tmp_path / "fp32.png"), cwd=tmp_path)
+    assert r.returncode == 0 and forced.returncode == 0, r.stderr + forced.stderr
+    assert f"openvino ({auto.precision})" in r.stdout and "openvino (fp32)" in forced.stdout
+    a, b = np.asarray(Image.open(tmp_path / "auto.png")), np.asarray(Image.open(tmp_path / "fp32.png"))
+    assert (a != b).mean() <= 0.002
+
+
+@pytest.mark.precision
+def test_a_failing_reduced_precision_never_blocks_the_ir(tiny, tmp_path: Path, monkeypatch) -> None:
+    """bf16 judged by impossible thresholds: the IR is still written (its fp32 check passed), the verdict says
+    failed, and auto runs fp32 and says why; on a CPU without bf16 it is not checked at all."""
+    from unet_deploy import parity
+    from unet_deploy.backend_openvino import openvino_cpu_has
+
+    strict = parity.ParityThresholds(max_rel_err=0.0, min_pixel_agreement=1.0, min_dice=1.0, max_flipped_pixels=0,
+                                     precision="bf16")
+    real = parity.ParityThresholds.for_precision.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(parity.ParityThresholds, "for_precision",
+                        classmethod(lambda cls, p: strict if p == "bf16" else real(cls, p)))
+    lines: list[str] = []
+    done = run_export(tiny["ckpt"], ExportOptions(formats=["openvino"], output=tmp_path / "exp", quick_verify=True),
+                      log=lambda m: lines.append(str(m)))
+    assert done.passed and (tmp_path / "exp" / "tiny.xml").is_file()
+    auto = load_backend(tmp_path / "exp" / "tiny.xml", device="cpu", cache=False)
+    assert auto.precision == "fp32"
+    if openvino_cpu_has("bf16"):
+        assert done.results["openvino"]["runtime_precisions"]["bf16"]["passed"] is False
+        assert "bf16 failed its parity check at export" in auto.provider
+        assert any("parity failed" in m and "tiny.xml is written (fp32 passed) and runs fp32 here" in m
+                   for m in lines)

@@ -1,9 +1,12 @@
 """The OpenVINO backend: an OpenVINO IR (``NAME.xml`` + ``NAME.bin``, as ``unet-deploy export --format
 openvino`` writes it) or an ``.onnx`` file, compiled by OpenVINO and run as a :class:`~.backends.Runner`.
 
-* Precision: ``OpenVinoOptions.precision`` is OpenVINO's inference-precision hint (fp32, bf16, fp16). A
-  device without the asked precision (bf16 on a CPU without AVX-512 BF16 / AMX) runs what it has: the
-  backend reports the precision really compiled, and says so in one warning line.
+* Precision: ``OpenVinoOptions.precision`` is OpenVINO's inference-precision hint (fp32, bf16, fp16), or
+  "auto" (the default): the fastest precision whose parity ``export`` verified for this model on this kind
+  of CPU (:mod:`.runtime_precision`), else fp32; the provider line says which and why. The hint is always
+  set: OpenVINO would pick bf16 by itself on a CPU with bf16. A device without the asked precision (bf16 on
+  a CPU without AVX-512 BF16 / AMX) runs what it has: the backend reports the precision really compiled,
+  and says so in one warning line.
 * Performance hints: "auto" compiles for latency (all threads on one request) and, on the first batch of
   several images, a second time for throughput (parallel streams, one image each): single images stay
   fast and folders keep every core busy. "latency" / "throughput" force one.
@@ -29,7 +32,9 @@ import numpy as np
 
 from .backend_options import OpenVinoOptions
 from .config import CONFIG_KEY, DeployConfig
+from .cpu_features import bf16_hidden
 from .errors import UserError, first_line
+from .runtime_precision import AUTO, DEFAULT, VERDICTS_KEY, Choice, choose_precision, read_verdicts
 
 __all__ = ["load_openvino", "read_ir_metadata", "import_openvino", "openvino_installed", "openvino_device",
            "openvino_cpu_has",
@@ -77,6 +82,8 @@ def openvino_cpu_has(precision: str) -> bool:
     AVX-512 BF16 or AMX; fp16 with AVX-512 FP16 or AMX-FP16; int8 with AVX2/VNNI)."""
     if precision == "fp32":
         return True
+    if precision in ("bf16", "fp16") and bf16_hidden():  # UNET_DEPLOY_CPU_HIDE=bf16: as if the CPU had none
+        return False
     core = openvino_core()
     capabilities = {str(c).upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
     return {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}.get(precision, precision.upper()) in capabilities
@@ -189,7 +196,7 @@ class _OpenVinoRunner:
 def _metadata(path: Path, model: Any) -> dict[str, str]:
     if path.suffix.lower() == ".xml":
         return read_ir_metadata(path)
-    keys = (CONFIG_KEY, "unet_deploy.precision")  # an ONNX file: OpenVINO keeps its metadata_props there
+    keys = (CONFIG_KEY, "unet_deploy.precision", VERDICTS_KEY)  # an ONNX file: OpenVINO keeps its metadata_props there
     return {k: model.get_rt_info(["framework", k]).astype(str) for k in keys if model.has_rt_info(["framework", k])}
 
 
@@ -203,7 +210,11 @@ def _compiled_precision(compiled: Any, asked: str) -> str:
 
 
 def _properties(options: OpenVinoOptions, path: Path) -> dict[str, Any]:
-    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT_OF_PRECISION[options.precision]}
+    properties: dict[str, Any] = {}
+    if options.precision != DEFAULT:
+        properties["INFERENCE_PRECISION_HINT"] = _HINT_OF_PRECISION[options.precision]
+    elif bf16_hidden():  # OpenVINO's own choice on a CPU the switch says has no bf16
+        properties["INFERENCE_PRECISION_HINT"] = "f32"
     if options.threads is not None:
         properties["INFERENCE_NUM_THREADS"] = options.threads
     cache = _cache_dir(path) if options.cache else None
@@ -222,10 +233,7 @@ def load_openvino(path: Path, device: str, options: OpenVinoOptions) -> Any:
     model = _read_model(core, path)
     meta = _metadata(path, model)
     config = DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else DeployConfig()
-    if target == "CPU" and not openvino_cpu_has(options.precision):
-        # the plugin would fall back to fp32 itself; asking it anyway crashed a long test process here
-        log.warning("%s: OpenVINO on %s has no %s kernels here; it runs fp32", path, target, options.precision)
-        options = replace(options, precision="fp32")
+    options, why = _runtime_precision(options, meta, target, path)
     runner = _OpenVinoRunner(core, model, target, _properties(options, path), options, path)
     compiled = next(iter(runner.compiled.values()))
     ran = _compiled_precision(compiled, options.precision)
@@ -237,6 +245,26 @@ def load_openvino(path: Path, device: str, options: OpenVinoOptions) -> Any:
         name = core.get_property(target, "FULL_DEVICE_NAME")
     except Exception:  # noqa: BLE001 - AUTO/HETERO have no single name
         name = target
-    provider = f"OpenVINO {ov.__version__.split('-')[0]} {target} ({name}), {ran}"
+    layers = f"int8, other layers {ran}" if exported == "int8" else ran
+    provider = f"OpenVINO {ov.__version__.split('-')[0]} {target} ({name}), {layers}{why}"
     return Backend(name="openvino", path=path, device="cpu" if target == "CPU" else target, config=config,
                    provider=provider, precision=precision, options=options, call=runner)
+
+
+def _runtime_precision(options: OpenVinoOptions, meta: dict[str, str], target: str,
+                       path: Path) -> tuple[OpenVinoOptions, str]:
+    """The options with a concrete precision ("auto": the fastest verified here) and, for "auto", why."""
+    if options.precision == DEFAULT:
+        return options, " (OpenVINO's default precision)"
+    if options.precision == AUTO:
+        choice = choose_precision(meta, openvino_cpu_has) if target == "CPU" else Choice("fp32", "fp32")
+        return replace(options, precision=choice.precision), f" (auto: {choice.why})"
+    if target == "CPU" and not openvino_cpu_has(options.precision):
+        # the plugin would fall back to fp32 itself; asking it anyway crashed a long test process here
+        log.warning("%s: OpenVINO on %s has no %s kernels here; it runs fp32", path, target, options.precision)
+        return replace(options, precision="fp32"), ""
+    verdict = (read_verdicts(meta).get("precisions") or {}).get(options.precision)
+    if verdict is not None and not verdict.get("passed"):
+        log.warning("%s: %s failed its parity check at export (masks may differ from fp32); --precision auto "
+                    "runs the fastest verified precision", path, options.precision)
+    return options, ""

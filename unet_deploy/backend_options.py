@@ -77,20 +77,23 @@ class OrtOptions:
 
 @dataclass(frozen=True)
 class OpenVinoOptions:
-    """OpenVINO: ``precision`` its inference-precision hint (fp32; bf16 on CPUs with AVX-512 BF16 or AMX;
-    fp16 where the device has it; an int8 IR keeps its int8 layers); ``threads`` CPU inference threads
+    """OpenVINO: ``precision`` its inference-precision hint: "auto" (default) the fastest one whose parity was
+    verified for this model on this CPU at export (:mod:`unet_deploy.runtime_precision`), else fp32; or fp32,
+    bf16 (CPUs with AVX-512 BF16 or AMX), fp16 where the device has it (an int8 IR keeps its int8 layers and
+    runs the others at this precision); "default" sets no hint (OpenVINO's own choice: bf16 on CPUs with
+    bf16; the plain-recipe comparison); ``threads`` CPU inference threads
     (None: OpenVINO's choice, the physical cores); ``hint`` a performance hint (:data:`OPENVINO_HINTS`);
     ``cache`` a compiled-model cache in ``.openvino-cache/`` beside the model (faster start-up)."""
 
     backend: ClassVar[str] = "openvino"
-    precision: str = "fp32"
+    precision: str = "auto"
     threads: int | None = None
     hint: str = "auto"
     cache: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in OPENVINO_PRECISIONS:
-            raise UserError(f"--precision {self.precision}: OpenVINO takes {', '.join(OPENVINO_PRECISIONS)} "
+        if self.precision not in ("auto", "default", *OPENVINO_PRECISIONS):
+            raise UserError(f"--precision {self.precision}: OpenVINO takes auto, {', '.join(OPENVINO_PRECISIONS)} "
                             "(an int8 model is exported with `unet-deploy export --format openvino --int8`)")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads {self.threads}: use 1 or more (or leave it out for all cores)")
@@ -101,7 +104,11 @@ class OpenVinoOptions:
 BackendOptions = TorchOptions | TorchScriptOptions | OrtOptions | OpenVinoOptions
 _CLASSES: dict[str, type[TorchOptions] | type[TorchScriptOptions] | type[OrtOptions] | type[OpenVinoOptions]] = {
     "torch": TorchOptions, "torchscript": TorchScriptOptions, "ort": OrtOptions, "openvino": OpenVinoOptions}
-_DEFAULTS = {f.name: f.default for cls in _CLASSES.values() for f in fields(cls)}
+#: option name -> the defaults it has (precision: fp32 for torch, auto for OpenVINO); None means "not given"
+_DEFAULTS: dict[str, set[Any]] = {}
+for _cls in _CLASSES.values():
+    for _f in fields(_cls):
+        _DEFAULTS.setdefault(_f.name, {None}).add(_f.default)
 
 
 def _owners(name: str) -> list[str]:
@@ -118,8 +125,9 @@ def _refusal(backend: str, name: str, value: Any) -> UserError:
 
 
 def options_for(backend: str, **given: Any) -> BackendOptions:
-    """The option object for ``backend`` from option values (``precision=``, ``threads=``, ...). A value
-    left at its default is dropped when the backend does not take it; any other is a one-line
+    """The option object for ``backend`` from option values (``precision=``, ``threads=``, ...). None means
+    "not given" (the backend's default). A value left at a default is dropped when the backend does not take
+    it; any other is a one-line
     :class:`UserError` naming the flag and the backend it applies to."""
     if backend not in _CLASSES:
         raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
@@ -128,9 +136,9 @@ def options_for(backend: str, **given: Any) -> BackendOptions:
     for name, value in given.items():
         if name not in _DEFAULTS:
             raise TypeError(f"options_for: unknown option {name!r}")
-        if name not in own and value != _DEFAULTS[name]:
+        if name not in own and value not in _DEFAULTS[name]:
             raise _refusal(backend, name, value)
-    return cls(**{k: v for k, v in given.items() if k in own})
+    return cls(**{k: v for k, v in given.items() if k in own and v is not None})
 
 
 def options_for_model(path: str | Path, backend: str | None = None, **given: Any) -> BackendOptions:

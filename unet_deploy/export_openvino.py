@@ -31,7 +31,8 @@ from .config import DeployConfig
 from .errors import UserError, first_line
 from .export import onnx_metadata, quiet_exporter, recorded_config
 
-__all__ = ["convert_onnx_to_ir", "quantize_ir_int8", "place_ir", "bin_path", "openvino_installed"]
+__all__ = ["convert_onnx_to_ir", "quantize_ir_int8", "quantize_ir_plain", "place_ir", "set_ir_metadata", "bin_path",
+           "openvino_installed"]
 
 
 def bin_path(xml: str | Path) -> Path:
@@ -40,12 +41,16 @@ def bin_path(xml: str | Path) -> Path:
 
 
 def _save_ir(model: Any, config: DeployConfig, precision: str, xml: Path) -> Path:
-    ov = import_openvino()
     for key, value in onnx_metadata(recorded_config(config), precision).items():
         model.set_rt_info(value, [RT_INFO_SECTION, key])
+    return _save_and_place(model, xml)
+
+
+def _save_and_place(model: Any, xml: Path) -> Path:
+    """Save ``model`` (fp32 weights) under a temporary name beside ``xml``, then place it there."""
     staged = xml.with_name(f".{xml.stem}.{os.getpid()}.tmp.xml")  # beside the target: the renames are atomic
     try:
-        ov.save_model(model, str(staged), compress_to_fp16=False)
+        import_openvino().save_model(model, str(staged), compress_to_fp16=False)
         place_ir(staged, xml)
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
         raise UserError(f"{xml}: OpenVINO could not write the IR ({first_line(e)[:200]})") from None
@@ -87,24 +92,53 @@ def quantize_ir_int8(source: str | Path, config: DeployConfig, xml: str | Path,
     Activations are calibrated on the ``calibration`` batches (each (1, C, H, W) float32, preprocessed as
     ``predict`` does); weights are int8 per output channel (NNCF's "performance" preset: symmetric
     activations, fast on CPUs with VNNI/AMX). Precision "int8" in the metadata."""
+    nncf = _import_nncf()
+    return _quantize(source, config, Path(xml), calibration, preset=nncf.QuantizationPreset.PERFORMANCE)
+
+
+def quantize_ir_plain(source: str | Path, config: DeployConfig, xml: str | Path,
+                      calibration: Iterable[np.ndarray]) -> Path:
+    """The plain recipe a user without this package would follow: ``nncf.quantize`` with its defaults on
+    ``source`` (any model file OpenVINO reads, e.g. a plain ``torch.onnx.export``), saved as an int8 IR (the
+    benchmark's ``openvino-int8-plain`` comparison)."""
+    _import_nncf()
+    return _quantize(source, config, Path(xml), calibration)
+
+
+def _import_nncf() -> Any:
     try:
         import nncf
     except ImportError:
         raise UserError(f"--int8 for OpenVINO needs NNCF: {INSTALL_HINT.replace('openvino)', 'nncf)')}") from None
+    return nncf
+
+
+def _quantize(source: str | Path, config: DeployConfig, xml: Path, calibration: Iterable[np.ndarray],
+              **options: Any) -> Path:
+    """``nncf.quantize(model, batches, **options)`` of ``source``, saved as an int8 IR at ``xml``."""
+    nncf = _import_nncf()
     batches = list(calibration)
     if not batches:
         raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
     model = openvino_core().read_model(str(source))
     try:
         with _quiet_nncf():
-            quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
-                                      preset=nncf.QuantizationPreset.PERFORMANCE)
+            quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), **options)
     except Exception as e:  # noqa: BLE001 - NNCF raises many types
         raise UserError(f"{source}: OpenVINO int8 quantisation failed ({first_line(e)[:200]})") from None
     finally:
         del model
         gc.collect()  # NNCF's statistics models and requests go now, not at some later collection
-    return _save_ir(quantized, config, "int8", Path(xml))
+    return _save_ir(quantized, config, "int8", xml)
+
+
+def set_ir_metadata(xml: str | Path, key: str, value: str) -> Path:
+    """Set one ``unet_deploy`` rt_info entry of the IR at ``xml`` (read and saved again by OpenVINO, written
+    under a temporary name and placed like any IR: weights unchanged, nothing half-written)."""
+    xml = Path(xml)
+    model = openvino_core().read_model(str(xml))
+    model.set_rt_info(value, [RT_INFO_SECTION, key])
+    return _save_and_place(model, xml)
 
 
 def place_ir(staged: Path, target: Path) -> None:

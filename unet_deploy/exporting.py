@@ -27,6 +27,7 @@ from .backend_options import OpenVinoOptions
 from .backends import load_backend
 from .checkpoint import load_checkpoint
 from .config import DeployConfig
+from .cpu_features import bf16_kernels
 from .data import list_images
 from .errors import UserError
 from .export import (
@@ -38,9 +39,17 @@ from .export import (
     export_torchscript,
     quantize_onnx_int8,
 )
-from .export_openvino import bin_path, convert_onnx_to_ir, openvino_installed, place_ir, quantize_ir_int8
+from .export_openvino import (
+    bin_path,
+    convert_onnx_to_ir,
+    openvino_installed,
+    place_ir,
+    quantize_ir_int8,
+    set_ir_metadata,
+)
 from .names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
 from .parity import ParityCase, ParityReport, default_cases, image_cases, parity
+from .runtime_precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
 
@@ -204,7 +213,7 @@ def run_export(checkpoint: Path | None, opts: ExportOptions, log: Log = print) -
             if wanted and "onnx" in opts.formats:
                 _export_derived(job, kind, _written(done, ".onnx"), calib, images)
         if opts.int8 and "openvino" in opts.formats:
-            _export_derived(job, "int8", _written(done, ".xml"), calib, images)
+            _export_derived(job, "int8", _written(done, ".xml"), calib, images, fmt="openvino")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return done
@@ -222,7 +231,8 @@ def _size(path: Path) -> str:
 
 def _verify_file(job: _Job, staged: Path, target: Path, backend: str, cases: list[ParityCase],
                  precision: str = "fp32") -> ParityReport:
-    """Load the staged file (OpenVINO: at ``precision``, without the compiled-model cache) and compare."""
+    """Load the staged file (OpenVINO: at runtime ``precision``, without the compiled-model cache) and compare
+    by the thresholds of the file's precision (an int8 IR: int8) or else of the runtime precision."""
     options = OpenVinoOptions(precision=precision, cache=False) if backend == "openvino" else None
     candidate = load_backend(staged, backend, device="cpu", options=options)
     report = parity(job.eager, candidate, cases)
@@ -255,22 +265,42 @@ def _stage(job: _Job, f: str, staged: Path) -> None:
 
 
 def _passes(job: _Job, f: str, staged: Path, target: Path, entry: dict[str, Any]) -> bool:
-    """Parity of a staged file (OpenVINO also at bf16 where the CPU has it); failures logged."""
+    """Parity of a staged file at fp32; an IR that passes is then checked at each reduced runtime precision
+    of this CPU, and the verdicts recorded in it (they never block it). Failures logged."""
     assert job.cases is not None
     report = _verify_file(job, staged, target, FORMATS[f][1], job.cases)
     entry["parity"] = report.to_dict()
-    if report.passed and f == "openvino":
-        if openvino_cpu_has("bf16"):
-            report = _verify_file(job, staged, target, "openvino", job.cases, precision="bf16")
-            entry["parity_bf16"] = report.to_dict()
-        else:
-            job.log("openvino bf16: not checked, OpenVINO has no bf16 kernels on this CPU (it would run fp32)")
     if not report.passed:
         job.done.failed.append(f)
         entry["written"] = False
         job.log(f"[bold red]{f}: parity FAILED; {target} was not written"
                 f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
+    elif f == "openvino":
+        _record_runtime_verdicts(job, staged, target, job.cases, report, entry)
     return report.passed
+
+
+def _record_runtime_verdicts(job: _Job, staged: Path, target: Path, cases: list[ParityCase],
+                             fp32: ParityReport, entry: dict[str, Any]) -> None:
+    """Check a staged IR (whose fp32 run passed) at bf16/fp16 where this CPU has them, log each verdict and
+    the precision the file will run at here, and record the verdicts in the IR's metadata."""
+    verdicts = {"fp32": verdict_entry(fp32)}
+    for precision in REDUCED:
+        if not openvino_cpu_has(precision):
+            if precision == "bf16":
+                job.log(f"openvino bf16: not checked, this CPU has no bf16 kernels; {target.name} runs fp32 here")
+            continue
+        report = _verify_file(job, staged, target, "openvino", cases, precision=precision)
+        entry[f"parity_{precision}"] = report.to_dict()
+        verdicts[precision] = verdict_entry(report)
+        if report.passed:
+            job.log(f"openvino {precision} on this CPU ({bf16_kernels()}): parity ok; {target.name} runs {precision} "
+                    "here by default (--precision fp32 forces fp32)")
+        else:
+            job.log(f"[yellow]openvino {precision} on this CPU ({bf16_kernels()}): parity failed "
+                    f"({report.thresholds.describe()}); {target.name} is written (fp32 passed) and runs fp32 here[/]")
+    entry["runtime_precisions"] = verdicts
+    set_ir_metadata(staged, VERDICTS_KEY, verdict_record(verdicts))
 
 
 def _export_format(job: _Job, f: str) -> None:
@@ -298,13 +328,15 @@ def _derive(kind: str, source: Path, config: DeployConfig, staged: Path, used: l
         quantize_onnx_int8(source, config, staged, calibration_batches(used, config))
 
 
-def _export_derived(job: _Job, kind: str, source: Path | None, calib: list[Path], images: list[Path]) -> None:
-    """NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 ONNX file (NAME.int8.xml from the IR),
-    checked, moved into place."""
-    fmt = "openvino" if source is not None and source.suffix == ".xml" else "onnx"
+def _export_derived(job: _Job, kind: str, source: Path | None, calib: list[Path], images: list[Path],
+                    fmt: str = "onnx") -> None:
+    """NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 ONNX file (NAME.int8.xml from the IR, ``fmt``
+    "openvino"), checked, moved into place."""
     if source is None:
         job.done.failed.append(kind)
-        job.log(f"[bold red]{kind}: skipped, the fp32 {fmt} export was not written[/]")
+        job.log(f"[bold red]{kind}: skipped, the fp32 {fmt} export ({job.target(FORMATS[fmt][0])}) did not pass "
+                f"its parity check (table above); its {kind} file derives from it. `unet-deploy export --format "
+                f"{fmt} --no-verify{' --int8' if kind == 'int8' else ' --fp16'}` writes it unchecked[/]")
         return
     target = job.target(f".{kind}{source.suffix}")
     staged = job.staging / target.name
@@ -331,5 +363,7 @@ def _export_derived(job: _Job, kind: str, source: Path | None, calib: list[Path]
             job.done.failed.append(f"{fmt}-{kind}" if fmt != "onnx" else kind)
             job.log(f"[bold red]{kind}: parity FAILED; {target} was not written[/]")
             return
+        if fmt == "openvino":  # its non-quantised layers at bf16 where that keeps the int8 criteria
+            _record_runtime_verdicts(job, staged, target, cases, report, entry)
     _place(job, staged, target, entry, seconds, "made")
     job.done.written.append((fmt, target))

@@ -32,7 +32,7 @@ __all__ = ["MODEL_FILES", "BENCH_CALIBRATION_IMAGES", "ModelFiles", "cache_key",
 #: File name of each model file, by ``Variant.file_key``.
 MODEL_FILES = {"torch": "model.pth", "torchscript": "model.ts", "ort": "model.onnx", "ort-int8": "model.int8.onnx",
                "ort-fp16": "model.fp16.onnx", "openvino": "model.xml", "openvino-int8": "model.int8.xml",
-               "openvino-plain": "model.plain.xml"}
+               "openvino-plain": "model.plain.xml", "openvino-int8-plain": "model.int8.plain.xml"}
 #: Derived files -> the file each is made from.
 _DERIVED_FROM = {"ort-int8": "ort", "ort-fp16": "ort", "openvino": "ort", "openvino-int8": "openvino"}
 #: Synthetic Carvana-like images the benchmark calibrates its int8 model on.
@@ -54,7 +54,7 @@ def cache_key(settings: BenchSettings) -> str:
     """Hash of the weights (or the fresh-init recipe), the export recipe and the torch/onnx versions."""
     # recipe: bump when the export/quantisation recipe changes, so cached files are made again
     what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 5, "onnx": onnx.__version__,
-                            "openvino": _openvino_version()}
+                            "openvino": _openvino_version(), "nncf": _openvino_version("nncf")}
     if settings.checkpoint is not None:
         what["checkpoint"] = sha256_file(settings.checkpoint)
     else:
@@ -112,7 +112,7 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
         t0 = time.perf_counter()
         writer(model, ckpt.config, target)
         export_s[backend] = time.perf_counter() - t0
-    for key in ("ort-int8", "ort-fp16", "openvino", "openvino-int8", "openvino-plain"):
+    for key in ("ort-int8", "ort-fp16", "openvino", "openvino-int8", "openvino-plain", "openvino-int8-plain"):
         if key in keys:
             _derived_file(key, settings, ckpt, paths, folder, export_s, say)
     return ModelFiles(paths, config.model.architecture, source, export_s, config.model)
@@ -133,11 +133,11 @@ def _fresh_checkpoint(settings: BenchSettings, folder: Path) -> tuple[DeployConf
     return config, path, model
 
 
-def _openvino_version() -> str | None:
+def _openvino_version(package: str = "openvino") -> str | None:
     import importlib.metadata
 
     try:
-        return importlib.metadata.version("openvino")
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 
@@ -148,10 +148,11 @@ def _calibration(settings: BenchSettings, config: Any) -> Iterator[Any]:
             for i in range(BENCH_CALIBRATION_IMAGES))
 
 
-def _plain_onnx_ir(ckpt: Any, target: Path) -> None:
+def _plain_onnx_ir(ckpt: Any, target: Path, calibration: Iterator[Any] | None = None) -> None:
     """OpenVINO's IR of a plain ``torch.onnx.export`` of the network as built (no export rewrites, dynamic
-    batch/height/width, torch's default exporter): what a user without this package would run."""
-    from ..export_openvino import convert_onnx_to_ir
+    batch/height/width, torch's default exporter): what a user without this package would run. With
+    ``calibration``, the plain int8 recipe: ``nncf.quantize`` with its defaults on those batches."""
+    from ..export_openvino import convert_onnx_to_ir, quantize_ir_plain
 
     model = ckpt.build_model("cpu").eval()
     onnx_path = target.with_suffix(".onnx")
@@ -159,7 +160,10 @@ def _plain_onnx_ir(ckpt: Any, target: Path) -> None:
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(model, (torch.rand(2, 3, 64, 96),), str(onnx_path), dynamo=True, input_names=["input"],
                           output_names=["logits"], dynamic_shapes=(dims,))
-    convert_onnx_to_ir(onnx_path, ckpt.config, target)
+    if calibration is None:
+        convert_onnx_to_ir(onnx_path, ckpt.config, target)
+    else:
+        quantize_ir_plain(onnx_path, ckpt.config, target, calibration)
     onnx_path.unlink()
 
 
@@ -179,8 +183,8 @@ def _derived_file(key: str, settings: BenchSettings, ckpt: Any, paths: dict[str,
         quantize_onnx_int8(paths["ort"], config, target, _calibration(settings, config))
     elif key == "ort-fp16":
         convert_onnx_fp16(paths["ort"], config, target)
-    elif key == "openvino-plain":
-        _plain_onnx_ir(ckpt, target)
+    elif key.startswith("openvino") and key.endswith("plain"):
+        _plain_onnx_ir(ckpt, target, _calibration(settings, config) if "int8" in key else None)
     else:
         from ..export_openvino import convert_onnx_to_ir, quantize_ir_int8
 

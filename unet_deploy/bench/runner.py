@@ -37,6 +37,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
         if settings.roofline:
             roof = run_roofline(settings, cases, files, say)
         stages = run_stages(settings, cases, files, scratch, say) if settings.stages else None
+        checked = _check_recommendation(settings, cases, files, scratch, say)
     s = settings
     report: dict[str, Any] = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
@@ -63,8 +64,27 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
     report["before_after"] = before_after(report)
     if stages is not None:
         report["stages"] = stages
+    if checked is not None:
+        report["recommendation"] = checked
     report["command"] = reproduce_command(settings)
     return report
+
+
+def _check_recommendation(settings: BenchSettings, cases: list[dict[str, Any]], files: ModelFiles, scratch: Path,
+                          say: Callable[[str], None]) -> dict[str, Any] | None:
+    """Run the recommended commands once (``settings.check_recommendation``), on the benchmark's model and a
+    JPEG of its input image."""
+    if not settings.check_recommendation:
+        return None
+    from .recommend_check import check_recommendation
+
+    width, height = settings.image_size or CARVANA_SIZE
+    (scratch / "recommend").mkdir(parents=True, exist_ok=True)
+    image = write_jpeg(synthetic_image(width, height, settings.seed), scratch / "recommend" / "car.jpg")
+    partial = {"settings": {"checkpoint": str(settings.checkpoint) if settings.checkpoint else None,
+                            "quick": settings.quick, "scales": list(settings.scales), "seed": settings.seed},
+               "cases": cases}
+    return check_recommendation(partial, files.paths["torch"], image, scratch / "recommend", (width, height), say)
 
 
 def run_roofline(settings: BenchSettings, cases: list[dict[str, Any]], files: ModelFiles,

@@ -61,6 +61,7 @@ class BenchSettings:
     roofline: bool = False  # also report the CPU's theoretical and best-layer peaks and each backend against them
     tile: int | None = None  # --tile: measure tiled vs whole-image prediction instead (bench/tiled.py)
     tile_overlap: int | None = None  # --tile-overlap (default: an eighth of the tile)
+    check_recommendation: bool = False  # run the recommended commands once (bench/recommend_check.py)
 
 
 def default_counts(device: str, quick: bool) -> tuple[int, int]:

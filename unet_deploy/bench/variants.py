@@ -23,9 +23,11 @@ FLAGS = ("cl", "compile", "cgraph", "default", "iob", "plain")
 BACKEND_NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime", "openvino": "openvino"}
 VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-plain]: torch, torchscript, ort or "
                 "openvino; precision fp32 (default), bf16/fp16 (torch, openvino), fp16/int8 (ort files), int8 "
-                "(openvino: NNCF); cl = channels_last; compile = torch.compile, cgraph = torch.compile "
-                "reduce-overhead (CUDA graphs); default = ONNX Runtime's default session options (untuned); iob = "
-                "ORT IO binding; plain = openvino on a plain torch.onnx export (no export rewrites)")
+                "(openvino: NNCF, other layers at bf16 where the CPU has it); cl = channels_last; compile = "
+                "torch.compile, cgraph = torch.compile reduce-overhead (CUDA graphs); default = ONNX Runtime's "
+                "default session options (untuned); iob = ORT IO binding; plain = openvino on a plain "
+                "torch.onnx export (no export rewrites); openvino-int8-plain = the plain recipe (plain export, "
+                "nncf.quantize with its defaults, OpenVINO's default hints)")
 
 
 def default_backends() -> tuple[str, ...]:
@@ -73,15 +75,27 @@ class Variant:
             return OrtOptions(threads=threads, profile=self.ort_profile, io_binding=self.io_binding)
         if self.backend == "torchscript":
             return TorchScriptOptions()
-        if self.backend == "openvino":  # an int8 IR is int8 by its file; its other layers run fp32
-            return OpenVinoOptions(precision="fp32" if self.precision == "int8" else self.precision, threads=threads)
+        if self.backend == "openvino":
+            return OpenVinoOptions(precision=self._openvino_precision(), threads=threads)
         return TorchOptions(precision=self.precision, channels_last=self.channels_last, compile=self.compile)
+
+    def _openvino_precision(self) -> str:
+        """The runtime precision hint: an int8 IR is int8 by its file and runs its other layers at the fastest
+        precision this CPU has (bf16 where it has bf16); the plain int8 recipe sets no hint at all."""
+        if self.precision != "int8":
+            return self.precision
+        if self.plain:
+            return "default"
+        from ..backend_openvino import openvino_cpu_has
+
+        return "bf16" if openvino_cpu_has("bf16") else "fp32"
 
     @property
     def file_key(self) -> str:
         """Which model file it loads (keys of ``ModelFiles.paths``)."""
         if self.backend == "openvino":
-            return "openvino-plain" if self.plain else ("openvino-int8" if self.precision == "int8" else "openvino")
+            return "-".join(["openvino", *(["int8"] if self.precision == "int8" else []),
+                             *(["plain"] if self.plain else [])])
         return f"ort-{self.precision}" if self.backend == "ort" and self.precision != "fp32" else self.backend
 
     @property
@@ -104,8 +118,8 @@ def _refuse_combination(backend: str, precision: str, flags: set[str], device: s
         return "torch fp16 needs CUDA; use torch-bf16 on CPU"
     if backend == "ort" and (precision == "bf16" or flags & {"cl", "compile", "cgraph"}):
         return "ort takes fp32, fp16 or int8 and -default/-iob only"
-    if backend == "openvino" and (flags - {"plain"} or (flags and precision == "int8")):
-        return "openvino takes fp32, bf16, fp16 or int8 and -plain (fp32/bf16) only"
+    if backend == "openvino" and flags - {"plain"}:
+        return "openvino takes fp32, bf16, fp16 or int8 and -plain only"
     return None
 
 
@@ -149,7 +163,7 @@ def expand_variants(words: Sequence[str], precisions: Sequence[str] = (), channe
                 continue
             if v.backend == "torch" and (p == "int8" or (p == "fp16" and not str(device).startswith("cuda"))):
                 continue
-            if (v.backend == "ort" and p == "bf16") or (v.backend == "openvino" and v.plain and p == "int8"):
+            if v.backend == "ort" and p == "bf16":
                 continue
             c = replace(v, precision=p)
             if c.backend == "torch":

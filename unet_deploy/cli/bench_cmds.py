@@ -6,13 +6,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
-from ..names import BACKENDS, PRECISIONS
+from ..names import BACKENDS, DEFAULT_CHECKPOINT, PRECISIONS
 from ._app import app
 
 if TYPE_CHECKING:
@@ -171,13 +171,15 @@ def benchmark(
     words = _variants(backend_words, precision_words, channels_last, compile_, compile_mode, device)
     _check_paths(json_out, plot, markdown, model)
     _check_tiled(tile, stages, roofline, plot, markdown)
+    err = Console(stderr=True)
+    if from_json is None:
+        model = _model_to_measure(model, quick, base_channels, tile, err)
     settings = BenchSettings(
         checkpoint=model, backends=tuple(words), stages=stages, stages_crf=stages_crf, roofline=roofline,
         scales=tuple(_floats(scale_words)) or ((1.0,) if tile is not None else (0.5, 1.0)), device=device,
         runs=runs, warmup=warmup, base_channels=base_channels, bilinear=bilinear, quick=quick, threads=threads,
-        tile=tile, tile_overlap=tile_overlap,
+        tile=tile, tile_overlap=tile_overlap, check_recommendation=tile is None,
     )
-    err = Console(stderr=True)
     log = None if quiet else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
     if from_json is not None:
         report = _read_report(from_json)
@@ -185,6 +187,21 @@ def benchmark(
         report = _run(settings, cache_dir, log, show_targets, json_out, plot, markdown, merge)
     _show(report, show_targets)
     _write(report, json_out, plot, markdown, merged, show_targets)
+
+
+def _model_to_measure(model: Path | None, quick: bool, base_channels: int | None, tile: int | None,
+                      err: Any) -> Path | None:
+    """``-m``, else this folder's ``checkpoints/best.pth`` (the model the recommendation is for), unless the
+    run is a quick setup check, a tiled run or asks for a fresh width."""
+    from ..bench import quick_from_env
+
+    if model is not None or quick or quick_from_env() or base_channels is not None or tile is not None:
+        return model
+    if DEFAULT_CHECKPOINT.is_file():
+        err.print(f"benchmarking {DEFAULT_CHECKPOINT} (found here; --base-channels 64 measures a fresh seed-width "
+                  "model instead)", highlight=False)
+        return DEFAULT_CHECKPOINT
+    return None
 
 
 def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[str] | None,

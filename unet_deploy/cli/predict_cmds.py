@@ -94,10 +94,12 @@ def predict(
     backend: str | None = typer.Option(None, help="torch, torchscript, ort or openvino (default: from the model "
                                                   "file; openvino also runs an .onnx file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 (GPU) or bf16 for the torch backend (.pth); OpenVINO's "
-                                               "inference-precision hint (fp32, bf16, fp16) for --backend openvino; "
-                                               "a .ts / .onnx model on ONNX Runtime runs at the precision it was "
-                                               "exported with."),
+    precision: str | None = typer.Option(None, show_default=False,
+                                         help="torch backend (.pth): fp32 (default), fp16 (GPU) or bf16. --backend "
+                                              "openvino: auto (default: the fastest precision export verified for "
+                                              "this model on this CPU, shown in the start line), fp32, bf16 or "
+                                              "fp16. A .ts / .onnx model on ONNX Runtime runs at the precision it "
+                                              "was exported with."),
     threads: int | None = typer.Option(None, help="ONNX Runtime / OpenVINO threads, 1 or more (default: the "
                                                   "physical cores)."),
     channels_last: bool = typer.Option(False, "--channels-last",
@@ -252,7 +254,7 @@ class _ModelArgs:
     path: Path
     backend: str | None
     device: str
-    precision: str
+    precision: str | None
     threads: int | None
     channels_last: bool
     compile: str | None

@@ -29,8 +29,10 @@ def serve(
     backend: str | None = typer.Option(None, help="torch, torchscript, ort or openvino (default: from the model "
                                                   "file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help="torch backend: fp32, fp16 (GPU) or bf16; openvino: its precision "
-                                               "hint (fp32, bf16, fp16)."),
+    precision: str | None = typer.Option(None, show_default=False,
+                                         help="torch backend: fp32 (default), fp16 (GPU) or bf16; openvino: auto "
+                                              "(default: the fastest precision export verified here), fp32, bf16 "
+                                              "or fp16."),
     threads: int | None = typer.Option(None, help="ONNX Runtime / OpenVINO threads (default: the physical cores)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed at start)."),
