@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                 "onnx fp32": load_backend(fp32_path, "ort", "cpu", threads=args.threads),
                 "onnx int8": load_backend(int8_path, "ort", "cpu", threads=args.threads)}
     openvino = _openvino_int8(fp32_path, ckpt.config, out, calibration_batches(train_imgs, ckpt.config))
-    if openvino is not None:
-        backends["openvino int8"] = load_backend(openvino[0], "openvino", "cpu", threads=args.threads)
+    if openvino is not None:  # as predict runs it here: its non-quantised layers at bf16 where the CPU has it
+        from unet_deploy.backend_openvino import openvino_cpu_has
+
+        rest = "bf16" if openvino_cpu_has("bf16") else "fp32"
+        backends["openvino int8"] = load_backend(openvino[0], "openvino", "cpu", threads=args.threads,
+                                                 precision=rest, cache=False)
     dice = {name: evaluate_model(b, pairs)["dice"] for name, b in backends.items()}
     masks = _masks_vs_fp32(backends["onnx fp32"], backends["onnx int8"], pairs, ckpt.config)
     report = {
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "thresholds": ParityThresholds.for_precision("int8").describe(),
     }
     if openvino is not None:
-        report.update(openvino_quantise_s=openvino[1],
+        report.update(openvino_quantise_s=openvino[1], openvino_int8_provider=backends["openvino int8"].provider,
                       dice_change_openvino_int8_vs_fp32=dice["openvino int8"] - dice["onnx fp32"],
                       openvino_int8_vs_fp32_masks=_masks_vs_fp32(backends["onnx fp32"], backends["openvino int8"],
                                                                  pairs, ckpt.config))
@@ -118,8 +122,11 @@ def _machine() -> dict:
         flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split(":")[1].split())
     except (OSError, StopIteration):
         pass
+    from unet_deploy.cpu_features import cpu_summary
+
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return {"cpu": cpu_model(), "platform": platform.platform(), "isa": [f for f in wanted if f in flags]}
+    return {"cpu": cpu_model(), "platform": platform.platform(), "isa": [f for f in wanted if f in flags],
+            **{k: v for k, v in cpu_summary().items() if k != "isa"}}
 
 
 def _openvino_int8(fp32_onnx: Path, config, out: Path, calibration) -> tuple[Path, float] | None:

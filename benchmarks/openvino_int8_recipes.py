@@ -4,8 +4,8 @@ ratios share the machine's state), with parity against eager fp32 on real images
 
 The plain recipe: ``torch.onnx.export`` as is, ``nncf.quantize`` with its defaults on 4 calibration images,
 compiled with OpenVINO's default hints (no precision hint: bf16 on a CPU with bf16). Each other recipe changes
-one thing: this package's export (decoder rewrites), NNCF's preset, fast bias correction, the first and last
-convolutions left in float, the calibration count, the precision hint of the layers NNCF did not quantise.
+one thing: this package's export (decoder rewrites), NNCF's preset, fast bias correction, the first (and last)
+convolution left in float, the calibration count, the precision hint of the layers NNCF did not quantise.
 Then the best recipe's throughput on a folder: one request at a time (latency hint) vs parallel streams.
 
     python benchmarks/openvino_int8_recipes.py --out /tmp/ovr --json benchmarks/openvino-int8-recipes.json
@@ -30,14 +30,16 @@ SCHEMA = "unet-deploy.openvino-int8-recipes/1"
 #: name -> (source export, NNCF options, calibration images, precision hint or None for OpenVINO's default)
 RECIPES: dict[str, tuple[str, dict[str, Any], int, str | None]] = {
     "plain recipe": ("plain", {}, 4, None),
-    "ours, f32 hint (before)": ("ours", {"preset": "performance"}, 4, "f32"),
-    "ours, bf16 hint": ("ours", {"preset": "performance"}, 4, "bf16"),
-    "ours, default hint": ("ours", {"preset": "performance"}, 4, None),
-    "plain export, performance preset": ("plain", {"preset": "performance"}, 4, None),
-    "ours, mixed preset": ("ours", {"preset": "mixed"}, 4, None),
-    "ours, no fast bias correction": ("ours", {"preset": "performance", "fast_bias_correction": False}, 4, None),
-    "ours, first/last conv float": ("ours", {"preset": "performance", "ignore_ends": True}, 4, None),
-    "ours, 16 calibration images": ("ours", {"preset": "performance"}, 16, None),
+    "ours before: all convs int8, f32 hint": ("ours", {"preset": "performance"}, 4, "f32"),
+    "ours, all convs int8, bf16 hint": ("ours", {"preset": "performance"}, 4, "bf16"),
+    "ours now: first conv float, bf16 hint": ("ours", {"preset": "performance", "float": "first"}, 4, "bf16"),
+    "plain export, first conv float": ("plain", {"preset": "performance", "float": "first"}, 4, "bf16"),
+    "ours, first conv float, mixed preset": ("ours", {"preset": "mixed", "float": "first"}, 4, "bf16"),
+    "ours, first conv float, full bias correction": ("ours", {"preset": "performance", "float": "first",
+                                                              "fast_bias_correction": False}, 4, "bf16"),
+    "ours, first and last conv float": ("ours", {"preset": "performance", "float": "ends"}, 4, "bf16"),
+    "ours, first conv float, 16 calibration images": ("ours", {"preset": "performance", "float": "first"}, 16,
+                                                      "bf16"),
 }
 
 
@@ -90,11 +92,12 @@ def _sources(ckpt: Any, out: Path) -> dict[str, Path]:
     return {"ours": ours, "plain": plain}
 
 
-def _ignored_ends(model: Any) -> Any:
+def _float_convs(model: Any, which: str) -> Any:
+    """NNCF's ignored scope: the first convolution ("first") or the first and the last ("ends")."""
     import nncf
 
     convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
-    return nncf.IgnoredScope(names=[convs[0], convs[-1]])
+    return nncf.IgnoredScope(names=[convs[0]] if which == "first" else [convs[0], convs[-1]])
 
 
 def _quantize(source: Path, options: dict[str, Any], calib: list[np.ndarray]) -> tuple[Any, float]:
@@ -108,8 +111,8 @@ def _quantize(source: Path, options: dict[str, Any], calib: list[np.ndarray]) ->
                             "mixed": nncf.QuantizationPreset.MIXED}[options["preset"]]
     if "fast_bias_correction" in options:
         kwargs["fast_bias_correction"] = options["fast_bias_correction"]
-    if options.get("ignore_ends"):
-        kwargs["ignored_scope"] = _ignored_ends(model)
+    if options.get("float"):
+        kwargs["ignored_scope"] = _float_convs(model, options["float"])
     t0 = time.perf_counter()
     quantized = nncf.quantize(model, nncf.Dataset(calib), **kwargs)
     return quantized, time.perf_counter() - t0

@@ -57,6 +57,9 @@ def test_demo_then_headline_predict(demo_run: dict) -> None:
     assert np.array_equal(rle_decode(rows[1][1], mask.shape), (mask > 0).astype(np.uint8)) and mask.any()
     report = json.loads((out / "benchmark.json").read_text())
     assert {c["backend"] for c in report["cases"]} >= {"torch", "torchscript", "ort"}
+    # OpenVINO (the CI extra): the IR is written whatever bf16 does on this CPU, and the verdict is shown
+    assert "FAILED" not in proc.stdout and (out / "exported" / "best.xml").is_file()
+    assert re.search(r"openvino bf16 (on this CPU \(\w+\): parity (ok|failed)|: not checked)", proc.stdout)
 
     # the headline, pasted from the demo's last line, with no other flag
     hint = proc.stdout.strip().splitlines()[-1]
@@ -96,3 +99,18 @@ def test_next_hints_work_when_pasted(tmp_path: Path) -> None:
     assert predicted.returncode == 0, predicted.stderr[-1500:]
     assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == before  # nothing written into data/
     assert len(list((tmp_path / "predictions").glob("*_OUT.png"))) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_demo_on_a_cpu_without_bf16(tmp_path: Path) -> None:
+    """The demo where the CPU has no bf16 (UNET_DEPLOY_CPU_HIDE=bf16: how an AVX2-only CPU looks on an AMX or
+    Zen 4 machine): every step passes and the export says OpenVINO runs fp32 here."""
+    from unet_deploy.cpu_features import HIDE_ENV
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **{HIDE_ENV: "bf16"})
+    proc = subprocess.run([sys.executable, "-m", "unet_deploy", "demo", "--quick"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=850, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "openvino bf16: not checked, this CPU has no bf16 kernels; best.xml runs fp32 here" in proc.stdout
+    assert "FAILED" not in proc.stdout and "Traceback" not in proc.stderr

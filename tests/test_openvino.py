@@ -145,10 +145,18 @@ def test_a_failing_ir_is_not_written_and_the_older_file_stays(tiny, tmp_path: Pa
 
     real = backend_openvino._OpenVinoRunner.__call__
     monkeypatch.setattr(backend_openvino._OpenVinoRunner, "__call__", lambda self, b: real(self, b) + 1.0)
-    done = run_export(tiny["ckpt"], ExportOptions(formats=["openvino"], output=out, quick_verify=True),
-                      log=lambda _m: None)
-    assert not done.passed and done.failed == ["openvino"]
+    lines: list[str] = []
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in sorted(tiny["images"].iterdir())[:2]:
+        (calib / path.name).write_bytes(path.read_bytes())
+    done = run_export(tiny["ckpt"], ExportOptions(formats=["openvino"], output=out, quick_verify=True, int8=True,
+                                                  calibration=calib), log=lambda m: lines.append(str(m)))
+    assert not done.passed and done.failed == ["openvino", "int8"]
     assert (out / "tiny.xml").read_text() == "older xml" and (out / "tiny.bin").read_bytes() == b"older bin"
+    skipped = next(m for m in lines if "int8: skipped" in m)  # names the file that failed, and a way forward
+    assert f"the fp32 openvino export ({out / 'tiny.xml'}) did not pass its parity check" in skipped
+    assert "`unet-deploy export --format openvino --no-verify --int8` writes it unchecked" in skipped
     assert sorted(p.name for p in out.iterdir()) == ["tiny.bin", "tiny.xml"]
 
 

@@ -91,9 +91,13 @@ def quantize_ir_int8(source: str | Path, config: DeployConfig, xml: str | Path,
 
     Activations are calibrated on the ``calibration`` batches (each (1, C, H, W) float32, preprocessed as
     ``predict`` does); weights are int8 per output channel (NNCF's "performance" preset: symmetric
-    activations, fast on CPUs with VNNI/AMX). Precision "int8" in the metadata."""
+    activations, fast on CPUs with VNNI/AMX). The first convolution stays in float: symmetric int8 gives
+    the image, in [0, 1], only 128 levels (half of its 256), and that cost a trained model 3.7 % of a
+    held-out image's mask pixels against fp32 (its dice moved +0.0039; +0.0006 with the first convolution
+    in float, for 0.2 % of the network's work). Precision "int8" in the metadata."""
     nncf = _import_nncf()
-    return _quantize(source, config, Path(xml), calibration, preset=nncf.QuantizationPreset.PERFORMANCE)
+    return _quantize(source, config, Path(xml), calibration, preset=nncf.QuantizationPreset.PERFORMANCE,
+                     first_conv_float=True)
 
 
 def quantize_ir_plain(source: str | Path, config: DeployConfig, xml: str | Path,
@@ -114,13 +118,17 @@ def _import_nncf() -> Any:
 
 
 def _quantize(source: str | Path, config: DeployConfig, xml: Path, calibration: Iterable[np.ndarray],
-              **options: Any) -> Path:
-    """``nncf.quantize(model, batches, **options)`` of ``source``, saved as an int8 IR at ``xml``."""
+              first_conv_float: bool = False, **options: Any) -> Path:
+    """``nncf.quantize(model, batches, **options)`` of ``source`` (``first_conv_float``: the first convolution
+    left unquantised), saved as an int8 IR at ``xml``."""
     nncf = _import_nncf()
     batches = list(calibration)
     if not batches:
         raise UserError("int8 calibration: no calibration images; pass --calibration DIR")
     model = openvino_core().read_model(str(source))
+    if first_conv_float:
+        first = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+        options["ignored_scope"] = nncf.IgnoredScope(names=[first.get_friendly_name()])
     try:
         with _quiet_nncf():
             quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), **options)

@@ -14,6 +14,7 @@ import psutil
 import torch
 
 from ..config import versions
+from ..cpu_features import cpu_summary
 from .uarch import per_cycle, read_cpu
 from .variants import variant_label
 
@@ -58,7 +59,7 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
     except AttributeError:
         usable = os.cpu_count() or 1
     facts: dict[str, Any] = {
-        "cpu": cpu_model(), "cpu_id": cpu_identity(), "cores_logical": os.cpu_count(),
+        "cpu": cpu_model(), "cpu_id": cpu_identity(), "cpu_features": cpu_summary(), "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_usable": usable, "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
         "platform": platform.platform(), "python": platform.python_version(),

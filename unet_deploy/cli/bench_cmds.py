@@ -68,13 +68,17 @@ def _floats(words: list[str]) -> list[float]:
 def benchmark(
     ctx: typer.Context,
     model: Path | None = typer.Option(None, "--model", "-m",
-                                      help="Checkpoint (.pth, also Pytorch-UNet's) to benchmark. Default: a "
-                                           "freshly initialised model of the seed architecture."),
+                                      help="Checkpoint (.pth, also Pytorch-UNet's) to benchmark. Default: "
+                                           "checkpoints/best.pth when it is here (not with --quick or "
+                                           "--base-channels), else a freshly initialised model of the seed "
+                                           "architecture."),
     backends: list[str] | None = typer.Option(None, "--backends", "-b",
                                               help="Backends: torch (eager), torchscript, ort, openvino, or "
                                                    "variants like torch-bf16-cl, ort-int8, ort-default (untuned), "
                                                    "openvino-bf16, openvino-int8, openvino-plain (OpenVINO on a "
-                                                   "plain torch.onnx export), torch-fp16-cl-compile (CUDA). "
+                                                   "plain torch.onnx export), openvino-int8-plain (the plain "
+                                                   "recipe: nncf.quantize defaults, OpenVINO's default hints), "
+                                                   "torch-fp16-cl-compile (CUDA). "
                                                    "Several may follow one flag. Default: torch torchscript ort "
                                                    "and openvino when installed."),
     precision: list[str] | None = typer.Option(None, "--precision", "-p",
@@ -154,6 +158,10 @@ def benchmark(
     A "?" marks numbers not to trust, with a footnote saying why: the machine was busy (1-minute load
     average above its cores at the start or end) or a case's timings were unsteady (p90 more than 1.25x
     p50). Rerun on a quiet machine, or with more --runs.
+
+    The last line recommends the fastest variant whose parity passed here, for your model (-m, or the
+    checkpoints/best.pth found here) or else the seed width at scale 0.5, with the commands that deploy
+    it, which it runs once before printing them. A --quick run of a fresh width-8 model recommends nothing.
 
     Examples:
       `unet-deploy benchmark --quick`;

@@ -46,6 +46,18 @@ FAST_PATH_RUNS = (
 )
 
 
+def cpu_text(report: dict[str, Any]) -> str:
+    """" CPU: AMD EPYC (Zen 4; avx2, avx512f, ...)." -- the CPU's kind and the flags that decide its kernels
+    (empty for reports written before they were recorded)."""
+    m = report.get("machine") or {}
+    ident = m.get("cpu_id")
+    if not ident:
+        return ""
+    hidden = (m.get("cpu_features") or {}).get("hidden") or []
+    hid = f"; hidden by UNET_DEPLOY_CPU_HIDE: {', '.join(hidden)}" if hidden else ""
+    return f" CPU: {m.get('cpu')} ({ident.get('uarch')}; {', '.join(ident.get('vector_flags') or []) or '-'}{hid})."
+
+
 def bench_section(report: dict[str, Any], command: str, title: str, show_targets: bool = False) -> list[str]:
     """One benchmark run: what ran, the table, ratios, before/after, (targets,) the command."""
     s = report["settings"]
@@ -59,7 +71,7 @@ def bench_section(report: dict[str, Any], command: str, title: str, show_targets
         f"Model: `{report['model']['architecture']}` ({report['model']['source']}). Source image "
         f"{s['image_size'][0]}x{s['image_size'][1]}, batch 1, device `{s['device']}`, warmup {s['warmup']}, "
         f"timed runs {s['runs']}, threads per case: {s['threads'] or 'library defaults'}; load average "
-        f"(1 min) {load_text(report)}.", "",
+        f"(1 min) {load_text(report)}.{cpu_text(report)}", "",
         "### Latency and peak memory (model only)", "",
         md_table(COLUMNS, table_rows(report)), "",
         *([f"> {n}" for n in notes] + [""] if notes else []),
@@ -295,11 +307,15 @@ def method_section(report: dict[str, Any]) -> list[str]:
         + " (includes the weights and the backend's runtime, not the shared imports).",
         "- Parity: the largest logit difference from eager torch on the same input, divided by the "
         "largest eager logit, and the share of mask pixels that agree; ok/FAIL by the export's thresholds for "
-        "the precision (int8: mask criteria only). A freshly initialised model has near-tied logits, so "
-        "reduced-precision rows may flip many pixels there; trained-model accuracy is in the int8 section.",
+        "the precision (reduced precisions: a logits bound of the precision, and the masks of the benchmark's "
+        "car image). A freshly initialised model has near-tied logits, so reduced-precision rows may flip many "
+        "pixels there; trained-model accuracy is in the int8 section.",
         "- Variants: `torch-bf16-cl` = eager with bfloat16 weights and channels_last; `onnxruntime default` = "
         "ONNX Runtime's own session defaults; `onnxruntime` = this package's tuned options; `int8` = static "
-        "QDQ quantisation; `fp16` = onnxconverter-common fp16 with fp32 I/O.",
+        "QDQ quantisation; `fp16` = onnxconverter-common fp16 with fp32 I/O; `openvino int8` = NNCF int8 with "
+        "the first convolution in float, its other layers at the fastest precision the CPU has (bf16 with "
+        "AVX512_BF16/AMX); `openvino plain` / `openvino int8 plain` = OpenVINO on a plain `torch.onnx` export "
+        "(int8: `nncf.quantize` with its defaults, OpenVINO's default hints): comparisons, never recommended.",
         "- file MB: the checkpoint (.pth) for eager torch, the exported file for the others.", "",
     ]
 
