@@ -2,12 +2,13 @@
 parity thresholds in ``unet_deploy/parity.py``.
 
 For each model -- untrained Pytorch-UNet checkpoints (bare state dicts, both variants, several seeds) and
-models trained here on synthetic cars (the seed width and base 16) -- every reduced-precision path that runs
-on this CPU is compared with eager fp32 on the export's parity inputs (random images at 959x640, an odd
-size, a batch of 2, a synthetic car at 959x640) and on real images preprocessed as ``predict`` does (1918x1280
-synthetic cars at scale 0.5). One row per (model, path, input): relative logit error (max |a - b| /
-max |a|), pixel agreement, flipped pixels and mask dice. The summary gives, per precision, the
-distribution the constants are set from. Writes one JSON (schema ``unet-deploy.parity-precision/1``):
+models trained here on synthetic cars (the seed width, base 16, and the demo's bilinear base 16) -- every
+reduced-precision path that runs on this CPU is compared with eager fp32 on the export's parity inputs
+(random images at 959x640, an odd size, a batch of 2, a synthetic car at 959x640), two more synthetic cars
+and real images preprocessed as ``predict`` does (1918x1280 synthetic cars at scale 0.5). One row per
+(model, path, input): relative logit error (max |a - b| / max |a|), pixel agreement, flipped pixels and mask
+dice. The summary gives, per precision, the distribution the constants are set from. Writes one JSON
+(schema ``unet-deploy.parity-precision/1``):
 
     python benchmarks/parity_precision.py --out /tmp/pp --json benchmarks/parity-precision.json
 """
@@ -36,6 +37,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed-epochs", type=int, default=3, help="epochs of the trained seed-width model")
     ap.add_argument("--small-epochs", type=int, default=8, help="epochs of the trained base-16 model")
     ap.add_argument("--images", type=int, default=2, help="real 1918x1280 images per model (at scale 0.5)")
+    ap.add_argument("--demo-model", type=int, default=1, help="1: also the model `unet-deploy demo` trains")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--paths", default="openvino-bf16,torch-bf16,ort-fp16,ort-int8,openvino-int8,openvino-int8-bf16",
                     help="reduced-precision paths to measure (int8 paths on trained models only)")
@@ -74,10 +76,26 @@ def _trained(out: Path, base: int, epochs: int, threads: int) -> Path:
     return Path(result.best_path)
 
 
-def _cases(config: Any, images: list[Path]) -> list[Any]:
-    from unet_deploy.parity import default_cases, image_cases
+def _demo_model(out: Path) -> Path:
+    """The model `unet-deploy demo` trains (its commands: base 16, bilinear, 72 cars at 192x128, scale 1)."""
+    import subprocess
 
-    return default_cases(config) + image_cases(images, config, scale=0.5)
+    data, ckpt = out / "demo-data", out / "ckpt-demo"
+    steps = [["synth", "--out", str(data), "--n", "72", "--width", "192", "--height", "128", "--seed", "0",
+              "--overwrite"],
+             ["train", "--data", str(data), "-e", "12", "-b", "4", "-s", "1.0", "-v", "10", "--base-channels", "16",
+              "--bilinear", "--checkpoint-dir", str(ckpt), "-q"]]
+    for step in steps:
+        subprocess.run([sys.executable, "-m", "unet_deploy", *step], check=True, capture_output=True)
+    return ckpt / "best.pth"
+
+
+def _cases(config: Any, images: list[Path]) -> list[Any]:
+    """The export's default cases (with its synthetic car), two more cars at 959x640, and the real images."""
+    from unet_deploy.parity import CARVANA_HALF, car_case, default_cases, image_cases
+
+    cars = [car_case(config, CARVANA_HALF, f"car-0.5 seed {seed}", seed) for seed in (1, 2)]
+    return default_cases(config) + cars + image_cases(images, config, scale=0.5)
 
 
 def _candidates(ckpt_path: Path, work: Path, paths: list[str], trained: bool, calib: list[Path],
@@ -185,6 +203,8 @@ def _models(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
                                                                                    args.threads)))
     if args.small_epochs > 0:
         models.append(("trained base 16 (transposed)", "trained", _trained(out, 16, args.small_epochs, args.threads)))
+    if args.demo_model:
+        models.append(("the demo's model (base 16, bilinear)", "trained", _demo_model(out)))
     return models
 
 

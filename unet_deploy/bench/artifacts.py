@@ -53,7 +53,7 @@ class ModelFiles:
 def cache_key(settings: BenchSettings) -> str:
     """Hash of the weights (or the fresh-init recipe), the export recipe and the torch/onnx versions."""
     # recipe: bump when the export/quantisation recipe changes, so cached files are made again
-    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 5, "onnx": onnx.__version__,
+    what: dict[str, Any] = {"torch": str(torch.__version__), "recipe": 6, "onnx": onnx.__version__,
                             "openvino": _openvino_version(), "nncf": _openvino_version("nncf")}
     if settings.checkpoint is not None:
         what["checkpoint"] = sha256_file(settings.checkpoint)
