@@ -130,14 +130,14 @@ def test_int8_masks_agree_with_fp32_on_heldout_images(trained: dict, int8_model:
 
 def test_int8_thresholds_are_mask_based() -> None:
     t = ParityThresholds.for_precision("int8")
-    assert t.max_rel_err == INT8_MAX_REL_ERR == 0.5
+    assert t.max_rel_err == INT8_MAX_REL_ERR == 0.6
     assert (t.min_pixel_agreement, t.min_dice) == (INT8_MIN_AGREEMENT, INT8_MIN_DICE)
-    assert "rel err <= 0.5" in t.describe() and "car photos only" in t.describe()
+    assert "rel err <= 0.6" in t.describe() and "car photos only" in t.describe()
     a = torch.zeros(1, 2, 40, 40)
     a[:, 1, 10:30, 10:30] = 5.0
     b = a * 0.7  # logits 30 % off, same masks: passes for int8, fails for fp32
     assert compare(a, b, t)["passed"] and not compare(a, b, ParityThresholds())["passed"]
-    assert not compare(a, a * 0.4, t)["passed"]  # 60 % off: beyond int8's own error
+    assert not compare(a, a * 0.3, t)["passed"]  # 70 % off: beyond int8's own error
     c = a.clone()
     c[:, 1, 10:30, 10:14] = -5.0  # 80 of 1600 pixels flipped: 95 % agreement fails
     assert not compare(a, c, t)["passed"]

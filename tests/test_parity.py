@@ -67,12 +67,12 @@ def test_thresholds_by_precision() -> None:
     assert fp32.on_random == "all"
     limits = {p: ParityThresholds.for_precision(p) for p in ("bf16", "fp16", "int8")}
     assert {p: (t.max_rel_err, t.min_pixel_agreement, t.min_dice, t.on_random, t.precision)
-            for p, t in limits.items()} == {"bf16": (0.0625, 0.998, 0.997, "logits", "bf16"),
-                                            "fp16": (1e-2, 0.999, 0.998, "logits", "fp16"),
-                                            "int8": (0.5, 0.99, 0.98, "none", "int8")}
-    assert (BF16_MAX_REL_ERR, BF16_MIN_AGREEMENT, BF16_MIN_DICE) == (0.0625, 0.998, 0.997)
-    assert (FP16_MAX_REL_ERR, FP16_MIN_AGREEMENT, FP16_MIN_DICE) == (1e-2, 0.999, 0.998)
-    assert (INT8_MAX_REL_ERR, INT8_MIN_AGREEMENT, INT8_MIN_DICE) == (0.5, 0.99, 0.98)
+            for p, t in limits.items()} == {"bf16": (0.3, 0.995, 0.99, "logits", "bf16"),
+                                            "fp16": (0.1, 0.999, 0.998, "logits", "fp16"),
+                                            "int8": (0.6, 0.99, 0.98, "none", "int8")}
+    assert (BF16_MAX_REL_ERR, BF16_MIN_AGREEMENT, BF16_MIN_DICE) == (0.3, 0.995, 0.99)
+    assert (FP16_MAX_REL_ERR, FP16_MIN_AGREEMENT, FP16_MIN_DICE) == (0.1, 0.999, 0.998)
+    assert (INT8_MAX_REL_ERR, INT8_MIN_AGREEMENT, INT8_MIN_DICE) == (0.6, 0.99, 0.98)
     with pytest.raises(UserError, match="int4"):
         ParityThresholds.for_precision("int4")
 
@@ -116,14 +116,30 @@ def test_default_cases_shapes(tmp_path) -> None:
     Image.fromarray(rgb).save(tmp_path / "car.jpg")
     Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.png")  # grey image -> 3 channels like predict
     with_images = default_cases(CFG, [tmp_path / "car.jpg", tmp_path / "grey.png"], quick=True)
-    assert [(c.name, c.real) for c in quick[:4]] == [("quick-odd", False), ("odd", False), ("batch-2", False),
-                                                       ("quick-car", True)]
-    assert quick[3].shape == quick[0].shape and full[3].name == "car-0.5" and full[3].shape == full[0].shape
+    assert [(c.name, c.real) for c in quick] == [("quick-odd", False), ("odd", False), ("batch-2", False)]
     w, h = scaled_size(97, 61, 0.5)
-    assert [c.shape for c in with_images[4:]] == [(1, 3, h, w)] * 2
-    assert with_images[4].name == "image car.jpg" and with_images[4].real
-    for c in with_images[4:]:  # real images scaled to [0, 1] like predict's input, not left at 0..255
+    assert [c.shape for c in with_images[3:]] == [(1, 3, h, w)] * 2
+    assert with_images[3].name == "image car.jpg" and with_images[3].real
+    for c in with_images[3:]:  # real images scaled to [0, 1] like predict's input, not left at 0..255
         assert c.batch.dtype == np.float32 and 0 <= c.batch.min() and 0.5 < c.batch.max() <= 1
+
+
+def test_reduced_precisions_add_a_car_photo_unless_real_images_are_given(tmp_path) -> None:
+    """Reduced precisions are judged by the masks of photos: the user's images, else a synthetic car."""
+    from unet_deploy.parity import reduced_precision_cases
+
+    plain = default_cases(CFG, quick=True)
+    added = reduced_precision_cases(plain, CFG, quick=True)
+    assert [c.name for c in added] == ["quick-odd", "odd", "batch-2", "quick-car"]
+    car = added[-1]
+    assert car.real and car.shape == (1, 3, 160, 239) and 0 <= car.batch.min() and car.batch.max() <= 1
+    assert car.batch.std() > 0.05  # a photo, not a flat image
+    assert len(reduced_precision_cases(plain, CFG)) == 4 and reduced_precision_cases(plain, CFG)[-1].shape[2:] == (
+        640, 959)
+    rgb = np.random.default_rng(0).integers(0, 256, (61, 97, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "mine.png")
+    mine = default_cases(CFG, [tmp_path / "mine.png"], quick=True)
+    assert reduced_precision_cases(mine, CFG, quick=True) == mine  # the user's own image is the photo
 
 
 def test_identical_models_pass(model) -> None:
@@ -142,6 +158,34 @@ def test_perturbed_weights_fail(model) -> None:
     report = parity(model, wrong, _cases(), config=CFG)
     assert not report.passed
     assert all(not r.passed and r.rel_err > 1e-5 for r in report.rows)
+
+
+def test_fp32_bound_allows_what_eager_fp32_itself_misses_and_no_more(model) -> None:
+    """A model whose BatchNorm subtracts large, close numbers: eager fp32 is ~1e-4 from the exact result. An
+    export that computes the exact result passes (its table notes both errors); one 5x further off fails."""
+    touchy = copy.deepcopy(model)
+    with torch.no_grad():
+        for bn in (m for m in touchy.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.add_(500.0)
+            bn.bias.add_(bn.weight * 500.0 / torch.sqrt(bn.running_var + bn.eps))
+    exact_model = copy.deepcopy(touchy).double()
+
+    def exact(batch):
+        with torch.no_grad():
+            return exact_model(torch.as_tensor(batch).double()).float()
+
+    def drifted(batch):
+        with torch.no_grad():
+            eager = touchy(torch.as_tensor(batch))
+            truth = exact(batch)
+        return truth + 5 * (eager - truth).abs().max()
+
+    report = parity(touchy, exact, _cases(), config=CFG)
+    assert report.passed, report.summary()
+    assert all(r.rel_err > 1e-5 and r.note.startswith("(vs float64: ") for r in report.rows)
+    assert not parity(touchy, drifted, _cases(), config=CFG).passed
+    plain = parity(model, exact, _cases(), ParityThresholds.for_precision("bf16"), config=CFG)  # fp32 only
+    assert all(r.note == "" for r in plain.rows)
 
 
 def test_candidate_errors_and_wrong_shapes_are_failed_rows(model) -> None:
@@ -234,13 +278,13 @@ def test_half_precision_mask_criteria_are_applied() -> None:
     # random noise is judged by its logits only at reduced precision: the same flips pass there ...
     assert compare(*_small_fg_logits(9), half, real=False)["passed"]
     a, b = _small_fg_logits(9)
-    drifted = compare(a, b + 0.1 * a.abs().max(), half, real=False)  # ... a real drift of the logits does not
+    drifted = compare(a, b + 0.2 * a.abs().max(), half, real=False)  # ... a real drift of the logits does not
     assert drifted["rel_err"] > FP16_MAX_REL_ERR and not drifted["passed"]
-    assert not compare(a, b + 0.1 * a.abs().max(), ParityThresholds.for_precision("bf16"), real=False)["passed"]
+    assert not compare(a, b + 0.4 * a.abs().max(), ParityThresholds.for_precision("bf16"), real=False)["passed"]
     # int8 judges car photos only (calibrated ranges do not cover noise); non-finite logits fail everywhere
     int8 = ParityThresholds.for_precision("int8")
-    assert compare(a, b + 0.6 * a.abs().max(), int8, real=False)["passed"]
-    assert not compare(a, b + 0.6 * a.abs().max(), int8)["passed"]
+    assert compare(a, b + 0.7 * a.abs().max(), int8, real=False)["passed"]
+    assert not compare(a, b + 0.7 * a.abs().max(), int8)["passed"]
     assert not compare(a, b * float("nan"), int8, real=False)["passed"]
     two = compare(*_small_fg_logits(2), ParityThresholds())  # within max_flipped_pixels: fp32 passes
     assert two["flipped_pixels"] == 2 and two["dice"] < 0.9999 and two["rel_err"] > 1e-5

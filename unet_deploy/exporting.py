@@ -48,7 +48,7 @@ from .export_openvino import (
     set_ir_metadata,
 )
 from .names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
-from .parity import ParityCase, ParityReport, default_cases, image_cases, parity
+from .parity import ParityCase, ParityReport, default_cases, image_cases, parity, reduced_precision_cases
 from .runtime_precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
@@ -285,6 +285,7 @@ def _record_runtime_verdicts(job: _Job, staged: Path, target: Path, cases: list[
     """Check a staged IR (whose fp32 run passed) at bf16/fp16 where this CPU has them, log each verdict and
     the precision the file will run at here, and record the verdicts in the IR's metadata."""
     verdicts = {"fp32": verdict_entry(fp32)}
+    cases = reduced_precision_cases(cases, job.config, job.opts.quick_verify)
     for precision in REDUCED:
         if not openvino_cpu_has(precision):
             if precision == "bf16":
@@ -297,8 +298,10 @@ def _record_runtime_verdicts(job: _Job, staged: Path, target: Path, cases: list[
             job.log(f"openvino {precision} on this CPU ({bf16_kernels()}): parity ok; {target.name} runs {precision} "
                     "here by default (--precision fp32 forces fp32)")
         else:
+            mine = "" if job.opts.images else "; --images YOUR_IMAGES checks it on your own images"
             job.log(f"[yellow]openvino {precision} on this CPU ({bf16_kernels()}): parity failed "
-                    f"({report.thresholds.describe()}); {target.name} is written (fp32 passed) and runs fp32 here[/]")
+                    f"({report.thresholds.describe()}); {target.name} is written (fp32 passed) and runs fp32 "
+                    f"here{mine}[/]")
     entry["runtime_precisions"] = verdicts
     set_ir_metadata(staged, VERDICTS_KEY, verdict_record(verdicts))
 

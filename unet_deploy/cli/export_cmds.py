@@ -75,24 +75,24 @@ def export(
 
     Each file is written to a temporary name, loaded back (ONNX Runtime / torch.jit.load / OpenVINO) and
     compared with the eager model on random inputs at 959x640 (Carvana at scale 0.5), 97x61 (not divisible by
-    16) and a batch of 2, a synthetic car photo at 959x640, plus --images. Only a file that passes is moved to
-    OUTPUT/NAME.onnx, OUTPUT/NAME.ts or
+    16) and a batch of 2, plus --images. Only a file that passes is moved to OUTPUT/NAME.onnx, OUTPUT/NAME.ts
+    or
     OUTPUT/NAME.xml (+ NAME.bin, placed first); one that fails is deleted, an older file under that name is left
     as it was, the parity table is printed and the exit code is 1. Pass criteria (fp32): relative logit error <=
     1e-5, mask pixel agreement >= 99.99 %, dice between the masks >= 0.9999.
 
     --int8 also writes NAME.int8.onnx (per-channel int8 weights, uint8 activations, ranges calibrated on
     --calibration images) and checks it on real images only (calibrated ranges do not cover random
-    noise): the held-out calibration-folder images plus --images (int8: relative error <= 0.5, pixel
+    noise): the held-out calibration-folder images plus --images (int8: relative error <= 0.6, pixel
     agreement >= 99 %, dice >= 0.98); with --format openvino it also writes NAME.int8.xml, checked the same
     way. --fp16 also writes NAME.fp16.onnx (float32 input/output), checked with the fp16 thresholds.
 
     The OpenVINO IR is converted from the ONNX export and written once its fp32 check passes. Then it is
     checked at each reduced precision this CPU runs (bf16 with AVX512_BF16 or AMX): the verdict is shown and
     recorded in the IR, and `predict` runs the fastest verified precision here (--precision fp32 forces
-    fp32). A reduced precision never blocks a file. Reduced precisions are judged on car photos by their
-    masks and on every input by their logits (bf16: relative error <= 0.0625, pixel agreement >= 99.8 %,
-    dice >= 0.997).
+    fp32). A reduced precision never blocks a file. Reduced precisions are judged on photos (--images, else a
+    synthetic car) by their masks and on every input by their logits (bf16: relative error <= 0.3, pixel
+    agreement >= 99.5 %, dice >= 0.99).
 
     Example: `unet-deploy export --format onnx` (after `unet-deploy train`), or
     `unet-deploy export -m MODEL.pth --format all -o exported --images data/imgs`, or
@@ -175,16 +175,16 @@ def verify(
     """Check an existing export against eager PyTorch (same inputs and criteria as `export`).
 
     Exits 1 when parity fails, with the table. Reduced precisions are judged by their own thresholds, on
-    car photos by their masks and on random inputs by their logits only (bf16: relative error <= 0.0625,
-    pixel agreement >= 99.8 %, dice >= 0.997; fp16: relative error <= 0.01, pixel agreement >= 99.9 %,
-    dice >= 0.998; int8: relative error <= 0.5, pixel agreement >= 99 %, dice >= 0.98, car photos only). An
+    car photos by their masks and on random inputs by their logits only (bf16: relative error <= 0.3,
+    pixel agreement >= 99.5 %, dice >= 0.99; fp16: relative error <= 0.1, pixel agreement >= 99.9 %,
+    dice >= 0.998; int8: relative error <= 0.6, pixel agreement >= 99 %, dice >= 0.98, car photos only). An
     OpenVINO model runs at the precision `predict` would use here (--precision to choose).
 
     Example: `unet-deploy verify exported/best.onnx -m checkpoints/best.pth --images data/imgs`
     """
     from ..backends import load_backend, read_embedded_config
     from ..exporting import parity_images
-    from ..parity import default_cases, parity
+    from ..parity import default_cases, parity, reduced_precision_cases
 
     if not model_file.is_file():
         raise UserError(f"{model_file}: exported model not found; create it with `unet-deploy export`")
@@ -198,7 +198,10 @@ def verify(
         console.print(f"[yellow]note: {model} has changed since {model_file} was exported from it "
                       "(different sha256); a mismatch below may just mean it was retrained[/]")
     candidate = load_backend(model_file, backend, device=device, precision=precision)
-    report = parity(reference, candidate, default_cases(candidate.config, image_paths, quick=quick))
+    cases = default_cases(candidate.config, image_paths, quick=quick)
+    if candidate.precision != "fp32":
+        cases = reduced_precision_cases(cases, candidate.config, quick)
+    report = parity(reference, candidate, cases)
     report.reference, report.candidate = str(reference.describe()), str(candidate.describe())  # one-line labels
     console.print(report.table())
     console.print(report.summary())
