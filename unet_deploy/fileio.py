@@ -26,20 +26,21 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     ending = (suffix if suffix is not None else target.suffix) + ".tmp"
-    tmp: Path | None = target.parent / f".{target.name}.{secrets.token_hex(8)}{ending}"
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}{ending}"
+    ours = True  #: False only when the name was somebody else's file
     try:
         try:
             # the permissions a normal write would have (0o666 less the umask), never an existing file
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:  # a 64-bit name taken (never in practice): not ours to remove
-            tmp = None
+            ours = False
             raise
         yield tmp
         with open(tmp, "rb+") as f:  # the data is durable before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
-        if tmp is not None:
+        if ours:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 

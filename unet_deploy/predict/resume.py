@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends import Backend
-from ..data import load_mask, mask_to_index
+from ..data import load_mask, mask_to_index, open_image
 from ..errors import UserError, first_line
 from ..rle import write_submission
 from ..shard import Group, SharedError, fingerprint, journal_dir, model_digest, new_run_id, read_journal
@@ -92,7 +92,7 @@ def on_main(group: Group, fn: Callable[[], Any]) -> Any:
 def image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) as predicted (EXIF rotation applied), from the header only; None if unreadable."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
