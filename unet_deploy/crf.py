@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_map", "threshold_prior"]
+__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior"]
 
 _INSTALL_HINT = "--crf needs pydensecrf: pip install pydensecrf2 (needs g++ and Python headers to build)"
 
@@ -167,6 +167,13 @@ def _init_worker() -> None:
         torch.set_num_threads(1)
 
 
+def crf_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """``workers`` spawned CRF processes (one thread each; Ctrl-C is the parent's to handle). "spawn": the
+    parent may hold CUDA or many threads, which fork would copy in a broken state."""
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_init_worker)
+
+
 def _crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
     return dense_crf(image, probs, params)
 
@@ -187,9 +194,7 @@ def crf_map(items: Iterable[tuple[np.ndarray, np.ndarray]], params: CRFParams | 
             yield dense_crf(image, probs, params)
         return
     limit = max(1, max_in_flight if max_in_flight is not None else 2 * workers)
-    # "spawn": the parent may hold CUDA or many threads, which fork would copy in a broken state.
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker)
+    pool = crf_pool(workers)
     pending: collections.deque[cf.Future[np.ndarray]] = collections.deque()
     try:
         for image, probs in items:

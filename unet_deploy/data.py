@@ -54,6 +54,7 @@ FORMAT_NAMES = "JPEG, PNG, GIF, TIFF, BMP or WebP"
 MAX_PIXELS = 16 * 1918 * 1280
 MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
 OVERLAY_SUFFIX = "_OVERLAY"  #: predict --viz: <stem>_OVERLAY.png
+EXIF_ORIENTATION = 0x0112
 FINGERPRINT_KEY = "unet_deploy"  #: PNG text chunk holding the fingerprint of the run that wrote a mask
 
 
@@ -118,7 +119,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
@@ -134,8 +135,8 @@ def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
 def image_to_array(img: Image.Image, channels: int = 3) -> np.ndarray:
     """An opened image as :func:`load_image` returns it: EXIF orientation applied, any mode converted to
     uint8 (H, W, 3) for ``channels=3`` or (H, W, 1) for ``channels=1``."""
-    try:
-        upright = ImageOps.exif_transpose(img)
+    try:  # without a rotation to apply, exif_transpose would only copy the image
+        upright = ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
     except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
         upright = img
     rgb = _to_rgb(upright)
@@ -309,7 +310,7 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str =
     if check_sizes:
         for p in pairs:
             with open_image(p.image) as a, open_image(p.mask) as b:
-                size_a = ImageOps.exif_transpose(a).size if a.getexif().get(0x0112, 1) != 1 else a.size
+                size_a = ImageOps.exif_transpose(a).size if a.getexif().get(EXIF_ORIENTATION, 1) != 1 else a.size
                 if size_a != b.size:
                     raise UserError(f"{p.mask}: mask is {b.size[0]}x{b.size[1]} but image {p.image.name} is "
                                     f"{size_a[0]}x{size_a[1]}; masks must match their images")
