@@ -99,13 +99,17 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         return img.convert("L")
-    arr = arr.astype(np.float64)
     peak = float(arr.max()) if arr.size else 0.0
     if img.mode == "F" and peak <= 1.0:
         top = 1.0  # float images in [0, 1]
     else:
         top = 255.0 if peak <= 255 else 65535.0
-    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, (1 << 16) // max(arr.shape[1] if arr.ndim > 1 else 1, 1))
+    for r0 in range(0, arr.shape[0], rows):  # float64 a block at a time: a large image needs no 8-byte copy
+        block = arr[r0:r0 + rows].astype(np.float64)
+        out[r0:r0 + rows] = np.clip(block / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -53,10 +53,10 @@ def serve(
     read_timeout_s: float = typer.Option(15.0, "--read-timeout-s",
                                          help="A request's headers, and then its body, must arrive within this: "
                                               "else 408 and the connection closes."),
-    max_pixels: int = typer.Option(25_000_000, "--max-pixels",
+    max_pixels: int = typer.Option(16_000_000, "--max-pixels",
                                    help="Largest image in pixels (width x height), read from its header: larger "
                                         "ones get 413 before they are decoded."),
-    pixel_budget: int = typer.Option(50_000_000, "--pixel-budget",
+    pixel_budget: int = typer.Option(40_000_000, "--pixel-budget",
                                      help="Decoded pixels of all images in work at once (bounds the memory of "
                                           "requests): an image that does not fit gets 503 before it is "
                                           "decoded."),

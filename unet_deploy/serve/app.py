@@ -25,6 +25,7 @@ from starlette.routing import Route
 from .decode import HTTPError
 from .engine import Engine
 from .limits import Limits
+from .memory import MemoryBound
 from .metrics import CONTENT_TYPE, Metrics
 from .options import ServeOptions
 from .page import PAGE
@@ -50,6 +51,7 @@ class ServerState:
     draining: bool = False
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  #: set on shutdown: uploads are cut
     cut: asyncio.Event = field(default_factory=asyncio.Event)  #: set at the end of --grace-s: the rest too
+    memory: MemoryBound | None = None  #: measured once the model is warm
     started: float = field(default_factory=time.time)
 
     @property

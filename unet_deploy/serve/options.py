@@ -34,8 +34,8 @@ class ServeOptions:
     max_upload_mb: float = 20.0
     max_uploads: int = 128  #: uploads received at once; more get 503 before their body is read
     read_timeout_s: float = 15.0  #: headers, and then the body, must arrive within this (431/408 and close)
-    max_pixels: int = 25_000_000  #: larger images are refused (413) from their header, before decoding
-    pixel_budget: int = 50_000_000  #: decoded pixels of all images in work at once; more wait for 503
+    max_pixels: int = 16_000_000  #: larger images are refused (413) from their header, before decoding
+    pixel_budget: int = 40_000_000  #: decoded pixels of all images in work at once; more get 503
     timeout_s: float = 30.0  #: from a request's arrival to its answer (upload included): 504 past it
     crf: bool = False  #: the default of each request's ``crf``
     tta: bool = False  #: the default of each request's ``tta``

@@ -2,7 +2,8 @@
 ``timeout_keep_alive`` only covers the time between requests (any byte received resets it), and its httptools
 parser accepts headers of any size (a 64 MB header was answered after 9.7 s, stalling the event loop).
 
-A connection whose request headers are not complete within ``--read-timeout-s`` of its first byte (or of the
+At most :data:`MAX_CONNECTIONS` connections are open at once: one more is answered 503 and closed. A
+connection whose request headers are not complete within ``--read-timeout-s`` of its first byte (or of the
 connection's opening) is answered 408 and closed; headers beyond :data:`MAX_HEADER_BYTES` are answered 431 and
 the connection closed. The body's own deadline is the application's (:mod:`unet_deploy.serve.upload`); but
 when the application answers without reading the whole body (a 503 before the upload), uvicorn keeps the
@@ -21,10 +22,12 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["MAX_HEADER_BYTES", "guarded_protocol"]
+__all__ = ["MAX_HEADER_BYTES", "MAX_CONNECTIONS", "guarded_protocol"]
 
 #: the most bytes of request line and headers one request may send (nginx and gunicorn allow about 8-32 KiB)
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 32 * 1024
+#: open connections per server process; one more is closed at once (bounds their buffers' memory)
+MAX_CONNECTIONS = 512
 
 
 def _answer(status: str, message: str) -> bytes:
@@ -42,9 +45,13 @@ class _GuardedHttpTools(HttpToolsProtocol):
         self.header_bytes = 0
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None  #: the unread rest of an answered request's body
+        self.refused = False  #: answered 408/431/503 here: what the client still sends is dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            self._refuse("503 Service Unavailable", f"busy: {MAX_CONNECTIONS} connections are open; retry shortly")
+            return
         self._arm()  # a connection that never sends a byte is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -62,9 +69,19 @@ class _GuardedHttpTools(HttpToolsProtocol):
             self.header_timer = None
 
     def _refuse(self, status: str, message: str) -> None:
+        """Answer and end the connection: the answer, then our end closed for writing, the client's bytes still
+        read (and dropped) for a moment, so that they do not make the system reset the connection before
+        the client has read the answer."""
         self._disarm()
-        if not self.transport.is_closing():
-            self.transport.write(_answer(status, message))
+        self._stop_lingering()
+        if self.refused or self.transport.is_closing():
+            return
+        self.refused = True
+        self.transport.write(_answer(status, message))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(1.0, self.transport.close)
+        else:
             self.transport.close()
 
     def _headers_too_slow(self) -> None:
@@ -74,7 +91,7 @@ class _GuardedHttpTools(HttpToolsProtocol):
                                                 "(--read-timeout-s)")
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
+        if self.refused or self.transport.is_closing():
             return
         super().data_received(data)
         if self.in_headers and self.header_timer is not None:

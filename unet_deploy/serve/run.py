@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
 
+import psutil
 import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
@@ -31,16 +33,18 @@ from ..backends import load_backend
 from ..errors import UserError, first_line
 from ..predict import PredictOptions, output_values
 from .app import ServerState, build_app
-from .engine import Engine
+from .engine import WHOLE_MAX_PIXELS, Engine
 from .limits import Limits
+from .memory import memory_bound
 from .metrics import Metrics
 from .options import ServeOptions, max_batch_for
 from .protocol import guarded_protocol
 
 __all__ = ["load_state", "serve", "model_info", "DrainingServer", "uvicorn_config"]
 
-#: uvicorn's own limit on an idle keep-alive connection (seconds)
+#: uvicorn's own limit on an idle keep-alive connection (seconds; --read-timeout-s when that is shorter)
 KEEP_ALIVE_S = 5
+_M_MMAP_THRESHOLD = -3  #: glibc's mallopt parameter
 
 
 def model_info(engine: Engine, values: list[Any]) -> dict[str, Any]:
@@ -61,6 +65,7 @@ def load_state(options: ServeOptions) -> ServerState:
     """Load the model and build what the routes share (in the process that serves)."""
     # the server checks --max-pixels from each header itself: Pillow's own warning would only add noise
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    _return_freed_memory()
     backend_opts = options_for_model(options.model, options.backend, **options.backend_options)
     be = load_backend(options.model, options.backend, options.device, backend_opts)
     max_batch = options.max_batch or max_batch_for(be.name, be.device)
@@ -80,6 +85,7 @@ def _app_for(state: ServerState, server: DrainingServer) -> Starlette:
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         task = await state.engine.start()
         task.add_done_callback(server.batching_ended)
+        _measure_bound(state)
         try:
             yield
         finally:
@@ -91,12 +97,29 @@ def _app_for(state: ServerState, server: DrainingServer) -> Starlette:
     return app
 
 
+def _measure_bound(state: ServerState) -> None:
+    """The memory bound from the RSS now (the model loaded and warmed up): kept, and shown by /v1/model."""
+    engine, opts = state.engine, state.options
+    largest = max(WHOLE_MAX_PIXELS, (opts.tile or 0) ** 2)
+    state.memory = memory_bound(engine.backend, opts, psutil.Process().memory_info().rss, largest)
+    state.model_info["memory_bound_mib"] = round(state.memory.total / 2**20, 1)
+
+
+def _return_freed_memory() -> None:
+    """glibc only: large blocks always from mmap (a fixed threshold turns off glibc's dynamic one, which
+    after the first large free would serve later images from the heap and keep their pages), so the memory
+    of a request goes back to the system when it is answered."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+
+
 def uvicorn_config(app: Starlette, options: ServeOptions) -> uvicorn.Config:
     """uvicorn's settings: headers bounded (:mod:`unet_deploy.serve.protocol`), idle keep-alive connections
     closed after :data:`KEEP_ALIVE_S`, our own logging and signal handling."""
     return uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False,
                           lifespan="on", http=guarded_protocol(options.read_timeout_s),
-                          timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=max(int(options.grace_s), 1))
+                          timeout_keep_alive=min(KEEP_ALIVE_S, options.read_timeout_s),  # type: ignore[arg-type]
+                          timeout_graceful_shutdown=max(int(options.grace_s), 1))
 
 
 class DrainingServer(uvicorn.Server):
@@ -174,6 +197,8 @@ def _announce(state: ServerState, server: DrainingServer) -> None:
           f"| max batch {opts.max_batch}, wait {opts.max_wait_ms:g} ms, queue {opts.queue}, upload "
           f"{opts.max_upload_mb:g} MB, timeout {opts.timeout_s:g} s, workers {opts.workers}, "
           f"auth {'token' if opts.token else 'none'} | Ctrl-C or SIGTERM drains and stops", flush=True)
+    if state.memory is not None:
+        print(state.memory.line(opts.pixel_budget), flush=True)
 
 
 def log_access() -> None:
