@@ -237,6 +237,36 @@ def test_skip_existing_resumes(models, images, tmp_path, capsys):
     assert len(read_submission(sub)) == 4
 
 
+def test_resume_redoes_an_image_whose_overlay_is_missing(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    args = ["predict", "-m", models["ort"], *paths, "--viz"]
+    assert run_cli(args, capsys)[0] == 0
+    overlay = paths[2].with_name("car2_OVERLAY.png")
+    expected = overlay.read_bytes()
+    overlay.unlink()  # the disk was full when the overlays were written
+    code, out, err = run_cli([*args, "--resume"], capsys)
+    assert code == 0, err
+    assert "predicted 1 of 4 files, 3 skipped" in out, out
+    assert overlay.read_bytes() == expected
+    assert "predicted 0 of 4 files, 4 skipped" in run_cli([*args, "--resume"], capsys)[1]
+
+
+def test_journal_rows_are_reused_only_with_every_output_on_disk(tmp_path):
+    from unet_deploy.predict.records import Job
+    from unet_deploy.predict.resume import journal_key, reusable
+    from unet_deploy.shard import JournalRow
+
+    image = tmp_path / "car.png"
+    Image.new("RGB", (97, 61)).save(image)
+    plain = Job(0, image)
+    with_overlay = Job(0, image, overlay=tmp_path / "car_OVERLAY.png")
+    rows = {journal_key(plain): JournalRow(journal_key(plain), "car.png", 61, 97, "1 5")}
+    assert reusable([plain], rows, "fp") == [0]
+    assert reusable([with_overlay], rows, "fp") == [], "the overlay was asked for and is not there"
+    with_overlay.overlay.write_bytes(b"an overlay")
+    assert reusable([with_overlay], rows, "fp") == [0]
+
+
 def test_default_model_discovery(models, tmp_path):
     with pytest.raises(Exception) as exc:
         default_model("ort", tmp_path)

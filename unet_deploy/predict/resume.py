@@ -101,10 +101,16 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def _overlay_there(job: Job) -> bool:
+    """True unless the job asks for an overlay that is not on disk."""
+    return job.overlay is None or job.overlay.is_file()
+
+
 def read_existing(job: Job, values: Sequence[Any], fingerprint: str) -> np.ndarray | None:
     """The class mask stored in a previous run's output, if that output is complete, fits the input and
-    was made by a run with the same ``fingerprint`` (model and options)."""
-    if job.output is None or not job.output.is_file():
+    was made by a run with the same ``fingerprint`` (model and options), and every other output the job asks
+    for (its overlay) is there too: a run stopped between the two (or a full disk) predicts it again."""
+    if job.output is None or not job.output.is_file() or not _overlay_there(job):
         return None
     if mask_fingerprint(job.output) != fingerprint:
         return None  # another model / options, or a file this tool did not write: predict again
@@ -130,6 +136,8 @@ def reusable(jobs: Sequence[Job], rows: dict[str, Any], fingerprint: str) -> lis
             continue
         if job.output is not None and mask_fingerprint(job.output) != fingerprint:
             continue  # missing, or overwritten by another model's run: predict it again to write the mask
+        if not _overlay_there(job):
+            continue  # its overlay was asked for and never written: predict it again
         if image_size(job.path) == (row.width, row.height):
             done.append(job.index)
     return done
