@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import math
 import multiprocessing
 import os
-import signal
 import sys
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .signals import exit_with_parent, ignore_stop_signals
 
 __all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior"]
 
@@ -157,9 +157,11 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "N
 
 
 def _init_worker() -> None:
-    """Keep each worker process to one thread: the parallelism comes from the processes. Ctrl-C reaches
-    the whole process group: the parent handles it (one line) and shuts the pool down, workers ignore it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Keep each worker process to one thread: the parallelism comes from the processes. Ctrl-C (and a
+    SIGTERM sent to the whole process group) is the parent's to handle: it shuts the pool down; a worker whose
+    parent was killed outright ends by itself."""
+    ignore_stop_signals()
+    exit_with_parent()
     for var in _THREAD_VARS:
         os.environ[var] = "1"
     torch = sys.modules.get("torch")  # only if something already imported it; never import it here

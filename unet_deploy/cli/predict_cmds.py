@@ -15,6 +15,7 @@ from ..crf import require_crf
 from ..errors import UserError
 from ..names import backend_for_path
 from ..shard import rank_device
+from ..signals import exit_code
 from . import _crf
 from ._app import app
 from ._launch import relaunch
@@ -211,10 +212,10 @@ def predict(
             if group.main:
                 raise
             raise typer.Exit(e.exit_code) from None  # rank 0 prints it
-        except KeyboardInterrupt as e:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
             if group.main:
                 typer.echo(_interrupted_line(e), err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(exit_code()) from None
 
 
 def _interrupted_line(e: KeyboardInterrupt) -> str:
