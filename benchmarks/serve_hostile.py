@@ -14,8 +14,9 @@
    again, after 4 more normal requests.
 5. Heavy (the memory bound): --heavy clients at once, each asking for the costliest answer the server gives:
    a 1000x1000 RGBA PNG (decoded, composited on white), flip TTA, the overlay. Together they fill the queue
-   and most of --pixel-budget; the peak RSS (VmHWM, reset before) must stay within the bound, and only 200s
-   and 503s come back.
+   and most of --pixel-budget; the peak RSS (VmHWM, reset before) must stay within the bound, and only 200,
+   503 (queue or budget full) and 504 come back (at the default --timeout-s 30, the last of 33 such
+   requests queued on two cores is past its deadline: by design).
 Targets (issue 22): normal clients get only 200s, their p99 at most 3x the unloaded p99; /healthz p99 at most
 100 ms; peak RSS at most the server's own memory bound (`GET /v1/model`: memory_bound_mib) and 2 GiB; RSS
 after within 10 % of before.
@@ -270,8 +271,8 @@ def hostile_targets(result: dict) -> dict:
         "rss_after_vs_before": {"measured": memory["rss_after_mib"] / memory["rss_before_mib"], "limit": 1.10},
         "heavy_peak_rss_vs_bound": {"measured": result["heavy"]["peak_rss_mib"],
                                     "limit": result["server"]["memory_bound_mib"]},
-        "heavy_non_200_503": {"measured": sum(n for status, n in result["heavy"]["statuses"].items()
-                                              if status not in ("200", "503")), "limit": 0},
+        "heavy_errors": {"measured": sum(n for status, n in result["heavy"]["statuses"].items()
+                                         if status not in ("200", "503", "504")), "limit": 0},
     }
     for target in targets.values():
         target["met"] = target["measured"] is not None and target["measured"] <= target["limit"]
@@ -288,7 +289,7 @@ TARGET_LABELS = {
     "peak_rss_mib": "server peak RSS ≤ 2 GiB (MiB)",
     "rss_after_vs_before": "RSS after the attack within 10 % of before (ratio)",
     "heavy_peak_rss_vs_bound": "heavy clients: server peak RSS ≤ its memory bound (MiB)",
-    "heavy_non_200_503": "heavy clients: answers other than 200 and 503 (count)",
+    "heavy_errors": "heavy clients: answers other than 200, 503 (budget or queue) and 504 (--timeout-s) (count)",
 }
 
 

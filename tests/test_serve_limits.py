@@ -364,11 +364,16 @@ def test_workers_are_restarted_and_a_second_signal_stops_them_all(files) -> None
         first = _workers(srv)
         assert len(first) == 2
         first[0].kill()  # SIGKILL: as the OOM killer would
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (len(_workers(srv)) == 2 and first[0] not in _workers(srv)):
+        deadline, new = time.monotonic() + 60, None
+        while time.monotonic() < deadline and new is None:
+            now = [w for w in _workers(srv) if w not in first]
+            new = now[0] if now else None
             time.sleep(0.1)
-        assert len(_workers(srv)) == 2 and first[0] not in _workers(srv), "the dead worker was not replaced"
-        srv.wait_ready()
+        assert new is not None, "the dead worker was not replaced"
+        seen: set[str] = set()  # /metrics is labelled by the answering worker's pid: the new one answers too
+        while time.monotonic() < deadline and f'worker="{new.pid}"' not in seen:
+            seen.update(re.findall(r'worker="\d+"', srv.get("/metrics").body.decode()))
+        assert f'worker="{new.pid}"' in seen, seen
         with cf.ThreadPoolExecutor(4) as pool:
             assert {r.status for r in pool.map(lambda _: srv.post("/v1/predict", files["photo"]), range(8))} == {200}
         assert f"worker {first[0].pid} ended with exit code -9 after" in srv.log.read_text()

@@ -56,31 +56,13 @@ class Upload:
         self._closer()
 
 
-def _guarded(receive: Receive, limit: int, deadlines: Deadlines) -> Receive:
-    """``receive`` that raises 408/504 past the deadline, 413 past ``limit`` bytes, 503 on shutdown and 499
-    when the client leaves."""
-    loop = asyncio.get_running_loop()
+def _counted(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises 413 past ``limit`` bytes and 499 when the client leaves."""
     received = 0
 
-    async def guarded() -> Any:
+    async def counted() -> Any:
         nonlocal received
-        remaining = min(deadlines.read, deadlines.answer) - loop.time()
-        if remaining <= 0:
-            raise deadlines.expired()
-        message_task = asyncio.ensure_future(receive())
-        stop_task = asyncio.ensure_future(deadlines.stopping.wait())
-        try:
-            done, _ = await asyncio.wait({message_task, stop_task}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (message_task, stop_task):
-                task.cancel()
-        if message_task not in done:
-            if stop_task in done:
-                raise HTTPError(503, "shutting down: the upload was cut; send it to another instance",
-                                {"Retry-After": "5", **_CLOSE})
-            raise deadlines.expired()
-        message = message_task.result()
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise HTTPError(499, "client closed the connection during the upload")
         received += len(message.get("body", b""))
@@ -88,7 +70,7 @@ def _guarded(receive: Receive, limit: int, deadlines: Deadlines) -> Receive:
             raise HTTPError(413, f"upload is over the limit of {limit:,} bytes (--max-upload-mb)", _CLOSE)
         return message
 
-    return guarded
+    return counted
 
 
 async def _raw(request: Request, receive: Receive) -> Upload:
@@ -120,17 +102,36 @@ async def _multipart(request: Request, receive: Receive) -> Upload:
     return Upload(item.file, item.size or 0, lambda: item.file.close())
 
 
+async def _read(request: Request, limit: int) -> Upload:
+    receive = _counted(request.receive, limit)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _multipart(request, receive)
+    return await _raw(request, receive)
+
+
 async def receive_upload(request: Request, limit: int, deadlines: Deadlines) -> Upload:
-    """The image of ``request`` (raw body or multipart field ``file``), received within ``deadlines``."""
+    """The image of ``request`` (raw body or multipart field ``file``), received within ``deadlines``: one
+    watch over the whole upload (a task and a timer per request, not per chunk)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} (--max-upload-mb)",
                         _CLOSE)
-    receive = _guarded(request.receive, limit, deadlines)
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        upload = await _multipart(request, receive)
-    else:
-        upload = await _raw(request, receive)
+    remaining = min(deadlines.read, deadlines.answer) - asyncio.get_running_loop().time()
+    reading = asyncio.ensure_future(_read(request, limit))
+    stopping = asyncio.ensure_future(deadlines.stopping.wait())
+    try:
+        done, _ = await asyncio.wait({reading, stopping}, timeout=max(remaining, 0),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not reading.done():
+            reading.cancel()  # its spooled file is closed as the cancellation unwinds
+    if reading not in done:
+        if stopping in done:
+            raise HTTPError(503, "shutting down: the upload was cut; send it to another instance",
+                            {"Retry-After": "5", **_CLOSE})
+        raise deadlines.expired()
+    upload = reading.result()
     if not upload.size:
         upload.close()
         raise HTTPError(400, "empty upload: send an image file (multipart field 'file' or the raw body)")
