@@ -244,7 +244,7 @@ def test_timeout_counts_from_arrival_and_the_work_is_dropped(slow, files) -> Non
     sock = _send_slowly(slow, files["big"], 1.2)  # 1.2 s of the 2 s go to the upload
     data, answered = _response(sock, 10)
     assert _status(data) == 504 and b"of its arrival" in data, data[-300:]
-    assert 1.9 < answered - start < 2.0 + SLACK_S, answered - start
+    assert 1.9 < answered - start < 2.0 + 0.5, answered - start  # the issue: within --timeout-s + 0.5 s
     time.sleep(0.5)  # the tile batch running at the deadline ends
     before = _cpu_seconds(slow.proc.pid)
     time.sleep(1.5)
