@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["FORMATS", "predict_request"]
 
 FORMATS = ("png", "rle", "json", "overlay")
-#: uploads up to this size have their header read on the event loop (a few hundred microseconds at most):
-#: a flood of small oversized-image uploads is answered without a thread hand-off each
-INLINE_PROBE_BYTES = 64 * 1024
 
 
 def _flag(request: Request, name: str) -> bool | None:
@@ -79,10 +76,8 @@ async def _answer(state: ServerState, upload: Upload, fmt: str, settings: Reques
     """The steps after the upload, each admitted before it runs; ``jobs`` runs the thread steps."""
     opts, engine, loop = state.options, state.engine, asyncio.get_running_loop()
     scale = engine.scale
-    if upload.size <= INLINE_PROBE_BYTES:  # a small file's header: read here, no thread hand-off
-        header = probe_image(upload.file, opts.max_pixels, scale)
-    else:
-        header = await jobs.run(engine.cpu, probe_image, upload.file, opts.max_pixels, scale)
+    # on a thread even for a small file: a PNG's compressed text chunks alone may take milliseconds to read
+    header = await jobs.run(engine.cpu, probe_image, upload.file, opts.max_pixels, scale)
     state.limits.reserve(jobs, header.pixels)
     channels = engine.backend.config.model.n_channels
     image = await jobs.run(engine.cpu, decode_image, upload.file, channels, header)
