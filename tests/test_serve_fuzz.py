@@ -4,13 +4,14 @@ it reads. Every outcome is a decoded image or a one-line 400/413/415, never anot
 from __future__ import annotations
 
 import collections
+import io
 import time
 
 import numpy as np
 import pytest
 from serve_helpers import mutated_images, seed_images
 
-from unet_deploy.serve.decode import HTTPError, decode_image, probe_image
+from unet_deploy.serve.decode import HTTPError, decode_image, peek_size, probe_image
 
 pytest.importorskip("starlette", reason="serve needs starlette (a dependency of unet-deploy)")
 
@@ -23,11 +24,16 @@ def read_upload(data: bytes) -> np.ndarray:
     return decode_image(data, 3, header)
 
 
-def test_every_seed_decodes() -> None:
+def test_every_seed_decodes_and_the_quick_size_is_pillows() -> None:
+    from PIL import Image
+
     for fmt, seeds in seed_images().items():
         for data in seeds:
             image = read_upload(data)
             assert image.dtype == np.uint8 and image.shape[2] == 3 and sorted(image.shape[:2]) == [32, 48], fmt
+            with Image.open(io.BytesIO(data)) as img:
+                expected = img.size if fmt in ("PNG", "GIF", "BMP", "WEBP") else None  # JPEG, TIFF: Pillow's
+            assert peek_size(data[:30]) == expected, fmt
 
 
 @pytest.mark.timeout(60)
@@ -36,6 +42,8 @@ def test_mutated_images_of_every_format_get_one_line_4xx_never_an_exception() ->
     start = time.monotonic()
     outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for fmt, data in mutated_images(PER_FORMAT, seed=22):
+        peeked = peek_size(data[:30])  # never raises, whatever the bytes
+        assert peeked is None or (len(peeked) == 2 and min(peeked) >= 0), (fmt, peeked)
         try:
             image = read_upload(data)
         except HTTPError as e:

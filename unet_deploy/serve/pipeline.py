@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from ..predict.overlay import overlay_image
 from ..predict.write import mask_values_image
 from ..rle import rle_encode
-from .decode import HTTPError, decode_image, probe_image
+from .decode import HTTPError, decode_image, peek_size, probe_image, too_large
 from .engine import RequestSettings
 from .limits import Jobs
 from .upload import Deadlines, Upload, receive_upload
@@ -76,7 +76,11 @@ async def _answer(state: ServerState, upload: Upload, fmt: str, settings: Reques
     """The steps after the upload, each admitted before it runs; ``jobs`` runs the thread steps."""
     opts, engine, loop = state.options, state.engine, asyncio.get_running_loop()
     scale = engine.scale
-    # on a thread even for a small file: a PNG's compressed text chunks alone may take milliseconds to read
+    upload.file.seek(0)
+    peeked = peek_size(upload.file.read(30))  # constant work: an oversized PNG/GIF/BMP/WebP refused here
+    if peeked is not None and peeked[0] * peeked[1] > opts.max_pixels:
+        raise too_large(*peeked, opts.max_pixels)
+    # Pillow on a thread even for a small file: a PNG's compressed text chunks alone may take milliseconds
     header = await jobs.run(engine.cpu, probe_image, upload.file, opts.max_pixels, scale)
     state.limits.reserve(jobs, header.pixels)
     channels = engine.backend.config.model.n_channels

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -31,6 +30,7 @@ from starlette.applications import Starlette
 from ..backend_options import options_for_model
 from ..backends import load_backend
 from ..errors import UserError, first_line
+from ..ort_session import release_large_frees
 from ..predict import PredictOptions, output_values
 from .app import ServerState, build_app
 from .engine import WHOLE_MAX_PIXELS, Engine
@@ -44,7 +44,6 @@ __all__ = ["load_state", "serve", "model_info", "DrainingServer", "uvicorn_confi
 
 #: uvicorn's own limit on an idle keep-alive connection (seconds; --read-timeout-s when that is shorter)
 KEEP_ALIVE_S = 5
-_M_MMAP_THRESHOLD = -3  #: glibc's mallopt parameter
 
 
 def model_info(engine: Engine, values: list[Any]) -> dict[str, Any]:
@@ -65,7 +64,7 @@ def load_state(options: ServeOptions) -> ServerState:
     """Load the model and build what the routes share (in the process that serves)."""
     # the server checks --max-pixels from each header itself: Pillow's own warning would only add noise
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    _return_freed_memory()
+    release_large_frees()  # a request's large arrays go back to the system when it is answered, any backend
     backend_opts = options_for_model(options.model, options.backend, **options.backend_options)
     be = load_backend(options.model, options.backend, options.device, backend_opts)
     max_batch = options.max_batch or max_batch_for(be.name, be.device)
@@ -103,14 +102,6 @@ def _measure_bound(state: ServerState) -> None:
     largest = max(WHOLE_MAX_PIXELS, (opts.tile or 0) ** 2)
     state.memory = memory_bound(engine.backend, opts, psutil.Process().memory_info().rss, largest)
     state.model_info["memory_bound_mib"] = round(state.memory.total / 2**20, 1)
-
-
-def _return_freed_memory() -> None:
-    """glibc only: large blocks always from mmap (a fixed threshold turns off glibc's dynamic one, which
-    after the first large free would serve later images from the heap and keep their pages), so the memory
-    of a request goes back to the system when it is answered."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
 
 
 def uvicorn_config(app: Starlette, options: ServeOptions) -> uvicorn.Config:
