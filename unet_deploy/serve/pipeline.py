@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["FORMATS", "predict_request"]
 
 FORMATS = ("png", "rle", "json", "overlay")
+#: a file shorter than this is not a whole image whatever its first bytes claim: Pillow says what is wrong
+PEEK_MIN_BYTES = 64
 
 
 def _flag(request: Request, name: str) -> bool | None:
@@ -78,7 +80,7 @@ async def _answer(state: ServerState, upload: Upload, fmt: str, settings: Reques
     scale = engine.scale
     upload.file.seek(0)
     peeked = peek_size(upload.file.read(30))  # constant work: an oversized PNG/GIF/BMP/WebP refused here
-    if peeked is not None and peeked[0] * peeked[1] > opts.max_pixels:
+    if peeked is not None and upload.size >= PEEK_MIN_BYTES and peeked[0] * peeked[1] > opts.max_pixels:
         raise too_large(*peeked, opts.max_pixels)
     # Pillow on a thread even for a small file: a PNG's compressed text chunks alone may take milliseconds
     header = await jobs.run(engine.cpu, probe_image, upload.file, opts.max_pixels, scale)
