@@ -14,6 +14,11 @@ What it does (all on this machine, the server on 127.0.0.1), on one server start
    come back), then a full queue held by 4 clients while one client sends --probes requests one at a time
    (how fast a 503 comes back, seen by the client).
 `--table results-serve.json` prints the markdown tables of RESULTS-serve.md from a JSON.
+
+    python benchmarks/serve_load.py --hostile --out benchmarks/results-serve-hostile.json
+
+runs the hostile run instead (`serve_hostile.py`: the server at its defaults while slow and oversized uploads
+attack it and 4 normal clients measure; issue 22's targets); `--table` prints its tables too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ from unet_deploy.api import Predictor  # noqa: E402
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig  # noqa: E402
 from unet_deploy.export import export_onnx  # noqa: E402
 from unet_deploy.synth import generate_test_images  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_hostile import hostile_run, render_hostile  # noqa: E402
 
 
 def _model(folder: Path, width: int) -> Path:
@@ -331,9 +339,22 @@ def main() -> None:
                              "offline folder's --batch-size")
     parser.add_argument("--probes", type=int, default=200, help="requests sent one by one to a full queue")
     parser.add_argument("--table", type=Path, help="print the markdown tables of this JSON and exit")
+    parser.add_argument("--hostile", action="store_true", help="the hostile run (serve_hostile.py) instead")
+    parser.add_argument("--seconds", type=float, default=60.0, help="hostile run: how long the attack lasts")
+    parser.add_argument("--slow", type=int, default=32,
+                        help="hostile run: clients sending a body at 1 byte/s, and as many sending headers only")
+    parser.add_argument("--big", type=int, default=16, help="hostile run: clients uploading a 7000x7000 PNG")
+    parser.add_argument("--normal-requests", type=int, default=15,
+                        help="hostile run: requests per normal client (4 of them) before the attack")
+    parser.add_argument("--heavy", type=int, default=36,
+                        help="hostile run: clients at once asking for a 1000x1000 RGBA overlay with TTA (memory)")
     args = parser.parse_args()
     if args.table:
-        print(render_tables(json.loads(args.table.read_text())), end="")
+        result = json.loads(args.table.read_text())
+        print(render_hostile(result) if "attack" in result else render_tables(result), end="")
+        return
+    if args.hostile:
+        _hostile_main(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -363,6 +384,30 @@ def main() -> None:
     for r in runs:
         print(f"c={r['concurrency']:>2}: {r['images_per_s']:.2f} img/s, p50 {r['p50_ms']:.0f} ms, "
               f"p99 {r['p99_ms']:.0f} ms, statuses {r['statuses']}")
+
+
+def _hostile_main(args: argparse.Namespace) -> None:
+    out = args.out if args.out != ROOT / "benchmarks" / "results-serve.json" else \
+        ROOT / "benchmarks" / "results-serve-hostile.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = _model(folder, args.width)
+        generate_test_images(folder / "imgs", n=args.images, width=959, height=640, seed=11)
+        images = sorted((folder / "imgs").glob("*.jpg"))
+        load_before = os.getloadavg()
+        result = hostile_run(_Server, model, images, args)
+    command = (f"python benchmarks/serve_load.py --hostile --width {args.width} --images {args.images} "
+               f"--seconds {args.seconds:g} --slow {args.slow} --big {args.big} "
+               f"--normal-requests {args.normal_requests} --heavy {args.heavy}")
+    result = {"command": command,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version(), "load_before": load_before,
+                          "load_after": os.getloadavg()},
+              "model": {"width": args.width, "input": "959x640 JPEG", "backend": "ort"}, **result}
+    staged = out.with_name(out.name + ".partial")
+    staged.write_text(json.dumps(result, indent=2) + "\n")
+    staged.replace(out)
+    print(render_hostile(result), end="")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,80 @@ def write_test_images(folder: Path, source: Path) -> list[Path]:
     exif[EXIF_ORIENTATION] = 8
     save(sideways, "exif.jpg", exif=exif, quality=95)
     return out
+
+
+def seed_images() -> dict[str, list[bytes]]:
+    """Small images of every format the server reads, in several modes and encodings each: the seeds that
+    :func:`mutated_images` damages."""
+    rng = np.random.default_rng(3)
+    base = np.zeros((32, 48, 3), np.uint8)
+    base[..., 0] = np.arange(48, dtype=np.uint8)[None] * 5
+    base[..., 1] = np.arange(32, dtype=np.uint8)[:, None] * 7
+    base[8:24, 12:36, 2] = rng.integers(0, 255, (16, 24), dtype=np.uint8)
+    rgb = Image.fromarray(base)
+    variants: dict[str, list[tuple[Image.Image, dict]]] = {
+        "JPEG": [(rgb, {"quality": 90}), (rgb.convert("L"), {}), (rgb, {"progressive": True}),
+                 (rgb.convert("CMYK"), {}), (rgb, {"exif": _rotated_exif(6)})],
+        "PNG": [(rgb, {}), (rgb.convert("RGBA"), {}), (rgb.convert("P"), {}), (rgb.convert("1"), {}),
+                (Image.fromarray(base[..., 0].astype(np.uint16) * 257), {}), (rgb, {"interlace": 1})],
+        "GIF": [(rgb.convert("P"), {}), (rgb.convert("P"), {"save_all": True, "append_images": [rgb.convert("P")]})],
+        "TIFF": [(rgb, {}), (rgb, {"compression": "tiff_lzw"}), (rgb, {"compression": "tiff_adobe_deflate"}),
+                 (rgb, {"compression": "packbits"}), (rgb.convert("L"), {"compression": "jpeg"}),
+                 (rgb.convert("F"), {})],
+        "BMP": [(rgb, {}), (rgb.convert("P"), {}), (rgb.convert("L"), {}), (rgb.convert("RGBA"), {})],
+        "WEBP": [(rgb, {"quality": 80}), (rgb, {"lossless": True}), (rgb.convert("RGBA"), {"lossless": True})],
+    }
+    out: dict[str, list[bytes]] = {}
+    for fmt, items in variants.items():
+        out[fmt] = []
+        for img, kwargs in items:
+            buffer = io.BytesIO()
+            img.save(buffer, fmt, **kwargs)
+            out[fmt].append(buffer.getvalue())
+    return out
+
+
+def _rotated_exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return exif
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """One seeded damage: flipped or overwritten bytes (often in the header), a cut, an insertion, a deletion,
+    a repeated range, or a header field set to an extreme value."""
+    b = bytearray(data)
+    kind = int(rng.integers(0, 7))
+    n = len(b)
+    if kind == 0:  # a few flipped bits anywhere
+        for _ in range(int(rng.integers(1, 9))):
+            b[int(rng.integers(0, n))] ^= 1 << int(rng.integers(0, 8))
+    elif kind == 1:  # bytes of the header overwritten with extreme values
+        for _ in range(int(rng.integers(1, 5))):
+            b[int(rng.integers(0, min(n, 96)))] = int(rng.choice([0, 1, 0x7F, 0x80, 0xFF]))
+    elif kind == 2:  # cut anywhere, headers included
+        return bytes(b[: int(rng.integers(0, n))])
+    elif kind == 3:  # random bytes inserted
+        at = int(rng.integers(0, n))
+        b[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+    elif kind == 4:  # a range deleted
+        at = int(rng.integers(0, n))
+        del b[at: at + int(rng.integers(1, 64))]
+    elif kind == 5:  # a range repeated
+        at = int(rng.integers(0, n))
+        b[at:at] = b[at: at + int(rng.integers(1, 128))]
+    else:  # a 16- or 32-bit field in the first 128 bytes set to 0 or its maximum
+        width = int(rng.choice([2, 4]))
+        at = int(rng.integers(0, max(1, min(n, 128) - width)))
+        b[at: at + width] = bytes([int(rng.choice([0, 0xFF]))]) * width
+    return bytes(b)
+
+
+def mutated_images(per_format: int, seed: int) -> list[tuple[str, bytes]]:
+    """``per_format`` seeded mutations of the seed images of each format: (format, bytes)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for fmt, seeds in seed_images().items():
+        for i in range(per_format):
+            out.append((fmt, mutate(seeds[i % len(seeds)], rng)))
+    return out

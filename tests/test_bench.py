@@ -424,3 +424,16 @@ def test_case_in_a_fresh_process_returns_its_json_or_one_line_error() -> None:
         run_in_fresh_process("unet_deploy.nothing", {}, "case y", 60, "hint")
     with pytest.raises(UserError, match=r"^case z ran over 0 s; use fewer --runs$"):
         run_in_fresh_process("json.tool", {}, "case z", 0.001, "use fewer --runs")
+
+
+@pytest.mark.parametrize("name", ["results-serve.json", "results-serve-seed.json", "results-serve-hostile.json"])
+def test_serve_load_tables_are_the_committed_json(name: str) -> None:
+    """Every table of benchmarks/RESULTS-serve.md is `serve_load.py --table` of a committed JSON, whose
+    targets are all met."""
+    result = json.loads((ROOT / "benchmarks" / name).read_text())
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--table",
+                            str(ROOT / "benchmarks" / name)], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout in (ROOT / "benchmarks" / "RESULTS-serve.md").read_text(), f"{name}: table differs"
+    assert result["command"] in (ROOT / "benchmarks" / "RESULTS-serve.md").read_text()
+    assert all(target["met"] for target in result["targets"].values()), result["targets"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 from unet_deploy.data import (
+    IMAGE_FORMATS,
     MAX_PIXELS,
     discover_mask_values,
     find_pairs,
@@ -279,3 +282,53 @@ def test_predict_outputs_in_an_images_folder_are_not_read_as_images(tmp_path: Pa
     assert [p.image for p in find_pairs(imgs, tmp_path / "masks")] == originals
     assert expand_inputs([imgs])[0] == originals
     assert expand_inputs([str(imgs / "*.png")])[0] == []
+
+
+# ------------------------------------------------------------------------------------ formats
+#: formats Pillow can write but this project does not read (EPS would run Ghostscript to decode)
+FOREIGN_FORMATS = ("EPS", "PPM", "PCX", "ICO", "TGA", "SGI", "JPEG2000", "DDS", "QOI", "PSD")
+
+
+def stub_ghostscript(folder: Path, monkeypatch) -> Path:
+    """A ``gs`` first on PATH that records each call in ``folder/gs-called``, answers ``--version`` and fails
+    to render anything; the path of that record."""
+    from PIL import EpsImagePlugin
+
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    log = folder / "gs-called"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> '{log}'\n[ \"$1\" = --version ] && exec echo 10.0\n"
+                                "exit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where gs is: look again
+    return log
+
+
+def test_only_the_listed_formats_are_read_and_ghostscript_never_runs(tmp_path: Path, monkeypatch) -> None:
+    log = stub_ghostscript(tmp_path, monkeypatch)
+    picture = Image.fromarray(_rgb(40, 30))
+    for fmt in IMAGE_FORMATS:
+        path = tmp_path / f"ok.{fmt.lower()}"
+        picture.save(path, fmt)
+        assert load_image(path).shape == (30, 40, 3), fmt
+    refused = 0
+    for fmt in FOREIGN_FORMATS:
+        for name in (f"foreign.{fmt.lower()}", f"{fmt.lower()}-named.jpg"):  # whatever the file is called
+            path = tmp_path / name
+            try:
+                picture.save(path, fmt)
+            except (KeyError, OSError, ValueError):
+                continue  # this Pillow cannot write it
+            with Image.open(path) as img:
+                assert img.format == fmt, "Pillow itself reads it"
+            with pytest.raises(UserError) as err:
+                load_image(path)
+            assert str(err.value) == (f"{path}: not a readable image (not JPEG, PNG, GIF, TIFF, BMP or WebP); "
+                                      "convert it to JPEG or PNG")
+            refused += 1
+    assert refused >= 16, "most foreign formats must have been tried"
+    assert not log.exists(), f"Ghostscript ran: {log.read_text()}"
+    with Image.open(tmp_path / "foreign.eps") as eps, pytest.raises(subprocess.CalledProcessError):
+        eps.load()  # the stub is found: without the allowlist, this is what loading an EPS file runs
+    assert "-dSAFER" in log.read_text()

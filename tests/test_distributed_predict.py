@@ -190,6 +190,49 @@ def test_failed_input_fails_every_rank_and_keeps_the_journal(setup, tmp_path):
     assert not journal_dir(sub).exists()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_nproc_stops_every_process_like_ctrl_c(setup, tmp_path):
+    """SIGTERM to `predict --nproc 2` (a scheduler stopping the job): torchrun passes it to the workers, which
+    stop as on Ctrl-C; one line, no traceback, exit code 143, no process left, and --resume goes on."""
+    import signal
+    import time
+
+    import psutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = next(setup["test"].iterdir()).read_bytes()
+    n = 300
+    for i in range(n):
+        (folder / f"c{i:03d}.jpg").write_bytes(source)
+    out, sub = tmp_path / "out", tmp_path / "sub.csv"
+    args = [sys.executable, "-m", "unet_deploy", "predict", folder, "-m", setup["model"], "-o", out, "--rle", sub,
+            "--nproc", "2"]
+    proc = subprocess.Popen([str(a) for a in args], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("*.png"))) < 4:
+            time.sleep(0.05)
+        family = psutil.Process(proc.pid).children(recursive=True)  # torchrun and its 2 workers
+        assert proc.poll() is None and len(family) >= 3, "predict finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stdout + stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: ") and "--resume" in lines[0], stderr
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    resumed = _ok(_single(folder, "-m", setup["model"], "-o", out, "--rle", sub, "--nproc", "2", "--resume"))
+    predicted, reused = (int(x or 0) for x in SUMMARY.findall(resumed)[0][::2])
+    assert reused >= 4 and predicted + reused == n and len(read_submission(sub)) == n
+
+
 # ------------------------------------------------------------------------------- one process
 @pytest.mark.slow
 def test_single_process_crash_then_resume(setup, tmp_path):

@@ -61,3 +61,61 @@ def test_binary_masks_equal_thresholding_the_resized_probabilities() -> None:
             near = (margin - float(np.log(t / (1 - t)))).abs().numpy() < 1e-5
             assert not (got != want)[~near].any()
             assert (got != want).sum() <= near.sum()
+
+
+def _peak_bytes(fn, *args):
+    """The most bytes numpy and Python held at once while ``fn(*args)`` ran (tracemalloc), and its result."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn(*args)
+        return tracemalloc.get_traced_memory()[1] - base, result
+    finally:
+        tracemalloc.stop()
+
+
+def _reference_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """overlay_image's formula on the whole image at once (what the blockwise version must equal)."""
+    from unet_deploy.predict.overlay import MIN_TINT_DISTANCE, PALETTE, _edges
+
+    out = image.astype(np.float32)
+    classes = np.clip(mask.astype(np.int64), 0, None)
+    tints = PALETTE[np.arange(int(classes.max()) + 1) % len(PALETTE)]
+    for c in range(1, len(tints)):
+        under = out[classes == c]
+        if len(under):
+            mean = under.mean(axis=0)
+            if np.linalg.norm(tints[c] - mean) < MIN_TINT_DISTANCE:
+                tints[c] = PALETTE[1 + int(np.linalg.norm(PALETTE[1:] - mean, axis=1).argmax())]
+    fg = classes > 0
+    out = np.where(fg[..., None], (1 - alpha) * out + alpha * tints[classes], out)
+    edge = _edges(classes)
+    out[edge & fg] = 255.0
+    out[edge & ~fg] = 0.0
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_large_masks_and_overlays_cost_their_own_bytes_not_float_copies() -> None:
+    """A mask or overlay at the size of a large image is worked a block of rows at a time: the same pixels as
+    the whole-image formula, with a peak of about the result's own size (a server admits images by their
+    pixels: its memory per pixel must not depend on the image's size)."""
+    from unet_deploy.postprocess import resize_bilinear
+    from unet_deploy.predict.overlay import overlay_image
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(1, 2, 600, 900)).astype(np.float32)
+    size = (1800, 2700)  # 4.9 M pixels: a full-size float32 copy alone would be 19 MB
+    peak, mask = _peak_bytes(logits_to_mask, logits, size, 0.4)
+    expected = resize_bilinear(logits[:, 1:2] - logits[:, :1], size)[:, 0] > np.log(0.4 / 0.6)
+    np.testing.assert_array_equal(mask, expected.astype(np.uint8))
+    assert peak < 2.5 * mask.size, f"mask: peak {peak / mask.size:.1f} bytes per pixel"
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    blobs = (resize_bilinear(rng.normal(size=(1, 1, 30, 45)), size)[0, 0] > 0.3).astype(np.uint8)
+    three = blobs + (np.arange(size[1])[None] > size[1] // 2).astype(np.uint8)  # classes 0, 1, 2
+    for m in (blobs, three):
+        peak, overlay = _peak_bytes(overlay_image, image, m)
+        np.testing.assert_array_equal(overlay, _reference_overlay(image, m))
+        assert peak < 4 * m.size, f"overlay: peak {peak / m.size:.1f} bytes per pixel"

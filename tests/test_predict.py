@@ -237,6 +237,36 @@ def test_skip_existing_resumes(models, images, tmp_path, capsys):
     assert len(read_submission(sub)) == 4
 
 
+def test_resume_redoes_an_image_whose_overlay_is_missing(models, images, tmp_path, capsys):
+    paths = copy_images(images, tmp_path)
+    args = ["predict", "-m", models["ort"], *paths, "--viz"]
+    assert run_cli(args, capsys)[0] == 0
+    overlay = paths[2].with_name("car2_OVERLAY.png")
+    expected = overlay.read_bytes()
+    overlay.unlink()  # the disk was full when the overlays were written
+    code, out, err = run_cli([*args, "--resume"], capsys)
+    assert code == 0, err
+    assert "predicted 1 of 4 files, 3 skipped" in out, out
+    assert overlay.read_bytes() == expected
+    assert "predicted 0 of 4 files, 4 skipped" in run_cli([*args, "--resume"], capsys)[1]
+
+
+def test_journal_rows_are_reused_only_with_every_output_on_disk(tmp_path):
+    from unet_deploy.predict.records import Job
+    from unet_deploy.predict.resume import journal_key, reusable
+    from unet_deploy.shard import JournalRow
+
+    image = tmp_path / "car.png"
+    Image.new("RGB", (97, 61)).save(image)
+    plain = Job(0, image)
+    with_overlay = Job(0, image, overlay=tmp_path / "car_OVERLAY.png")
+    rows = {journal_key(plain): JournalRow(journal_key(plain), "car.png", 61, 97, "1 5")}
+    assert reusable([plain], rows, "fp") == [0]
+    assert reusable([with_overlay], rows, "fp") == [], "the overlay was asked for and is not there"
+    with_overlay.overlay.write_bytes(b"an overlay")
+    assert reusable([with_overlay], rows, "fp") == [0]
+
+
 def test_default_model_discovery(models, tmp_path):
     with pytest.raises(Exception) as exc:
         default_model("ort", tmp_path)
@@ -738,3 +768,59 @@ def test_ctrl_c_stops_with_one_line_and_resume_continues(models, images, tmp_pat
     proc = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert f"predicted {n - len(written)} of {n} files, {len(written)} skipped" in proc.stdout
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_sigterm_stops_like_ctrl_c_with_crf_workers_and_leaves_no_process(models, images, tmp_path):
+    """A scheduler's SIGTERM (Slurm, Kubernetes): one line, the masks and journal rows written so far kept,
+    the CRF worker processes and multiprocessing's resource tracker gone with it, and --resume goes on."""
+    import signal
+    import time
+
+    import psutil
+
+    pytest.importorskip("pydensecrf.densecrf")
+    src = Image.open(images[1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    n = 150
+    for i in range(n):
+        src.save(folder / f"c{i:03d}.png")
+    out_dir, sub = tmp_path / "out", tmp_path / "sub.csv"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-m", "unet_deploy", "predict", "-m", str(models["ort"]), str(folder), "-o",
+            str(out_dir), "--threads", "1", "--crf", "--crf-workers", "2", "--rle", str(sub)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(list(out_dir.glob("*_OUT.png"))) < 3:
+            time.sleep(0.02)
+        helpers = _descendants(proc.pid)  # 2 CRF workers and the resource tracker
+        assert proc.poll() is None and len(helpers) >= 3, "predict finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("interrupted: ") and f" of {n} files done; masks written so far are kept" in lines[0]
+    gone, alive = psutil.wait_procs(helpers, timeout=10)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    written = len(list(out_dir.glob("*_OUT.png")))
+    assert not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    import re
+
+    predicted, total, reused = map(int, re.search(r"predicted (\d+) of (\d+) files, reused (\d+) \(journal rows",
+                                                  resumed.stdout).groups())
+    # the rows journaled before SIGTERM are reused (a mask may have been written just before it landed)
+    assert total == n and predicted + reused == n and reused in (written - 1, written) and reused >= 3
+    assert len(read_submission(sub)) == n

@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import ROOT, Reply, Server, multipart, png_pixels, write_test_images
+from serve_helpers import ROOT, Reply, Server, multipart, mutated_images, png_pixels, write_test_images
 
 from unet_deploy.api import Predictor
 from unet_deploy.backend_openvino import openvino_installed
@@ -105,6 +106,7 @@ def test_every_output_format_and_per_request_settings(server, served) -> None:
     expected = np.asarray(predictor.mask_image(predictor.predict(photo)))
     assert (flipped == expected).mean() >= 0.9999
     model = srv.get("/v1/model").json()
+    assert model["model_file"] == served["files"][backend].name, "where the model lies is not the client's business"
     assert model["backend"] == backend and model["classes"] == 2 and model["mask_values"] == [0, 255]
     assert model["scale"] == 0.5 and model["threshold"] == 0.5 and model["precision"] == "fp32"
 
@@ -118,6 +120,41 @@ def test_crf_requests_match_predict_with_crf(ort_server, served) -> None:
     predictor = Predictor.load(served["files"]["ort"], device="cpu", crf=True, crf_workers=1)
     expected = np.asarray(predictor.mask_image(predictor.predict(photo)))
     np.testing.assert_array_equal(png_pixels(reply.body), expected)
+
+
+def test_crf_requests_take_predicts_crf_flags(served) -> None:
+    pytest.importorskip("pydensecrf.densecrf")
+    from unet_deploy.crf import CRFParams
+
+    flags = {"--crf-gauss-sxy": "3", "--crf-bilat-sxy": "10", "--crf-bilat-srgb": "5", "--crf-iterations": "2"}
+    params = CRFParams(gauss_sxy=3, bilat_sxy=10, bilat_srgb=5, iterations=2)
+    srv = Server(["-m", str(served["files"]["ort"]), "--device", "cpu", "--crf",
+                  *[x for pair in flags.items() for x in pair]], served["dir"])
+    try:
+        assert srv.get("/v1/model").json()["crf_params"]["bilat_srgb"] == 5
+        photo = served["images"][0]
+        got = png_pixels(srv.post("/v1/predict", photo.read_bytes()).body)
+    finally:
+        assert srv.stop() == 0
+    tuned = Predictor.load(served["files"]["ort"], device="cpu", crf=True, crf_workers=1, crf_params=params)
+    default = Predictor.load(served["files"]["ort"], device="cpu", crf=True, crf_workers=1)
+    np.testing.assert_array_equal(got, np.asarray(tuned.mask_image(tuned.predict(photo))))
+    assert (got != np.asarray(default.mask_image(default.predict(photo)))).any(), "the flags must change the mask"
+
+
+def test_damaged_images_never_get_a_500(ort_server) -> None:
+    """A sample of the seeded fuzz of tests/test_serve_fuzz.py, through HTTP (raw bodies and multipart)."""
+    statuses = []
+    for i, (fmt, data) in enumerate(mutated_images(25, seed=7)):
+        body, headers = multipart(data, f"x.{fmt.lower()}") if i % 2 else (data, None)
+        reply = ort_server.post("/v1/predict", body, headers)
+        statuses.append(reply.status)
+        assert reply.status in (200, 400, 413, 415), (fmt, i, reply.status, reply.body[:300])
+        if reply.status != 200:
+            message = reply.json()["error"]
+            assert message and "\n" not in message, message
+    assert {400, 200} <= set(statuses) and len(statuses) == 150
+    assert ort_server.get("/readyz").status == 200
 
 
 def test_concurrent_requests_are_batched(ort_server, served) -> None:
@@ -297,7 +334,8 @@ def test_workers_share_one_port_each_with_its_model(served) -> None:
         assert len(workers) == 1 and workers != {"0"}, "each process reports its own metrics, labelled by pid"
         assert json.loads(srv.get("/v1/model").body)["max_batch"] == 1  # the default for ONNX Runtime on a CPU
     finally:
-        assert srv.stop() == 0
+        srv.proc.send_signal(signal.SIGINT)  # Ctrl-C (or kill -INT) to the supervisor: every worker drains
+        assert srv.proc.wait(60) == 0, srv.log.read_text()[-2000:]
 
 
 def test_default_max_batch_follows_backend_and_device(served) -> None:

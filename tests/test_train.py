@@ -180,3 +180,39 @@ def test_epoch_sampler_shards_rebuild_the_global_batches() -> None:
     assert len(single) == 8  # ragged last batch dropped
     for k in range(2):
         assert sorted(single[4 * k: 4 * k + 4]) == sorted(r0[2 * k: 2 * k + 2] + r1[2 * k: 2 * k + 2])
+
+
+def test_sigterm_saves_interrupted_pth_like_ctrl_c(synth_tiny: Path, tmp_path: Path) -> None:
+    """A scheduler's SIGTERM (a Slurm preemption, a Kubernetes eviction) keeps the unfinished epoch as Ctrl-C
+    does: interrupted.pth, one line saying how to go on, exit code 143, and DataLoader workers that let the
+    training process stop them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "ck"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    args = [sys.executable, "-m", "unet_deploy", "train", "--data", str(synth_tiny), "--checkpoint-dir", str(ckpt),
+            "-e", "200", "-b", "2", "--base-channels", "4", "--scale", "1", "-v", "20", "--device", "cpu",
+            "--workers", "1", "--augment", "none"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and not (ckpt / "last.pth").exists():
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next epoch
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)  # to the whole group, as Slurm does: the loader worker too
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err and "Traceback" not in out, err
+    assert "interrupted in epoch" in out + err and "-f" in out + err
+    partial = load_checkpoint(ckpt / "interrupted.pth")
+    assert partial.training["interrupted_in_epoch"] >= 2
+    assert not list(ckpt.glob(".*tmp"))

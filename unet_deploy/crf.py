@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import math
 import multiprocessing
 import os
-import signal
 import sys
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .signals import exit_with_parent, ignore_stop_signals
 
-__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_map", "threshold_prior"]
+__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior"]
 
 _INSTALL_HINT = "--crf needs pydensecrf: pip install pydensecrf2 (needs g++ and Python headers to build)"
 
@@ -157,14 +157,23 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "N
 
 
 def _init_worker() -> None:
-    """Keep each worker process to one thread: the parallelism comes from the processes. Ctrl-C reaches
-    the whole process group: the parent handles it (one line) and shuts the pool down, workers ignore it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Keep each worker process to one thread: the parallelism comes from the processes. Ctrl-C (and a
+    SIGTERM sent to the whole process group) is the parent's to handle: it shuts the pool down; a worker whose
+    parent was killed outright ends by itself."""
+    ignore_stop_signals()
+    exit_with_parent()
     for var in _THREAD_VARS:
         os.environ[var] = "1"
     torch = sys.modules.get("torch")  # only if something already imported it; never import it here
     if torch is not None:
         torch.set_num_threads(1)
+
+
+def crf_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """``workers`` spawned CRF processes (one thread each; Ctrl-C is the parent's to handle). "spawn": the
+    parent may hold CUDA or many threads, which fork would copy in a broken state."""
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_init_worker)
 
 
 def _crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -187,9 +196,7 @@ def crf_map(items: Iterable[tuple[np.ndarray, np.ndarray]], params: CRFParams | 
             yield dense_crf(image, probs, params)
         return
     limit = max(1, max_in_flight if max_in_flight is not None else 2 * workers)
-    # "spawn": the parent may hold CUDA or many threads, which fork would copy in a broken state.
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker)
+    pool = crf_pool(workers)
     pending: collections.deque[cf.Future[np.ndarray]] = collections.deque()
     try:
         for image, probs in items:

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +21,9 @@ from .fileio import require_file
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "IMAGE_FORMATS",
+    "FORMAT_NAMES",
+    "open_image",
     "MAX_PIXELS",
     "load_image",
     "load_mask",
@@ -42,11 +46,22 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp")
+#: The only formats read (Pillow's names), whatever a file is called: Pillow opens many more, some through
+#: external programs (EPS runs Ghostscript) or little-used decoders. ``predict``, ``train`` and ``serve`` alike.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP", "WEBP")
+FORMAT_NAMES = "JPEG, PNG, GIF, TIFF, BMP or WebP"
 #: Decompression-bomb limit: 16x a Carvana image (1918x1280); larger files are refused, not decoded.
 MAX_PIXELS = 16 * 1918 * 1280
 MASK_SUFFIX = "_OUT"  #: Pytorch-UNet's output name: <stem>_OUT.png
 OVERLAY_SUFFIX = "_OVERLAY"  #: predict --viz: <stem>_OVERLAY.png
+EXIF_ORIENTATION = 0x0112
 FINGERPRINT_KEY = "unet_deploy"  #: PNG text chunk holding the fingerprint of the run that wrote a mask
+
+
+def open_image(source: str | Path | IO[bytes]) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (reads the header only): any other format raises
+    ``UnidentifiedImageError`` before a decoder of it runs."""
+    return Image.open(source, formats=IMAGE_FORMATS)
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
@@ -54,9 +69,10 @@ def _open(path: str | Path, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = open_image(path)
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (unknown format); convert it to JPEG or PNG") from None
+        raise UserError(f"{path}: not a readable image (not {FORMAT_NAMES}); convert it to JPEG or "
+                        "PNG") from None
     except Image.DecompressionBombError:
         raise UserError(f"{path}: image too large (decompression-bomb limit {MAX_PIXELS} px)") from None
     except OSError as e:
@@ -83,13 +99,17 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         return img.convert("L")
-    arr = arr.astype(np.float64)
     peak = float(arr.max()) if arr.size else 0.0
     if img.mode == "F" and peak <= 1.0:
         top = 1.0  # float images in [0, 1]
     else:
         top = 255.0 if peak <= 255 else 65535.0
-    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, (1 << 16) // max(arr.shape[1] if arr.ndim > 1 else 1, 1))
+    for r0 in range(0, arr.shape[0], rows):  # float64 a block at a time: a large image needs no 8-byte copy
+        block = arr[r0:r0 + rows].astype(np.float64)
+        out[r0:r0 + rows] = np.clip(block / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -103,7 +123,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
@@ -119,8 +139,8 @@ def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
 def image_to_array(img: Image.Image, channels: int = 3) -> np.ndarray:
     """An opened image as :func:`load_image` returns it: EXIF orientation applied, any mode converted to
     uint8 (H, W, 3) for ``channels=3`` or (H, W, 1) for ``channels=1``."""
-    try:
-        upright = ImageOps.exif_transpose(img)
+    try:  # without a rotation to apply, exif_transpose would only copy the image
+        upright = ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
     except Exception:  # a broken EXIF block must not make a good image unusable  # noqa: BLE001
         upright = img
     rgb = _to_rgb(upright)
@@ -162,7 +182,7 @@ MIN_SIDE = 16
 
 def check_min_size(image: str | Path, scale: float, min_side: int = MIN_SIDE) -> None:
     """One-line error when ``image`` at ``scale`` is too small for the network (read from the header)."""
-    with Image.open(image) as img:
+    with open_image(image) as img:
         w, h = img.size
     new_w, new_h = scaled_size(w, h, scale)
     if min(new_w, new_h) < min_side:
@@ -233,7 +253,7 @@ def is_own_output(path: Path) -> bool:
     if path.suffix.lower() != ".png":
         return False
     try:
-        with Image.open(path) as img:  # reads the chunks before the pixel data only
+        with open_image(path) as img:  # reads the chunks before the pixel data only
             return FINGERPRINT_KEY in img.info
     except (OSError, ValueError, UnidentifiedImageError):
         return False  # a broken file is reported where it is loaded
@@ -293,8 +313,8 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str =
                         f"{_mask_id(orphan, mask_suffix)}.jpg); add the image or remove the mask")
     if check_sizes:
         for p in pairs:
-            with Image.open(p.image) as a, Image.open(p.mask) as b:
-                size_a = ImageOps.exif_transpose(a).size if a.getexif().get(0x0112, 1) != 1 else a.size
+            with open_image(p.image) as a, open_image(p.mask) as b:
+                size_a = ImageOps.exif_transpose(a).size if a.getexif().get(EXIF_ORIENTATION, 1) != 1 else a.size
                 if size_a != b.size:
                     raise UserError(f"{p.mask}: mask is {b.size[0]}x{b.size[1]} but image {p.image.name} is "
                                     f"{size_a[0]}x{size_a[1]}; masks must match their images")

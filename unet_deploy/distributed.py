@@ -162,8 +162,9 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
 
 
 def torchrun_command(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N [extra] -m unet_deploy ARGS``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """``python -m unet_deploy.torchrun --standalone --nproc-per-node N [extra] -m unet_deploy ARGS``
+    (:mod:`unet_deploy.torchrun`: torch.distributed.run, quiet when a signal stops it)."""
+    return [sys.executable, "-m", "unet_deploy.torchrun", "--standalone", f"--nproc-per-node={nproc}",
             *extra, "-m", "unet_deploy", *args]
 
 
@@ -172,7 +173,8 @@ def launch_torchrun(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) 
 
     Ctrl-C reaches torchrun through the terminal; torchrun passes one SIGINT to each worker (they run in
     their own sessions), rank 0 writes ``last.pth`` and the exit code is 130. This process only waits
-    meanwhile; a SIGTERM sent to it is passed on to torchrun.
+    meanwhile; a SIGTERM sent to it is passed on to torchrun, which passes it on to the workers: they stop
+    as on Ctrl-C (:mod:`unet_deploy.signals`) and the exit code is 143.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -5,21 +5,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
-
-
-def _read_umask() -> int:
-    # Read once at import: os.umask can only be read by setting it, which would race with other threads.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "require_file"]
 
@@ -28,27 +18,31 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_fil
 def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one rename.
 
-    On any exception the temporary file is removed and ``target`` is left as it was.
-    ``suffix`` defaults to the target's own suffix (some writers pick a format from it).
+    On any exception (Ctrl-C and SIGTERM included, at any step) the temporary file is removed and ``target``
+    is left as it was. ``suffix`` defaults to the target's own suffix (some writers pick a format from it).
+    The temporary name is chosen before the file is created, so the cleanup knows it whatever step an
+    interrupt lands on (``tempfile.mkstemp`` returns the name only once the file exists).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=(suffix if suffix is not None
-                                                                         else target.suffix) + ".tmp",
-                                    dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    ending = (suffix if suffix is not None else target.suffix) + ".tmp"
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}{ending}"
+    ours = True  #: False only when the name was somebody else's file
     try:
+        try:
+            # the permissions a normal write would have (0o666 less the umask), never an existing file
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # a 64-bit name taken (never in practice): not ours to remove
+            ours = False
+            raise
         yield tmp
-        # mkstemp creates 0600 files; give the result the permissions a normal write would have, and make
-        # the data durable before the rename makes it visible under the real name.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb+") as f:  # the data is durable before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if ours:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:

@@ -44,6 +44,29 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+#: output pixels per block of :func:`_upsampled_above` (its float32 temporaries stay a few MiB)
+_BLOCK_PIXELS = 1 << 18
+
+
+def _upsampled_above(margin: np.ndarray, size: tuple[int, int], cut: float) -> np.ndarray:
+    """``resize_bilinear(margin, size) > cut`` as uint8 (N, H, W), a block of output rows at a time: the same
+    arithmetic per pixel, without the full-size float32 temporaries (a large image's mask costs its own
+    bytes, not five times four)."""
+    h, w = margin.shape[-2:]
+    out = np.empty((margin.shape[0], *size), np.uint8)
+    i0, i1, wt = _axis_weights(h, size[0]) if h != size[0] else (None, None, None)
+    rows = max(1, _BLOCK_PIXELS // max(size[1], 1))
+    for r0 in range(0, size[0], rows):
+        r1 = min(size[0], r0 + rows)
+        if i0 is None or i1 is None or wt is None:
+            block = margin[:, r0:r1, :]
+        else:
+            weight = wt[r0:r1, None]
+            block = margin[:, i0[r0:r1], :] * (1 - weight) + margin[:, i1[r0:r1], :] * weight
+        out[:, r0:r1] = resize_bilinear(block, (r1 - r0, size[1])) > cut
+    return out
+
+
 def _is_numpy(x: Any) -> bool:
     return isinstance(x, np.ndarray)
 
@@ -116,9 +139,12 @@ def logits_to_mask(logits: torch.Tensor | np.ndarray, size: tuple[int, int] | No
         # the margin of the resized logits: half the full-resolution work and no sigmoid/softmax there.
         t = _prepare(logits, None)
         margin = t[:, :1] if classes == 1 else t[:, 1:2] - t[:, :1]
+        cut = math.log(threshold / (1.0 - threshold))
+        if size is not None and _is_numpy(margin):
+            return _upsampled_above(margin[:, 0], size, cut)
         if size is not None:
             margin = upsample_logits(margin, size)
-        mask = margin[:, 0] > math.log(threshold / (1.0 - threshold))
+        mask = margin[:, 0] > cut
         return _host(mask).astype(np.uint8)
     t = _prepare(logits, size)
     dtype = np.uint8 if t.shape[1] <= 256 else np.int32

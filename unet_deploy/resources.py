@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from PIL import Image
 
-from .data import scaled_size
+from .data import open_image, scaled_size
 from .errors import UserError
 
 __all__ = ["available_memory", "cgroup_memory_left", "estimate_inference_bytes", "estimate_training_bytes",
@@ -296,7 +295,7 @@ def check_train_memory(model: Any, image: str | Path, scale: float, batch: int, 
     ``batch``) exceeds the memory available; the size is read from the image's header."""
     if _on_gpu(device):
         return
-    with Image.open(image) as img:
+    with open_image(image) as img:
         full_width, full_height = img.size
     width, height = scaled_size(full_width, full_height, scale)
     needed = estimate_training_bytes(model, height, width, batch, n_params)

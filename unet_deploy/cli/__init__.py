@@ -1,7 +1,7 @@
 """``unet-deploy`` command line: each command is a thin call into the library modules.
 
 Errors in the user's input (:class:`unet_deploy.errors.UserError`) print one line and exit non-zero;
-only bugs show a traceback.
+only bugs show a traceback. Ctrl-C and SIGTERM stop a command with one line (exit code 130 / 143).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import typer
 
 from .. import __version__
 from ..errors import UserError
+from ..signals import exit_code, sigterm_as_interrupt
 from . import (  # noqa: F401  (registers commands)
     bench_cmds,
     data_cmds,
@@ -62,6 +63,7 @@ def _setup_logging() -> None:
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point."""
     _setup_logging()
+    sigterm_as_interrupt()  # a scheduler's SIGTERM cleans up as Ctrl-C does (``serve`` installs its own)
     try:
         app(args=args, prog_name="unet-deploy")
     except UserError as e:
@@ -82,7 +84,7 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exit_code())
     except Exception as e:  # out of memory (MemoryError, torch, ONNX Runtime): one line; other bugs: traceback
         from ..resources import out_of_memory_line  # psutil, PIL: only on this error path
 

@@ -11,10 +11,12 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from ..crf import CRFParams, require_crf
+from ..crf import require_crf
 from ..errors import UserError
 from ..names import backend_for_path
 from ..shard import rank_device
+from ..signals import exit_code
+from . import _crf
 from ._app import app
 from ._launch import relaunch
 
@@ -134,13 +136,13 @@ def predict(
     crf: bool = typer.Option(False, "--crf/--no-crf", help="Refine masks with a dense CRF (pydensecrf2)."),
     crf_workers: int | None = typer.Option(None, help="CRF worker processes, 1 or more (default: CPU "
                                                       "count)."),
-    crf_gauss_sxy: float = typer.Option(20.0, help="CRF smoothness kernel spatial std-dev (pixels)."),
-    crf_gauss_compat: float = typer.Option(3.0, help="CRF smoothness kernel weight."),
-    crf_bilat_sxy: float = typer.Option(30.0, help="CRF appearance kernel spatial std-dev (pixels)."),
-    crf_bilat_srgb: float = typer.Option(20.0, help="CRF appearance kernel colour std-dev (0-255)."),
-    crf_bilat_compat: float = typer.Option(10.0, help="CRF appearance kernel weight."),
-    crf_iterations: int = typer.Option(5, help="CRF mean-field iterations."),
-    crf_clip: float = typer.Option(1e-5, help="Probabilities are clipped to [clip, 1-clip] before the CRF."),
+    crf_gauss_sxy: float = _crf.GAUSS_SXY,
+    crf_gauss_compat: float = _crf.GAUSS_COMPAT,
+    crf_bilat_sxy: float = _crf.BILAT_SXY,
+    crf_bilat_srgb: float = _crf.BILAT_SRGB,
+    crf_bilat_compat: float = _crf.BILAT_COMPAT,
+    crf_iterations: int = _crf.ITERATIONS,
+    crf_clip: float = _crf.CLIP,
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
     tile: int | None = typer.Option(None, "--tile", show_default=False,
                                     help="Largest tile side in model-input pixels (after --scale): a larger "
@@ -191,9 +193,8 @@ def predict(
 
     if crf_workers is not None and crf_workers < 1:
         raise UserError(f"--crf-workers {crf_workers}: use 1 or more (or leave it out for one per core)")
-    crf_params = CRFParams(gauss_sxy=crf_gauss_sxy, gauss_compat=crf_gauss_compat, bilat_sxy=crf_bilat_sxy,
-                           bilat_srgb=crf_bilat_srgb, bilat_compat=crf_bilat_compat, iterations=crf_iterations,
-                           clip=crf_clip)
+    crf_params = _crf.crf_params(crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
+                                 crf_iterations, crf_clip)
     options = PredictOptions(
         scale=scale, threshold=mask_threshold, mask_values=_mask_values(mask_values), batch_size=batch_size,
         save=not no_save, viz=viz, show=viz and display_available(), rle=rle, crf=crf, crf_params=crf_params,
@@ -213,10 +214,10 @@ def predict(
             if group.main:
                 raise
             raise typer.Exit(e.exit_code) from None  # rank 0 prints it
-        except KeyboardInterrupt as e:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
             if group.main:
                 typer.echo(_interrupted_line(e), err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(exit_code()) from None
 
 
 def _interrupted_line(e: KeyboardInterrupt) -> str:

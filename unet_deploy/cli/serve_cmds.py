@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
+from . import _crf
 from ._app import app
 
 _SERVER_PACKAGES = {"starlette", "uvicorn", "prometheus_client", "multipart", "python_multipart", "anyio"}
@@ -49,10 +50,30 @@ def serve(
                                      help="Require 'Authorization: Bearer TOKEN' (also read from "
                                           "UNET_DEPLOY_TOKEN); /healthz and /readyz stay open."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload; larger ones get 413."),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", help="A request not answered by then gets 504."),
+    max_uploads: int = typer.Option(128, "--max-uploads", help="Uploads received at once; more get 503 with "
+                                                               "Retry-After before their body is read."),
+    read_timeout_s: float = typer.Option(15.0, "--read-timeout-s",
+                                         help="A request's headers, and then its body, must arrive within this: "
+                                              "else 408 and the connection closes."),
+    max_pixels: int = typer.Option(16_000_000, "--max-pixels",
+                                   help="Largest image in pixels (width x height), read from its header: larger "
+                                        "ones get 413 before they are decoded."),
+    pixel_budget: int = typer.Option(40_000_000, "--pixel-budget",
+                                     help="Decoded pixels of all images in work at once (bounds the memory of "
+                                          "requests): an image that does not fit gets 503 before it is "
+                                          "decoded."),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", help="A request not answered this long after it arrived "
+                                                              "(upload included) gets 504 and is dropped."),
     crf: bool = typer.Option(False, "--crf/--no-crf", help="Dense CRF by default (requests may say crf=0/1)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip TTA by default (requests may say tta=0/1)."),
     crf_workers: int = typer.Option(1, "--crf-workers", help="Processes for dense CRF."),
+    crf_gauss_sxy: float = _crf.GAUSS_SXY,
+    crf_gauss_compat: float = _crf.GAUSS_COMPAT,
+    crf_bilat_sxy: float = _crf.BILAT_SXY,
+    crf_bilat_srgb: float = _crf.BILAT_SRGB,
+    crf_bilat_compat: float = _crf.BILAT_COMPAT,
+    crf_iterations: int = _crf.ITERATIONS,
+    crf_clip: float = _crf.CLIP,
     tile: int | None = typer.Option(None, "--tile", show_default=False,
                                     help="Largest tile side in model-input pixels: a larger upload runs as "
                                          "blended overlapping tiles, batched up to --max-batch on their own "
@@ -61,15 +82,17 @@ def serve(
     tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
                                             help="Least overlap of neighbouring tiles in model-input pixels "
                                                  "(default: an eighth of --tile)."),
-    grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM: how long queued and running requests "
-                                                          "may take to finish."),
+    grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM or Ctrl-C: how long the whole shutdown may "
+                                                          "take; uploads still arriving are cut at once, "
+                                                          "admitted requests may finish."),
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics and a web page.
 
     Concurrent requests of one input size are batched (--max-batch, --max-wait-ms). Masks have the pixels
-    `predict` writes for the same file and options. Bad uploads get 400/413/415, a full queue 503, a slow
-    answer 504; every error is JSON {"error": "..."}. SIGTERM or Ctrl-C: new requests get 503, the admitted
-    ones finish, exit 0.
+    `predict` writes for the same file and options. Bad uploads get 400/413/415, a slow upload 408, a full
+    queue or budget 503, a slow answer 504; every error is JSON {"error": "..."}. Memory is bounded by
+    --max-uploads, --queue and --pixel-budget (the bound is printed at start). SIGTERM or Ctrl-C: new
+    requests get 503, the admitted ones finish within --grace-s, exit 0.
 
     Examples: `unet-deploy serve -m exported/best.onnx` then
     `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
@@ -94,6 +117,9 @@ def serve(
         model=model if model is not None else default_model(backend), backend=backend, device=device,
         backend_options={"precision": precision, "threads": threads}, host=host, port=port,
         max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, workers=workers, token=token,
-        max_upload_mb=max_upload_mb, timeout_s=timeout_s, crf=crf, tta=tta, allow_crf=allow_crf,
-        crf_workers=crf_workers, grace_s=grace_s, tile=tile, tile_overlap=tile_overlap)
+        max_upload_mb=max_upload_mb, max_uploads=max_uploads, read_timeout_s=read_timeout_s, max_pixels=max_pixels,
+        pixel_budget=pixel_budget, timeout_s=timeout_s, crf=crf, tta=tta, allow_crf=allow_crf,
+        crf_workers=crf_workers, grace_s=grace_s, tile=tile, tile_overlap=tile_overlap,
+        crf_params=_crf.crf_params(crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
+                                   crf_iterations, crf_clip))
     raise typer.Exit(run_server(options))

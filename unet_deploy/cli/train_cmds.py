@@ -11,6 +11,7 @@ import typer
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..quality import recipe_help, resolve_recipe
+from ..signals import exit_code
 from ._app import app
 from ._launch import relaunch
 
@@ -126,8 +127,8 @@ def train(
                       channels_last=channels_last, progress=not quiet, max_steps=max_steps,
                       explicit=explicit, recipe=record)
     result = run_train(cfg)
-    if result.interrupted:
-        raise typer.Exit(130)
+    if result.interrupted:  # Ctrl-C or SIGTERM: interrupted.pth was written
+        raise typer.Exit(exit_code())
     if not dist_env().main:
         return
     score = f"best validation dice {result.best_dice:.4f}" if result.best_dice >= 0 else "no validation split (-v 0)"

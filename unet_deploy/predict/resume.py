@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends import Backend
-from ..data import load_mask, mask_to_index
+from ..data import load_mask, mask_to_index, open_image
 from ..errors import UserError, first_line
 from ..rle import write_submission
 from ..shard import Group, SharedError, fingerprint, journal_dir, model_digest, new_run_id, read_journal
@@ -92,7 +92,7 @@ def on_main(group: Group, fn: Callable[[], Any]) -> Any:
 def image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) as predicted (EXIF rotation applied), from the header only; None if unreadable."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
@@ -101,10 +101,16 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def _overlay_there(job: Job) -> bool:
+    """True unless the job asks for an overlay that is not on disk."""
+    return job.overlay is None or job.overlay.is_file()
+
+
 def read_existing(job: Job, values: Sequence[Any], fingerprint: str) -> np.ndarray | None:
     """The class mask stored in a previous run's output, if that output is complete, fits the input and
-    was made by a run with the same ``fingerprint`` (model and options)."""
-    if job.output is None or not job.output.is_file():
+    was made by a run with the same ``fingerprint`` (model and options), and every other output the job asks
+    for (its overlay) is there too: a run stopped between the two (or a full disk) predicts it again."""
+    if job.output is None or not job.output.is_file() or not _overlay_there(job):
         return None
     if mask_fingerprint(job.output) != fingerprint:
         return None  # another model / options, or a file this tool did not write: predict again
@@ -130,6 +136,8 @@ def reusable(jobs: Sequence[Job], rows: dict[str, Any], fingerprint: str) -> lis
             continue
         if job.output is not None and mask_fingerprint(job.output) != fingerprint:
             continue  # missing, or overwritten by another model's run: predict it again to write the mask
+        if not _overlay_there(job):
+            continue  # its overlay was asked for and never written: predict it again
         if image_size(job.path) == (row.width, row.height):
             done.append(job.index)
     return done

@@ -38,8 +38,8 @@ from ..data import resize_image, to_input
 from ..errors import UserError
 
 __all__ = ["ALIGN", "MIN_TILE", "SIGMA_SCALE", "AxisPlan", "TilePlan", "Tiling", "axis_plan", "plan_tiles",
-           "default_overlap", "check_tiling", "blend_weights", "Stitcher", "tiled_logits", "whole_or_tiled",
-           "choose_tiling"]
+           "default_overlap", "check_tiling", "blend_weights", "Stitcher", "TiledRun", "tiled_logits",
+           "whole_or_tiled", "choose_tiling"]
 
 #: Tile sides are rounded up to a multiple of this (four 2x poolings) while they stay within ``--tile``.
 ALIGN = 16
@@ -201,24 +201,47 @@ def _host(logits: Any) -> np.ndarray:
     return logits.detach().float().cpu().numpy()
 
 
+class TiledRun:
+    """:func:`tiled_logits` one batch of tiles at a time: ``step(i)`` runs batch ``i`` of ``len(run)`` and
+    ``result()`` blends them. The server runs one step per model-thread call, so other requests' model calls
+    take turns with a large image's tiles, and a request that is dropped stops between two steps."""
+
+    def __init__(self, backend: Any, image: np.ndarray, plan: TilePlan, batch_size: int = 1):
+        self.backend, self.image, self.plan = backend, image, plan
+        origins = list(plan.origins())
+        size = max(1, batch_size)
+        self.groups = [origins[first:first + size] for first in range(0, len(origins), size)]
+        self.stitcher: Stitcher | None = None
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def step(self, i: int) -> None:
+        """Run the ``i``-th batch of tiles through the network and blend its logits in."""
+        h, w = self.plan.shape
+        group = self.groups[i]
+        batch = np.stack([to_input(self.image[y:y + h, x:x + w]) for y, x in group])
+        logits = _host(self.backend.run(batch))
+        del batch
+        if self.stitcher is None:
+            self.stitcher = Stitcher(self.plan, int(logits.shape[1]))
+        for (y, x), tile_logits in zip(group, logits, strict=True):
+            self.stitcher.add(y, x, tile_logits)
+
+    def result(self) -> np.ndarray:
+        """The blended float32 logits (1, C, H, W), once every step has run."""
+        assert self.stitcher is not None  # a plan has at least one tile
+        return self.stitcher.result()
+
+
 def tiled_logits(backend: Any, image: np.ndarray, plan: TilePlan, batch_size: int = 1) -> np.ndarray:
     """Blended float32 logits (1, C, H, W) of ``image`` (uint8 (H, W, C), already at the network's scale):
     its tiles as :func:`unet_deploy.data.to_input` makes them, through ``backend.run`` in batches of up
     to ``batch_size``."""
-    origins = list(plan.origins())
-    h, w = plan.shape
-    stitcher: Stitcher | None = None
-    for first in range(0, len(origins), max(1, batch_size)):
-        group = origins[first:first + max(1, batch_size)]
-        batch = np.stack([to_input(image[y:y + h, x:x + w]) for y, x in group])
-        logits = _host(backend.run(batch))
-        del batch
-        if stitcher is None:
-            stitcher = Stitcher(plan, int(logits.shape[1]))
-        for (y, x), tile_logits in zip(group, logits, strict=True):
-            stitcher.add(y, x, tile_logits)
-    assert stitcher is not None  # a plan has at least one tile
-    return stitcher.result()
+    run = TiledRun(backend, image, plan, batch_size)
+    for i in range(len(run)):
+        run.step(i)
+    return run.result()
 
 
 def whole_or_tiled(backend: Any, image: np.ndarray, scale: float, tiling: Tiling | None,

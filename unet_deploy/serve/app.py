@@ -1,16 +1,13 @@
-"""The HTTP application (Starlette): routes, admission control, auth, request ids, errors and the access log.
+"""The HTTP application (Starlette): routes, auth, request ids, errors and the access log; a prediction's
+path and its limits are :mod:`unet_deploy.serve.pipeline`'s.
 
 Every answer carries ``X-Request-ID``; every error is ``{"error": "<one line>"}`` with its status code.
-A prediction is admitted only while fewer than ``queue + max_batch`` are admitted (else 503 with
-``Retry-After`` before its body is read), so memory stays bounded whatever the number of clients.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import io
 import json
 import logging
 import re
@@ -20,26 +17,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..predict.overlay import overlay_image
-from ..predict.write import mask_values_image
-from ..rle import rle_encode
-from .decode import HTTPError, decode_image
+from .decode import HTTPError
 from .engine import Engine
+from .limits import Limits
+from .memory import MemoryBound
 from .metrics import CONTENT_TYPE, Metrics
 from .options import ServeOptions
 from .page import PAGE
+from .pipeline import FORMATS, predict_request
 
 __all__ = ["ServerState", "build_app", "FORMATS"]
 
 access_log = logging.getLogger("unet_deploy.serve.access")
-FORMATS = ("png", "rle", "json", "overlay")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -53,9 +47,16 @@ class ServerState:
     options: ServeOptions
     model_info: dict[str, Any]
     values: list[Any]
+    limits: Limits
     draining: bool = False
-    admitted: int = 0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  #: set on shutdown: uploads are cut
+    cut: asyncio.Event = field(default_factory=asyncio.Event)  #: set at the end of --grace-s: the rest too
+    memory: MemoryBound | None = None  #: measured once the model is warm
     started: float = field(default_factory=time.time)
+
+    @property
+    def admitted(self) -> int:
+        return self.limits.admitted
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -100,123 +101,6 @@ def endpoint(state: ServerState, name: str, handler: Handler, *, auth: bool = Tr
     return wrapped
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise HTTPError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} (--max-upload-mb)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"upload is over the limit of {limit:,} bytes (--max-upload-mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _upload(request: Request, limit: int) -> bytes:
-    """The image bytes: the multipart field ``file`` (or the first file), or the raw body."""
-    body = await _read_body(request, limit)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return body
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        async with Request(request.scope, replay).form(max_files=1, max_fields=8) as form:
-            item = form.get("file") or next((v for v in form.values() if hasattr(v, "read")), None)
-            if item is None or not hasattr(item, "read"):
-                raise HTTPError(400, "multipart upload without a file: send the image as field 'file'")
-            return bytes(await item.read())
-    except HTTPError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a malformed multipart body is the client's error
-        raise HTTPError(400, f"malformed multipart body ({type(e).__name__})") from None
-
-
-def _flag(request: Request, name: str) -> bool | None:
-    text = request.query_params.get(name)
-    if text is None or text == "":
-        return None
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise HTTPError(400, f"{name}={text}: use 1/0 or true/false")
-
-
-def _threshold(request: Request) -> float | None:
-    text = request.query_params.get("threshold")
-    try:
-        return float(text) if text else None
-    except ValueError:
-        raise HTTPError(400, f"threshold={text}: use a number in [0, 1]") from None
-
-
-def _encode(state: ServerState, fmt: str, image: np.ndarray, mask: np.ndarray, ms: float) -> Response:
-    if fmt in ("png", "overlay"):
-        pixels = mask_values_image(mask, state.values) if fmt == "png" else Image.fromarray(overlay_image(image, mask))
-        buffer = io.BytesIO()
-        pixels.save(buffer, format="PNG")
-        return Response(buffer.getvalue(), media_type="image/png", headers={"X-Inference-Ms": f"{ms:.1f}"})
-    rle = rle_encode(mask)
-    if fmt == "rle":
-        return Response(rle + "\n", media_type="text/plain", headers={"X-Inference-Ms": f"{ms:.1f}"})
-    counts = np.bincount(mask.ravel(), minlength=len(state.values))
-    return JSONResponse({"width": int(mask.shape[1]), "height": int(mask.shape[0]), "rle": rle,
-                         "class_fractions": [round(float(c) / mask.size, 6) for c in counts],
-                         "mask_values": state.values, "ms": round(ms, 1)})
-
-
-async def _predict(state: ServerState, request: Request) -> Response:
-    opts = state.options
-    if state.draining:
-        raise HTTPError(503, "shutting down: send the request to another instance", {"Retry-After": "5"})
-    if state.admitted >= opts.capacity:
-        raise HTTPError(503, f"busy: {state.admitted} requests admitted (--queue {opts.queue}); retry shortly",
-                        {"Retry-After": "1"})
-    fmt = request.query_params.get("format", "png")
-    if fmt not in FORMATS:
-        raise HTTPError(400, f"format={fmt}: use one of {', '.join(FORMATS)}")
-    state.admitted += 1
-    state.metrics.in_flight.labels(state.metrics.worker).inc()
-    try:
-        settings = state.engine.settings(_threshold(request), _flag(request, "crf"), _flag(request, "tta"))
-        data = await _upload(request, opts.max_upload_bytes)
-        loop = asyncio.get_running_loop()
-        channels = state.engine.backend.config.model.n_channels
-        image = await loop.run_in_executor(state.engine.cpu, decode_image, data, channels, opts.max_pixels)
-        del data
-        start = time.perf_counter()
-        mask = await _within_deadline(request, state.engine.predict(image, settings), opts.timeout_s)
-        ms = (time.perf_counter() - start) * 1000
-        return await loop.run_in_executor(state.engine.cpu, _encode, state, fmt, image, mask, ms)
-    finally:
-        state.admitted -= 1
-        state.metrics.in_flight.labels(state.metrics.worker).dec()
-
-
-async def _within_deadline(request: Request, work: Awaitable[np.ndarray], timeout_s: float) -> np.ndarray:
-    """``work``'s result; 504 past ``timeout_s``; cancelled (its queued input dropped) when the client leaves."""
-    task = asyncio.ensure_future(work)
-    deadline = time.perf_counter() + timeout_s
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=min(0.05, max(deadline - time.perf_counter(), 0)))
-            if done:
-                return task.result()
-            if time.perf_counter() >= deadline:
-                raise HTTPError(504, f"not done within {timeout_s:g} s (--timeout-s); the server is overloaded")
-            if await request.is_disconnected():
-                raise HTTPError(499, "client closed the connection")
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-
 def build_app(state: ServerState) -> Starlette:
     """The routes: ``/`` (page), ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/model``, ``POST /v1/predict``."""
 
@@ -227,6 +111,8 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"status": "alive", "uptime_s": round(time.time() - state.started, 1)})
 
     async def readyz(request: Request) -> Response:
+        if state.engine.broken is not None:
+            return _error(503, f"broken: {state.engine.broken}")
         if state.draining:
             return _error(503, "shutting down")
         if not state.engine.ready:
@@ -240,7 +126,7 @@ def build_app(state: ServerState) -> Starlette:
         return Response(json.dumps(state.model_info, indent=2), media_type="application/json")
 
     async def predict(request: Request) -> Response:
-        return await _predict(state, request)
+        return await predict_request(state, request)
 
     routes = [Route("/", endpoint(state, "page", page, auth=False)),
               Route("/healthz", endpoint(state, "healthz", healthz, auth=False)),

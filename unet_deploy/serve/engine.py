@@ -2,18 +2,20 @@
 call shared by concurrent requests through :class:`~unet_deploy.serve.batcher.MicroBatcher`.
 
 decode (thread) -> preprocess (thread) -> batched model (model thread) -> mask at the image's size, or
-dense CRF (process pool) -> encode (thread). An image larger than ``--tile`` (or one whose whole cannot fit
-in memory: tiled automatically, one notice line) skips the micro-batcher: its tiles run as their own
-batches of up to ``--max-batch`` on the model thread, and its blended logits go on as one image's.
-Preprocessing, the model's logits and post-processing are the functions ``predict`` uses, so a served mask
-has the pixels ``predict`` writes for the same file.
+dense CRF (process pool, predict's ``--crf-*`` parameters) -> encode (thread). An image of more than
+:data:`WHOLE_MAX_PIXELS` network pixels runs as tiles of :data:`SERVE_TILE` px (or ``--tile``; or when the
+whole cannot fit in memory: tiled automatically, one notice line), so no model call is larger than a
+tile batch; it skips the micro-batcher, and its tile batches take turns on the model thread with the other
+requests' calls, one batch per call, so a large image neither stalls the others nor runs on once its
+request is dropped. Preprocessing, the model's logits and post-processing are the functions ``predict``
+uses, so a served mask has the pixels ``predict`` writes for the same file (``predict --tile 1024`` for a
+tiled one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
@@ -22,19 +24,25 @@ from typing import Any
 import numpy as np
 
 from ..backends import Backend
-from ..crf import CRFParams, dense_crf
+from ..crf import crf_pool, dense_crf
 from ..data import resize_image, to_input
 from ..errors import UserError
 from ..postprocess import logits_to_mask
 from ..predict.batch import MIN_SIDE
 from ..predict.postprocess import crf_image, crf_probabilities
-from ..predict.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
+from ..predict.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
 from ..tta import flip_tta
 from .batcher import MicroBatcher
 from .decode import HTTPError
+from .limits import Jobs
 from .options import ServeOptions
 
-__all__ = ["Engine", "RequestSettings"]
+__all__ = ["Engine", "RequestSettings", "WHOLE_MAX_PIXELS", "SERVE_TILE"]
+
+#: the most network-input pixels of an image run whole (1024x1024; 2048x2048 px at scale 0.5)
+WHOLE_MAX_PIXELS = 1024 * 1024
+#: the tile side (network pixels) of larger images when ``--tile`` is not given
+SERVE_TILE = 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,9 @@ class Engine:
         self.batcher = MicroBatcher(self._run_batch, self.max_batch, options.max_wait_ms / 1000,
                                     self.model_thread, on_batch)
         self.ready = False
+        self.broken: str | None = None  #: why the batching task ended (the server then stops)
         self.tiling = Tiling.of(options.tile, options.tile_overlap)
+        self.large = self.tiling or Tiling.of(SERVE_TILE, options.tile_overlap)
         self.tilings: dict[tuple[Any, ...], Tiling | None] = {}  #: (shape, tta) -> its tiling (memory checked)
 
     def _run_batch(self, inputs: np.ndarray, tta: bool) -> Any:
@@ -89,20 +99,23 @@ class Engine:
                                self.options.tta if tta is None else tta)
 
     def _tiling(self, image: np.ndarray, tta: bool) -> Tiling | None:
-        """The tiling of an image of this shape (``--tile``, automatic when it cannot fit whole, or None); a
-        shape that cannot fit either way is refused (413)."""
+        """The tiling of an image of this shape (``--tile``; :data:`SERVE_TILE` beyond
+        :data:`WHOLE_MAX_PIXELS`; automatic when the whole cannot fit in memory; or None); a shape that cannot
+        fit either way is refused (413)."""
         shape = image.shape
         key = (shape, tta)
         if key not in self.tilings:
             if len(self.tilings) >= 256:  # many distinct upload sizes: forget, do not grow
                 self.tilings.clear()
+            network = int(self.scale * shape[0]) * int(self.scale * shape[1])
+            tiling = self.large if network > WHOLE_MAX_PIXELS else self.tiling
             try:
                 self.tilings[key] = choose_tiling(
-                    self.backend, shape[1], shape[0], self.scale, tiling=self.tiling, batch=self.max_batch,
+                    self.backend, shape[1], shape[0], self.scale, tiling=tiling, batch=self.max_batch,
                     tta=tta, label=f"a {shape[1]}x{shape[0]} upload", overlap=self.options.tile_overlap,
                     notice=lambda line: print(line, file=sys.stderr, flush=True))
             except UserError as e:
-                raise HTTPError(413, str(e)) from None
+                raise HTTPError(413, f"image too large for this server's memory: {e}") from None
         return self.tilings[key]
 
     def _preprocess(self, image: np.ndarray, tta: bool = False) -> tuple[np.ndarray, Any]:
@@ -118,33 +131,52 @@ class Engine:
                 return scaled, plan
         return to_input(scaled), None
 
-    def _run_tiles(self, scaled: np.ndarray, plan: Any, tta: bool) -> np.ndarray:
-        return tiled_logits(self.flipped if tta else self.backend, scaled, plan, self.max_batch)
+    async def _tiled(self, scaled: np.ndarray, plan: Any, tta: bool, jobs: Jobs) -> np.ndarray:
+        """A tiled image's logits, one batch of tiles per model-thread call (other calls take turns)."""
+        run = TiledRun(self.flipped if tta else self.backend, scaled, plan, self.max_batch)
+        for i in range(len(run)):
+            await jobs.run(self.model_thread, run.step, i)
+        return run.result()
 
-    async def predict(self, image: np.ndarray, settings: RequestSettings) -> np.ndarray:
-        """The class-index mask (H, W) of one decoded image."""
-        loop = asyncio.get_running_loop()
-        x, plan = await loop.run_in_executor(self.cpu, self._preprocess, image, settings.tta)
-        if plan is not None:  # a tiled image: its own batches of tiles, on the model thread
-            logits = await loop.run_in_executor(self.model_thread, self._run_tiles, x, plan, settings.tta)
+    async def _batched(self, x: np.ndarray, tta: bool) -> Any:
+        if self.broken is not None:
+            raise HTTPError(503, f"the server is stopping: {self.broken}", {"Retry-After": "5"})
+        future = self.batcher.submit(x, tta)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            future.cancel()  # dropped from the queue if its batch has not started
+            raise
+
+    async def predict(self, image: np.ndarray, settings: RequestSettings, jobs: Jobs | None = None) -> np.ndarray:
+        """The class-index mask (H, W) of one decoded image; ``jobs`` runs its thread steps (the request's
+        memory is counted until they are over)."""
+        jobs = jobs or Jobs()
+        x, plan = await jobs.run(self.cpu, self._preprocess, image, settings.tta)
+        if plan is not None:
+            logits = await self._tiled(x, plan, settings.tta, jobs)
         else:
-            future = self.batcher.submit(x, settings.tta)
-            try:
-                logits = await future
-            except asyncio.CancelledError:
-                future.cancel()  # dropped from the queue if its batch has not started
-                raise
+            logits = await self._batched(x, settings.tta)
+        del x
         size = image.shape[:2]
         if not settings.crf:
-            return await loop.run_in_executor(self.cpu, _mask, logits, size, settings.threshold)
-        probs = await loop.run_in_executor(self.cpu, crf_probabilities, logits, size, settings.threshold)
-        return await loop.run_in_executor(self._crf_pool(), dense_crf, crf_image(image), probs, CRFParams())
+            return await jobs.run(self.cpu, _mask, logits, size, settings.threshold)
+        probs = await jobs.run(self.cpu, crf_probabilities, logits, size, settings.threshold)
+        return await jobs.run(self._crf_pool(), dense_crf, crf_image(image), probs, self.options.crf_params)
 
     def _crf_pool(self) -> cf.ProcessPoolExecutor:
         if self.crf_pool is None:
-            self.crf_pool = cf.ProcessPoolExecutor(self.options.crf_workers,
-                                                   mp_context=multiprocessing.get_context("spawn"))
+            self.crf_pool = crf_pool(self.options.crf_workers)
         return self.crf_pool
+
+    def fail(self, reason: str) -> None:
+        """No model call will run any more (the batching task ended): refuse new work, answer the queued."""
+        self.broken = reason
+        error = HTTPError(503, f"the server is stopping: {reason}", {"Retry-After": "5"})
+        for work in self.batcher.waiting:
+            if not work.future.done():
+                work.future.set_exception(error)
+        self.batcher.waiting.clear()
 
     def waiting(self) -> int:
         return len(self.batcher.waiting)

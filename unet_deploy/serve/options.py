@@ -3,20 +3,17 @@ defaults (CRF, TTA) and the access token. Checked once, with one-line errors nam
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..crf import CRFParams
 from ..errors import UserError
 
-__all__ = ["ServeOptions", "TOKEN_ENV", "OPTIONS_ENV", "max_batch_for"]
+__all__ = ["ServeOptions", "TOKEN_ENV", "max_batch_for"]
 
 #: The environment variable read for the access token when ``--token`` is not given.
 TOKEN_ENV = "UNET_DEPLOY_TOKEN"
-#: How ``--workers N`` hands the options to each worker process (JSON).
-OPTIONS_ENV = "UNET_DEPLOY_SERVE_OPTIONS"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,12 +32,16 @@ class ServeOptions:
     workers: int = 1
     token: str | None = None
     max_upload_mb: float = 20.0
-    max_pixels: int = 50_000_000  #: larger images are refused (413) before they are decoded
-    timeout_s: float = 30.0
+    max_uploads: int = 128  #: uploads received at once; more get 503 before their body is read
+    read_timeout_s: float = 15.0  #: headers, and then the body, must arrive within this (431/408 and close)
+    max_pixels: int = 16_000_000  #: larger images are refused (413) from their header, before decoding
+    pixel_budget: int = 40_000_000  #: decoded pixels of all images in work at once; more get 503
+    timeout_s: float = 30.0  #: from a request's arrival to its answer (upload included): 504 past it
     crf: bool = False  #: the default of each request's ``crf``
     tta: bool = False  #: the default of each request's ``tta``
     allow_crf: bool = True  #: whether requests may ask for CRF (needs pydensecrf)
     crf_workers: int = 1
+    crf_params: CRFParams = field(default_factory=CRFParams)  #: predict's --crf-* flags, for every CRF request
     grace_s: float = 30.0  #: SIGTERM: how long queued and running requests may take to finish
     tile: int | None = None  #: ``--tile``: larger images run as blended tiles (their own batches of max_batch)
     tile_overlap: int | None = None  #: ``--tile-overlap`` (default: an eighth of the tile)
@@ -55,7 +56,14 @@ class ServeOptions:
                   ("--queue", self.queue, self.queue >= 1, "use 1 or more"),
                   ("--workers", self.workers, self.workers >= 1, "use 1 or more"),
                   ("--max-upload-mb", self.max_upload_mb, self.max_upload_mb > 0, "use a positive size"),
+                  ("--max-uploads", self.max_uploads, self.max_uploads >= 1, "use 1 or more"),
+                  ("--read-timeout-s", self.read_timeout_s, self.read_timeout_s > 0,
+                   "use a positive number of seconds"),
+                  ("--max-pixels", self.max_pixels, self.max_pixels >= 256, "use 256 or more (16x16 px)"),
+                  ("--pixel-budget", self.pixel_budget, self.pixel_budget >= self.max_pixels,
+                   f"use --max-pixels ({self.max_pixels}) or more: the largest image must fit"),
                   ("--timeout-s", self.timeout_s, self.timeout_s > 0, "use a positive number of seconds"),
+                  ("--grace-s", self.grace_s, self.grace_s >= 0, "use 0 or more seconds"),
                   ("--crf-workers", self.crf_workers, self.crf_workers >= 1, "use 1 or more")]
         for flag, value, ok, fix in checks:
             if not ok:
@@ -69,20 +77,9 @@ class ServeOptions:
 
     @property
     def capacity(self) -> int:
-        """Requests admitted at once (queued, plus one running batch); memory is bounded by this times the
-        largest upload, whatever the number of clients."""
+        """Requests admitted to the model queue at once (queued, plus one running batch), once their upload is
+        in; their memory is bounded by ``--pixel-budget`` (:mod:`unet_deploy.serve.limits`)."""
         return self.queue + (self.max_batch or 1)
-
-    def to_env(self) -> str:
-        data = asdict(self)
-        data["model"] = str(self.model)
-        return json.dumps(data)
-
-    @classmethod
-    def from_env(cls) -> ServeOptions:
-        data = json.loads(os.environ[OPTIONS_ENV])
-        data["model"] = Path(data["model"])
-        return cls(**data)
 
 
 def max_batch_for(backend_name: str, device: str) -> int:

@@ -1,5 +1,7 @@
 """The web page at ``/``: choose or drop an image, see the overlay and the mask side by side with the time
-taken. Self-contained (inline CSS and JavaScript, no external asset): nothing outside the machine is needed."""
+taken. One request per image (``format=json``: the mask as RLE, drawn in the page, and the overlay drawn
+over the chosen file). Self-contained (inline CSS and JavaScript, no external asset): nothing outside the
+machine is needed."""
 
 from __future__ import annotations
 
@@ -51,17 +53,64 @@ async function describe() {
   $("model").textContent = `Model: ${m.architecture}, ${m.classes} class(es), scale ${m.scale}, ` +
     `${m.backend} (${m.precision}) on ${m.provider}`;
 }
-async function ask(file, format) {
+async function ask(file) {
   const body = new FormData();
   body.append("file", file);
-  const query = `format=${format}&crf=${$("crf").checked ? 1 : 0}&tta=${$("tta").checked ? 1 : 0}`;
+  const query = `format=json&crf=${$("crf").checked ? 1 : 0}&tta=${$("tta").checked ? 1 : 0}`;
   const r = await fetch("/v1/predict?" + query, { method: "POST", body, headers: headers() });
   if (!r.ok) {
     let message = r.status + " " + r.statusText;
     try { message = (await r.json()).error; } catch (e) { /* not JSON */ }
     throw new Error(message);
   }
-  return { blob: await r.blob(), ms: r.headers.get("X-Inference-Ms") };
+  return await r.json();
+}
+function maskOf(answer) {
+  const mask = new Uint8Array(answer.width * answer.height);
+  const runs = answer.rle.split(" ").filter((x) => x).map(Number);  // 1-based start, length, ...
+  for (let i = 0; i + 1 < runs.length; i += 2) mask.fill(1, runs[i] - 1, runs[i] - 1 + runs[i + 1]);
+  return mask;
+}
+function canvasOf(width, height) {
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  return canvas;
+}
+function show(canvas, id) {
+  return new Promise((done) => canvas.toBlob((blob) => {
+    $(id).src = URL.createObjectURL(blob);
+    done();
+  }, "image/png"));
+}
+async function draw(file, answer) {
+  const { width, height } = answer;
+  const mask = maskOf(answer);
+  const maskCanvas = canvasOf(width, height);
+  const maskContext = maskCanvas.getContext("2d");
+  const pixels = maskContext.createImageData(width, height);
+  for (let i = 0; i < mask.length; i++) {
+    const v = mask[i] ? 255 : 0;
+    pixels.data.set([v, v, v, 255], 4 * i);
+  }
+  maskContext.putImageData(pixels, 0, 0);
+  const shown = [show(maskCanvas, "mask")];
+  try {  // the overlay: the chosen file as the browser decodes it, the foreground tinted green
+    const picture = await createImageBitmap(file, { imageOrientation: "from-image" });
+    const overlay = canvasOf(width, height);
+    const context = overlay.getContext("2d");
+    context.drawImage(picture, 0, 0, width, height);
+    const image = context.getImageData(0, 0, width, height);
+    for (let i = 0; i < mask.length; i++) {
+      if (!mask[i]) continue;
+      image.data[4 * i] = image.data[4 * i] >> 1;
+      image.data[4 * i + 1] = (image.data[4 * i + 1] + 255) >> 1;
+      image.data[4 * i + 2] = image.data[4 * i + 2] >> 1;
+    }
+    context.putImageData(image, 0, 0);
+    shown.push(show(overlay, "overlay"));
+  } catch (e) { /* a format this browser cannot show (TIFF): the mask only */ }
+  await Promise.all(shown);
 }
 async function run(file) {
   $("status").className = "";
@@ -70,11 +119,10 @@ async function run(file) {
   $("mask").removeAttribute("src");
   const t0 = performance.now();
   try {
-    const [overlay, mask] = await Promise.all([ask(file, "overlay"), ask(file, "png")]);
-    $("overlay").src = URL.createObjectURL(overlay.blob);
-    $("mask").src = URL.createObjectURL(mask.blob);
+    const answer = await ask(file);  // one request per image: the mask comes back as RLE
+    await draw(file, answer);
     const total = (performance.now() - t0).toFixed(0);
-    $("status").textContent = `${file.name}: model and post-processing ${mask.ms} ms; ${total} ms in all`;
+    $("status").textContent = `${file.name}: model and post-processing ${answer.ms} ms; ${total} ms in all`;
     $("status").dataset.done = "1";
   } catch (e) {
     $("status").className = "error";

@@ -32,6 +32,7 @@ from ..data import (
 )
 from ..distributed import DistEnv
 from ..errors import UserError
+from ..signals import ignore_stop_signals
 from .config import TrainConfig
 
 __all__ = ["SegmentationDataset", "collate", "split_pairs", "EpochSampler", "seed_everything", "TrainData",
@@ -173,6 +174,7 @@ class TrainData:
 
 
 def _seed_worker(base: int, worker_id: int) -> None:
+    ignore_stop_signals()  # Ctrl-C / SIGTERM to the process group: the training process stops its loaders
     seed_everything(base + worker_id)
 
 

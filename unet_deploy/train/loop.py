@@ -78,7 +78,7 @@ def fit(run: TrainRun, progress: Progress) -> None:
     run.say(f"training {run.model_cfg.architecture} on {len(run.data.train_pairs)} images (validation "
             f"{len(run.data.val_pairs)}), scale {cfg.scale}, batch {cfg.batch_size}, device {run.device}"
             + (f", {env.world} processes" if env.enabled else ""))
-    previous_sigint = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = TrainProgress(enabled=cfg.progress and env.main)
     try:
         with bar:
@@ -92,12 +92,14 @@ def fit(run: TrainRun, progress: Progress) -> None:
         raise UserError(f"{run.device}: out of GPU memory at scale {cfg.scale}, batch {cfg.batch_size}"
                         + ("" if cfg.amp else ", fp32") + "; use a smaller --scale or --batch-size"
                         + ("" if cfg.amp else ", or --amp (half the activation memory)")) from None
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or torchrun's) must not cut the save
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (unet_deploy.signals): a scheduler stopping the job
+        for sig in previous:  # a second signal (or torchrun's) must not cut the save
+            signal.signal(sig, signal.SIG_IGN)
         progress.interrupted = True
         save_interrupted(run, progress)
     finally:
-        signal.signal(signal.SIGINT, previous_sigint)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
