@@ -50,7 +50,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("-m", "--model", type=Path, help="checkpoint (default: the seed width, transposed, seed 0)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names of RECIPES")
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), help="names of RECIPES (default: all)")
     return ap.parse_args(argv)
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         refs = [(x, eager(torch.from_numpy(x)).numpy()) for x in tests]
     del eager
     compiled, rows = {}, {}
-    for name in args.recipes.split(","):
+    for name in args.recipes:
         source, options, count, hint = RECIPES[name]
         model, quantise_s = _quantize(sources[source], options, calib[:count])
         compiled[name] = _compile(model, hint, args.threads)

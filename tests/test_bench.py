@@ -437,3 +437,16 @@ def test_serve_load_tables_are_the_committed_json(name: str) -> None:
     assert table.stdout in (ROOT / "benchmarks" / "RESULTS-serve.md").read_text(), f"{name}: table differs"
     assert result["command"] in (ROOT / "benchmarks" / "RESULTS-serve.md").read_text()
     assert all(target["met"] for target in result["targets"].values()), result["targets"]
+
+
+def test_committed_results_md_is_the_render_of_the_committed_json(tmp_path: Path) -> None:
+    """benchmarks/RESULTS.md holds no typed-in number: rendering its JSON files again gives the same file."""
+    from unet_deploy.bench.render.markdown import FAST_PATH_RUNS, RESULTS_MERGE
+
+    assert FAST_PATH_RUNS.rstrip().endswith(RESULTS_MERGE)
+    args = RESULTS_MERGE.split()[1:]
+    out = tmp_path / "RESULTS.md"
+    args[args.index("--markdown") + 1] = str(out)
+    r = _cli(*args, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_text() == (ROOT / "benchmarks" / "RESULTS.md").read_text()
