@@ -359,8 +359,8 @@ class _Float64Check:
         with torch.no_grad():
             exact = self.twin(torch.as_tensor(case.batch).double())
         scale = float(exact.abs().max()) or 1.0
-        own = float((ref.double() - exact).abs().max()) / scale
-        mine = float((out.double() - exact).abs().max()) / scale
+        own = float((ref.detach().double() - exact).abs().max()) / scale
+        mine = float((out.detach().double() - exact).abs().max()) / scale
         if mine > max(thresholds.max_rel_err, FP32_OWN_ERROR_FACTOR * own):
             return ""
         return f"(vs float64: {mine:.1e}, eager fp32 {own:.1e})"
