@@ -5,7 +5,7 @@ The Python API is :mod:`unet_deploy.api`: ``Predictor.load(path).predict(image) 
 itself stays light: the API loads torch and the runtimes when it is imported.
 """
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``python -m unet_deploy`` (also what ``torchrun -m unet_deploy`` runs)."""
 
-from .cli import main
+from unet_deploy.cli import main
 
 if __name__ == "__main__":
     main()

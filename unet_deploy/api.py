@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .backend_options import BackendOptions
-from .backends import Backend, Description, load_backend
-from .config import DeployConfig
-from .data import image_to_array, load_image
-from .errors import UserError
-from .predict import PredictOptions, PredictSummary, default_model, predict_arrays, predict_files
-from .predict.write import mask_values_image, output_values
-from .shard import Group
+from unet_deploy.backend_options import BackendOptions
+from unet_deploy.backends import Backend, Description, load_backend
+from unet_deploy.config import DeployConfig
+from unet_deploy.data import image_to_array, load_image
+from unet_deploy.errors import UserError
+from unet_deploy.predict import PredictOptions, PredictSummary, default_model, predict_arrays, predict_files
+from unet_deploy.predict.write import mask_values_image, output_values
+from unet_deploy.shard import Group
 
 if TYPE_CHECKING:  # the export pipeline loads torch: only export() imports it, so ONNX Runtime use never does
-    from .exporting import ExportResult, Log
+    from unet_deploy.exporting import ExportResult, Log
 
 __all__ = ["Predictor", "export", "ImageLike"]
 
@@ -120,7 +120,7 @@ def export(checkpoint: str | Path | None = None, formats: str | Sequence[str] = 
     ``verify``, ``images``, ``quick_verify``, ``int8``, ``calibration``, ``calibration_count``, ``fp16``).
     ``log`` receives progress lines and parity tables (default: silent). ``result.passed`` is False when any
     file failed its check; ``result.written`` lists (format, path) of the files written."""
-    from .exporting import ExportOptions, parse_formats, run_export
+    from unet_deploy.exporting import ExportOptions, parse_formats, run_export
 
     words = parse_formats(formats) if isinstance(formats, str) else [f for w in formats for f in parse_formats(w)]
     for key in ("output", "calibration"):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["AugmentConfig", "PRESETS", "preset", "build_transform", "AugmentTransform", "augmentation_missing"]
 

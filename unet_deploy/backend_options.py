@@ -14,9 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import UserError
-from .names import BACKENDS, OPENVINO_PRECISIONS, TORCH_PRECISIONS, backend_for_path
-from .ort_session import ORT_PROFILES
+from unet_deploy.errors import UserError
+from unet_deploy.names import BACKENDS, OPENVINO_PRECISIONS, TORCH_PRECISIONS, backend_for_path
+from unet_deploy.ort_session import ORT_PROFILES
 
 __all__ = ["TorchOptions", "TorchScriptOptions", "OrtOptions", "OpenVinoOptions", "BackendOptions", "COMPILE_MODES",
            "OPENVINO_HINTS", "OPTION_FLAGS", "options_for", "options_for_model"]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .backend_options import (
+from unet_deploy.backend_options import (
     COMPILE_MODES,
     BackendOptions,
     OpenVinoOptions,
@@ -38,11 +38,11 @@ from .backend_options import (
     TorchScriptOptions,
     options_for,
 )
-from .config import CONFIG_KEY, DeployConfig
-from .errors import UserError, first_line
-from .fileio import require_file
-from .names import BACKENDS, MODEL_SUFFIXES, backend_for_path, is_checkpoint_file
-from .ort_session import (
+from unet_deploy.config import CONFIG_KEY, DeployConfig
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.fileio import require_file
+from unet_deploy.names import BACKENDS, MODEL_SUFFIXES, backend_for_path, is_checkpoint_file
+from unet_deploy.ort_session import (
     ORT_PROFILES,
     ort_providers,
     ort_session_options,
@@ -305,7 +305,7 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
     path = Path(path)
     kind = backend_for_path(path)
     if kind == "openvino":
-        from .backend_openvino import read_ir_metadata
+        from unet_deploy.backend_openvino import read_ir_metadata
 
         meta = read_ir_metadata(path)
         return DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
@@ -325,7 +325,7 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
                 return DeployConfig.from_json(z.read(name)) if name else None
         except zipfile.BadZipFile:
             raise UserError(f"{path}: not a readable TorchScript file; re-export it") from None
-    from .checkpoint import load_checkpoint
+    from unet_deploy.checkpoint import load_checkpoint
 
     return load_checkpoint(path).config
 
@@ -342,7 +342,7 @@ def cpu_supports_bf16() -> bool:
     """True when oneDNN can run bfloat16 convolutions natively (AVX-512 BF16 or AMX), not emulated."""
     import torch
 
-    from .cpu_features import bf16_hidden
+    from unet_deploy.cpu_features import bf16_hidden
 
     if bf16_hidden() or not torch.backends.mkldnn.is_available():  # UNET_DEPLOY_CPU_HIDE=bf16
         return False
@@ -377,7 +377,7 @@ def _compile(model: torch.nn.Module, mode: str, path: Path) -> Any:
 def _load_torch(path: Path, device: str, options: TorchOptions) -> Backend:
     import torch
 
-    from .checkpoint import load_checkpoint
+    from unet_deploy.checkpoint import load_checkpoint
 
     precision = options.precision
     if precision == "fp16" and device == "cpu":
@@ -489,7 +489,7 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     elif options.backend != backend:
         raise UserError(f"{path}: {type(options).__name__} are for --backend {options.backend}, not {backend}")
     if isinstance(options, OpenVinoOptions):
-        from .backend_openvino import load_openvino
+        from unet_deploy.backend_openvino import load_openvino
 
         return load_openvino(path, device, options)
     device = resolve_device(device, backend)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DeployConfig, InferenceConfig, ModelConfig, versions
-from .errors import UserError, first_line
-from .fileio import atomic_path, require_file, sha256_file
+from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig, versions
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.fileio import atomic_path, require_file, sha256_file
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "infer_model_config", "load_model",
            "load_state", "FORMAT"]

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy
 
-from . import __version__
-from .names import SCALE_MAX, scale_in_range
+from unet_deploy import __version__
+from unet_deploy.names import SCALE_MAX, scale_in_range
 
 __all__ = [
     "ModelConfig",
@@ -52,7 +52,7 @@ class ModelConfig:
     conv_bias: bool = False
 
     def build(self):
-        from .model import UNet  # torch: the ONNX Runtime predict path imports this module
+        from unet_deploy.model import UNet  # torch: the ONNX Runtime predict path imports this module
 
         return UNet(self.n_channels, self.n_classes, self.bilinear, self.base_channels, self.conv_bias)
 

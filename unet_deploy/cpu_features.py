@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["HIDE_ENV", "HIDE_WORDS", "hidden_words", "hidden_flags", "raw_flags", "cpu_flags", "bf16_hidden",
            "bf16_kernels", "int8_kernels", "cpu_summary", "ISA_FLAGS"]

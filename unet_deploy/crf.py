@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .signals import exit_with_parent, ignore_stop_signals
+from unet_deploy.errors import UserError
+from unet_deploy.signals import exit_with_parent, ignore_stop_signals
 
 __all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior"]
 

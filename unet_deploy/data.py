@@ -16,8 +16,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
-from .fileio import require_file
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import require_file
 
 __all__ = [
     "IMAGE_SUFFIXES",

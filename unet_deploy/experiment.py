@@ -37,17 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import preset
-from .backends import load_backend
-from .checkpoint import load_checkpoint
-from .data import find_pairs
-from .errors import UserError
-from .fileio import atomic_path, atomic_write_text
-from .losses import boundary_accuracy
-from .metrics import image_dice
-from .quality import QualityOptions
-from .synth import generate_dataset
-from .train import TrainConfig, predicted_masks, train
+from unet_deploy.augment import preset
+from unet_deploy.backends import load_backend
+from unet_deploy.checkpoint import load_checkpoint
+from unet_deploy.data import find_pairs
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_path, atomic_write_text
+from unet_deploy.losses import boundary_accuracy
+from unet_deploy.metrics import image_dice
+from unet_deploy.quality import QualityOptions
+from unet_deploy.synth import generate_dataset
+from unet_deploy.train import TrainConfig, predicted_masks, train
 
 __all__ = ["ExperimentConfig", "VARIANTS", "run_experiment", "markdown_table", "evaluate_boundary",
            "QUICK"]

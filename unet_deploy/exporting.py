@@ -22,15 +22,15 @@ from typing import Any
 
 import onnx
 
-from .backend_openvino import import_openvino, openvino_cpu_has
-from .backend_options import OpenVinoOptions
-from .backends import load_backend
-from .checkpoint import load_checkpoint
-from .config import DeployConfig
-from .cpu_features import bf16_kernels
-from .data import list_images
-from .errors import UserError
-from .export import (
+from unet_deploy.backend_openvino import import_openvino, openvino_cpu_has
+from unet_deploy.backend_options import OpenVinoOptions
+from unet_deploy.backends import load_backend
+from unet_deploy.checkpoint import load_checkpoint
+from unet_deploy.config import DeployConfig
+from unet_deploy.cpu_features import bf16_kernels
+from unet_deploy.data import list_images
+from unet_deploy.errors import UserError
+from unet_deploy.export import (
     DEFAULT_CALIBRATION_COUNT,
     DEFAULT_OPSET,
     calibration_batches,
@@ -39,7 +39,7 @@ from .export import (
     export_torchscript,
     quantize_onnx_int8,
 )
-from .export_openvino import (
+from unet_deploy.export_openvino import (
     bin_path,
     convert_onnx_to_ir,
     openvino_installed,
@@ -47,9 +47,9 @@ from .export_openvino import (
     quantize_ir_int8,
     set_ir_metadata,
 )
-from .names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
-from .parity import ParityCase, ParityReport, default_cases, image_cases, parity, reduced_precision_cases
-from .runtime_precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
+from unet_deploy.names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
+from unet_deploy.parity import ParityCase, ParityReport, default_cases, image_cases, parity, reduced_precision_cases
+from unet_deploy.runtime_precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
 

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "require_file"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["boundary_pixels", "distance_to_boundary", "edge_weight_map", "boundary_band", "boundary_accuracy",
            "EdgeWeight", "warmup_cosine", "WarmupCosineLR"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["BACKENDS", "PRECISIONS", "TORCH_PRECISIONS", "OPENVINO_PRECISIONS", "MODEL_SUFFIXES", "EXPORT_SUFFIXES",
            "backend_for_path", "is_checkpoint_file", "is_export_file", "SCALE_MAX", "scale_in_range",

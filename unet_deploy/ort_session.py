@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from .errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["ORT_PROFILES", "physical_cores", "ort_providers", "ort_session_options", "release_large_frees",
            "MMAP_THRESHOLD_BYTES"]

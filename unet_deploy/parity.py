@@ -31,12 +31,12 @@ from PIL import Image
 from rich.table import Table
 from torch import nn
 
-from .backends import Description, Runner, as_runner
-from .config import DeployConfig
-from .data import image_to_array, load_image, preprocess
-from .errors import UserError
-from .metrics import multiclass_dice_per_image
-from .postprocess import logits_to_mask
+from unet_deploy.backends import Description, Runner, as_runner
+from unet_deploy.config import DeployConfig
+from unet_deploy.data import image_to_array, load_image, preprocess
+from unet_deploy.errors import UserError
+from unet_deploy.metrics import multiclass_dice_per_image
+from unet_deploy.postprocess import logits_to_mask
 
 __all__ = ["ParityThresholds", "ParityCase", "ParityRow", "ParityReport", "parity", "default_cases",
            "image_cases", "car_case", "reduced_precision_cases", "compare", "CARVANA_HALF", "QUICK_SIZE",
@@ -390,7 +390,7 @@ def reduced_precision_cases(cases: list[ParityCase], config: DeployConfig, quick
 def car_case(config: DeployConfig, size: tuple[int, int], name: str, seed: int = 0) -> ParityCase:
     """A synthetic car photo (:func:`unet_deploy.synth.render_car`) of ``size`` (height, width), as ``predict``
     preprocesses a photo of that size at scale 1: the masks of reduced precisions are judged on it."""
-    from .synth import render_car
+    from unet_deploy.synth import render_car
 
     height, width = size
     image = render_car(np.random.default_rng(1000 + seed), width, height)[0]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import atomic_path
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_path
 
 __all__ = [
     "SUBMISSION_HEADER",

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .cpu_features import bf16_kernels, cpu_summary
+from unet_deploy.cpu_features import bf16_kernels, cpu_summary
 
 __all__ = ["VERDICTS_KEY", "REDUCED", "AUTO", "DEFAULT", "Choice", "verdict_entry", "verdict_record", "read_verdicts",
            "choose_precision"]

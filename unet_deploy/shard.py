@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import sha256_file
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import sha256_file
 
 __all__ = ["Group", "process_group", "split", "rank_device", "JournalRow", "JournalWriter", "journal_dir",
            "read_journal", "rle_fits", "new_run_id", "model_digest", "fingerprint", "SharedError",
@@ -99,7 +99,7 @@ def process_group() -> Iterator[Group]:
     Uses the default process group when one exists (a gloo side group when it is not gloo); otherwise
     creates a gloo group and destroys it on exit.
     """
-    from .distributed import dist_env
+    from unet_deploy.distributed import dist_env
 
     env = dist_env()
     if not env.enabled:

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import synth_render as sr
-from .errors import UserError
-from .fileio import atomic_path
-from .resources import check_synth_memory
-from .synth_render import BODY as _BODY
-from .synth_render import GLASS as _GLASS
-from .synth_render import WELL as _WELL
+from unet_deploy import synth_render as sr
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_path
+from unet_deploy.resources import check_synth_memory
+from unet_deploy.synth_render import BODY as _BODY
+from unet_deploy.synth_render import GLASS as _GLASS
+from unet_deploy.synth_render import WELL as _WELL
 
 __all__ = ["CarSpec", "generate_dataset", "generate_test_images", "render_car", "render_view", "sample_car",
            "turntable_views"]

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 if TYPE_CHECKING:
-    from .synth import CarSpec
+    from unet_deploy.synth import CarSpec
 
 __all__ = ["BODY", "GLASS", "WELL", "Camera", "Canvas", "Placement", "background", "camera", "composite",
            "end_details", "faces", "flank_details", "hull", "lift", "paint_details", "paint_solid", "place",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends import Backend
+from unet_deploy.backends import Backend
 
 if TYPE_CHECKING:
     import torch

@@ -25,19 +25,19 @@ CPU, device memory in use (driver view, also covering ONNX Runtime's arena) on C
 
 from __future__ import annotations
 
-from .analysis import before_after, speedups, targets
-from .artifacts import ModelFiles, prepare_models
-from .cases import parity
-from .inputs import end_to_end, synthetic_image, write_jpeg
-from .machine import UNSTEADY_SPREAD, machine_facts, reliability, reliability_notes, unsteady
-from .memory import peak_rss_bytes, reset_peak_rss
-from .probe import CaseSpec, latency_stats, run_case, run_case_isolated
-from .render.markdown import FULL_RUN, render_markdown
-from .render.plot import write_plot
-from .render.report_json import write_json
-from .render.table import render_roofline, render_speedups, render_table, render_targets
-from .runner import run_benchmark
-from .settings import (
+from unet_deploy.bench.analysis import before_after, speedups, targets
+from unet_deploy.bench.artifacts import ModelFiles, prepare_models
+from unet_deploy.bench.cases import parity
+from unet_deploy.bench.inputs import end_to_end, synthetic_image, write_jpeg
+from unet_deploy.bench.machine import UNSTEADY_SPREAD, machine_facts, reliability, reliability_notes, unsteady
+from unet_deploy.bench.memory import peak_rss_bytes, reset_peak_rss
+from unet_deploy.bench.probe import CaseSpec, latency_stats, run_case, run_case_isolated
+from unet_deploy.bench.render.markdown import FULL_RUN, render_markdown
+from unet_deploy.bench.render.plot import write_plot
+from unet_deploy.bench.render.report_json import write_json
+from unet_deploy.bench.render.table import render_roofline, render_speedups, render_table, render_targets
+from unet_deploy.bench.runner import run_benchmark
+from unet_deploy.bench.settings import (
     CARVANA_SIZE,
     DEFAULT_SCALES,
     QUICK_BASE_CHANNELS,
@@ -49,8 +49,15 @@ from .settings import (
     reproduce_command,
     resolve_settings,
 )
-from .stages import PIPELINE_TARGET, STAGES_SCHEMA, measure_stages
-from .variants import BENCH_BACKENDS, VARIANT_HELP, Variant, default_backends, expand_variants, parse_variant
+from unet_deploy.bench.stages import PIPELINE_TARGET, STAGES_SCHEMA, measure_stages
+from unet_deploy.bench.variants import (
+    BENCH_BACKENDS,
+    VARIANT_HELP,
+    Variant,
+    default_backends,
+    expand_variants,
+    parse_variant,
+)
 
 __all__ = [
     "QUICK_ENV", "CARVANA_SIZE", "QUICK_SIZE", "QUICK_BASE_CHANNELS", "DEFAULT_SCALES", "BENCH_BACKENDS", "SCHEMA",

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from .worker import main
+from unet_deploy.bench.worker import main
 
 sys.exit(main(sys.argv[1:]))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .machine import reliability, unsteady
-from .settings import CARVANA_SIZE
-from .variants import variant_label
+from unet_deploy.bench.machine import reliability, unsteady
+from unet_deploy.bench.settings import CARVANA_SIZE
+from unet_deploy.bench.variants import variant_label
 
 __all__ = ["CPU_TARGETS", "CPU_MEMORY_TARGET", "GPU_LATENCY_TARGET_MS", "GPU_MEMORY_TARGET", "BEFORE_AFTER",
            "speedups", "targets", "ceilings", "before_after"]

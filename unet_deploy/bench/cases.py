@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import preprocess
-from ..parity import ParityThresholds, compare
-from .artifacts import ModelFiles
-from .inputs import synthetic_image
-from .probe import CaseSpec, run_case_isolated
-from .settings import CARVANA_SIZE, BenchSettings
-from .variants import parse_variant
+from unet_deploy.bench.artifacts import ModelFiles
+from unet_deploy.bench.inputs import synthetic_image
+from unet_deploy.bench.probe import CaseSpec, run_case_isolated
+from unet_deploy.bench.settings import CARVANA_SIZE, BenchSettings
+from unet_deploy.bench.variants import parse_variant
+from unet_deploy.data import preprocess
+from unet_deploy.parity import ParityThresholds, compare
 
 __all__ = ["parity", "run_cases"]
 

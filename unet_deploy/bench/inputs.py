@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..crf import dense_crf
-from ..data import load_image, preprocess
-from ..fileio import atomic_path
-from ..postprocess import logits_to_mask, probabilities
-from ..synth import render_car
+from unet_deploy.crf import dense_crf
+from unet_deploy.data import load_image, preprocess
+from unet_deploy.fileio import atomic_path
+from unet_deploy.postprocess import logits_to_mask, probabilities
+from unet_deploy.synth import render_car
 
 __all__ = ["synthetic_image", "write_jpeg", "end_to_end"]
 

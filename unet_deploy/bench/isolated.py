@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["run_in_fresh_process"]
 

@@ -13,10 +13,10 @@ from typing import Any
 import psutil
 import torch
 
-from ..config import versions
-from ..cpu_features import cpu_summary
-from .uarch import per_cycle, read_cpu
-from .variants import variant_label
+from unet_deploy.bench.uarch import per_cycle, read_cpu
+from unet_deploy.bench.variants import variant_label
+from unet_deploy.config import versions
+from unet_deploy.cpu_features import cpu_summary
 
 __all__ = ["UNSTEADY_SPREAD", "VECTOR_FLAGS", "cpu_model", "cpu_identity", "load_average_1m", "machine_facts",
            "unsteady", "reliability", "reliability_notes"]

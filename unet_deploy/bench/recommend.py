@@ -13,8 +13,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .machine import reliability, unsteady
-from .variants import parse_variant
+from unet_deploy.bench.machine import reliability, unsteady
+from unet_deploy.bench.variants import parse_variant
 
 __all__ = ["recommendation", "ranked_variants", "how_to_run", "command_line", "render_recommendation",
            "MODEL_WORD", "IMAGES_WORD", "CALIBRATION_WORD", "why_none"]

@@ -29,11 +29,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..ort_session import physical_cores
-from .cpu_clock import measure_clock
-from .machine import load_average_1m
-from .peaks import PEAK_LAYER, measure_layer_peaks
-from .uarch import PRECISIONS, per_cycle, read_cpu, theoretical_peaks
+from unet_deploy.bench.cpu_clock import measure_clock
+from unet_deploy.bench.machine import load_average_1m
+from unet_deploy.bench.peaks import PEAK_LAYER, measure_layer_peaks
+from unet_deploy.bench.uarch import PRECISIONS, per_cycle, read_cpu, theoretical_peaks
+from unet_deploy.ort_session import physical_cores
 
 __all__ = ["ROOFLINE_SCHEMA", "network_work", "measure_peaks", "roofline_report", "precision_of", "PEAK_LAYER"]
 

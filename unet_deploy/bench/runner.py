@@ -8,16 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import first_line
-from .analysis import before_after, speedups, targets
-from .artifacts import ModelFiles, cache_key, prepare_models, work_folder
-from .cases import run_cases
-from .inputs import synthetic_image, write_jpeg
-from .machine import load_average_1m, machine_facts, reliability, unsteady
-from .roofline import measure_peaks, roofline_report
-from .settings import CARVANA_SIZE, SCHEMA, BenchSettings, reproduce_command, resolve_settings
-from .stages import measure_stages
-from .variants import parse_variant
+from unet_deploy.bench.analysis import before_after, speedups, targets
+from unet_deploy.bench.artifacts import ModelFiles, cache_key, prepare_models, work_folder
+from unet_deploy.bench.cases import run_cases
+from unet_deploy.bench.inputs import synthetic_image, write_jpeg
+from unet_deploy.bench.machine import load_average_1m, machine_facts, reliability, unsteady
+from unet_deploy.bench.roofline import measure_peaks, roofline_report
+from unet_deploy.bench.settings import CARVANA_SIZE, SCHEMA, BenchSettings, reproduce_command, resolve_settings
+from unet_deploy.bench.stages import measure_stages
+from unet_deploy.bench.variants import parse_variant
+from unet_deploy.errors import first_line
 
 __all__ = ["run_benchmark", "run_roofline", "run_stages"]
 
@@ -76,7 +76,7 @@ def _check_recommendation(settings: BenchSettings, cases: list[dict[str, Any]], 
     JPEG of its input image."""
     if not settings.check_recommendation:
         return None
-    from .recommend_check import check_recommendation
+    from unet_deploy.bench.recommend_check import check_recommendation
 
     width, height = settings.image_size or CARVANA_SIZE
     (scratch / "recommend").mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..crf import dense_crf
-from ..data import load_image, preprocess
-from ..errors import UserError
-from ..postprocess import logits_to_mask, probabilities
-from ..predict import PredictOptions, output_values, predict_files, write_mask
-from .probe import load_variant
-from .variants import parse_variant
+from unet_deploy.bench.probe import load_variant
+from unet_deploy.bench.variants import parse_variant
+from unet_deploy.crf import dense_crf
+from unet_deploy.data import load_image, preprocess
+from unet_deploy.errors import UserError
+from unet_deploy.postprocess import logits_to_mask, probabilities
+from unet_deploy.predict import PredictOptions, output_values, predict_files, write_mask
 
 __all__ = ["STAGES_SCHEMA", "PIPELINE_TARGET", "measure_stages"]
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
-from .isolated import run_in_fresh_process
-from .settings import CARVANA_SIZE, SCHEMA, BenchSettings
+from unet_deploy.bench.isolated import run_in_fresh_process
+from unet_deploy.bench.settings import CARVANA_SIZE, SCHEMA, BenchSettings
+from unet_deploy.errors import UserError
 
 __all__ = ["TILED_CASES", "TiledSpec", "run_tiled_case", "run_tiled_benchmark", "tiled_summary",
            "render_tiled", "main"]
@@ -66,12 +66,12 @@ def run_tiled_case(spec: TiledSpec) -> dict[str, Any]:
     memory growth over the baseline after imports; the first mask is saved to ``spec.mask_out``."""
     import psutil
 
-    from ..data import load_image, scaled_size
-    from ..predict import PredictOptions, predict_arrays
-    from ..predict.tiling import Tiling, plan_tiles
-    from .memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
-    from .probe import latency_stats, load_variant
-    from .variants import parse_variant
+    from unet_deploy.bench.memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
+    from unet_deploy.bench.probe import latency_stats, load_variant
+    from unet_deploy.bench.variants import parse_variant
+    from unet_deploy.data import load_image, scaled_size
+    from unet_deploy.predict import PredictOptions, predict_arrays
+    from unet_deploy.predict.tiling import Tiling, plan_tiles
 
     if spec.variant.startswith("ort"):
         import onnxruntime  # noqa: F401  - part of the baseline, not of the model's memory
@@ -116,7 +116,7 @@ def _run_isolated(spec: TiledSpec, timeout_s: float) -> dict[str, Any]:
 
 def _images(size: tuple[int, int], seed: int, folder: Path) -> dict[float, Path]:
     """One synthetic car JPEG per size factor of :data:`TILED_CASES`."""
-    from .inputs import synthetic_image, write_jpeg
+    from unet_deploy.bench.inputs import synthetic_image, write_jpeg
 
     out = {}
     for factor in sorted({f for _, f, _, _ in TILED_CASES}):
@@ -164,9 +164,9 @@ def run_tiled_benchmark(settings: BenchSettings, cache_dir: str | Path | None = 
                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every backend's tiled cases (``settings.tile`` set; settings already resolved) as a JSON-ready
     report whose ``"tiled"`` key holds the results (``"cases"`` is empty: no backend x scale table)."""
-    from .artifacts import cache_key, prepare_models, work_folder
-    from .machine import load_average_1m, machine_facts
-    from .variants import parse_variant
+    from unet_deploy.bench.artifacts import cache_key, prepare_models, work_folder
+    from unet_deploy.bench.machine import load_average_1m, machine_facts
+    from unet_deploy.bench.variants import parse_variant
 
     say = log or (lambda _msg: None)
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -196,7 +196,7 @@ def run_tiled_benchmark(settings: BenchSettings, cache_dir: str | Path | None = 
 
 
 def _overlap(settings: BenchSettings) -> int | None:
-    from ..predict.tiling import Tiling
+    from unet_deploy.predict.tiling import Tiling
 
     tiling = Tiling.of(settings.tile, settings.tile_overlap)
     return tiling.overlap if tiling else None

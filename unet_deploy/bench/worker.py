@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .probe import CaseSpec, run_case
+from unet_deploy.bench.probe import CaseSpec, run_case
 
 __all__ = ["main"]
 

@@ -13,10 +13,8 @@ import sys
 
 import typer
 
-from .. import __version__
-from ..errors import UserError
-from ..signals import exit_code, sigterm_as_interrupt
-from . import (  # noqa: F401  (registers commands)
+from unet_deploy import __version__
+from unet_deploy.cli import (  # noqa: F401  (registers commands)
     bench_cmds,
     data_cmds,
     demo_cmds,
@@ -26,7 +24,9 @@ from . import (  # noqa: F401  (registers commands)
     serve_cmds,
     train_cmds,
 )
-from ._app import app
+from unet_deploy.cli._app import app
+from unet_deploy.errors import UserError
+from unet_deploy.signals import exit_code, sigterm_as_interrupt
 
 __all__ = ["app", "main"]
 
@@ -69,12 +69,12 @@ def main(args: list[str] | None = None) -> None:
     except UserError as e:
         from rich.markup import escape  # a message may hold [brackets]: file names, extras, cuda[:N]
 
-        from ..progress import err_console  # rich: loaded only to print an error
+        from unet_deploy.progress import err_console  # rich: loaded only to print an error
 
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except OSError as e:  # a file system problem the commands did not foresee: still one line, no traceback
-        from ..progress import err_console  # rich: loaded only to print an error
+        from unet_deploy.progress import err_console  # rich: loaded only to print an error
 
         where = f"{e.filename}: " if e.filename else ""
         from rich.markup import escape  # a file name may hold [brackets]
@@ -86,14 +86,14 @@ def main(args: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(exit_code())
     except Exception as e:  # out of memory (MemoryError, torch, ONNX Runtime): one line; other bugs: traceback
-        from ..resources import out_of_memory_line  # psutil, PIL: only on this error path
+        from unet_deploy.resources import out_of_memory_line  # psutil, PIL: only on this error path
 
         line = out_of_memory_line(e, _command(args))
         if line is None:
             raise
         from rich.markup import escape  # rich: loaded only to print an error
 
-        from ..progress import err_console  # rich: loaded only to print an error
+        from unet_deploy.progress import err_console  # rich: loaded only to print an error
 
         err_console.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from ..crf import CRFParams
+from unet_deploy.crf import CRFParams
 
 __all__ = ["GAUSS_SXY", "GAUSS_COMPAT", "BILAT_SXY", "BILAT_SRGB", "BILAT_COMPAT", "ITERATIONS", "CLIP",
            "crf_params"]

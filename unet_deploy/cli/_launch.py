@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..errors import UserError
+from unet_deploy.errors import UserError
 
 __all__ = ["command_args", "relaunch"]
 
@@ -39,7 +39,7 @@ def relaunch(ctx: typer.Context, nproc: int) -> None:
 
     Check the command's own arguments before calling this, so a mistake is one line, not one per process.
     """
-    from ..distributed import dist_env, launch_torchrun  # imports torch
+    from unet_deploy.distributed import dist_env, launch_torchrun  # imports torch
 
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be >= 1")

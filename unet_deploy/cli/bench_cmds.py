@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..errors import UserError
-from ..fileio import atomic_write_text
-from ..names import BACKENDS, DEFAULT_CHECKPOINT, PRECISIONS
-from ._app import app
+from unet_deploy.cli._app import app
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_write_text
+from unet_deploy.names import BACKENDS, DEFAULT_CHECKPOINT, PRECISIONS
 
 if TYPE_CHECKING:
-    from ..bench import BenchSettings
+    from unet_deploy.bench import BenchSettings
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -171,7 +171,7 @@ def benchmark(
     """
     from rich.console import Console
 
-    from ..bench import BenchSettings
+    from unet_deploy.bench import BenchSettings
 
     backend_words, scale_words, precision_words = _option_words(ctx, backends, scales, precision, compile_,
                                                                 compile_mode, stages)
@@ -201,7 +201,7 @@ def _model_to_measure(model: Path | None, quick: bool, base_channels: int | None
                       err: Any) -> Path | None:
     """``-m``, else this folder's ``checkpoints/best.pth`` (the model the recommendation is for), unless the
     run is a quick setup check, a tiled run or asks for a fresh width."""
-    from ..bench import quick_from_env
+    from unet_deploy.bench import quick_from_env
 
     if model is not None or quick or quick_from_env() or base_channels is not None or tile is not None:
         return model
@@ -216,8 +216,8 @@ def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[s
                   precision: list[str] | None, compile_: bool, compile_mode: str, stages: int
                   ) -> tuple[list[str], list[str], list[str]]:
     """Backend, scale and precision words from the flags and the words click left over, checked."""
-    from ..backends import COMPILE_MODES
-    from ..bench import VARIANT_HELP
+    from unet_deploy.backends import COMPILE_MODES
+    from unet_deploy.bench import VARIANT_HELP
 
     backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
     _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
@@ -234,11 +234,11 @@ def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[s
 def _variants(backend_words: list[str], precision_words: list[str], channels_last: bool, compile_: bool,
               compile_mode: str, device: str) -> list[str]:
     """The variants to run: the backends, expanded by --precision, --channels-last and --compile."""
-    from ..bench import default_backends, expand_variants
+    from unet_deploy.bench import default_backends, expand_variants
 
     words = backend_words or list(default_backends())
     if precision_words or channels_last or compile_:
-        from ..backends import resolve_device
+        from unet_deploy.backends import resolve_device
 
         words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
                                 resolve_device(device))
@@ -271,10 +271,10 @@ def _check_tiled(tile: int | None, stages: int, roofline: bool, plot: Path | Non
 def _run(settings: BenchSettings, cache_dir: Path | None, log: Callable[[str], None] | None, show_targets: bool,
          json_out: Path | None, plot: Path | None, markdown: Path | None, merge: list[Path] | None) -> dict:
     """Run the benchmark; the report records the command that reproduces it."""
-    from ..bench import reproduce_command, resolve_settings, run_benchmark
+    from unet_deploy.bench import reproduce_command, resolve_settings, run_benchmark
 
     if settings.tile is not None:
-        from ..bench.tiled import run_tiled_benchmark
+        from unet_deploy.bench.tiled import run_tiled_benchmark
 
         report = run_tiled_benchmark(resolve_settings(settings), cache_dir=cache_dir, log=log)
     else:
@@ -298,7 +298,7 @@ def _read_json(path: Path, flag: str, hint: str) -> dict:
 
 def _read_report(path: Path) -> dict:
     """A ``--json`` result of an earlier run (``--from-json``)."""
-    from ..bench import SCHEMA
+    from unet_deploy.bench import SCHEMA
 
     report = _read_json(path, "--from-json", "give a JSON written by --json")
     if report.get("schema") != SCHEMA:
@@ -310,8 +310,8 @@ def _show(report: dict, show_targets: bool) -> None:
     """The table, the speed-ups (with any "?" footnotes), roofline, targets (``--targets``) and stages."""
     from rich.console import Console
 
-    from ..bench import render_roofline, render_speedups, render_table, render_targets
-    from ..bench.tiled import render_tiled
+    from unet_deploy.bench import render_roofline, render_speedups, render_table, render_targets
+    from unet_deploy.bench.tiled import render_tiled
 
     if report.get("tiled") and not report.get("cases"):
         for line in render_tiled(report):
@@ -320,7 +320,7 @@ def _show(report: dict, show_targets: bool) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_table(report))
     typer.echo(render_speedups(report))
-    from ..bench.recommend import render_recommendation
+    from unet_deploy.bench.recommend import render_recommendation
 
     advice = render_recommendation(report)
     if advice:
@@ -336,7 +336,7 @@ def _show(report: dict, show_targets: bool) -> None:
 
 def _write(report: dict, json_out: Path | None, plot: Path | None, markdown: Path | None, merged: list[dict],
            show_targets: bool) -> None:
-    from ..bench import render_markdown, write_json, write_plot
+    from unet_deploy.bench import render_markdown, write_json, write_plot
 
     if json_out:
         write_json(report, json_out)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from ..names import DEMO_DIR, EXPORT_DIR
-from ._app import app
+from unet_deploy.cli._app import app
+from unet_deploy.names import DEMO_DIR, EXPORT_DIR
 
 DEFAULT_OUT = Path(DEMO_DIR)  #: predict's model discovery falls back to this folder
 
@@ -70,7 +70,7 @@ def demo(
 
     Example: `unet-deploy demo`, then `unet-deploy predict --backend ort demo/car.jpg`
     """
-    from . import app as cli_app  # cycle: the cli package imports this module
+    from unet_deploy.cli import app as cli_app  # cycle: the cli package imports this module
 
     start = time.perf_counter()
     steps = demo_steps(out, quick)

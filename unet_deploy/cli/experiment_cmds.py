@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from ..fileio import atomic_write_text
-from ._app import app
+from unet_deploy.cli._app import app
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_write_text
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -86,7 +86,7 @@ def experiment(
 
     Example: `unet-deploy experiment --seeds 0,1,2 --markdown benchmarks/RESULTS-training.md`
     """
-    from ..experiment import ExperimentConfig, markdown_table, quick_config, run_experiment, write_results
+    from unet_deploy.experiment import ExperimentConfig, markdown_table, quick_config, run_experiment, write_results
 
     cfg = ExperimentConfig(work_dir=work_dir, data=data, heldout=heldout, source=source,
                            pretrained=pretrained, n_train=n_train, n_heldout=n_heldout, width=width,

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..errors import UserError
-from ..fileio import atomic_write_text, sha256_file
-from ..names import MAX_DIR_IMAGES, backend_for_path, is_export_file
-from ._app import app
+from unet_deploy.cli._app import app
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_write_text, sha256_file
+from unet_deploy.names import MAX_DIR_IMAGES, backend_for_path, is_export_file
 
 if TYPE_CHECKING:  # the export pipeline imports torch, rich's console is slow to load: only when run
     from rich.console import Console
 
-    from ..exporting import ExportResult
+    from unet_deploy.exporting import ExportResult
 
 def _console() -> Console:
     """stdout console; wide enough for the parity table when output is not a terminal (logs, CI)."""
@@ -99,7 +99,7 @@ def export(
     `unet-deploy export --format onnx --int8 --calibration data/imgs --calibration-count 16`, or
     `unet-deploy export --format openvino --int8`
     """
-    from ..api import export as export_checkpoint
+    from unet_deploy.api import export as export_checkpoint
 
     console = _console()
     done = export_checkpoint(model, fmt, output=output, name=name, opset=opset, verify=not no_verify,
@@ -182,9 +182,9 @@ def verify(
 
     Example: `unet-deploy verify exported/best.onnx -m checkpoints/best.pth --images data/imgs`
     """
-    from ..backends import load_backend, read_embedded_config
-    from ..exporting import parity_images
-    from ..parity import default_cases, parity, reduced_precision_cases
+    from unet_deploy.backends import load_backend, read_embedded_config
+    from unet_deploy.exporting import parity_images
+    from unet_deploy.parity import default_cases, parity, reduced_precision_cases
 
     if not model_file.is_file():
         raise UserError(f"{model_file}: exported model not found; create it with `unet-deploy export`")

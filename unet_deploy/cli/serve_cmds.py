@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from . import _crf
-from ._app import app
+from unet_deploy.cli import _crf
+from unet_deploy.cli._app import app
+from unet_deploy.errors import UserError
 
 _SERVER_PACKAGES = {"starlette", "uvicorn", "prometheus_client", "multipart", "python_multipart", "anyio"}
 _INSTALL = "pip install starlette uvicorn prometheus-client python-multipart (dependencies of unet-deploy)"
@@ -98,17 +98,17 @@ def serve(
     `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
     `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`
     """
-    from ..predict.tiling import check_tiling
+    from unet_deploy.predict.tiling import check_tiling
 
     check_tiling(tile, tile_overlap)  # before the model is looked for: the flag's own error first
     try:
-        from ..serve.options import ServeOptions
-        from ..serve.run import serve as run_server
+        from unet_deploy.serve.options import ServeOptions
+        from unet_deploy.serve.run import serve as run_server
     except ImportError as e:
         if (e.name or "").split(".")[0] not in _SERVER_PACKAGES:
             raise
         raise UserError(f"serve needs the server packages ({e.name} is missing): {_INSTALL}") from None
-    from ..predict import default_model
+    from unet_deploy.predict import default_model
 
     allow_crf = _crf_available()
     if crf and not allow_crf:

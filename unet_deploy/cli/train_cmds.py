@@ -8,12 +8,12 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UserError
-from ..fileio import atomic_write_text
-from ..quality import recipe_help, resolve_recipe
-from ..signals import exit_code
-from ._app import app
-from ._launch import relaunch
+from unet_deploy.cli._app import app
+from unet_deploy.cli._launch import relaunch
+from unet_deploy.errors import UserError
+from unet_deploy.fileio import atomic_write_text
+from unet_deploy.quality import recipe_help, resolve_recipe
+from unet_deploy.signals import exit_code
 
 QUALITY = "Training quality (augmentation, edge-weighted loss, LR schedule)"
 
@@ -104,8 +104,8 @@ def train(
     Quality options: `--augment strong --edge-weight 5 --schedule cosine --warmup-steps 100`;
     `unet-deploy experiment` measures what each one buys.
     """
-    from ..train import TrainConfig, dist_env
-    from ..train import train as run_train
+    from unet_deploy.train import TrainConfig, dist_env
+    from unet_deploy.train import train as run_train
 
     if nproc != 1:
         _relaunch(ctx, nproc)
@@ -146,7 +146,7 @@ def _next_hint(best: Path, data: Path) -> str:
 
 def _relaunch(ctx: typer.Context, nproc: int) -> None:
     """Check the data once here, then re-run this command without --nproc under torch.distributed.run."""
-    from ..data import find_pairs
+    from unet_deploy.data import find_pairs
 
     opts = ctx.params  # catch the common mistakes here, in one line, before starting N processes
     if nproc >= 1 and opts["batch_size"] % nproc:
@@ -186,13 +186,13 @@ def evaluate(
 
     Example: `unet-deploy evaluate -m checkpoints/best.pth --data data` (add `--tile 640` for tiled masks)
     """
-    from ..predict.tiling import check_tiling
+    from unet_deploy.predict.tiling import check_tiling
 
     check_tiling(tile, tile_overlap)
-    from ..backends import load_backend
-    from ..data import find_pairs
-    from ..progress import file_progress
-    from ..train import ensure_writable_dir, evaluate_model
+    from unet_deploy.backends import load_backend
+    from unet_deploy.data import find_pairs
+    from unet_deploy.progress import file_progress
+    from unet_deploy.train import ensure_writable_dir, evaluate_model
 
     values = _parse_values(mask_values) if mask_values else None
     if json_out is not None:

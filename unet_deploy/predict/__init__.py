@@ -20,13 +20,13 @@ result carries a one-line ``error`` and the others go on.
 
 from __future__ import annotations
 
-from ..data import FINGERPRINT_KEY, MASK_SUFFIX, OVERLAY_SUFFIX
-from .overlay import overlay_image
-from .plan import check_rle_target, default_model, expand_inputs, plan_jobs
-from .records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
-from .resume import run_fingerprint
-from .run import iter_predictions, predict_arrays, predict_files
-from .write import mask_fingerprint, output_values, write_mask, write_overlay
+from unet_deploy.data import FINGERPRINT_KEY, MASK_SUFFIX, OVERLAY_SUFFIX
+from unet_deploy.predict.overlay import overlay_image
+from unet_deploy.predict.plan import check_rle_target, default_model, expand_inputs, plan_jobs
+from unet_deploy.predict.records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
+from unet_deploy.predict.resume import run_fingerprint
+from unet_deploy.predict.run import iter_predictions, predict_arrays, predict_files
+from unet_deploy.predict.write import mask_fingerprint, output_values, write_mask, write_overlay
 
 __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",

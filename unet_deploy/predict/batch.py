@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
-from ..data import resize_image, to_input
-from ..errors import UserError, first_line
-from ..resources import raise_if_out_of_memory
-from .load import Loaded
-from .records import PredictOptions
-from .tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
+from unet_deploy.backends import Backend
+from unet_deploy.data import resize_image, to_input
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.predict.load import Loaded
+from unet_deploy.predict.records import PredictOptions
+from unet_deploy.predict.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
+from unet_deploy.resources import raise_if_out_of_memory
 
 __all__ = ["MIN_SIDE", "BatchedModel", "Inferred"]
 

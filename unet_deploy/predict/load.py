@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import load_image
-from ..errors import UserError, first_line
-from .records import Job
-from .resume import read_existing
+from unet_deploy.data import load_image
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.predict.records import Job
+from unet_deploy.predict.resume import read_existing
 
 __all__ = ["Loaded", "ImageLoader", "ordered_map"]
 

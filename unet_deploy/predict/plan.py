@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..data import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
-from ..errors import UserError
-from ..names import BACKENDS, DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR, EXPORT_SUFFIXES
-from .records import Job
-from .write import MASK_FORMATS
+from unet_deploy.data import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
+from unet_deploy.errors import UserError
+from unet_deploy.names import BACKENDS, DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR, EXPORT_SUFFIXES
+from unet_deploy.predict.records import Job
+from unet_deploy.predict.write import MASK_FORMATS
 
 __all__ = ["expand_specs", "expand_inputs", "plan_jobs", "plan_run", "check_rle_target", "default_model",
            "DEMO_DIR"]

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
-from ..crf import CRFParams, crf_map, threshold_prior
-from ..postprocess import logits_to_mask, probabilities
-from ..tta import flip_tta
-from .batch import Inferred
-from .load import Loaded
-from .records import PredictOptions, PredictResult
+from unet_deploy.backends import Backend
+from unet_deploy.crf import CRFParams, crf_map, threshold_prior
+from unet_deploy.postprocess import logits_to_mask, probabilities
+from unet_deploy.predict.batch import Inferred
+from unet_deploy.predict.load import Loaded
+from unet_deploy.predict.records import PredictOptions, PredictResult
+from unet_deploy.tta import flip_tta
 
 __all__ = ["with_tta", "logits_to_outputs", "crf_probabilities", "crf_image", "to_result", "results_in_order",
            "crf_results_in_order"]

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..crf import CRFParams
-from ..errors import UserError
-from ..names import check_scale
-from .tiling import check_tiling
+from unet_deploy.crf import CRFParams
+from unet_deploy.errors import UserError
+from unet_deploy.names import check_scale
+from unet_deploy.predict.tiling import check_tiling
 
 __all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text"]
 

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..backends import Backend
-from ..data import load_mask, mask_to_index, open_image
-from ..errors import UserError, first_line
-from ..rle import write_submission
-from ..shard import Group, SharedError, fingerprint, journal_dir, model_digest, new_run_id, read_journal
-from .plan import check_rle_target
-from .records import Job, PredictOptions
-from .write import mask_fingerprint
+from unet_deploy.backends import Backend
+from unet_deploy.data import load_mask, mask_to_index, open_image
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.predict.plan import check_rle_target
+from unet_deploy.predict.records import Job, PredictOptions
+from unet_deploy.predict.write import mask_fingerprint
+from unet_deploy.rle import write_submission
+from unet_deploy.shard import Group, SharedError, fingerprint, journal_dir, model_digest, new_run_id, read_journal
 
 __all__ = ["CRASH_ENV", "crash_hook", "journal_key", "run_fingerprint", "on_main", "image_size", "read_existing",
            "reusable", "check_same_run", "resume_plan", "merge_submission"]

@@ -13,19 +13,27 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
-from ..errors import UserError, first_line
-from ..rle import rle_encode
-from ..shard import Group, JournalRow, JournalWriter, journal_dir
-from ..shard import split as split_jobs
-from .batch import BatchedModel
-from .load import ImageLoader, Loaded, ordered_map
-from .overlay import display_available, show_overlay
-from .plan import plan_run
-from .postprocess import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
-from .records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
-from .resume import check_same_run, crash_hook, journal_key, merge_submission, on_main, resume_plan, run_fingerprint
-from .write import output_values, write_result
+from unet_deploy.backends import Backend
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.predict.batch import BatchedModel
+from unet_deploy.predict.load import ImageLoader, Loaded, ordered_map
+from unet_deploy.predict.overlay import display_available, show_overlay
+from unet_deploy.predict.plan import plan_run
+from unet_deploy.predict.postprocess import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
+from unet_deploy.predict.records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
+from unet_deploy.predict.resume import (
+    check_same_run,
+    crash_hook,
+    journal_key,
+    merge_submission,
+    on_main,
+    resume_plan,
+    run_fingerprint,
+)
+from unet_deploy.predict.write import output_values, write_result
+from unet_deploy.rle import rle_encode
+from unet_deploy.shard import Group, JournalRow, JournalWriter, journal_dir
+from unet_deploy.shard import split as split_jobs
 
 __all__ = ["iter_predictions", "predict_arrays", "predict_files"]
 
@@ -121,7 +129,7 @@ class _Share:
         """Ctrl-C raises KeyboardInterrupt with ``done`` = files finished."""
         show_bar = self.options.progress and self.group.main and len(mine) > 1 and sys.stderr.isatty()
         if show_bar:
-            from ..progress import file_progress  # rich: only imported when a bar is shown
+            from unet_deploy.progress import file_progress  # rich: only imported when a bar is shown
         with file_progress(True) if show_bar else _PlainBar() as bar:
             self.bar = bar
             world = self.group.world

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data import resize_image, to_input
-from ..errors import UserError
+from unet_deploy.data import resize_image, to_input
+from unet_deploy.errors import UserError
 
 __all__ = ["ALIGN", "MIN_TILE", "SIGMA_SCALE", "AxisPlan", "TilePlan", "Tiling", "axis_plan", "plan_tiles",
            "default_overlap", "check_tiling", "blend_weights", "Stitcher", "TiledRun", "tiled_logits",
@@ -264,7 +264,7 @@ def choose_tiling(backend: Any, width: int, height: int, scale: float, *, tiling
     checked); else None when the whole image fits in the memory this process can get; else (``auto``) the
     largest tile that fits, announced in one ``notice`` line. Refuses (one-line UserError) what cannot fit
     either way (:func:`unet_deploy.resources.check_predict_memory`)."""
-    from ..resources import auto_tile_side, check_predict_memory
+    from unet_deploy.resources import auto_tile_side, check_predict_memory
 
     if tiling is not None:
         check_predict_memory(backend, width, height, scale, batch, tta, label, tile=tiling.tile)

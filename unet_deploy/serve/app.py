@@ -22,14 +22,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .decode import HTTPError
-from .engine import Engine
-from .limits import Limits
-from .memory import MemoryBound
-from .metrics import CONTENT_TYPE, Metrics
-from .options import ServeOptions
-from .page import PAGE
-from .pipeline import FORMATS, predict_request
+from unet_deploy.serve.decode import HTTPError
+from unet_deploy.serve.engine import Engine
+from unet_deploy.serve.limits import Limits
+from unet_deploy.serve.memory import MemoryBound
+from unet_deploy.serve.metrics import CONTENT_TYPE, Metrics
+from unet_deploy.serve.options import ServeOptions
+from unet_deploy.serve.page import PAGE
+from unet_deploy.serve.pipeline import FORMATS, predict_request
 
 __all__ = ["ServerState", "build_app", "FORMATS"]
 

@@ -20,8 +20,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..data import FORMAT_NAMES, MIN_SIDE, image_to_array, open_image
-from ..errors import UserError, first_line
+from unet_deploy.data import FORMAT_NAMES, MIN_SIDE, image_to_array, open_image
+from unet_deploy.errors import UserError, first_line
 
 __all__ = ["HTTPError", "ImageHeader", "peek_size", "probe_image", "decode_image"]
 

@@ -23,19 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
-from ..crf import crf_pool, dense_crf
-from ..data import resize_image, to_input
-from ..errors import UserError
-from ..postprocess import logits_to_mask
-from ..predict.batch import MIN_SIDE
-from ..predict.postprocess import crf_image, crf_probabilities
-from ..predict.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
-from ..tta import flip_tta
-from .batcher import MicroBatcher
-from .decode import HTTPError
-from .limits import Jobs
-from .options import ServeOptions
+from unet_deploy.backends import Backend
+from unet_deploy.crf import crf_pool, dense_crf
+from unet_deploy.data import resize_image, to_input
+from unet_deploy.errors import UserError
+from unet_deploy.postprocess import logits_to_mask
+from unet_deploy.predict.batch import MIN_SIDE
+from unet_deploy.predict.postprocess import crf_image, crf_probabilities
+from unet_deploy.predict.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
+from unet_deploy.serve.batcher import MicroBatcher
+from unet_deploy.serve.decode import HTTPError
+from unet_deploy.serve.limits import Jobs
+from unet_deploy.serve.options import ServeOptions
+from unet_deploy.tta import flip_tta
 
 __all__ = ["Engine", "RequestSettings", "WHOLE_MAX_PIXELS", "SERVE_TILE"]
 

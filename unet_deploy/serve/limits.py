@@ -17,8 +17,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from .decode import HTTPError
-from .options import ServeOptions
+from unet_deploy.serve.decode import HTTPError
+from unet_deploy.serve.options import ServeOptions
 
 __all__ = ["Limits", "Jobs", "busy"]
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..resources import estimate_inference_bytes, format_bytes
-from .protocol import MAX_CONNECTIONS, MAX_HEADER_BYTES
-from .upload import SPOOL_BYTES
+from unet_deploy.resources import estimate_inference_bytes, format_bytes
+from unet_deploy.serve.protocol import MAX_CONNECTIONS, MAX_HEADER_BYTES
+from unet_deploy.serve.upload import SPOOL_BYTES
 
 __all__ = ["MemoryBound", "bytes_per_pixel", "memory_bound", "DECODE_BYTES", "ENCODE_BYTES"]
 

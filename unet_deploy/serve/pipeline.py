@@ -22,16 +22,16 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..predict.overlay import overlay_image
-from ..predict.write import mask_values_image
-from ..rle import rle_encode
-from .decode import HTTPError, decode_image, peek_size, probe_image, too_large
-from .engine import RequestSettings
-from .limits import Jobs
-from .upload import Deadlines, Upload, receive_upload
+from unet_deploy.predict.overlay import overlay_image
+from unet_deploy.predict.write import mask_values_image
+from unet_deploy.rle import rle_encode
+from unet_deploy.serve.decode import HTTPError, decode_image, peek_size, probe_image, too_large
+from unet_deploy.serve.engine import RequestSettings
+from unet_deploy.serve.limits import Jobs
+from unet_deploy.serve.upload import Deadlines, Upload, receive_upload
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from unet_deploy.serve.app import ServerState
 
 __all__ = ["FORMATS", "predict_request"]
 

@@ -27,18 +27,18 @@ import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 
-from ..backend_options import options_for_model
-from ..backends import load_backend
-from ..errors import UserError, first_line
-from ..ort_session import release_large_frees
-from ..predict import PredictOptions, output_values
-from .app import ServerState, build_app
-from .engine import WHOLE_MAX_PIXELS, Engine
-from .limits import Limits
-from .memory import memory_bound
-from .metrics import Metrics
-from .options import ServeOptions, max_batch_for
-from .protocol import guarded_protocol
+from unet_deploy.backend_options import options_for_model
+from unet_deploy.backends import load_backend
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.ort_session import release_large_frees
+from unet_deploy.predict import PredictOptions, output_values
+from unet_deploy.serve.app import ServerState, build_app
+from unet_deploy.serve.engine import WHOLE_MAX_PIXELS, Engine
+from unet_deploy.serve.limits import Limits
+from unet_deploy.serve.memory import memory_bound
+from unet_deploy.serve.metrics import Metrics
+from unet_deploy.serve.options import ServeOptions, max_batch_for
+from unet_deploy.serve.protocol import guarded_protocol
 
 __all__ = ["load_state", "serve", "model_info", "DrainingServer", "uvicorn_config"]
 
@@ -222,6 +222,6 @@ def serve(options: ServeOptions) -> int:
         server = DrainingServer(load_state(options))
         server.run()
         return server.exit_code
-    from .supervisor import supervise
+    from unet_deploy.serve.supervisor import supervise
 
     return supervise(options)

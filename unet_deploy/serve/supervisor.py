@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from .options import ServeOptions
+from unet_deploy.serve.options import ServeOptions
 
 __all__ = ["supervise", "MAX_BACKOFF_S"]
 
@@ -36,8 +36,8 @@ USER_ERROR = 2
 def _worker(options: ServeOptions, sock: socket.socket, parent: int) -> None:
     """One worker process: its own session (terminal signals go to the supervisor), model, app and server."""
     os.setsid()
-    from ..errors import UserError
-    from .run import DrainingServer, load_state, log_access
+    from unet_deploy.errors import UserError
+    from unet_deploy.serve.run import DrainingServer, load_state, log_access
 
     log_access()
     try:

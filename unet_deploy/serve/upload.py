@@ -16,7 +16,7 @@ from typing import IO, Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from .decode import HTTPError
+from unet_deploy.serve.decode import HTTPError
 
 __all__ = ["SPOOL_BYTES", "Deadlines", "Upload", "receive_upload"]
 

@@ -20,14 +20,14 @@ batches a single-process run with batch B sees (both draw their order from one s
 
 from __future__ import annotations
 
-from ..distributed import DistEnv, all_reduce_sum, dist_env, init_distributed
-from .checkpointing import ensure_writable_dir
-from .config import TrainConfig, TrainResult
-from .data import EpochSampler, SegmentationDataset, collate, seed_everything, split_pairs
-from .epoch import segmentation_loss
-from .evaluate import evaluate_model, predicted_masks
-from .loop import train
-from .validation import validate
+from unet_deploy.distributed import DistEnv, all_reduce_sum, dist_env, init_distributed
+from unet_deploy.train.checkpointing import ensure_writable_dir
+from unet_deploy.train.config import TrainConfig, TrainResult
+from unet_deploy.train.data import EpochSampler, SegmentationDataset, collate, seed_everything, split_pairs
+from unet_deploy.train.epoch import segmentation_loss
+from unet_deploy.train.evaluate import evaluate_model, predicted_masks
+from unet_deploy.train.loop import train
+from unet_deploy.train.validation import validate
 
 __all__ = ["TrainConfig", "SegmentationDataset", "train", "evaluate_model", "predicted_masks", "split_pairs", "DistEnv",
            "dist_env", "TrainResult", "EpochSampler", "segmentation_loss", "validate", "ensure_writable_dir",

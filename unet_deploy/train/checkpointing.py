@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import save_checkpoint
-from ..errors import UserError
-from .state import Progress, TrainRun
+from unet_deploy.checkpoint import save_checkpoint
+from unet_deploy.errors import UserError
+from unet_deploy.train.state import Progress, TrainRun
 
 __all__ = ["ensure_writable_dir", "training_state", "save_epoch", "save_interrupted", "save_final_best"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..distributed import DistEnv
-from ..errors import UserError
+from unet_deploy.distributed import DistEnv
+from unet_deploy.errors import UserError
 
 __all__ = ["TrainConfig", "TrainResult", "check_config"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import ModelConfig
-from ..data import (
+from unet_deploy.config import ModelConfig
+from unet_deploy.data import (
     MIN_SIDE,
     Pair,
     check_min_size,
@@ -30,10 +30,10 @@ from ..data import (
     resize_image,
     to_input,
 )
-from ..distributed import DistEnv
-from ..errors import UserError
-from ..signals import ignore_stop_signals
-from .config import TrainConfig
+from unet_deploy.distributed import DistEnv
+from unet_deploy.errors import UserError
+from unet_deploy.signals import ignore_stop_signals
+from unet_deploy.train.config import TrainConfig
 
 __all__ = ["SegmentationDataset", "collate", "split_pairs", "EpochSampler", "seed_everything", "TrainData",
            "load_pairs", "make_loaders"]

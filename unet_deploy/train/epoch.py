@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_sum, broadcast_buffers
-from ..errors import UserError
-from ..metrics import dice_loss
-from .checkpointing import save_epoch
-from .state import Progress, TrainRun
-from .validation import autocast, validate
+from unet_deploy.distributed import all_reduce_sum, broadcast_buffers
+from unet_deploy.errors import UserError
+from unet_deploy.metrics import dice_loss
+from unet_deploy.train.checkpointing import save_epoch
+from unet_deploy.train.state import Progress, TrainRun
+from unet_deploy.train.validation import autocast, validate
 
 __all__ = ["segmentation_loss", "train_step", "run_epoch", "finish_epoch"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import InferenceConfig
-from ..data import (
+from unet_deploy.config import InferenceConfig
+from unet_deploy.data import (
     Pair,
     check_min_size,
     discover_mask_values,
@@ -17,10 +17,10 @@ from ..data import (
     load_mask,
     mask_to_index,
 )
-from ..errors import UserError
-from ..metrics import image_dice
-from ..postprocess import logits_to_mask
-from ..predict.tiling import Tiling, choose_tiling, whole_or_tiled
+from unet_deploy.errors import UserError
+from unet_deploy.metrics import image_dice
+from unet_deploy.postprocess import logits_to_mask
+from unet_deploy.predict.tiling import Tiling, choose_tiling, whole_or_tiled
 
 __all__ = ["predicted_masks", "evaluate_model"]
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DeployConfig, ModelConfig
-from ..distributed import DistEnv
-from .config import TrainConfig
-from .data import TrainData
+from unet_deploy.config import DeployConfig, ModelConfig
+from unet_deploy.distributed import DistEnv
+from unet_deploy.train.config import TrainConfig
+from unet_deploy.train.data import TrainData
 
 __all__ = ["TrainRun", "Progress"]
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..distributed import DistEnv, all_reduce_sum
-from ..metrics import multiclass_dice_per_image
+from unet_deploy.distributed import DistEnv, all_reduce_sum
+from unet_deploy.metrics import multiclass_dice_per_image
 
 __all__ = ["validate", "autocast"]
 

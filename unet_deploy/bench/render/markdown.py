@@ -6,13 +6,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..analysis import before_after, speedups, targets
-from ..machine import UNSTEADY_SPREAD, reliability_notes
-from ..settings import QUICK_ENV, SCHEMA
-from ..stages import STAGES_SCHEMA
-from ..variants import variant_label
-from .recipes import RECIPES_SCHEMA, recipes_section
-from .table import COLUMNS, busy_peaks_note, fmt_pct, fmt_rate, limit_lines, mark_doubtful, table_rows
+from unet_deploy.bench.analysis import before_after, speedups, targets
+from unet_deploy.bench.machine import UNSTEADY_SPREAD, reliability_notes
+from unet_deploy.bench.render.recipes import RECIPES_SCHEMA, recipes_section
+from unet_deploy.bench.render.table import (
+    COLUMNS,
+    busy_peaks_note,
+    fmt_pct,
+    fmt_rate,
+    limit_lines,
+    mark_doubtful,
+    table_rows,
+)
+from unet_deploy.bench.settings import QUICK_ENV, SCHEMA
+from unet_deploy.bench.stages import STAGES_SCHEMA
+from unet_deploy.bench.variants import variant_label
 
 __all__ = ["FULL_RUN", "FAST_PATH_RUNS", "RESULTS_MERGE", "INT8_EVAL_SCHEMA", "md_table", "bench_section", "ratio_rows",
            "before_after_rows", "targets_section", "roofline_section", "peaks_lines", "load_text", "stages_section",

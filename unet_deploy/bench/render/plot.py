@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ...fileio import atomic_path
-from ..variants import variant_label
-from .table import run_title
+from unet_deploy.bench.render.table import run_title
+from unet_deploy.bench.variants import variant_label
+from unet_deploy.fileio import atomic_path
 
 __all__ = ["write_plot"]
 

@@ -26,7 +26,7 @@ def recipes_section(r: dict[str, Any]) -> list[str]:
     folder = r["best_folder_throughput_8_images"]
     header = ["recipe", "export", "NNCF options", "calibration images", "precision hint", "p50 ms",
               "speed-up vs plain recipe", "min pixel agreement", "min mask dice", "worst rel err"]
-    from .markdown import md_table  # cycle: markdown renders this section
+    from unet_deploy.bench.render.markdown import md_table  # cycle: markdown renders this section
 
     return [
         "## OpenVINO int8: this package's path against the plain recipe", "",

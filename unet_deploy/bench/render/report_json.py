@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...fileio import atomic_write_text
+from unet_deploy.fileio import atomic_write_text
 
 __all__ = ["write_json"]
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from rich.table import Table
 
-from ..analysis import speedups, targets
-from ..machine import reliability, reliability_notes, unsteady
-from ..probe import images_per_s
-from ..variants import variant_label
+from unet_deploy.bench.analysis import speedups, targets
+from unet_deploy.bench.machine import reliability, reliability_notes, unsteady
+from unet_deploy.bench.probe import images_per_s
+from unet_deploy.bench.variants import variant_label
 
 __all__ = ["COLUMNS", "mark_doubtful", "parity_text", "table_rows", "run_title", "render_table", "render_speedups",
            "render_targets", "render_roofline", "limit_lines", "busy_peaks_note", "fmt_rate",
