@@ -78,7 +78,7 @@ class BenchSession:
 
     def batch_path(self, scale: float) -> Path:
         if scale not in self._batches:
-            from unet_deploy.data import preprocess
+            from unet_deploy.images.image_io import preprocess
 
             path = self.folder / f"input-{scale:g}.npy"
             np.save(path, preprocess(self.image, scale)[None])
@@ -89,7 +89,7 @@ class BenchSession:
         return np.load(self.batch_path(scale))
 
     def backend(self, name: str, device: str) -> Any:
-        from unet_deploy.backends import load_backend
+        from unet_deploy.runtime import load_backend
 
         key = (name, device)
         if key not in self._backends:

@@ -1,7 +1,7 @@
 """Dice of the int8 models (ONNX Runtime QDQ, and OpenVINO NNCF when the openvino extra is installed)
 against fp32 on a held-out synthetic set (benchmarks/RESULTS.md).
 
-Trains a small U-Net on synthetic Carvana-style cars (``unet_deploy.synth``), exports fp32 ONNX, quantises it
+Trains a small U-Net on synthetic Carvana-style cars (``unet_deploy.images.synth``), exports fp32 ONNX, quantises it
 to static int8 (QDQ) calibrated on the TRAINING images (preprocessed as predict does), then scores eager
 torch, ONNX fp32 and ONNX int8 on HELD-OUT images with the Carvana metric (``train.evaluate_model``: mean
 per-image dice at the original resolution) and compares the int8 masks with the fp32 masks pixel by pixel.
@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from unet_deploy.backends import load_backend
     from unet_deploy.checkpoint import load_checkpoint
-    from unet_deploy.data import find_pairs
     from unet_deploy.export import calibration_batches, export_onnx, quantize_onnx_int8
+    from unet_deploy.export.parity import ParityThresholds
     from unet_deploy.fileio import atomic_write_text
-    from unet_deploy.parity import ParityThresholds
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.image_io import find_pairs
+    from unet_deploy.images.synth import generate_dataset
+    from unet_deploy.runtime import load_backend
     from unet_deploy.train import TrainConfig, evaluate_model, train
 
     torch.set_num_threads(args.threads)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 "onnx int8": load_backend(int8_path, "ort", "cpu", threads=args.threads)}
     openvino = _openvino_int8(fp32_path, ckpt.config, out, calibration_batches(train_imgs, ckpt.config))
     if openvino is not None:  # as predict runs it here: its non-quantised layers at bf16 where the CPU has it
-        from unet_deploy.backend_openvino import openvino_cpu_has
+        from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
         rest = "bf16" if openvino_cpu_has("bf16") else "fp32"
         backends["openvino int8"] = load_backend(openvino[0], "openvino", "cpu", threads=args.threads,
@@ -122,7 +122,7 @@ def _machine() -> dict:
         flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split(":")[1].split())
     except (OSError, StopIteration):
         pass
-    from unet_deploy.cpu_features import cpu_summary
+    from unet_deploy.runtime.cpu_features import cpu_summary
 
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     return {"cpu": cpu_model(), "platform": platform.platform(), "isa": [f for f in wanted if f in flags],
@@ -136,7 +136,7 @@ def _openvino_int8(fp32_onnx: Path, config, out: Path, calibration) -> tuple[Pat
     if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
         print("openvino/nncf not installed: OpenVINO int8 not evaluated (pip install 'unet-deploy[openvino]')")
         return None
-    from unet_deploy.export_openvino import convert_onnx_to_ir, quantize_ir_int8
+    from unet_deploy.export.openvino_writer import convert_onnx_to_ir, quantize_ir_int8
 
     fp32_ir = convert_onnx_to_ir(fp32_onnx, config, out / "model.xml")
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def _openvino_int8(fp32_onnx: Path, config, out: Path, calibration) -> tuple[Pat
 
 def _masks_vs_fp32(fp32, int8, pairs, config) -> dict:
     """int8 vs fp32 masks on the held-out images, by the export's int8 parity criteria."""
-    from unet_deploy.parity import ParityThresholds, compare, image_cases
+    from unet_deploy.export.parity import ParityThresholds, compare, image_cases
 
     thresholds = ParityThresholds.for_precision("int8")
     agreements, mask_dice, flipped, total = [], [], 0, 0

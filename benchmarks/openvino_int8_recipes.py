@@ -72,7 +72,7 @@ def _model(args: argparse.Namespace) -> Path:
 
 def _images(out: Path, n: int, seed: int) -> list[np.ndarray]:
     from unet_deploy.bench.inputs import synthetic_image
-    from unet_deploy.data import preprocess
+    from unet_deploy.images.image_io import preprocess
 
     return [preprocess(synthetic_image(1918, 1280, seed + i), 0.5)[None] for i in range(n)]
 
@@ -134,7 +134,7 @@ def _compile(model: Any, hint: str | None, threads: int | None, perf: str | None
 def _parity(compiled: Any, refs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     import torch
 
-    from unet_deploy.parity import ParityThresholds, compare
+    from unet_deploy.export.parity import ParityThresholds, compare
 
     rows = [compare(torch.from_numpy(ref), torch.from_numpy(compiled(x)[0]), ParityThresholds.for_precision("int8"))
             for x, ref in refs]
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from unet_deploy.bench.machine import cpu_model, load_average_1m
     from unet_deploy.checkpoint import load_checkpoint
-    from unet_deploy.cpu_features import cpu_summary
     from unet_deploy.fileio import atomic_write_text
+    from unet_deploy.runtime.cpu_features import cpu_summary
 
     args.out.mkdir(parents=True, exist_ok=True)
     started, load_start = dt.datetime.now(dt.timezone.utc), load_average_1m()

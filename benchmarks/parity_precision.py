@@ -60,7 +60,7 @@ def _untrained(out: Path, bilinear: bool, seed: int) -> Path:
 
 
 def _trained(out: Path, base: int, epochs: int, threads: int) -> Path:
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.synth import generate_dataset
     from unet_deploy.train import TrainConfig, train
 
     data = out / "train"
@@ -93,7 +93,7 @@ def _demo_model(out: Path) -> Path:
 def _cases(config: Any, images: list[Path]) -> list[Any]:
     """The export's default cases, the synthetic car reduced precisions add and two more at 959x640, and the
     real images."""
-    from unet_deploy.parity import CARVANA_HALF, car_case, default_cases, image_cases
+    from unet_deploy.export.parity import CARVANA_HALF, car_case, default_cases, image_cases
 
     cars = [car_case(config, CARVANA_HALF, "car-0.5" + (f" seed {seed}" if seed else ""), seed) for seed in (0, 1, 2)]
     return default_cases(config) + cars + image_cases(images, config, scale=0.5)
@@ -102,11 +102,11 @@ def _cases(config: Any, images: list[Path]) -> list[Any]:
 def _candidates(ckpt_path: Path, work: Path, paths: list[str], trained: bool, calib: list[Path],
                 threads: int) -> dict[str, Any]:
     """name -> (precision, loaded backend) for every path that runs here."""
-    from unet_deploy.backend_openvino import openvino_cpu_has
-    from unet_deploy.backends import cpu_supports_bf16, load_backend
     from unet_deploy.checkpoint import load_checkpoint
     from unet_deploy.export import calibration_batches, convert_onnx_fp16, export_onnx, quantize_onnx_int8
-    from unet_deploy.export_openvino import convert_onnx_to_ir, quantize_ir_int8
+    from unet_deploy.export.openvino_writer import convert_onnx_to_ir, quantize_ir_int8
+    from unet_deploy.runtime import cpu_supports_bf16, load_backend
+    from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.config
@@ -143,8 +143,8 @@ def _measure(name: str, kind: str, ckpt_path: Path, work: Path, args: argparse.N
     """Every candidate of one model against eager fp32, case by case."""
     import torch
 
-    from unet_deploy.backends import load_backend
-    from unet_deploy.parity import ParityThresholds, compare
+    from unet_deploy.export.parity import ParityThresholds, compare
+    from unet_deploy.runtime import load_backend
 
     work.mkdir(parents=True, exist_ok=True)
     eager = load_backend(ckpt_path, "torch", "cpu")
@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from unet_deploy.bench.machine import cpu_model
-    from unet_deploy.cpu_features import cpu_summary
     from unet_deploy.fileio import atomic_write_text
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.synth import generate_dataset
+    from unet_deploy.runtime.cpu_features import cpu_summary
 
     torch.set_num_threads(args.threads)
     started = dt.datetime.now(dt.timezone.utc)

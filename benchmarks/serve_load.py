@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from unet_deploy.api import Predictor  # noqa: E402
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig  # noqa: E402
 from unet_deploy.export import export_onnx  # noqa: E402
-from unet_deploy.synth import generate_test_images  # noqa: E402
+from unet_deploy.images.synth import generate_test_images  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_hostile import hostile_run, render_hostile  # noqa: E402

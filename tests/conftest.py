@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet_deploy.synth import generate_dataset
+from unet_deploy.images.synth import generate_dataset
 
 #: The CPU views precision-dependent tests (marker ``precision``) run under: the CPU as it is, and with bf16/AMX
 #: hidden from the capability probe (``UNET_DEPLOY_CPU_HIDE=bf16``), so an AMX or AVX-512 BF16 machine also runs
@@ -25,7 +25,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def cpu_view(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
     """The view a ``precision`` test runs under (None for other tests: the CPU as it is, or as the caller's
     environment already says)."""
-    from unet_deploy.cpu_features import HIDE_ENV
+    from unet_deploy.runtime.cpu_features import HIDE_ENV
 
     name = getattr(request, "param", None)
     if name is not None:
@@ -101,7 +101,7 @@ def fit_on_heldout_cars(fit_tiny_unet, synth_heldout
     import numpy as np
     from PIL import Image
 
-    from unet_deploy.data import list_images, load_image, preprocess
+    from unet_deploy.images.image_io import list_images, load_image, preprocess
 
     def fit(n: int, steps: int):
         images = list_images(synth_heldout / "imgs")

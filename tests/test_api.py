@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from unet_deploy.api import Predictor, export
-from unet_deploy.backends import OrtOptions, TorchOptions, TorchScriptOptions, load_backend, options_for
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.errors import UserError
-from unet_deploy.parity import default_cases, parity
+from unet_deploy.export.parity import default_cases, parity
+from unet_deploy.runtime import OrtOptions, TorchOptions, TorchScriptOptions, load_backend, options_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIF_ORIENTATION = 0x0112

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unet_deploy.augment import PRESETS, AugmentConfig, AugmentTransform, build_transform, preset
 from unet_deploy.errors import UserError
-from unet_deploy.losses import boundary_band
+from unet_deploy.images.augment import PRESETS, AugmentConfig, AugmentTransform, build_transform, preset
+from unet_deploy.train.losses import boundary_band
 
 GEOMETRY = AugmentConfig(hflip=0.5, scale=0.25, shift=0.1, rotate=20.0, geometric_p=1.0)
 
@@ -133,7 +133,7 @@ def test_dataloader_workers_are_reproducible_and_do_not_repeat_each_other():
 
 
 def test_segmentation_dataset_applies_the_transform(tmp_path):
-    from unet_deploy.data import Pair
+    from unet_deploy.images.image_io import Pair
     from unet_deploy.train import SegmentationDataset
 
     mask = (_shapes_mask() > 0).astype(np.uint8)

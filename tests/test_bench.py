@@ -404,7 +404,7 @@ def test_warmup_n_makes_exactly_n_untimed_calls(warmup: int, runs: int, tmp_path
             calls.append(1)
             return torch.full((1, 2, 4, 4), float(len(calls)))
 
-    monkeypatch.setattr("unet_deploy.backends.load_backend", lambda *a, **k: Counting())
+    monkeypatch.setattr("unet_deploy.runtime.load_backend", lambda *a, **k: Counting())
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 4, 4), np.float32))
     spec = bench.CaseSpec(backend="torch", model_path="unused.pth", device="cpu", input=str(tmp_path / "x.npy"),
                           runs=runs, warmup=warmup,

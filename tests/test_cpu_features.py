@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from unet_deploy import cpu_features
-from unet_deploy.cpu_features import HIDE_ENV, bf16_hidden, bf16_kernels, cpu_flags, cpu_summary, int8_kernels
 from unet_deploy.errors import UserError
-from unet_deploy.runtime_precision import VERDICTS_KEY, choose_precision
+from unet_deploy.runtime import cpu_features
+from unet_deploy.runtime.cpu_features import HIDE_ENV, bf16_hidden, bf16_kernels, cpu_flags, cpu_summary, int8_kernels
+from unet_deploy.runtime.precision import VERDICTS_KEY, choose_precision
 
 ROOT = Path(__file__).parents[1]
 AMX = frozenset("avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8".split())
@@ -52,8 +52,8 @@ def test_an_unknown_word_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_switch_reaches_openvino_torch_and_the_roofline_in_a_child_process() -> None:
     """What a command started with the switch sees, whatever this CPU has."""
-    code = ("import json; from unet_deploy.backend_openvino import openvino_cpu_has; "
-            "from unet_deploy.backends import cpu_supports_bf16; "
+    code = ("import json; from unet_deploy.runtime.openvino_backend import openvino_cpu_has; "
+            "from unet_deploy.runtime import cpu_supports_bf16; "
             "from unet_deploy.bench.uarch import read_cpu, per_cycle; "
             "ops = per_cycle(read_cpu()); print(json.dumps([openvino_cpu_has('bf16'), openvino_cpu_has('fp16'), "
             "cpu_supports_bf16(), sorted(f for f in read_cpu().flags if 'bf16' in f or 'amx' in f), "

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy.crf import CRFParams, CRFParamsError, crf_map, dense_crf, require_crf
 from unet_deploy.errors import UserError
+from unet_deploy.images.crf import CRFParams, CRFParamsError, crf_map, dense_crf, require_crf
 
 pytestmark = pytest.mark.crf
 
@@ -210,7 +210,7 @@ def test_crf_map_closing_early_stops_cleanly():
 
 @pytest.mark.parametrize("t", [0.0, 0.05, 0.3, 0.5, 0.8, 0.99, 1.0])
 def test_threshold_prior_moves_the_decision_point(t):
-    from unet_deploy.crf import threshold_prior
+    from unet_deploy.images.crf import threshold_prior
 
     p = np.linspace(0, 1, 1001, dtype=np.float32).reshape(7, 143)
     q = threshold_prior(p, t)
@@ -224,7 +224,7 @@ def test_threshold_prior_moves_the_decision_point(t):
 
 
 def test_threshold_prior_changes_crf_output():
-    from unet_deploy.crf import threshold_prior
+    from unet_deploy.images.crf import threshold_prior
 
     image, probs, _ = two_region_case(conf=0.7)
     base = dense_crf(image, probs).sum()
@@ -244,9 +244,9 @@ def fitted_cars(tmp_path_factory, fit_tiny_unet):
     import torch
 
     from unet_deploy.checkpoint import save_checkpoint
-    from unet_deploy.data import find_pairs, load_image, load_mask, preprocess, preprocess_mask
     from unet_deploy.export import export_onnx
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.image_io import find_pairs, load_image, load_mask, preprocess, preprocess_mask
+    from unet_deploy.images.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("crf-cars")
     generate_dataset(root / "data", n=8, width=128, height=96, seed=5)
@@ -261,8 +261,8 @@ def fitted_cars(tmp_path_factory, fit_tiny_unet):
 
 
 def _masks(model_path, images, **options):
-    from unet_deploy.backends import load_backend
     from unet_deploy.predict import PredictOptions, iter_predictions, plan_jobs
+    from unet_deploy.runtime import load_backend
 
     backend = load_backend(model_path, device="cpu")
     opts = PredictOptions(progress=False, crf_workers=1, **options)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy.data import (
+from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import (
     IMAGE_FORMATS,
     MAX_PIXELS,
     discover_mask_values,
@@ -26,7 +27,6 @@ from unet_deploy.data import (
     preprocess_mask,
     scaled_size,
 )
-from unet_deploy.errors import UserError
 
 
 def _rgb(w: int = 37, h: int = 23, seed: int = 0) -> np.ndarray:
@@ -266,8 +266,8 @@ def test_files_are_closed_after_loading(tmp_path: Path) -> None:
 def test_predict_outputs_in_an_images_folder_are_not_read_as_images(tmp_path: Path) -> None:
     """Masks and overlays that `predict` wrote into the images folder (default names, or any name with the
     run stamp) break neither pairing for `train`/`evaluate` nor folder expansion for `predict`."""
+    from unet_deploy.images.synth import generate_dataset
     from unet_deploy.predict import expand_inputs, write_mask
-    from unet_deploy.synth import generate_dataset
 
     generate_dataset(tmp_path, n=3, width=64, height=48, seed=0)
     imgs = tmp_path / "imgs"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy.rle import rle_decode
+from unet_deploy.images.rle import rle_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_next_hints_work_when_pasted(tmp_path: Path) -> None:
 def test_quick_demo_on_a_cpu_without_bf16(tmp_path: Path) -> None:
     """The demo where the CPU has no bf16 (UNET_DEPLOY_CPU_HIDE=bf16: how an AVX2-only CPU looks on an AMX or
     Zen 4 machine): every step passes and the export says OpenVINO runs fp32 here."""
-    from unet_deploy.cpu_features import HIDE_ENV
+    from unet_deploy.runtime.cpu_features import HIDE_ENV
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **{HIDE_ENV: "bf16"})
     proc = subprocess.run([sys.executable, "-m", "unet_deploy", "demo", "--quick"], cwd=tmp_path, capture_output=True,

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from unet_deploy.checkpoint import load_checkpoint
-from unet_deploy.data import find_pairs
+from unet_deploy.images.image_io import find_pairs
 from unet_deploy.train import DistEnv, SegmentationDataset, split_pairs, validate
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -199,9 +199,9 @@ def test_nproc_run_then_resume_equals_uninterrupted_run(runs, data, tmp_path):
 
 @pytest.mark.export
 def test_distributed_checkpoint_exports_and_predicts(runs, data, tmp_path):
-    from unet_deploy.backends import load_backend
-    from unet_deploy.data import load_image, to_input
     from unet_deploy.export import export_onnx, export_torchscript
+    from unet_deploy.images.image_io import load_image, to_input
+    from unet_deploy.runtime import load_backend
 
     ckpt_path = runs["dist"] / "best.pth"
     ckpt = load_checkpoint(ckpt_path)

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 
 from unet_deploy.checkpoint import save_checkpoint
-from unet_deploy.data import find_pairs, load_image, load_mask, preprocess
+from unet_deploy.images.image_io import find_pairs, load_image, load_mask, preprocess
+from unet_deploy.images.rle import read_submission
+from unet_deploy.images.synth import generate_dataset, generate_test_images
 from unet_deploy.predict.resume import CRASH_ENV
-from unet_deploy.rle import read_submission
-from unet_deploy.shard import JournalRow, JournalWriter, journal_dir, read_journal, rle_fits, split
-from unet_deploy.synth import generate_dataset, generate_test_images
+from unet_deploy.predict.shard import JournalRow, JournalWriter, journal_dir, read_journal, rle_fits, split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 48), (80, 56), (96, 64)]  # (width, height), 4 images each
@@ -318,7 +318,7 @@ def test_nproc_relaunch_reproduces_the_parsed_command():
 
 def test_model_digest_reuses_the_hash_taken_at_load(tmp_path):
     from unet_deploy.fileio import sha256_file
-    from unet_deploy.shard import model_digest
+    from unet_deploy.predict.shard import model_digest
 
     f = tmp_path / "m.pth"
     f.write_bytes(b"weights")

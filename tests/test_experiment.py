@@ -13,8 +13,8 @@ from PIL import Image
 
 from unet_deploy.checkpoint import load_checkpoint
 from unet_deploy.cli import main
-from unet_deploy.experiment import VARIANTS
 from unet_deploy.model import UNet
+from unet_deploy.train.experiment import VARIANTS
 
 
 def make_dataset(folder: Path, n: int, seed: int, width: int = 64, height: int = 48) -> Path:

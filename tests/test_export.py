@@ -19,14 +19,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import unet_deploy.model as model_mod
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import load_checkpoint, save_checkpoint
 from unet_deploy.cli import app, main
 from unet_deploy.config import CONFIG_KEY, DeployConfig, InferenceConfig, ModelConfig
 from unet_deploy.errors import UserError
 from unet_deploy.export import export_onnx, export_torchscript
+from unet_deploy.export.parity import ParityCase, default_cases, parity
 from unet_deploy.fileio import sha256_file
-from unet_deploy.parity import ParityCase, default_cases, parity
+from unet_deploy.runtime import load_backend
 
 pytestmark = pytest.mark.export
 

@@ -19,19 +19,10 @@ import pytest
 import torch
 
 from unet_deploy import bench
-from unet_deploy.backends import (
-    OrtOptions,
-    configure_cudnn,
-    cpu_supports_bf16,
-    load_backend,
-    ort_session_options,
-    physical_cores,
-)
 from unet_deploy.checkpoint import load_checkpoint
-from unet_deploy.data import find_pairs, list_images
 from unet_deploy.errors import UserError
 from unet_deploy.export import calibration_batches, convert_onnx_fp16, export_onnx, quantize_onnx_int8
-from unet_deploy.parity import (
+from unet_deploy.export.parity import (
     INT8_MAX_REL_ERR,
     INT8_MIN_AGREEMENT,
     INT8_MIN_DICE,
@@ -39,6 +30,15 @@ from unet_deploy.parity import (
     compare,
     image_cases,
     parity,
+)
+from unet_deploy.images.image_io import find_pairs, list_images
+from unet_deploy.runtime import (
+    OrtOptions,
+    configure_cudnn,
+    cpu_supports_bf16,
+    load_backend,
+    ort_session_options,
+    physical_cores,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def _cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subproces
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny U-Net (base 8) trained a few dozen steps on synthetic cars, its fp32 ONNX export, and a
     held-out set."""
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.synth import generate_dataset
     from unet_deploy.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("fast")
@@ -237,7 +237,7 @@ def test_release_large_frees_returns_freed_blocks_to_the_system() -> None:
     glibc's mmap threshold, the blocks come from the heap, and the one still in use pins them all."""
     code = textwrap.dedent("""
         import ctypes, ctypes.util, psutil
-        from unet_deploy.backends import release_large_frees
+        from unet_deploy.runtime import release_large_frees
         assert release_large_frees() and release_large_frees()   # in force, idempotent
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -485,8 +485,8 @@ def test_gpu_check_script_cpu_smoke(tmp_path: Path) -> None:
 
 
 def test_training_out_of_memory_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unet_deploy.images.synth import generate_dataset
     from unet_deploy.model import UNet
-    from unet_deploy.synth import generate_dataset
     from unet_deploy.train import TrainConfig, train
 
     generate_dataset(tmp_path / "d", n=4, width=64, height=48, seed=0)

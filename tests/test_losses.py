@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from unet_deploy.errors import UserError
-from unet_deploy.losses import (
+from unet_deploy.images.dice import dice_score
+from unet_deploy.train import segmentation_loss
+from unet_deploy.train.losses import (
     EdgeWeight,
     boundary_accuracy,
     boundary_band,
@@ -19,9 +21,7 @@ from unet_deploy.losses import (
     edge_weight_map,
     warmup_cosine,
 )
-from unet_deploy.metrics import dice_score
-from unet_deploy.quality import QualityOptions
-from unet_deploy.train import segmentation_loss
+from unet_deploy.train.quality import QualityOptions
 
 
 def _square(h: int = 40, w: int = 50) -> np.ndarray:
@@ -122,7 +122,7 @@ def test_edge_weight_hook_caches_per_mask_and_pickles_without_cache():
 
 
 def test_quality_hooks_cache_only_without_geometric_augmentation():
-    from unet_deploy.augment import preset
+    from unet_deploy.images.augment import preset
 
     plain = QualityOptions(edge_weight=4.0).hooks(seed=0)
     assert plain["loss_weight_key"] == "weight" and plain["extras"].cache_bytes > 0

@@ -56,7 +56,7 @@ def test_first_line_of_an_empty_message_is_the_class_name(error: BaseException) 
 
 
 def test_threads_with_the_torch_backend_is_refused_in_one_line(tmp_path: Path) -> None:
-    from unet_deploy.backends import load_backend
+    from unet_deploy.runtime import load_backend
 
     checkpoint, onnx_file = tmp_path / "best.pth", tmp_path / "best.onnx"
     for path in (checkpoint, onnx_file):
@@ -70,7 +70,7 @@ def test_threads_with_the_torch_backend_is_refused_in_one_line(tmp_path: Path) -
 
 
 def test_options_left_at_their_defaults_are_accepted_by_every_backend(tmp_path: Path) -> None:
-    from unet_deploy.backends import load_backend
+    from unet_deploy.runtime import load_backend
 
     checkpoint = tmp_path / "best.pth"
     checkpoint.write_bytes(b"not a checkpoint")

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from unet_deploy.config import DeployConfig, ModelConfig
 from unet_deploy.export import export_onnx
+from unet_deploy.export.onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
 from unet_deploy.model import UNet
-from unet_deploy.onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
 
 pytestmark = pytest.mark.export
 

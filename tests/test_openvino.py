@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from unet_deploy.backend_options import OpenVinoOptions, options_for
-from unet_deploy.backends import load_backend, read_embedded_config
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.config import DeployConfig, ModelConfig
 from unet_deploy.errors import UserError
 from unet_deploy.export import export_onnx
-from unet_deploy.exporting import ExportOptions, parse_formats, run_export
+from unet_deploy.export.exporter import ExportOptions, parse_formats, run_export
+from unet_deploy.runtime import load_backend, read_embedded_config
+from unet_deploy.runtime.backend_options import OpenVinoOptions, options_for
 
 pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino extra")
 pytestmark = pytest.mark.export
@@ -127,7 +127,7 @@ def test_compiled_model_cache_is_used_and_never_stale(tiny, tmp_path: Path) -> N
     assert second.call.compiled["LATENCY"].get_property("LOADED_FROM_CACHE")
     np.testing.assert_array_equal(second.run(x), first)
     other, cfg = _trained_like(seed=5)  # re-export other weights to the same name
-    from unet_deploy.export_openvino import convert_onnx_to_ir
+    from unet_deploy.export.openvino_writer import convert_onnx_to_ir
 
     convert_onnx_to_ir(export_onnx(other, cfg, tmp_path / "other.onnx"), cfg, xml)
     third = load_backend(xml, device="cpu").run(x)
@@ -141,7 +141,7 @@ def test_a_failing_ir_is_not_written_and_the_older_file_stays(tiny, tmp_path: Pa
     out.mkdir()
     (out / "tiny.xml").write_text("older xml")
     (out / "tiny.bin").write_bytes(b"older bin")
-    from unet_deploy import backend_openvino
+    from unet_deploy.runtime import openvino_backend as backend_openvino
 
     real = backend_openvino._OpenVinoRunner.__call__
     monkeypatch.setattr(backend_openvino._OpenVinoRunner, "__call__", lambda self, b: real(self, b) + 1.0)
@@ -180,7 +180,7 @@ def test_nncf_int8_ir_is_verified_on_real_images(fit_on_heldout_cars, tmp_path: 
     int8 = load_backend(tmp_path / "exp" / "car.int8.xml", device="cpu", cache=False)
     assert int8.precision == "int8"
     fp32 = load_backend(tmp_path / "exp" / "car.xml", device="cpu", cache=False)
-    from unet_deploy.data import load_image, preprocess
+    from unet_deploy.images.image_io import load_image, preprocess
 
     batch = preprocess(load_image(images[13]), cfg.inference.scale)[None]
     masks_int8, masks_fp32 = int8.run(batch).argmax(1), fp32.run(batch).argmax(1)
@@ -212,7 +212,7 @@ def test_options_and_errors_are_one_line(tiny, tmp_path: Path) -> None:
 
 @pytest.mark.precision
 def test_bf16_hint_runs_bf16_or_says_it_cannot(tiny, tmp_path: Path) -> None:
-    from unet_deploy.backend_openvino import openvino_cpu_has
+    from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
     r = _cli("predict", "-m", str(tiny["xml"]), "--precision", "bf16", str(tiny["images"] / "rgb.jpg"),
              "-o", str(tmp_path / "m.png"), cwd=tmp_path)
@@ -224,8 +224,8 @@ def test_bf16_hint_runs_bf16_or_says_it_cannot(tiny, tmp_path: Path) -> None:
 
 
 def test_all_formats_include_openvino_only_when_installed(monkeypatch) -> None:
-    import unet_deploy.backend_openvino as backend_openvino
-    import unet_deploy.exporting as exporting
+    import unet_deploy.export.exporter as exporting
+    import unet_deploy.runtime.openvino_backend as backend_openvino
     from unet_deploy.bench.variants import default_backends
 
     assert parse_formats("all") == ["onnx", "torchscript", "openvino"]
@@ -241,7 +241,7 @@ def test_all_formats_include_openvino_only_when_installed(monkeypatch) -> None:
 def test_benchmark_runs_the_openvino_variants_and_the_plain_recipe(tmp_path: Path) -> None:
     """Every OpenVINO variant, the plain int8 recipe among them; our int8 IR runs its other layers at bf16 where
     the CPU has it; a quick run of a fresh width-8 model recommends nothing and says what would."""
-    from unet_deploy.backend_openvino import openvino_cpu_has
+    from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
     r = _cli("benchmark", "--quick", "--backends", "openvino", "openvino-int8", "openvino-plain",
              "openvino-int8-plain", "--scales", "0.5", "--runs", "2", "--json", "bench.json", cwd=tmp_path)
@@ -268,8 +268,8 @@ def test_export_records_each_runtime_precision_and_auto_runs_the_fastest_verifie
     ties."""
     import json
 
-    from unet_deploy.backend_openvino import openvino_cpu_has, read_ir_metadata
-    from unet_deploy.runtime_precision import VERDICTS_KEY
+    from unet_deploy.runtime.openvino_backend import openvino_cpu_has, read_ir_metadata
+    from unet_deploy.runtime.precision import VERDICTS_KEY
 
     model, cfg, _images = fit_on_heldout_cars(12, 30)
     ckpt = save_checkpoint(tmp_path / "car.pth", model, cfg)
@@ -303,8 +303,8 @@ def test_export_records_each_runtime_precision_and_auto_runs_the_fastest_verifie
 def test_a_failing_reduced_precision_never_blocks_the_ir(tiny, tmp_path: Path, monkeypatch) -> None:
     """bf16 judged by impossible thresholds: the IR is still written (its fp32 check passed), the verdict says
     failed, and auto runs fp32 and says why; on a CPU without bf16 it is not checked at all."""
-    from unet_deploy import parity
-    from unet_deploy.backend_openvino import openvino_cpu_has
+    from unet_deploy.export import parity
+    from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
     strict = parity.ParityThresholds(max_rel_err=0.0, min_pixel_agreement=1.0, min_dice=1.0, max_flipped_pixels=0,
                                      precision="bf16")

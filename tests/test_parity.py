@@ -17,9 +17,8 @@ from PIL import Image
 from rich.console import Console
 
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
-from unet_deploy.data import scaled_size
 from unet_deploy.errors import UserError
-from unet_deploy.parity import (
+from unet_deploy.export.parity import (
     BF16_MAX_REL_ERR,
     BF16_MIN_AGREEMENT,
     BF16_MIN_DICE,
@@ -36,6 +35,7 @@ from unet_deploy.parity import (
     default_cases,
     parity,
 )
+from unet_deploy.images.image_io import scaled_size
 
 CFG = DeployConfig(model=ModelConfig(base_channels=4, bilinear=True), inference=InferenceConfig(scale=0.5))
 
@@ -126,7 +126,7 @@ def test_default_cases_shapes(tmp_path) -> None:
 
 def test_reduced_precisions_add_a_car_photo_unless_real_images_are_given(tmp_path) -> None:
     """Reduced precisions are judged by the masks of photos: the user's images, else a synthetic car."""
-    from unet_deploy.parity import reduced_precision_cases
+    from unet_deploy.export.parity import reduced_precision_cases
 
     plain = default_cases(CFG, quick=True)
     added = reduced_precision_cases(plain, CFG, quick=True)

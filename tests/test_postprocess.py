@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from unet_deploy.postprocess import colorize, logits_to_mask, probabilities
+from unet_deploy.images.postprocess import colorize, logits_to_mask, probabilities
 
 
 def test_binary_threshold_means_the_same_for_sigmoid_and_softmax_models() -> None:
@@ -79,7 +79,7 @@ def _peak_bytes(fn, *args):
 
 def _reference_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """overlay_image's formula on the whole image at once (what the blockwise version must equal)."""
-    from unet_deploy.predict.overlay import MIN_TINT_DISTANCE, PALETTE, _edges
+    from unet_deploy.images.overlay import MIN_TINT_DISTANCE, PALETTE, _edges
 
     out = image.astype(np.float32)
     classes = np.clip(mask.astype(np.int64), 0, None)
@@ -102,8 +102,8 @@ def test_large_masks_and_overlays_cost_their_own_bytes_not_float_copies() -> Non
     """A mask or overlay at the size of a large image is worked a block of rows at a time: the same pixels as
     the whole-image formula, with a peak of about the result's own size (a server admits images by their
     pixels: its memory per pixel must not depend on the image's size)."""
-    from unet_deploy.postprocess import resize_bilinear
-    from unet_deploy.predict.overlay import overlay_image
+    from unet_deploy.images.overlay import overlay_image
+    from unet_deploy.images.postprocess import resize_bilinear
 
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(1, 2, 600, 900)).astype(np.float32)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.cli import main
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
-from unet_deploy.data import MAX_PIXELS, preprocess
+from unet_deploy.images.image_io import MAX_PIXELS, preprocess
+from unet_deploy.images.rle import read_submission, rle_decode
 from unet_deploy.predict import (
     PredictOptions,
     default_model,
@@ -26,8 +26,8 @@ from unet_deploy.predict import (
     plan_jobs,
     predict_files,
 )
-from unet_deploy.rle import read_submission, rle_decode
-from unet_deploy.tta import flip_tta
+from unet_deploy.runtime import load_backend
+from unet_deploy.runtime.tta import flip_tta
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(61, 47), (97, 61), (80, 64), (45, 37)]  # (width, height): odd sizes and one that pools evenly
@@ -254,7 +254,7 @@ def test_resume_redoes_an_image_whose_overlay_is_missing(models, images, tmp_pat
 def test_journal_rows_are_reused_only_with_every_output_on_disk(tmp_path):
     from unet_deploy.predict.records import Job
     from unet_deploy.predict.resume import journal_key, reusable
-    from unet_deploy.shard import JournalRow
+    from unet_deploy.predict.shard import JournalRow
 
     image = tmp_path / "car.png"
     Image.new("RGB", (97, 61)).save(image)
@@ -677,7 +677,7 @@ def test_ort_predict_never_imports_torch(models, images, tmp_path):
 
 
 def test_numpy_postprocessing_equals_torch():
-    from unet_deploy.postprocess import logits_to_mask, probabilities, upsample_logits
+    from unet_deploy.images.postprocess import logits_to_mask, probabilities, upsample_logits
 
     rng = np.random.default_rng(0)
     for c, (h, w), size in [(1, (32, 48), (64, 97)), (2, (30, 47), (61, 95)), (3, (17, 23), (40, 50)),

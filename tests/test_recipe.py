@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import load_checkpoint
 from unet_deploy.cli import main
-from unet_deploy.data import find_pairs
 from unet_deploy.errors import UserError
-from unet_deploy.quality import recipe_hooks, resolve_recipe
-from unet_deploy.synth import generate_dataset
+from unet_deploy.images.image_io import find_pairs
+from unet_deploy.images.synth import generate_dataset
+from unet_deploy.runtime import load_backend
 from unet_deploy.train import TrainConfig, evaluate_model, train
+from unet_deploy.train.quality import recipe_hooks, resolve_recipe
 
 
 def _cfg(data: Path, ckpt: Path, record: dict, explicit: tuple[str, ...] = (), **kw) -> TrainConfig:

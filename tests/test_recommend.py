@@ -13,7 +13,7 @@ import pytest
 
 from unet_deploy.bench import recommend_check
 from unet_deploy.bench.recommend import how_to_run, ranked_variants, render_recommendation
-from unet_deploy.synth import generate_dataset
+from unet_deploy.images.synth import generate_dataset
 
 ROOT = Path(__file__).parents[1]
 

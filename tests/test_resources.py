@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy import resources
-from unet_deploy.backends import Backend
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.cli import main
 from unet_deploy.config import DeployConfig, ModelConfig
 from unet_deploy.errors import UserError
-from unet_deploy.resources import (
+from unet_deploy.runtime import Backend, resources
+from unet_deploy.runtime.resources import (
     available_memory,
     cgroup_memory_left,
     check_train_memory,
@@ -87,7 +86,7 @@ def test_cgroup_path_outside_the_namespace_is_read_at_the_mount(tmp_path: Path) 
 def test_available_memory_is_the_least_of_system_cgroup_and_rlimit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resources, "cgroup_memory_left", lambda: 123 * MIB)
     assert available_memory() == (123 * MIB, "cgroup memory limit")
-    code = ("import psutil, resource; from unet_deploy.resources import available_memory; "
+    code = ("import psutil, resource; from unet_deploy.runtime.resources import available_memory; "
             "vms = psutil.Process().memory_info().vms; "
             "resource.setrlimit(resource.RLIMIT_AS, (vms + 300 * 2**20, resource.RLIM_INFINITY)); "
             "print(*available_memory(), sep='|')")
@@ -97,7 +96,7 @@ def test_available_memory_is_the_least_of_system_cgroup_and_rlimit(monkeypatch: 
 
 
 def test_importing_resources_does_not_import_torch() -> None:
-    code = "import sys, unet_deploy.resources; print('torch' in sys.modules)"
+    code = "import sys, unet_deploy.runtime.resources; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 
@@ -105,7 +104,7 @@ def test_importing_resources_does_not_import_torch() -> None:
 # ------------------------------------------------------------------------------------- the estimate
 _MEASURE = r"""
 import sys, numpy as np
-from unet_deploy.backends import load_backend
+from unet_deploy.runtime import load_backend
 from unet_deploy.bench import peak_rss_bytes, reset_peak_rss
 backend = load_backend(sys.argv[1], device="cpu", threads=2 if sys.argv[1].endswith(".onnx") else None)
 backend(np.zeros((1, 3, 64, 64), np.float32))  # warm-up: the runtime's one-time allocations
@@ -250,7 +249,7 @@ def test_training_batch_that_cannot_fit_is_refused(tiny_model: tuple[Path, Path]
 
 def test_train_refuses_a_step_that_cannot_fit_before_the_first_epoch(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.synth import generate_dataset
     from unet_deploy.train import TrainConfig, train
 
     generate_dataset(tmp_path / "data", n=4, width=64, height=64)
@@ -289,12 +288,12 @@ def test_out_of_memory_kinds_are_recognised_and_others_are_not() -> None:
 def test_main_prints_one_line_for_out_of_memory_in_a_command(
         error: type[Exception], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import unet_deploy.synth
+    import unet_deploy.images.synth
 
     def fail(*_: object, **__: object) -> None:
         raise error()
 
-    monkeypatch.setattr(unet_deploy.synth, "generate_dataset", fail)
+    monkeypatch.setattr(unet_deploy.images.synth, "generate_dataset", fail)
     with pytest.raises(SystemExit) as exit_:
         main(["synth", "--out", str(tmp_path / "d"), "--width", "64", "--height", "64"])
     assert exit_.value.code == 1
@@ -303,12 +302,12 @@ def test_main_prints_one_line_for_out_of_memory_in_a_command(
 
 
 def test_main_still_raises_bugs_that_are_not_out_of_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import unet_deploy.synth
+    import unet_deploy.images.synth
 
     def fail(*_: object, **__: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(unet_deploy.synth, "generate_dataset", fail)
+    monkeypatch.setattr(unet_deploy.images.synth, "generate_dataset", fail)
     with pytest.raises(ZeroDivisionError):
         main(["synth", "--out", str(tmp_path / "d")])
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from unet_deploy.errors import UserError
-from unet_deploy.rle import read_submission, rle_decode, rle_encode, write_submission
+from unet_deploy.images.rle import read_submission, rle_decode, rle_encode, write_submission
 
 
 def test_hand_computed_3x4():

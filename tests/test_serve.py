@@ -19,10 +19,10 @@ from PIL import Image
 from serve_helpers import ROOT, Reply, Server, multipart, mutated_images, png_pixels, write_test_images
 
 from unet_deploy.api import Predictor
-from unet_deploy.backend_openvino import openvino_installed
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.export import export_onnx, export_torchscript
-from unet_deploy.rle import rle_encode
+from unet_deploy.images.rle import rle_encode
+from unet_deploy.runtime.openvino_backend import openvino_installed
 
 pytest.importorskip("starlette", reason="serve needs starlette (a dependency of unet-deploy)")
 
@@ -37,7 +37,7 @@ def served(tmp_path_factory, fit_on_heldout_cars) -> dict:
              "torchscript": export_torchscript(model, cfg, d / "tiny.ts"),
              "ort": export_onnx(model, cfg, d / "tiny.onnx")}
     if openvino_installed():
-        from unet_deploy.export_openvino import convert_onnx_to_ir
+        from unet_deploy.export.openvino_writer import convert_onnx_to_ir
 
         files["openvino"] = convert_onnx_to_ir(files["ort"], cfg, d / "tiny.xml")
     return {"dir": d, "files": files, "images": write_test_images(d / "images", images[12]), "photo": images[13]}
@@ -124,7 +124,7 @@ def test_crf_requests_match_predict_with_crf(ort_server, served) -> None:
 
 def test_crf_requests_take_predicts_crf_flags(served) -> None:
     pytest.importorskip("pydensecrf.densecrf")
-    from unet_deploy.crf import CRFParams
+    from unet_deploy.images.crf import CRFParams
 
     flags = {"--crf-gauss-sxy": "3", "--crf-bilat-sxy": "10", "--crf-bilat-srgb": "5", "--crf-iterations": "2"}
     params = CRFParams(gauss_sxy=3, bilat_sxy=10, bilat_srgb=5, iterations=2)
@@ -340,7 +340,7 @@ def test_workers_share_one_port_each_with_its_model(served) -> None:
 
 def test_default_max_batch_follows_backend_and_device(served) -> None:
     from unet_deploy.serve.options import ServeOptions, max_batch_for
-    from unet_deploy.serve.run import load_state
+    from unet_deploy.serve.server import load_state
 
     state = load_state(ServeOptions(model=served["files"]["ort"], device="cpu"))
     try:  # a CPU batch runs no faster per image: one request per model call

@@ -321,7 +321,7 @@ def test_readyz_turns_503_when_the_batching_task_is_gone(files, monkeypatch) -> 
 
     from unet_deploy.serve.batcher import MicroBatcher
     from unet_deploy.serve.options import ServeOptions
-    from unet_deploy.serve.run import DrainingServer, load_state
+    from unet_deploy.serve.server import DrainingServer, load_state
 
     calls: list[int] = []
     original = MicroBatcher._take

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy import synth
 from unet_deploy.errors import UserError
-from unet_deploy.synth import generate_dataset, generate_test_images, render_car
+from unet_deploy.images import synth
+from unet_deploy.images.synth import generate_dataset, generate_test_images, render_car
 
 ID_RE = re.compile(r"^[0-9a-f]{12}_(\d{2})$")
 

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_deploy import resources
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import save_checkpoint
 from unet_deploy.cli import main
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
 from unet_deploy.predict import PredictOptions, predict_arrays
-from unet_deploy.predict.tiling import (
+from unet_deploy.runtime import load_backend, resources
+from unet_deploy.runtime.tiling import (
     ALIGN,
     Stitcher,
     Tiling,

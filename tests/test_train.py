@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import load_checkpoint
-from unet_deploy.data import find_pairs, load_mask
 from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import find_pairs, load_mask
+from unet_deploy.runtime import load_backend
 from unet_deploy.train import EpochSampler, TrainConfig, evaluate_model, split_pairs, train
 
 

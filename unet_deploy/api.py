@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from unet_deploy.backend_options import BackendOptions
-from unet_deploy.backends import Backend, Description, load_backend
 from unet_deploy.config import DeployConfig
-from unet_deploy.data import image_to_array, load_image
 from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import image_to_array, load_image
 from unet_deploy.predict import PredictOptions, PredictSummary, default_model, predict_arrays, predict_files
+from unet_deploy.predict.shard import Group
 from unet_deploy.predict.write import mask_values_image, output_values
-from unet_deploy.shard import Group
+from unet_deploy.runtime import Backend, Description, load_backend
+from unet_deploy.runtime.backend_options import BackendOptions
 
 if TYPE_CHECKING:  # the export pipeline loads torch: only export() imports it, so ONNX Runtime use never does
-    from unet_deploy.exporting import ExportResult, Log
+    from unet_deploy.export.exporter import ExportResult, Log
 
 __all__ = ["Predictor", "export", "ImageLike"]
 
@@ -56,8 +56,8 @@ class Predictor:
     def load(cls, model: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
              backend_options: BackendOptions | None = None, **predict_options: Any) -> Predictor:
         """Load ``model`` (.pth, .ts or .onnx; default: as ``predict`` finds it) on ``device`` ("auto":
-        CUDA when visible). ``backend_options``: :class:`~unet_deploy.backends.TorchOptions`,
-        :class:`~unet_deploy.backends.OrtOptions`, ...; ``predict_options``: :class:`PredictOptions` fields
+        CUDA when visible). ``backend_options``: :class:`~unet_deploy.runtime.TorchOptions`,
+        :class:`~unet_deploy.runtime.OrtOptions`, ...; ``predict_options``: :class:`PredictOptions` fields
         (e.g. ``tile=640, tile_overlap=80`` for tiled inference; an image whose whole cannot fit in memory
         is tiled automatically unless ``auto_tile=False``)."""
         path = Path(model) if model is not None else default_model(backend)
@@ -116,11 +116,11 @@ def export(checkpoint: str | Path | None = None, formats: str | Sequence[str] = 
     """Export ``checkpoint`` (default: checkpoints/best.pth) to ``formats`` ("onnx", "torchscript", "all" or
     a list) and verify each file against eager PyTorch; only files that pass are written.
 
-    ``options`` are :class:`~unet_deploy.exporting.ExportOptions` fields (``output``, ``name``, ``opset``,
+    ``options`` are :class:`~unet_deploy.export.exporter.ExportOptions` fields (``output``, ``name``, ``opset``,
     ``verify``, ``images``, ``quick_verify``, ``int8``, ``calibration``, ``calibration_count``, ``fp16``).
     ``log`` receives progress lines and parity tables (default: silent). ``result.passed`` is False when any
     file failed its check; ``result.written`` lists (format, path) of the files written."""
-    from unet_deploy.exporting import ExportOptions, parse_formats, run_export
+    from unet_deploy.export.exporter import ExportOptions, parse_formats, run_export
 
     words = parse_formats(formats) if isinstance(formats, str) else [f for w in formats for f in parse_formats(w)]
     for key in ("output", "calibration"):

@@ -162,9 +162,9 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
 
 
 def torchrun_command(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """``python -m unet_deploy.torchrun --standalone --nproc-per-node N [extra] -m unet_deploy ARGS``
-    (:mod:`unet_deploy.torchrun`: torch.distributed.run, quiet when a signal stops it)."""
-    return [sys.executable, "-m", "unet_deploy.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+    """``python -m unet_deploy.cli.torchrun --standalone --nproc-per-node N [extra] -m unet_deploy ARGS``
+    (:mod:`unet_deploy.cli.torchrun`: torch.distributed.run, quiet when a signal stops it)."""
+    return [sys.executable, "-m", "unet_deploy.cli.torchrun", "--standalone", f"--nproc-per-node={nproc}",
             *extra, "-m", "unet_deploy", *args]
 
 

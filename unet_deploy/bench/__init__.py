@@ -30,7 +30,7 @@ from unet_deploy.bench.artifacts import ModelFiles, prepare_models
 from unet_deploy.bench.cases import parity
 from unet_deploy.bench.inputs import end_to_end, synthetic_image, write_jpeg
 from unet_deploy.bench.machine import UNSTEADY_SPREAD, machine_facts, reliability, reliability_notes, unsteady
-from unet_deploy.bench.memory import peak_rss_bytes, reset_peak_rss
+from unet_deploy.bench.peak_memory import peak_rss_bytes, reset_peak_rss
 from unet_deploy.bench.probe import CaseSpec, latency_stats, run_case, run_case_isolated
 from unet_deploy.bench.render.markdown import FULL_RUN, render_markdown
 from unet_deploy.bench.render.plot import write_plot

@@ -23,9 +23,9 @@ from unet_deploy.bench.settings import CARVANA_SIZE, BenchSettings, resolve_sett
 from unet_deploy.bench.variants import parse_variant
 from unet_deploy.checkpoint import load_checkpoint, save_checkpoint
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
-from unet_deploy.data import preprocess
 from unet_deploy.export import convert_onnx_fp16, export_onnx, export_torchscript, quantize_onnx_int8, quiet_exporter
 from unet_deploy.fileio import sha256_file
+from unet_deploy.images.image_io import preprocess
 
 __all__ = ["MODEL_FILES", "BENCH_CALIBRATION_IMAGES", "ModelFiles", "cache_key", "prepare_models", "work_folder"]
 
@@ -152,7 +152,7 @@ def _plain_onnx_ir(ckpt: Any, target: Path, calibration: Iterator[Any] | None = 
     """OpenVINO's IR of a plain ``torch.onnx.export`` of the network as built (no export rewrites, dynamic
     batch/height/width, torch's default exporter): what a user without this package would run. With
     ``calibration``, the plain int8 recipe: ``nncf.quantize`` with its defaults on those batches."""
-    from unet_deploy.export_openvino import convert_onnx_to_ir, quantize_ir_plain
+    from unet_deploy.export.openvino_writer import convert_onnx_to_ir, quantize_ir_plain
 
     model = ckpt.build_model("cpu").eval()
     onnx_path = target.with_suffix(".onnx")
@@ -186,7 +186,7 @@ def _derived_file(key: str, settings: BenchSettings, ckpt: Any, paths: dict[str,
     elif key.startswith("openvino") and key.endswith("plain"):
         _plain_onnx_ir(ckpt, target, _calibration(settings, config) if "int8" in key else None)
     else:
-        from unet_deploy.export_openvino import convert_onnx_to_ir, quantize_ir_int8
+        from unet_deploy.export.openvino_writer import convert_onnx_to_ir, quantize_ir_int8
 
         assert source is not None
         if key == "openvino":

@@ -15,8 +15,8 @@ from unet_deploy.bench.inputs import synthetic_image
 from unet_deploy.bench.probe import CaseSpec, run_case_isolated
 from unet_deploy.bench.settings import CARVANA_SIZE, BenchSettings
 from unet_deploy.bench.variants import parse_variant
-from unet_deploy.data import preprocess
-from unet_deploy.parity import ParityThresholds, compare
+from unet_deploy.export.parity import ParityThresholds, compare
+from unet_deploy.images.image_io import preprocess
 
 __all__ = ["parity", "run_cases"]
 
@@ -24,7 +24,7 @@ __all__ = ["parity", "run_cases"]
 def parity(reference: np.ndarray, other: np.ndarray, threshold: float = 0.5,
            precision: str = "fp32") -> dict[str, Any]:
     """How far ``other`` logits are from the eager ``reference`` on the same input, by the same measures
-    and thresholds ``export`` verifies with (:func:`unet_deploy.parity.compare`).
+    and thresholds ``export`` verifies with (:func:`unet_deploy.export.parity.compare`).
 
     ``max_rel_err`` = max |a - b| / max |a|; ``pixel_agreement`` = share of mask pixels that agree after
     post-processing; ``passed`` = within the documented thresholds for ``precision``.

@@ -9,18 +9,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unet_deploy.crf import dense_crf
-from unet_deploy.data import load_image, preprocess
 from unet_deploy.fileio import atomic_path
-from unet_deploy.postprocess import logits_to_mask, probabilities
-from unet_deploy.synth import render_car
+from unet_deploy.images.crf import dense_crf
+from unet_deploy.images.image_io import load_image, preprocess
+from unet_deploy.images.postprocess import logits_to_mask, probabilities
+from unet_deploy.images.synth import render_car
 
 __all__ = ["synthetic_image", "write_jpeg", "end_to_end"]
 
 
 def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A deterministic Carvana-like uint8 (H, W, 3) image: a car on a studio background
-    (:func:`unet_deploy.synth.render_car`)."""
+    (:func:`unet_deploy.images.synth.render_car`)."""
     rng = np.random.default_rng(seed)
     return np.ascontiguousarray(render_car(rng, width, height)[0], dtype=np.uint8)
 

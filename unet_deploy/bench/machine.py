@@ -16,7 +16,7 @@ import torch
 from unet_deploy.bench.uarch import per_cycle, read_cpu
 from unet_deploy.bench.variants import variant_label
 from unet_deploy.config import versions
-from unet_deploy.cpu_features import cpu_summary
+from unet_deploy.runtime.cpu_features import cpu_summary
 
 __all__ = ["UNSTEADY_SPREAD", "VECTOR_FLAGS", "cpu_model", "cpu_identity", "load_average_1m", "machine_facts",
            "unsteady", "reliability", "reliability_notes"]

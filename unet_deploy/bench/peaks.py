@@ -58,7 +58,7 @@ def _write_models(folder: Path, c: int, h: int, w: int, feed: np.ndarray) -> tup
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from unet_deploy.onnx_passes import fold_qdq_data_movement
+    from unet_deploy.export.onnx_passes import fold_qdq_data_movement
 
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     graph = helper.make_graph([node], "probe",
@@ -102,7 +102,7 @@ def _best_seconds(call: Callable[[], Any], runs: int) -> tuple[float, int]:
 def _ort(path: Path, feed: np.ndarray, threads: int | None) -> Callable[[], Any]:
     import onnxruntime as ort
 
-    from unet_deploy.ort_session import ort_session_options
+    from unet_deploy.runtime.ort_session import ort_session_options
 
     session = ort.InferenceSession(str(path), sess_options=ort_session_options(threads),
                                    providers=["CPUExecutionProvider"])
@@ -127,7 +127,7 @@ def _torch(feed: np.ndarray, bf16: bool) -> Callable[[], Any]:
 def _openvino(path: Path, feed: np.ndarray, threads: int | None, hint: str | None) -> Callable[[], Any]:
     import openvino as ov
 
-    from unet_deploy.backend_openvino import openvino_cpu_has
+    from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
     if hint == "bf16" and not openvino_cpu_has("bf16"):  # never ask the plugin for what the CPU lacks
         raise RuntimeError("this CPU runs f32 when asked for bf16")

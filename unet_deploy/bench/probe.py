@@ -18,10 +18,10 @@ import numpy as np
 import psutil
 import torch
 
-from unet_deploy import backends
+from unet_deploy import runtime as backends
 from unet_deploy.bench.inputs import end_to_end
 from unet_deploy.bench.isolated import run_in_fresh_process
-from unet_deploy.bench.memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
+from unet_deploy.bench.peak_memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
 from unet_deploy.bench.variants import Variant, parse_variant
 
 __all__ = ["WORKER_MODULE", "CaseSpec", "images_per_s", "latency_stats", "load_variant", "run_case",

@@ -14,7 +14,7 @@ from typing import Any
 from unet_deploy.bench.inputs import synthetic_image, write_jpeg
 from unet_deploy.bench.recommend import CALIBRATION_WORD, MODEL_WORD, command_line, how_to_run, ranked_variants
 from unet_deploy.checkpoint import load_checkpoint
-from unet_deploy.data import list_images
+from unet_deploy.images.image_io import list_images
 
 __all__ = ["check_recommendation", "known_calibration", "TRIES", "STEP_TIMEOUT_S"]
 

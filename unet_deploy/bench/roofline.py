@@ -33,7 +33,7 @@ from unet_deploy.bench.cpu_clock import measure_clock
 from unet_deploy.bench.machine import load_average_1m
 from unet_deploy.bench.peaks import PEAK_LAYER, measure_layer_peaks
 from unet_deploy.bench.uarch import PRECISIONS, per_cycle, read_cpu, theoretical_peaks
-from unet_deploy.ort_session import physical_cores
+from unet_deploy.runtime.ort_session import physical_cores
 
 __all__ = ["ROOFLINE_SCHEMA", "network_work", "measure_peaks", "roofline_report", "precision_of", "PEAK_LAYER"]
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from unet_deploy.backends import resolve_device
 from unet_deploy.bench.variants import BENCH_BACKENDS, default_backends, parse_variant
 from unet_deploy.errors import UserError
 from unet_deploy.names import check_scale, is_export_file
-from unet_deploy.predict.tiling import check_tiling
+from unet_deploy.runtime import resolve_device
+from unet_deploy.runtime.tiling import check_tiling
 
 __all__ = ["SCHEMA", "QUICK_ENV", "CARVANA_SIZE", "QUICK_SIZE", "QUICK_BASE_CHANNELS", "SEED_BASE_CHANNELS",
            "DEFAULT_SCALES", "BenchSettings", "quick_from_env", "default_counts", "resolve_settings",

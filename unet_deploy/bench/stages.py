@@ -14,10 +14,10 @@ import torch
 
 from unet_deploy.bench.probe import load_variant
 from unet_deploy.bench.variants import parse_variant
-from unet_deploy.crf import dense_crf
-from unet_deploy.data import load_image, preprocess
 from unet_deploy.errors import UserError
-from unet_deploy.postprocess import logits_to_mask, probabilities
+from unet_deploy.images.crf import dense_crf
+from unet_deploy.images.image_io import load_image, preprocess
+from unet_deploy.images.postprocess import logits_to_mask, probabilities
 from unet_deploy.predict import PredictOptions, output_values, predict_files, write_mask
 
 __all__ = ["STAGES_SCHEMA", "PIPELINE_TARGET", "measure_stages"]

@@ -66,12 +66,12 @@ def run_tiled_case(spec: TiledSpec) -> dict[str, Any]:
     memory growth over the baseline after imports; the first mask is saved to ``spec.mask_out``."""
     import psutil
 
-    from unet_deploy.bench.memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
+    from unet_deploy.bench.peak_memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
     from unet_deploy.bench.probe import latency_stats, load_variant
     from unet_deploy.bench.variants import parse_variant
-    from unet_deploy.data import load_image, scaled_size
+    from unet_deploy.images.image_io import load_image, scaled_size
     from unet_deploy.predict import PredictOptions, predict_arrays
-    from unet_deploy.predict.tiling import Tiling, plan_tiles
+    from unet_deploy.runtime.tiling import Tiling, plan_tiles
 
     if spec.variant.startswith("ort"):
         import onnxruntime  # noqa: F401  - part of the baseline, not of the model's memory
@@ -196,7 +196,7 @@ def run_tiled_benchmark(settings: BenchSettings, cache_dir: str | Path | None = 
 
 
 def _overlap(settings: BenchSettings) -> int | None:
-    from unet_deploy.predict.tiling import Tiling
+    from unet_deploy.runtime.tiling import Tiling
 
     tiling = Tiling.of(settings.tile, settings.tile_overlap)
     return tiling.overlap if tiling else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unet_deploy.cpu_features import hidden_flags
+from unet_deploy.runtime.cpu_features import hidden_flags
 
 __all__ = ["CpuId", "UARCH_TABLE", "PRECISIONS", "read_cpu", "per_cycle", "from_flags", "name_by_flags",
            "theoretical_peaks"]

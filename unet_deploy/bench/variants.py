@@ -9,9 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from unet_deploy.backend_options import BackendOptions, OpenVinoOptions, OrtOptions, TorchOptions, TorchScriptOptions
 from unet_deploy.errors import UserError
 from unet_deploy.names import BACKENDS, PRECISIONS
+from unet_deploy.runtime.backend_options import (
+    BackendOptions,
+    OpenVinoOptions,
+    OrtOptions,
+    TorchOptions,
+    TorchScriptOptions,
+)
 
 __all__ = ["BENCH_BACKENDS", "default_backends", "PRECISIONS", "FLAGS", "BACKEND_NAMES", "VARIANT_HELP", "Variant",
            "parse_variant", "expand_variants", "variant_label"]
@@ -33,7 +39,7 @@ VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-pla
 def default_backends() -> tuple[str, ...]:
     """The backends a benchmark runs when none are named: every one whose runtime is installed (OpenVINO
     is an extra)."""
-    from unet_deploy import backend_openvino  # light: no openvino import
+    from unet_deploy.runtime import openvino_backend as backend_openvino  # light: no openvino import
 
     return tuple(b for b in BENCH_BACKENDS if b != "openvino" or backend_openvino.openvino_installed())
 
@@ -86,7 +92,7 @@ class Variant:
             return self.precision
         if self.plain:
             return "default"
-        from unet_deploy.backend_openvino import openvino_cpu_has
+        from unet_deploy.runtime.openvino_backend import openvino_cpu_has
 
         return "bf16" if openvino_cpu_has("bf16") else "fp32"
 

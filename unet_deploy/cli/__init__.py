@@ -86,7 +86,7 @@ def main(args: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(exit_code())
     except Exception as e:  # out of memory (MemoryError, torch, ONNX Runtime): one line; other bugs: traceback
-        from unet_deploy.resources import out_of_memory_line  # psutil, PIL: only on this error path
+        from unet_deploy.runtime.resources import out_of_memory_line  # psutil, PIL: only on this error path
 
         line = out_of_memory_line(e, _command(args))
         if line is None:

@@ -1,11 +1,11 @@
 """The dense-CRF flags, one vocabulary for ``predict`` and ``serve``: each command takes these typer options
-as parameter defaults and turns them into :class:`~unet_deploy.crf.CRFParams` with :func:`crf_params`."""
+as parameter defaults and turns them into :class:`~unet_deploy.images.crf.CRFParams` with :func:`crf_params`."""
 
 from __future__ import annotations
 
 import typer
 
-from unet_deploy.crf import CRFParams
+from unet_deploy.images.crf import CRFParams
 
 __all__ = ["GAUSS_SXY", "GAUSS_COMPAT", "BILAT_SXY", "BILAT_SRGB", "BILAT_COMPAT", "ITERATIONS", "CLIP",
            "crf_params"]

@@ -216,8 +216,8 @@ def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[s
                   precision: list[str] | None, compile_: bool, compile_mode: str, stages: int
                   ) -> tuple[list[str], list[str], list[str]]:
     """Backend, scale and precision words from the flags and the words click left over, checked."""
-    from unet_deploy.backends import COMPILE_MODES
     from unet_deploy.bench import VARIANT_HELP
+    from unet_deploy.runtime import COMPILE_MODES
 
     backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
     _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
@@ -238,7 +238,7 @@ def _variants(backend_words: list[str], precision_words: list[str], channels_las
 
     words = backend_words or list(default_backends())
     if precision_words or channels_last or compile_:
-        from unet_deploy.backends import resolve_device
+        from unet_deploy.runtime import resolve_device
 
         words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
                                 resolve_device(device))

@@ -29,7 +29,7 @@ def synth(
 
     Example: `unet-deploy synth --out data --n 64 --heldout 16 --width 480 --height 320`
     """
-    from unet_deploy.synth import generate_dataset
+    from unet_deploy.images.synth import generate_dataset
 
     ids = generate_dataset(out, n=n, width=width, height=height, seed=seed, angles=angles, overwrite=overwrite)
     typer.echo(f"wrote {len(ids)} images to {out}/imgs and masks to {out}/masks ({width}x{height}, seed {seed})")

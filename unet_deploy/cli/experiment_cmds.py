@@ -86,7 +86,13 @@ def experiment(
 
     Example: `unet-deploy experiment --seeds 0,1,2 --markdown benchmarks/RESULTS-training.md`
     """
-    from unet_deploy.experiment import ExperimentConfig, markdown_table, quick_config, run_experiment, write_results
+    from unet_deploy.train.experiment import (
+        ExperimentConfig,
+        markdown_table,
+        quick_config,
+        run_experiment,
+        write_results,
+    )
 
     cfg = ExperimentConfig(work_dir=work_dir, data=data, heldout=heldout, source=source,
                            pretrained=pretrained, n_train=n_train, n_heldout=n_heldout, width=width,

@@ -19,7 +19,7 @@ from unet_deploy.names import MAX_DIR_IMAGES, backend_for_path, is_export_file
 if TYPE_CHECKING:  # the export pipeline imports torch, rich's console is slow to load: only when run
     from rich.console import Console
 
-    from unet_deploy.exporting import ExportResult
+    from unet_deploy.export.exporter import ExportResult
 
 def _console() -> Console:
     """stdout console; wide enough for the parity table when output is not a terminal (logs, CI)."""
@@ -182,9 +182,9 @@ def verify(
 
     Example: `unet-deploy verify exported/best.onnx -m checkpoints/best.pth --images data/imgs`
     """
-    from unet_deploy.backends import load_backend, read_embedded_config
-    from unet_deploy.exporting import parity_images
-    from unet_deploy.parity import default_cases, parity, reduced_precision_cases
+    from unet_deploy.export.exporter import parity_images
+    from unet_deploy.export.parity import default_cases, parity, reduced_precision_cases
+    from unet_deploy.runtime import load_backend, read_embedded_config
 
     if not model_file.is_file():
         raise UserError(f"{model_file}: exported model not found; create it with `unet-deploy export`")

@@ -14,10 +14,10 @@ from typer.core import TyperCommand
 from unet_deploy.cli import _crf
 from unet_deploy.cli._app import app
 from unet_deploy.cli._launch import relaunch
-from unet_deploy.crf import require_crf
 from unet_deploy.errors import UserError
+from unet_deploy.images.crf import require_crf
 from unet_deploy.names import backend_for_path
-from unet_deploy.shard import rank_device
+from unet_deploy.predict.shard import rank_device
 from unet_deploy.signals import exit_code
 
 _NAME_LIST_OPTIONS = ("-o", "--output")
@@ -182,14 +182,14 @@ def predict(
     if not specs:
         raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
     if nproc != 1:
-        from unet_deploy.backends import check_model_file
         from unet_deploy.predict import default_model
+        from unet_deploy.runtime import check_model_file
 
         check_model_file(model if model is not None else default_model(backend))  # one error line, not N
         relaunch(ctx, nproc)
+    from unet_deploy.images.overlay import display_available
     from unet_deploy.predict import PredictOptions, default_model
-    from unet_deploy.predict.overlay import display_available
-    from unet_deploy.shard import Group, SharedError, process_group
+    from unet_deploy.predict.shard import Group, SharedError, process_group
 
     if crf_workers is not None and crf_workers < 1:
         raise UserError(f"--crf-workers {crf_workers}: use 1 or more (or leave it out for one per core)")
@@ -265,7 +265,7 @@ class _ModelArgs:
     def load(self, group: Any) -> Any:
         """The Predictor's runner for this process (its GPU, or its share of the cores, under torchrun)."""
         from unet_deploy.api import Predictor
-        from unet_deploy.backend_options import options_for
+        from unet_deploy.runtime.backend_options import options_for
 
         device, threads = self.device, self.threads
         if group.world > 1:

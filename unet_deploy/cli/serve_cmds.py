@@ -98,12 +98,12 @@ def serve(
     `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
     `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`
     """
-    from unet_deploy.predict.tiling import check_tiling
+    from unet_deploy.runtime.tiling import check_tiling
 
     check_tiling(tile, tile_overlap)  # before the model is looked for: the flag's own error first
     try:
         from unet_deploy.serve.options import ServeOptions
-        from unet_deploy.serve.run import serve as run_server
+        from unet_deploy.serve.server import serve as run_server
     except ImportError as e:
         if (e.name or "").split(".")[0] not in _SERVER_PACKAGES:
             raise

@@ -12,8 +12,8 @@ from unet_deploy.cli._app import app
 from unet_deploy.cli._launch import relaunch
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_write_text
-from unet_deploy.quality import recipe_help, resolve_recipe
 from unet_deploy.signals import exit_code
+from unet_deploy.train.quality import recipe_help, resolve_recipe
 
 QUALITY = "Training quality (augmentation, edge-weighted loss, LR schedule)"
 
@@ -146,7 +146,7 @@ def _next_hint(best: Path, data: Path) -> str:
 
 def _relaunch(ctx: typer.Context, nproc: int) -> None:
     """Check the data once here, then re-run this command without --nproc under torch.distributed.run."""
-    from unet_deploy.data import find_pairs
+    from unet_deploy.images.image_io import find_pairs
 
     opts = ctx.params  # catch the common mistakes here, in one line, before starting N processes
     if nproc >= 1 and opts["batch_size"] % nproc:
@@ -186,12 +186,12 @@ def evaluate(
 
     Example: `unet-deploy evaluate -m checkpoints/best.pth --data data` (add `--tile 640` for tiled masks)
     """
-    from unet_deploy.predict.tiling import check_tiling
+    from unet_deploy.runtime.tiling import check_tiling
 
     check_tiling(tile, tile_overlap)
-    from unet_deploy.backends import load_backend
-    from unet_deploy.data import find_pairs
+    from unet_deploy.images.image_io import find_pairs
     from unet_deploy.progress import file_progress
+    from unet_deploy.runtime import load_backend
     from unet_deploy.train import ensure_writable_dir, evaluate_model
 
     values = _parse_values(mask_values) if mask_values else None

@@ -20,12 +20,12 @@ result carries a one-line ``error`` and the others go on.
 
 from __future__ import annotations
 
-from unet_deploy.data import FINGERPRINT_KEY, MASK_SUFFIX, OVERLAY_SUFFIX
-from unet_deploy.predict.overlay import overlay_image
+from unet_deploy.images.image_io import FINGERPRINT_KEY, MASK_SUFFIX, OVERLAY_SUFFIX
+from unet_deploy.images.overlay import overlay_image
+from unet_deploy.predict.driver import iter_predictions, predict_arrays, predict_files
 from unet_deploy.predict.plan import check_rle_target, default_model, expand_inputs, plan_jobs
 from unet_deploy.predict.records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
 from unet_deploy.predict.resume import run_fingerprint
-from unet_deploy.predict.run import iter_predictions, predict_arrays, predict_files
 from unet_deploy.predict.write import mask_fingerprint, output_values, write_mask, write_overlay
 
 __all__ = [

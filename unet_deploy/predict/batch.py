@@ -1,11 +1,11 @@
 """Batching and the model: consecutive images of one network-input size run as one batch.
 
-Before the first image of each size runs, :func:`unet_deploy.predict.tiling.choose_tiling` decides
+Before the first image of each size runs, :func:`unet_deploy.runtime.tiling.choose_tiling` decides
 whether it runs whole or in tiles (``--tile``, or automatically with a one-line notice when the whole image
 cannot fit in memory) and refuses a size that cannot fit either way (one line, before the model starts).
 An image of more than one tile runs on its own: its tiles are the batch (up to ``--batch-size`` per call)
 and its blended logits come out as one image's. An out-of-memory error from the model is one line for the
-run (:func:`unet_deploy.resources.raise_if_out_of_memory`), other model errors fail the batch's files only.
+run (:func:`unet_deploy.runtime.resources.raise_if_out_of_memory`), other model errors fail the batch's files only.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.backends import Backend
-from unet_deploy.data import resize_image, to_input
 from unet_deploy.errors import UserError, first_line
+from unet_deploy.images.image_io import resize_image, to_input
 from unet_deploy.predict.load import Loaded
 from unet_deploy.predict.records import PredictOptions
-from unet_deploy.predict.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
-from unet_deploy.resources import raise_if_out_of_memory
+from unet_deploy.runtime import Backend
+from unet_deploy.runtime.resources import raise_if_out_of_memory
+from unet_deploy.runtime.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
 
 __all__ = ["MIN_SIDE", "BatchedModel", "Inferred"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.data import load_image
 from unet_deploy.errors import UserError, first_line
+from unet_deploy.images.image_io import load_image
 from unet_deploy.predict.records import Job
 from unet_deploy.predict.resume import read_existing
 

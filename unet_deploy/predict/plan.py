@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from unet_deploy.data import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
 from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
 from unet_deploy.names import BACKENDS, DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR, EXPORT_SUFFIXES
 from unet_deploy.predict.records import Job
 from unet_deploy.predict.write import MASK_FORMATS

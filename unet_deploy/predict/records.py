@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.crf import CRFParams
 from unet_deploy.errors import UserError
+from unet_deploy.images.crf import CRFParams
 from unet_deploy.names import check_scale
-from unet_deploy.predict.tiling import check_tiling
+from unet_deploy.runtime.tiling import check_tiling
 
 __all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text"]
 
@@ -43,7 +43,7 @@ class PredictOptions:
     loader_threads: int = 2  #: threads decoding images ahead of the network
     progress: bool = True
     #: ``--tile``: largest tile side in model-input pixels (after ``scale``); larger images run as blended
-    #: overlapping tiles (:mod:`unet_deploy.predict.tiling`). None: whole images.
+    #: overlapping tiles (:mod:`unet_deploy.runtime.tiling`). None: whole images.
     tile: int | None = None
     tile_overlap: int | None = None  #: ``--tile-overlap`` in model-input pixels (default: an eighth of the tile)
     #: tile an image automatically (one notice line) when the whole of it cannot fit in memory

@@ -1,7 +1,7 @@
 """Resuming and sharing a run: the run fingerprint, outputs and journal rows an earlier run left that can
 be reused, the RLE journal's plan and merge, and the agreement between torchrun processes.
 
-With ``--rle`` each process appends its rows to a journal beside the submission (:mod:`unet_deploy.shard`);
+With ``--rle`` each process appends its rows to a journal beside the submission (:mod:`unet_deploy.predict.shard`);
 rank 0 merges them in input order at the end. ``skip_existing`` reuses masks and journal rows made with the
 same :func:`run_fingerprint` (model file, scale, threshold, TTA, CRF, precision), and nothing else.
 """
@@ -19,14 +19,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unet_deploy.backends import Backend
-from unet_deploy.data import load_mask, mask_to_index, open_image
 from unet_deploy.errors import UserError, first_line
+from unet_deploy.images.image_io import load_mask, mask_to_index, open_image
+from unet_deploy.images.rle import write_submission
 from unet_deploy.predict.plan import check_rle_target
 from unet_deploy.predict.records import Job, PredictOptions
+from unet_deploy.predict.shard import (
+    Group,
+    SharedError,
+    fingerprint,
+    journal_dir,
+    model_digest,
+    new_run_id,
+    read_journal,
+)
 from unet_deploy.predict.write import mask_fingerprint
-from unet_deploy.rle import write_submission
-from unet_deploy.shard import Group, SharedError, fingerprint, journal_dir, model_digest, new_run_id, read_journal
+from unet_deploy.runtime import Backend
 
 __all__ = ["CRASH_ENV", "crash_hook", "journal_key", "run_fingerprint", "on_main", "image_size", "read_existing",
            "reusable", "check_same_run", "resume_plan", "merge_submission"]

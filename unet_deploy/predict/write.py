@@ -10,13 +10,13 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from unet_deploy.backends import Backend
-from unet_deploy.data import FINGERPRINT_KEY
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_path
-from unet_deploy.postprocess import colorize
-from unet_deploy.predict.overlay import overlay_image
+from unet_deploy.images.image_io import FINGERPRINT_KEY
+from unet_deploy.images.overlay import overlay_image
+from unet_deploy.images.postprocess import colorize
 from unet_deploy.predict.records import PredictOptions, PredictResult, values_text
+from unet_deploy.runtime import Backend
 
 __all__ = ["MASK_FORMATS", "output_values", "mask_values_image", "write_mask", "mask_fingerprint", "write_overlay",
            "write_result"]

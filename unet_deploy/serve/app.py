@@ -26,10 +26,10 @@ from unet_deploy.serve.decode import HTTPError
 from unet_deploy.serve.engine import Engine
 from unet_deploy.serve.limits import Limits
 from unet_deploy.serve.memory import MemoryBound
-from unet_deploy.serve.metrics import CONTENT_TYPE, Metrics
 from unet_deploy.serve.options import ServeOptions
 from unet_deploy.serve.page import PAGE
 from unet_deploy.serve.pipeline import FORMATS, predict_request
+from unet_deploy.serve.prometheus import CONTENT_TYPE, Metrics
 
 __all__ = ["ServerState", "build_app", "FORMATS"]
 

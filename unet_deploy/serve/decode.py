@@ -1,5 +1,5 @@
 """Uploads -> decoded images, the way ``predict`` reads files (EXIF rotation, every mode, the same formats:
-:data:`unet_deploy.data.IMAGE_FORMATS`), in two steps so that memory is admitted before it is used:
+:data:`unet_deploy.images.image_io.IMAGE_FORMATS`), in two steps so that memory is admitted before it is used:
 
 * :func:`peek_size` reads the size of a PNG, GIF, BMP or WebP from fixed places in its first bytes (constant
   work): an oversized one is refused at once, on the event loop.
@@ -20,8 +20,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from unet_deploy.data import FORMAT_NAMES, MIN_SIDE, image_to_array, open_image
 from unet_deploy.errors import UserError, first_line
+from unet_deploy.images.image_io import FORMAT_NAMES, MIN_SIDE, image_to_array, open_image
 
 __all__ = ["HTTPError", "ImageHeader", "peek_size", "probe_image", "decode_image"]
 
@@ -132,7 +132,7 @@ def probe_image(data: bytes | IO[bytes], max_pixels: int, scale: float) -> Image
 
 def decode_image(data: bytes | IO[bytes], channels: int, header: ImageHeader) -> np.ndarray:
     """An upload probed by :func:`probe_image` -> uint8 (H, W, channels), as
-    :func:`unet_deploy.data.load_image` reads files. Every decoder failure is a 400 with one line."""
+    :func:`unet_deploy.images.image_io.load_image` reads files. Every decoder failure is a 400 with one line."""
     if not header.pixels:
         raise HTTPError(400, "broken image: it has no pixels")
     try:

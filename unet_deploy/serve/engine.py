@@ -23,19 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.backends import Backend
-from unet_deploy.crf import crf_pool, dense_crf
-from unet_deploy.data import resize_image, to_input
 from unet_deploy.errors import UserError
-from unet_deploy.postprocess import logits_to_mask
+from unet_deploy.images.crf import crf_pool, dense_crf
+from unet_deploy.images.image_io import resize_image, to_input
+from unet_deploy.images.postprocess import logits_to_mask
 from unet_deploy.predict.batch import MIN_SIDE
-from unet_deploy.predict.postprocess import crf_image, crf_probabilities
-from unet_deploy.predict.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
+from unet_deploy.predict.masks import crf_image, crf_probabilities
+from unet_deploy.runtime import Backend
+from unet_deploy.runtime.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
+from unet_deploy.runtime.tta import flip_tta
 from unet_deploy.serve.batcher import MicroBatcher
 from unet_deploy.serve.decode import HTTPError
 from unet_deploy.serve.limits import Jobs
 from unet_deploy.serve.options import ServeOptions
-from unet_deploy.tta import flip_tta
 
 __all__ = ["Engine", "RequestSettings", "WHOLE_MAX_PIXELS", "SERVE_TILE"]
 

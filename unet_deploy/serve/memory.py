@@ -3,7 +3,7 @@
     RSS <= ready + model call + images + uploads + connections
 
 * **ready**: the RSS once the model is loaded and has answered its warm-up image;
-* **model call**: the estimate (:func:`unet_deploy.resources.estimate_inference_bytes`) of the largest network
+* **model call**: the estimate (:func:`unet_deploy.runtime.resources.estimate_inference_bytes`) of the largest network
   call: ``--max-batch`` inputs of at most :data:`~unet_deploy.serve.engine.WHOLE_MAX_PIXELS` network pixels
   (larger images run as tiles of that size, or ``--tile``), doubled for flip TTA;
 * **images**: ``--pixel-budget`` decoded pixels, each costing at most :func:`bytes_per_pixel` at any step
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from unet_deploy.resources import estimate_inference_bytes, format_bytes
+from unet_deploy.runtime.resources import estimate_inference_bytes, format_bytes
 from unet_deploy.serve.protocol import MAX_CONNECTIONS, MAX_HEADER_BYTES
 from unet_deploy.serve.upload import SPOOL_BYTES
 

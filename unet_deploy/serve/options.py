@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unet_deploy.crf import CRFParams
 from unet_deploy.errors import UserError
+from unet_deploy.images.crf import CRFParams
 
 __all__ = ["ServeOptions", "TOKEN_ENV", "max_batch_for"]
 
@@ -47,7 +47,7 @@ class ServeOptions:
     tile_overlap: int | None = None  #: ``--tile-overlap`` (default: an eighth of the tile)
 
     def __post_init__(self) -> None:
-        from unet_deploy.predict.tiling import check_tiling
+        from unet_deploy.runtime.tiling import check_tiling
 
         check_tiling(self.tile, self.tile_overlap)
         checks = [("--port", self.port, 0 <= self.port <= 65535, "use 0-65535 (0: any free port)"),

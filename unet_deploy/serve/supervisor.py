@@ -9,7 +9,7 @@ each in its own session, so a Ctrl-C in the terminal reaches this process only. 
 * passes the first SIGTERM or SIGINT on to every worker as SIGTERM (each drains within ``--grace-s``) and
   exits 0 when every one drained cleanly; a second signal of either kind stops them all at once (exit 1).
 
-A worker whose supervisor is gone drains and exits (:class:`~unet_deploy.serve.run.DrainingServer`).
+A worker whose supervisor is gone drains and exits (:class:`~unet_deploy.serve.server.DrainingServer`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _worker(options: ServeOptions, sock: socket.socket, parent: int) -> None:
     """One worker process: its own session (terminal signals go to the supervisor), model, app and server."""
     os.setsid()
     from unet_deploy.errors import UserError
-    from unet_deploy.serve.run import DrainingServer, load_state, log_access
+    from unet_deploy.serve.server import DrainingServer, load_state, log_access
 
     log_access()
     try:

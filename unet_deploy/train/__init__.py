@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from unet_deploy.distributed import DistEnv, all_reduce_sum, dist_env, init_distributed
 from unet_deploy.train.checkpointing import ensure_writable_dir
-from unet_deploy.train.config import TrainConfig, TrainResult
-from unet_deploy.train.data import EpochSampler, SegmentationDataset, collate, seed_everything, split_pairs
 from unet_deploy.train.epoch import segmentation_loss
 from unet_deploy.train.evaluate import evaluate_model, predicted_masks
+from unet_deploy.train.loaders import EpochSampler, SegmentationDataset, collate, seed_everything, split_pairs
 from unet_deploy.train.loop import train
+from unet_deploy.train.train_config import TrainConfig, TrainResult
 from unet_deploy.train.validation import validate
 
 __all__ = ["TrainConfig", "SegmentationDataset", "train", "evaluate_model", "predicted_masks", "split_pairs", "DistEnv",

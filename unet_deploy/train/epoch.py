@@ -13,7 +13,7 @@ from torch import nn
 
 from unet_deploy.distributed import all_reduce_sum, broadcast_buffers
 from unet_deploy.errors import UserError
-from unet_deploy.metrics import dice_loss
+from unet_deploy.images.dice import dice_loss
 from unet_deploy.train.checkpointing import save_epoch
 from unet_deploy.train.state import Progress, TrainRun
 from unet_deploy.train.validation import autocast, validate

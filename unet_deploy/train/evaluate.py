@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 
 from unet_deploy.config import InferenceConfig
-from unet_deploy.data import (
+from unet_deploy.errors import UserError
+from unet_deploy.images.dice import image_dice
+from unet_deploy.images.image_io import (
     Pair,
     check_min_size,
     discover_mask_values,
@@ -17,10 +19,8 @@ from unet_deploy.data import (
     load_mask,
     mask_to_index,
 )
-from unet_deploy.errors import UserError
-from unet_deploy.metrics import image_dice
-from unet_deploy.postprocess import logits_to_mask
-from unet_deploy.predict.tiling import Tiling, choose_tiling, whole_or_tiled
+from unet_deploy.images.postprocess import logits_to_mask
+from unet_deploy.runtime.tiling import Tiling, choose_tiling, whole_or_tiled
 
 __all__ = ["predicted_masks", "evaluate_model"]
 
@@ -72,7 +72,7 @@ def evaluate_model(backend, pairs: Sequence[Pair], scale: float | None = None,
                    tile_overlap: int | None = None) -> dict[str, Any]:
     """Carvana's metric: mean over images of per-image dice at the original resolution.
 
-    ``backend`` is any :class:`unet_deploy.backends.Backend`; see :func:`predicted_masks` (``tile``,
+    ``backend`` is any :class:`unet_deploy.runtime.Backend`; see :func:`predicted_masks` (``tile``,
     ``tile_overlap``: ``--tile``, ``--tile-overlap``).
     """
     scores: dict[str, float] = {}

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-from unet_deploy.backends import resolve_device
 from unet_deploy.config import DeployConfig, InferenceConfig
 from unet_deploy.distributed import DistEnv, dist_env, finish_distributed, init_distributed, process_device
 from unet_deploy.errors import UserError
 from unet_deploy.progress import TrainProgress
+from unet_deploy.runtime import resolve_device
 from unet_deploy.train.checkpointing import ensure_writable_dir, save_final_best, save_interrupted
-from unet_deploy.train.config import TrainConfig, TrainResult, check_config
-from unet_deploy.train.data import load_pairs, make_loaders, seed_everything
 from unet_deploy.train.epoch import finish_epoch, run_epoch
+from unet_deploy.train.loaders import load_pairs, make_loaders, seed_everything
 from unet_deploy.train.optim import apply_recipe, build_optimizer, build_scheduler, restore_progress
 from unet_deploy.train.setup import apply_resumed_settings, build_model, resolve_architecture
 from unet_deploy.train.state import Progress, TrainRun
+from unet_deploy.train.train_config import TrainConfig, TrainResult, check_config
 
 __all__ = ["train"]
 

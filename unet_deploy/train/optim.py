@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from unet_deploy.errors import UserError
-from unet_deploy.quality import merge_stored_recipe, options_from_record, recipe_hooks
-from unet_deploy.train.config import TrainConfig
+from unet_deploy.train.quality import merge_stored_recipe, options_from_record, recipe_hooks
+from unet_deploy.train.train_config import TrainConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "apply_stored_recipe", "apply_recipe", "load_optimizer_state",
            "restore_progress", "schedule_name"]

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from unet_deploy.backends import configure_cudnn
 from unet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_state
 from unet_deploy.config import ModelConfig
 from unet_deploy.distributed import DistEnv, convert_sync_batchnorm
 from unet_deploy.errors import UserError
-from unet_deploy.resources import check_train_memory
-from unet_deploy.train.config import TrainConfig
+from unet_deploy.runtime import configure_cudnn
+from unet_deploy.runtime.resources import check_train_memory
 from unet_deploy.train.optim import apply_stored_recipe
+from unet_deploy.train.train_config import TrainConfig
 
 __all__ = ["resolve_architecture", "apply_resumed_settings", "build_model"]
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from unet_deploy.config import DeployConfig, ModelConfig
 from unet_deploy.distributed import DistEnv
-from unet_deploy.train.config import TrainConfig
-from unet_deploy.train.data import TrainData
+from unet_deploy.train.loaders import TrainData
+from unet_deploy.train.train_config import TrainConfig
 
 __all__ = ["TrainRun", "Progress"]
 

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from unet_deploy.distributed import DistEnv, all_reduce_sum
-from unet_deploy.metrics import multiclass_dice_per_image
+from unet_deploy.images.dice import multiclass_dice_per_image
 
 __all__ = ["validate", "autocast"]
 

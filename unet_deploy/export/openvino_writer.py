@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.backend_openvino import (
+from unet_deploy.config import DeployConfig
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.export import onnx_metadata, quiet_exporter, recorded_config
+from unet_deploy.runtime.openvino_backend import (
     INSTALL_HINT,
     RT_INFO_SECTION,
     import_openvino,
     openvino_core,
     openvino_installed,
 )
-from unet_deploy.config import DeployConfig
-from unet_deploy.errors import UserError, first_line
-from unet_deploy.export import onnx_metadata, quiet_exporter, recorded_config
 
 __all__ = ["convert_onnx_to_ir", "quantize_ir_int8", "quantize_ir_plain", "place_ir", "set_ir_metadata", "bin_path",
            "openvino_installed"]

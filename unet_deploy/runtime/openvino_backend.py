@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.backend_options import OpenVinoOptions
 from unet_deploy.config import CONFIG_KEY, DeployConfig
-from unet_deploy.cpu_features import bf16_hidden
 from unet_deploy.errors import UserError, first_line
-from unet_deploy.runtime_precision import AUTO, DEFAULT, VERDICTS_KEY, Choice, choose_precision, read_verdicts
+from unet_deploy.runtime.backend_options import OpenVinoOptions
+from unet_deploy.runtime.cpu_features import bf16_hidden
+from unet_deploy.runtime.precision import AUTO, DEFAULT, VERDICTS_KEY, Choice, choose_precision, read_verdicts
 
 __all__ = ["load_openvino", "read_ir_metadata", "import_openvino", "openvino_installed", "openvino_device",
            "openvino_cpu_has",
@@ -225,7 +225,7 @@ def _properties(options: OpenVinoOptions, path: Path) -> dict[str, Any]:
 
 def load_openvino(path: Path, device: str, options: OpenVinoOptions) -> Any:
     """A :class:`~.backends.Backend` running ``path`` (.xml IR or .onnx) on OpenVINO ``device``."""
-    from unet_deploy.backends import Backend
+    from unet_deploy.runtime import Backend
 
     ov = import_openvino()
     core = openvino_core()

@@ -1,7 +1,7 @@
 """One small interface over eager PyTorch, TorchScript, ONNX Runtime and OpenVINO.
 
 ``load_backend(path, backend=None, device="auto", options=None)`` returns a :class:`Backend`, which is a
-:class:`Runner`. ``options`` is the backend's own option object (:mod:`unet_deploy.backend_options`:
+:class:`Runner`. ``options`` is the backend's own option object (:mod:`unet_deploy.runtime.backend_options`:
 ``TorchOptions``, ``TorchScriptOptions``, ``OrtOptions``, ``OpenVinoOptions``), so an option a backend does
 not take cannot be passed to it silently. ``backend.run(batch)`` on a float32 NCHW batch (numpy or torch)
 returns float32 logits (N, C, H, W) as the runtime made them (numpy for ONNX Runtime on the CPU, so that path
@@ -29,7 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from unet_deploy.backend_options import (
+from unet_deploy.config import CONFIG_KEY, DeployConfig
+from unet_deploy.errors import UserError, first_line
+from unet_deploy.fileio import require_file
+from unet_deploy.names import BACKENDS, MODEL_SUFFIXES, backend_for_path, is_checkpoint_file
+from unet_deploy.runtime.backend_options import (
     COMPILE_MODES,
     BackendOptions,
     OpenVinoOptions,
@@ -38,11 +42,7 @@ from unet_deploy.backend_options import (
     TorchScriptOptions,
     options_for,
 )
-from unet_deploy.config import CONFIG_KEY, DeployConfig
-from unet_deploy.errors import UserError, first_line
-from unet_deploy.fileio import require_file
-from unet_deploy.names import BACKENDS, MODEL_SUFFIXES, backend_for_path, is_checkpoint_file
-from unet_deploy.ort_session import (
+from unet_deploy.runtime.ort_session import (
     ORT_PROFILES,
     ort_providers,
     ort_session_options,
@@ -305,7 +305,7 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
     path = Path(path)
     kind = backend_for_path(path)
     if kind == "openvino":
-        from unet_deploy.backend_openvino import read_ir_metadata
+        from unet_deploy.runtime.openvino_backend import read_ir_metadata
 
         meta = read_ir_metadata(path)
         return DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
@@ -342,7 +342,7 @@ def cpu_supports_bf16() -> bool:
     """True when oneDNN can run bfloat16 convolutions natively (AVX-512 BF16 or AMX), not emulated."""
     import torch
 
-    from unet_deploy.cpu_features import bf16_hidden
+    from unet_deploy.runtime.cpu_features import bf16_hidden
 
     if bf16_hidden() or not torch.backends.mkldnn.is_available():  # UNET_DEPLOY_CPU_HIDE=bf16
         return False
@@ -489,7 +489,7 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     elif options.backend != backend:
         raise UserError(f"{path}: {type(options).__name__} are for --backend {options.backend}, not {backend}")
     if isinstance(options, OpenVinoOptions):
-        from unet_deploy.backend_openvino import load_openvino
+        from unet_deploy.runtime.openvino_backend import load_openvino
 
         return load_openvino(path, device, options)
     device = resolve_device(device, backend)

@@ -43,7 +43,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, experiments)
     hooks: dict[str, Any] = field(default_factory=dict)  # transform / extras / loss_weight / scheduler
     explicit: tuple[str, ...] = ()  # fields/flags the user set on the command line (checked against -f)
-    # the training recipe (unet_deploy.quality.resolve_recipe): when set, the optimizer, learning rate,
+    # the training recipe (unet_deploy.train.quality.resolve_recipe): when set, the optimizer, learning rate,
     # weight decay and the hooks come from it; stored in checkpoints, and taken from them on -f resume
     # (flags named in ``explicit`` win)
     recipe: dict[str, Any] | None = None

@@ -5,7 +5,7 @@ width, with a narrower glasshouse, plus four wheel cylinders. A view is an ortho
 given yaw (Carvana's 16 turntable angles) and a slight downward pitch, painted far-to-near with Pillow
 at 2x supersampling and downsampled for anti-aliased edges. The mask is the car's silhouette (body,
 glass and wheels; never the floor shadow), so it matches the image edge to within half a pixel.
-The drawing steps live in :mod:`unet_deploy.synth_render`.
+The drawing steps live in :mod:`unet_deploy.images.synth_render`.
 
 Output follows the Carvana layout: ``imgs/<car>_<angle>.jpg`` and ``masks/<car>_<angle>_mask.gif``
 where the GIF is a palette image whose pixel values are 0 (background) and 1 (car).
@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unet_deploy import synth_render as sr
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_path
-from unet_deploy.resources import check_synth_memory
-from unet_deploy.synth_render import BODY as _BODY
-from unet_deploy.synth_render import GLASS as _GLASS
-from unet_deploy.synth_render import WELL as _WELL
+from unet_deploy.images import synth_render as sr
+from unet_deploy.images.synth_render import BODY as _BODY
+from unet_deploy.images.synth_render import GLASS as _GLASS
+from unet_deploy.images.synth_render import WELL as _WELL
+from unet_deploy.runtime.resources import check_synth_memory
 
 __all__ = ["CarSpec", "generate_dataset", "generate_test_images", "render_car", "render_view", "sample_car",
            "turntable_views"]

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.backends import Backend
 from unet_deploy.errors import UserError, first_line
+from unet_deploy.images.overlay import display_available, show_overlay
+from unet_deploy.images.rle import rle_encode
 from unet_deploy.predict.batch import BatchedModel
 from unet_deploy.predict.load import ImageLoader, Loaded, ordered_map
-from unet_deploy.predict.overlay import display_available, show_overlay
+from unet_deploy.predict.masks import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
 from unet_deploy.predict.plan import plan_run
-from unet_deploy.predict.postprocess import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
 from unet_deploy.predict.records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
 from unet_deploy.predict.resume import (
     check_same_run,
@@ -30,10 +30,10 @@ from unet_deploy.predict.resume import (
     resume_plan,
     run_fingerprint,
 )
+from unet_deploy.predict.shard import Group, JournalRow, JournalWriter, journal_dir
+from unet_deploy.predict.shard import split as split_jobs
 from unet_deploy.predict.write import output_values, write_result
-from unet_deploy.rle import rle_encode
-from unet_deploy.shard import Group, JournalRow, JournalWriter, journal_dir
-from unet_deploy.shard import split as split_jobs
+from unet_deploy.runtime import Backend
 
 __all__ = ["iter_predictions", "predict_arrays", "predict_files"]
 
@@ -50,7 +50,7 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
 
     For binary models (one sigmoid or two softmax outputs) a pixel is foreground when its probability
     exceeds the threshold; with CRF the probabilities are first re-weighted so that the threshold maps to
-    0.5 (:func:`unet_deploy.crf.threshold_prior`). Models with more classes take the argmax.
+    0.5 (:func:`unet_deploy.images.crf.threshold_prior`). Models with more classes take the argmax.
     """
     options = options or PredictOptions()
     if options.skip_existing and fingerprint is None:
@@ -63,7 +63,7 @@ def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOpti
 
 def predict_arrays(backend: Backend, images: Sequence[np.ndarray], options: PredictOptions | None = None
                    ) -> Iterator[PredictResult]:
-    """Predict decoded images (uint8 (H, W, C), as :func:`unet_deploy.data.load_image` returns them) through
+    """Predict decoded images (uint8 (H, W, C), as :func:`unet_deploy.images.image_io.load_image` returns them) through
     the same batching, model and post-processing stages as files: one :class:`PredictResult` per image,
     in order; a job's ``path`` is ``<image N>``."""
     options = options or PredictOptions()
@@ -215,10 +215,10 @@ def predict_files(backend: Backend, inputs: Sequence[str | Path], options: Predi
     Each failing file is reported once through ``on_error`` (default: one line on stderr) and counted;
     the others still run. ``summary.exit_code`` is 1 when any file failed.
 
-    ``group`` (:func:`unet_deploy.shard.process_group` under torchrun): each rank predicts every
+    ``group`` (:func:`unet_deploy.predict.shard.process_group` under torchrun): each rank predicts every
     ``world``-th input that is not done yet, journals its submission rows, and rank 0 merges them into
     ``options.rle`` in input order; the returned counts are the totals of all ranks on every rank.
-    With ``options.rle`` the rows go to a journal beside the file first (:mod:`unet_deploy.shard`); with
+    With ``options.rle`` the rows go to a journal beside the file first (:mod:`unet_deploy.predict.shard`); with
     ``options.skip_existing`` the rows an interrupted run journaled are reused instead of predicted.
     """
     options = options or PredictOptions()

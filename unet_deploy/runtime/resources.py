@@ -23,8 +23,8 @@ from typing import Any
 
 import psutil
 
-from unet_deploy.data import open_image, scaled_size
 from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import open_image, scaled_size
 
 __all__ = ["available_memory", "cgroup_memory_left", "estimate_inference_bytes", "estimate_training_bytes",
            "check_fits", "check_predict_memory", "auto_tile_side", "check_train_memory", "check_synth_memory",

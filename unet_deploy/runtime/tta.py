@@ -1,6 +1,6 @@
 """Test-time augmentation: average the class probabilities of an image and of its left-right mirror.
 
-:func:`flip_tta` wraps any :class:`~unet_deploy.backends.Backend` (eager torch, TorchScript, ONNX Runtime)
+:func:`flip_tta` wraps any :class:`~unet_deploy.runtime.Backend` (eager torch, TorchScript, ONNX Runtime)
 in another ``Backend``. It runs the batch and its horizontal flip in one call, flips the second half's
 logits back, averages the *probabilities* and returns logits whose softmax (or sigmoid, for one-class
 models) are exactly those averages. So every later step -- upsampling, threshold/argmax, dense CRF --
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unet_deploy.backends import Backend
+from unet_deploy.runtime import Backend
 
 if TYPE_CHECKING:
     import torch

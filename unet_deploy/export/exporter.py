@@ -1,7 +1,7 @@
 """The export pipeline behind ``unet-deploy export`` and :func:`unet_deploy.api.export`.
 
 checkpoint -> eager model -> each format written to a staging folder inside the output folder ->
-loaded back and compared with eager (:func:`unet_deploy.parity.parity`) -> moved into place only when it
+loaded back and compared with eager (:func:`unet_deploy.export.parity.parity`) -> moved into place only when it
 passes. The OpenVINO IR (``NAME.xml`` + ``NAME.bin``) is converted from the fp32 ONNX export and checked
 like it (plus bf16 inference at the bf16 thresholds where the CPU has bf16). ``--int8`` / ``--fp16`` files
 derive from the verified fp32 ONNX file (and ``--int8`` also from the IR, through NNCF) and are checked the
@@ -22,13 +22,8 @@ from typing import Any
 
 import onnx
 
-from unet_deploy.backend_openvino import import_openvino, openvino_cpu_has
-from unet_deploy.backend_options import OpenVinoOptions
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import load_checkpoint
 from unet_deploy.config import DeployConfig
-from unet_deploy.cpu_features import bf16_kernels
-from unet_deploy.data import list_images
 from unet_deploy.errors import UserError
 from unet_deploy.export import (
     DEFAULT_CALIBRATION_COUNT,
@@ -39,7 +34,7 @@ from unet_deploy.export import (
     export_torchscript,
     quantize_onnx_int8,
 )
-from unet_deploy.export_openvino import (
+from unet_deploy.export.openvino_writer import (
     bin_path,
     convert_onnx_to_ir,
     openvino_installed,
@@ -47,9 +42,21 @@ from unet_deploy.export_openvino import (
     quantize_ir_int8,
     set_ir_metadata,
 )
+from unet_deploy.export.parity import (
+    ParityCase,
+    ParityReport,
+    default_cases,
+    image_cases,
+    parity,
+    reduced_precision_cases,
+)
+from unet_deploy.images.image_io import list_images
 from unet_deploy.names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
-from unet_deploy.parity import ParityCase, ParityReport, default_cases, image_cases, parity, reduced_precision_cases
-from unet_deploy.runtime_precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
+from unet_deploy.runtime import load_backend
+from unet_deploy.runtime.backend_options import OpenVinoOptions
+from unet_deploy.runtime.cpu_features import bf16_kernels
+from unet_deploy.runtime.openvino_backend import import_openvino, openvino_cpu_has
+from unet_deploy.runtime.precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
 

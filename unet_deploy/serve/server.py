@@ -27,17 +27,17 @@ import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 
-from unet_deploy.backend_options import options_for_model
-from unet_deploy.backends import load_backend
 from unet_deploy.errors import UserError, first_line
-from unet_deploy.ort_session import release_large_frees
 from unet_deploy.predict import PredictOptions, output_values
+from unet_deploy.runtime import load_backend
+from unet_deploy.runtime.backend_options import options_for_model
+from unet_deploy.runtime.ort_session import release_large_frees
 from unet_deploy.serve.app import ServerState, build_app
 from unet_deploy.serve.engine import WHOLE_MAX_PIXELS, Engine
 from unet_deploy.serve.limits import Limits
 from unet_deploy.serve.memory import memory_bound
-from unet_deploy.serve.metrics import Metrics
 from unet_deploy.serve.options import ServeOptions, max_batch_for
+from unet_deploy.serve.prometheus import Metrics
 from unet_deploy.serve.protocol import guarded_protocol
 
 __all__ = ["load_state", "serve", "model_info", "DrainingServer", "uvicorn_config"]

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from unet_deploy.cpu_features import bf16_kernels, cpu_summary
+from unet_deploy.runtime.cpu_features import bf16_kernels, cpu_summary
 
 __all__ = ["VERDICTS_KEY", "REDUCED", "AUTO", "DEFAULT", "Choice", "verdict_entry", "verdict_record", "read_verdicts",
            "choose_precision"]
@@ -45,7 +45,7 @@ class Choice:
 
 
 def verdict_entry(report: Any) -> dict[str, Any]:
-    """A :class:`~unet_deploy.parity.ParityReport` as one verdict: passed, and its worst measures."""
+    """A :class:`~unet_deploy.export.parity.ParityReport` as one verdict: passed, and its worst measures."""
     rows = report.rows
     return {"passed": bool(report.passed), "worst_rel_err": max((r.rel_err for r in rows), default=None),
             "min_pixel_agreement": min((r.pixel_agreement for r in rows), default=None),

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from unet_deploy.errors import UserError
 from unet_deploy.names import BACKENDS, OPENVINO_PRECISIONS, TORCH_PRECISIONS, backend_for_path
-from unet_deploy.ort_session import ORT_PROFILES
+from unet_deploy.runtime.ort_session import ORT_PROFILES
 
 __all__ = ["TorchOptions", "TorchScriptOptions", "OrtOptions", "OpenVinoOptions", "BackendOptions", "COMPILE_MODES",
            "OPENVINO_HINTS", "OPTION_FLAGS", "options_for", "options_for_model"]
@@ -78,7 +78,7 @@ class OrtOptions:
 @dataclass(frozen=True)
 class OpenVinoOptions:
     """OpenVINO: ``precision`` its inference-precision hint: "auto" (default) the fastest one whose parity was
-    verified for this model on this CPU at export (:mod:`unet_deploy.runtime_precision`), else fp32; or fp32,
+    verified for this model on this CPU at export (:mod:`unet_deploy.runtime.precision`), else fp32; or fp32,
     bf16 (CPUs with AVX-512 BF16 or AMX), fp16 where the device has it (an int8 IR keeps its int8 layers and
     runs the others at this precision); "default" sets no hint (OpenVINO's own choice: bf16 on CPUs with
     bf16; the plain-recipe comparison); ``threads`` CPU inference threads

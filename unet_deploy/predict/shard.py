@@ -156,7 +156,7 @@ class JournalRow:
 def rle_fits(rle: str, height: int, width: int) -> bool:
     """True when ``rle`` is ``start length`` pairs of ordered, disjoint runs inside a ``height x width`` mask.
 
-    The checks of :func:`unet_deploy.rle.rle_decode`, without building the mask.
+    The checks of :func:`unet_deploy.images.rle.rle_decode`, without building the mask.
     """
     tokens = rle.split()
     if len(tokens) % 2 or not all(t.isascii() and t.isdigit() and len(t) < 19 for t in tokens):

@@ -13,7 +13,7 @@ blended back into one (1, C, H, W) array, so memory grows with the tile, not wit
   lowers their say wherever another tile sees the pixel closer to its own centre. The weights of a tile
   are the outer product of its two axis weights, so the sum over all tiles at a pixel is the product of
   two 1-D sums: no (H, W) weight map is kept (:class:`Stitcher`).
-* :func:`tiled_logits` -- runs the tiles through any :class:`~unet_deploy.backends.Backend` in batches of
+* :func:`tiled_logits` -- runs the tiles through any :class:`~unet_deploy.runtime.Backend` in batches of
   up to ``batch_size`` (float32 NCHW, numpy or torch out) and returns the blended float32 logits.
   Blending logits (not probabilities) is what MONAI does with a network's raw output, and it keeps every
   later step (threshold, argmax, flip TTA, dense CRF on the stitched probabilities) unchanged.
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.data import resize_image, to_input
 from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import resize_image, to_input
 
 __all__ = ["ALIGN", "MIN_TILE", "SIGMA_SCALE", "AxisPlan", "TilePlan", "Tiling", "axis_plan", "plan_tiles",
            "default_overlap", "check_tiling", "blend_weights", "Stitcher", "TiledRun", "tiled_logits",
@@ -236,7 +236,7 @@ class TiledRun:
 
 def tiled_logits(backend: Any, image: np.ndarray, plan: TilePlan, batch_size: int = 1) -> np.ndarray:
     """Blended float32 logits (1, C, H, W) of ``image`` (uint8 (H, W, C), already at the network's scale):
-    its tiles as :func:`unet_deploy.data.to_input` makes them, through ``backend.run`` in batches of up
+    its tiles as :func:`unet_deploy.images.image_io.to_input` makes them, through ``backend.run`` in batches of up
     to ``batch_size``."""
     run = TiledRun(backend, image, plan, batch_size)
     for i in range(len(run)):
@@ -263,8 +263,8 @@ def choose_tiling(backend: Any, width: int, height: int, scale: float, *, tiling
     """The tiling of a ``width`` x ``height`` image at ``scale``: ``tiling`` when given (its memory
     checked); else None when the whole image fits in the memory this process can get; else (``auto``) the
     largest tile that fits, announced in one ``notice`` line. Refuses (one-line UserError) what cannot fit
-    either way (:func:`unet_deploy.resources.check_predict_memory`)."""
-    from unet_deploy.resources import auto_tile_side, check_predict_memory
+    either way (:func:`unet_deploy.runtime.resources.check_predict_memory`)."""
+    from unet_deploy.runtime.resources import auto_tile_side, check_predict_memory
 
     if tiling is not None:
         check_predict_memory(backend, width, height, scale, batch, tta, label, tile=tiling.tile)

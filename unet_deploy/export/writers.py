@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from unet_deploy.backends import silence_torchscript_deprecation
 from unet_deploy.config import CONFIG_KEY, DeployConfig, versions
-from unet_deploy.data import load_image, preprocess
 from unet_deploy.errors import UserError, first_line
+from unet_deploy.export.onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
 from unet_deploy.fileio import atomic_path
+from unet_deploy.images.image_io import load_image, preprocess
 from unet_deploy.model import export_form
-from unet_deploy.onnx_passes import conv_transpose_to_depth_to_space, fold_qdq_data_movement
+from unet_deploy.runtime import silence_torchscript_deprecation
 
 __all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "quantize_onnx_int8", "convert_onnx_fp16",
            "calibration_batches", "recorded_config", "quiet_exporter", "DEFAULT_OPSET", "EXAMPLE_SHAPE",

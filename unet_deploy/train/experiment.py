@@ -4,7 +4,7 @@ Every variant trains the same architecture from the same seed for the same numbe
 (same initial weights, same batch order) and differs only in the option under test. Each trained
 model is scored on a held-out set it never saw: Carvana's metric (mean per-image dice, through
 :func:`unet_deploy.train.evaluate_model`, i.e. exactly what ``unet-deploy evaluate`` reports) and the
-accuracy inside a thin band around the true mask edges (:func:`unet_deploy.losses.boundary_accuracy`),
+accuracy inside a thin band around the true mask edges (:func:`unet_deploy.train.losses.boundary_accuracy`),
 which is where edge weighting and CRF act and where dice is least sensitive.
 
 Variants:
@@ -37,17 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_deploy.augment import preset
-from unet_deploy.backends import load_backend
 from unet_deploy.checkpoint import load_checkpoint
-from unet_deploy.data import find_pairs
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_path, atomic_write_text
-from unet_deploy.losses import boundary_accuracy
-from unet_deploy.metrics import image_dice
-from unet_deploy.quality import QualityOptions
-from unet_deploy.synth import generate_dataset
+from unet_deploy.images.augment import preset
+from unet_deploy.images.dice import image_dice
+from unet_deploy.images.image_io import find_pairs
+from unet_deploy.images.synth import generate_dataset
+from unet_deploy.runtime import load_backend
 from unet_deploy.train import TrainConfig, predicted_masks, train
+from unet_deploy.train.losses import boundary_accuracy
+from unet_deploy.train.quality import QualityOptions
 
 __all__ = ["ExperimentConfig", "VARIANTS", "run_experiment", "markdown_table", "evaluate_boundary",
            "QUICK"]
@@ -65,7 +65,7 @@ VARIANTS: dict[str, str] = {
 
 @dataclass
 class ExperimentConfig:
-    """One experiment; ``data``, ``heldout``, ``source`` left ``None`` are made with ``unet_deploy.synth``."""
+    """One experiment; ``data``, ``heldout``, ``source`` left ``None`` are made with ``unet_deploy.images.synth``."""
 
     work_dir: Path = Path("experiment")
     data: Path | None = None

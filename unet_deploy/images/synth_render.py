@@ -1,4 +1,4 @@
-"""Drawing one view of a synthetic car (:mod:`unet_deploy.synth`), step by step.
+"""Drawing one view of a synthetic car (:mod:`unet_deploy.images.synth`), step by step.
 
 The car's 3-D solid is projected orthographically by a :class:`Camera`; the steps are: the extruded
 profile's faces (:func:`faces`), the wheels, the flank and end details, the car's placement in the
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 if TYPE_CHECKING:
-    from unet_deploy.synth import CarSpec
+    from unet_deploy.images.synth import CarSpec
 
 __all__ = ["BODY", "GLASS", "WELL", "Camera", "Canvas", "Placement", "background", "camera", "composite",
            "end_details", "faces", "flank_details", "hull", "lift", "paint_details", "paint_solid", "place",

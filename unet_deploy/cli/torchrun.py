@@ -1,4 +1,4 @@
-"""``python -m unet_deploy.torchrun ARGS``: ``torch.distributed.run`` (torchrun) as ``--nproc`` starts it, except
+"""``python -m unet_deploy.cli.torchrun ARGS``: ``torch.distributed.run`` (torchrun) as ``--nproc`` starts it, except
 that a signal that stops the run (SIGTERM from a scheduler, Ctrl-C) ends it with exit code 128 + the signal
 instead of torchrun's own traceback: the workers have already stopped cleanly and rank 0 has said, in one
 line, what was kept and how to go on. torch's elastic agent logs errors only (``LOGLEVEL``)."""

@@ -3,7 +3,7 @@ CRF; and the hand-off to flip TTA (the backend is wrapped so that every batch al
 
 For binary models (one sigmoid or two softmax outputs) a pixel is foreground when its probability exceeds
 the threshold; with CRF the probabilities are first re-weighted so that the threshold maps to 0.5
-(:func:`unet_deploy.crf.threshold_prior`). Models with more classes take the argmax.
+(:func:`unet_deploy.images.crf.threshold_prior`). Models with more classes take the argmax.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from unet_deploy.backends import Backend
-from unet_deploy.crf import CRFParams, crf_map, threshold_prior
-from unet_deploy.postprocess import logits_to_mask, probabilities
+from unet_deploy.images.crf import CRFParams, crf_map, threshold_prior
+from unet_deploy.images.postprocess import logits_to_mask, probabilities
 from unet_deploy.predict.batch import Inferred
 from unet_deploy.predict.load import Loaded
 from unet_deploy.predict.records import PredictOptions, PredictResult
-from unet_deploy.tta import flip_tta
+from unet_deploy.runtime import Backend
+from unet_deploy.runtime.tta import flip_tta
 
 __all__ = ["with_tta", "logits_to_outputs", "crf_probabilities", "crf_image", "to_result", "results_in_order",
            "crf_results_in_order"]
@@ -33,7 +33,7 @@ def with_tta(backend: Backend, options: PredictOptions) -> Backend:
 
 def logits_to_outputs(stream: Iterable[Inferred], threshold: float, crf: bool) -> Iterator[Inferred]:
     """Replace each item's logits by its class mask at the input's size (``crf``: by its probabilities,
-    threshold-weighted for binary models, for :func:`unet_deploy.crf.crf_map`)."""
+    threshold-weighted for binary models, for :func:`unet_deploy.images.crf.crf_map`)."""
     for item, logits, error in stream:
         if logits is None:
             yield item, None, error
@@ -71,7 +71,7 @@ def results_in_order(stream: Iterable[Inferred], keep_image: bool) -> Iterator[P
 
 
 class _CrfQueue:
-    """Dense CRF keeps order (:func:`unet_deploy.crf.crf_map`): its n-th mask belongs to the n-th item that
+    """Dense CRF keeps order (:func:`unet_deploy.images.crf.crf_map`): its n-th mask belongs to the n-th item that
     went in. Items without probabilities (failed or skipped) wait in ``pending`` and come out at their place.
     """
 

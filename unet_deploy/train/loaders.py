@@ -17,7 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unet_deploy.config import ModelConfig
-from unet_deploy.data import (
+from unet_deploy.distributed import DistEnv
+from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import (
     MIN_SIDE,
     Pair,
     check_min_size,
@@ -30,10 +32,8 @@ from unet_deploy.data import (
     resize_image,
     to_input,
 )
-from unet_deploy.distributed import DistEnv
-from unet_deploy.errors import UserError
 from unet_deploy.signals import ignore_stop_signals
-from unet_deploy.train.config import TrainConfig
+from unet_deploy.train.train_config import TrainConfig
 
 __all__ = ["SegmentationDataset", "collate", "split_pairs", "EpochSampler", "seed_everything", "TrainData",
            "load_pairs", "make_loaders"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from unet_deploy.augment import AugmentConfig, augmentation_missing, build_transform, preset
 from unet_deploy.errors import UserError
+from unet_deploy.images.augment import AugmentConfig, augmentation_missing, build_transform, preset
 
 __all__ = ["QualityOptions", "SCHEDULES", "EDGE_CACHE_BYTES", "RECIPES", "resolve_recipe", "merge_stored_recipe",
            "options_from_record", "recipe_hooks", "recipe_help"]
@@ -56,7 +56,10 @@ class QualityOptions:
 
     def hooks(self, seed: int, max_steps: int | None = None) -> dict[str, Any]:
         """The ``TrainConfig.hooks`` dict; empty when every option is off (plain Pytorch-UNet training)."""
-        from unet_deploy.losses import EdgeWeight, warmup_cosine  # torch: training only; predict imports this module
+        from unet_deploy.train.losses import (  # torch: training only; predict imports this module
+            EdgeWeight,
+            warmup_cosine,
+        )
 
         self.validate()
         out: dict[str, Any] = {}

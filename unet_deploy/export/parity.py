@@ -31,12 +31,12 @@ from PIL import Image
 from rich.table import Table
 from torch import nn
 
-from unet_deploy.backends import Description, Runner, as_runner
 from unet_deploy.config import DeployConfig
-from unet_deploy.data import image_to_array, load_image, preprocess
 from unet_deploy.errors import UserError
-from unet_deploy.metrics import multiclass_dice_per_image
-from unet_deploy.postprocess import logits_to_mask
+from unet_deploy.images.dice import multiclass_dice_per_image
+from unet_deploy.images.image_io import image_to_array, load_image, preprocess
+from unet_deploy.images.postprocess import logits_to_mask
+from unet_deploy.runtime import Description, Runner, as_runner
 
 __all__ = ["ParityThresholds", "ParityCase", "ParityRow", "ParityReport", "parity", "default_cases",
            "image_cases", "car_case", "reduced_precision_cases", "compare", "CARVANA_HALF", "QUICK_SIZE",
@@ -285,9 +285,9 @@ def parity(reference: nn.Module | Runner, candidate: Runner | Callable[[Any], An
            cases: Iterable[ParityCase] | None = None, thresholds: ParityThresholds | None = None,
            config: DeployConfig | None = None,
            progress: Callable[[ParityRow], None] | None = None) -> ParityReport:
-    """Compare ``candidate`` (a :class:`~unet_deploy.backends.Runner` such as a loaded backend, an eager
+    """Compare ``candidate`` (a :class:`~unet_deploy.runtime.Runner` such as a loaded backend, an eager
     module, or any callable returning logits) with ``reference`` (the eager ``nn.Module`` or another
-    Runner) on ``cases``; both run through :func:`~unet_deploy.backends.as_runner`.
+    Runner) on ``cases``; both run through :func:`~unet_deploy.runtime.as_runner`.
 
     ``cases`` defaults to :func:`default_cases` of the candidate's (else the reference's) config;
     ``thresholds`` default to :meth:`ParityThresholds.for_precision` of the candidate's precision.
@@ -388,9 +388,9 @@ def reduced_precision_cases(cases: list[ParityCase], config: DeployConfig, quick
 
 
 def car_case(config: DeployConfig, size: tuple[int, int], name: str, seed: int = 0) -> ParityCase:
-    """A synthetic car photo (:func:`unet_deploy.synth.render_car`) of ``size`` (height, width), as ``predict``
+    """A synthetic car photo (:func:`unet_deploy.images.synth.render_car`) of ``size`` (height, width), as ``predict``
     preprocesses a photo of that size at scale 1: the masks of reduced precisions are judged on it."""
-    from unet_deploy.synth import render_car
+    from unet_deploy.images.synth import render_car
 
     height, width = size
     image = render_car(np.random.default_rng(1000 + seed), width, height)[0]
