@@ -1,4 +1,5 @@
-"""The shared names and limits (unet_deploy.names), one-line exception text, and options a backend refuses."""
+"""The shared names and limits (unet_deploy.names, the backend registry's suffixes), one-line exception text,
+and options a backend refuses."""
 
 from __future__ import annotations
 
@@ -8,13 +9,8 @@ from pathlib import Path
 import pytest
 
 from unet_deploy.errors import UserError, first_line
-from unet_deploy.names import (
-    BACKENDS,
-    backend_for_path,
-    check_scale,
-    is_checkpoint_file,
-    is_export_file,
-)
+from unet_deploy.names import check_scale
+from unet_deploy.runtime.registry import BACKENDS, backend_for_path, is_checkpoint_file, is_export_file
 
 
 @pytest.mark.parametrize("name, backend", [

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from unet_deploy.errors import UserError
-from unet_deploy.names import BACKENDS, PRECISIONS
+from unet_deploy.names import PRECISIONS
 from unet_deploy.runtime.backend_options import (
     BackendOptions,
     OpenVinoOptions,
@@ -18,6 +18,7 @@ from unet_deploy.runtime.backend_options import (
     TorchOptions,
     TorchScriptOptions,
 )
+from unet_deploy.runtime.registry import BACKENDS
 
 __all__ = ["BENCH_BACKENDS", "default_backends", "PRECISIONS", "FLAGS", "BACKEND_NAMES", "VARIANT_HELP", "Variant",
            "parse_variant", "expand_variants", "variant_label"]

@@ -13,7 +13,8 @@ import typer
 from unet_deploy.cli._app import app
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_write_text
-from unet_deploy.names import BACKENDS, DEFAULT_CHECKPOINT, PRECISIONS
+from unet_deploy.names import DEFAULT_CHECKPOINT, PRECISIONS
+from unet_deploy.runtime.registry import BACKENDS
 
 if TYPE_CHECKING:
     from unet_deploy.bench import BenchSettings

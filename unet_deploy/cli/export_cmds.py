@@ -14,7 +14,8 @@ import typer
 from unet_deploy.cli._app import app
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_write_text, sha256_file
-from unet_deploy.names import MAX_DIR_IMAGES, backend_for_path, is_export_file
+from unet_deploy.names import MAX_DIR_IMAGES
+from unet_deploy.runtime.registry import backend_for_path, is_export_file
 
 if TYPE_CHECKING:  # the export pipeline imports torch, rich's console is slow to load: only when run
     from rich.console import Console

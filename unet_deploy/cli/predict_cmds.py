@@ -16,8 +16,8 @@ from unet_deploy.cli._app import app
 from unet_deploy.cli._launch import relaunch
 from unet_deploy.errors import UserError
 from unet_deploy.images.crf import require_crf
-from unet_deploy.names import backend_for_path
 from unet_deploy.predict.shard import rank_device
+from unet_deploy.runtime.registry import backend_for_path
 from unet_deploy.signals import exit_code
 
 _NAME_LIST_OPTIONS = ("-o", "--output")

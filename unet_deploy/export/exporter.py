@@ -51,12 +51,13 @@ from unet_deploy.export.parity import (
     reduced_precision_cases,
 )
 from unet_deploy.images.image_io import list_images
-from unet_deploy.names import DEFAULT_CHECKPOINT, EXPORT_DIR, EXPORT_SUFFIXES, MAX_DIR_IMAGES, is_export_file
+from unet_deploy.names import DEFAULT_CHECKPOINT, EXPORT_DIR, MAX_DIR_IMAGES
 from unet_deploy.runtime import load_backend
 from unet_deploy.runtime.backend_options import OpenVinoOptions
 from unet_deploy.runtime.cpu_features import bf16_kernels
 from unet_deploy.runtime.openvino_backend import import_openvino, openvino_cpu_has
 from unet_deploy.runtime.precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
+from unet_deploy.runtime.registry import EXPORT_SUFFIXES, is_export_file
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
 

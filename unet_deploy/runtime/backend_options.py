@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from unet_deploy.errors import UserError
-from unet_deploy.names import BACKENDS, OPENVINO_PRECISIONS, TORCH_PRECISIONS, backend_for_path
 from unet_deploy.runtime.ort_session import ORT_PROFILES
 
-__all__ = ["TorchOptions", "TorchScriptOptions", "OrtOptions", "OpenVinoOptions", "BackendOptions", "COMPILE_MODES",
+__all__ = ["TORCH_PRECISIONS", "OPENVINO_PRECISIONS", "TorchOptions", "TorchScriptOptions", "OrtOptions",
+           "OpenVinoOptions", "BackendOptions", "COMPILE_MODES",
            "OPENVINO_HINTS", "OPTION_FLAGS", "options_for", "options_for_model"]
 
+#: Precisions the eager torch backend converts a checkpoint to.
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+#: OpenVINO's inference-precision hints (the precision its kernels compute in; an int8 IR stays int8).
+OPENVINO_PRECISIONS = ("fp32", "bf16", "fp16")
 #: ``torch.compile`` modes for ``TorchOptions(compile=...)``; "reduce-overhead" uses CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 #: OpenVINO performance hints: "auto" compiles for latency and, for batches of several images, also for
@@ -102,17 +106,17 @@ class OpenVinoOptions:
 
 
 BackendOptions = TorchOptions | TorchScriptOptions | OrtOptions | OpenVinoOptions
-_CLASSES: dict[str, type[TorchOptions] | type[TorchScriptOptions] | type[OrtOptions] | type[OpenVinoOptions]] = {
-    "torch": TorchOptions, "torchscript": TorchScriptOptions, "ort": OrtOptions, "openvino": OpenVinoOptions}
+_CLASSES: tuple[type[TorchOptions] | type[TorchScriptOptions] | type[OrtOptions] | type[OpenVinoOptions], ...] = (
+    TorchOptions, TorchScriptOptions, OrtOptions, OpenVinoOptions)
 #: option name -> the defaults it has (precision: fp32 for torch, auto for OpenVINO); None means "not given"
 _DEFAULTS: dict[str, set[Any]] = {}
-for _cls in _CLASSES.values():
+for _cls in _CLASSES:
     for _f in fields(_cls):
         _DEFAULTS.setdefault(_f.name, {None}).add(_f.default)
 
 
 def _owners(name: str) -> list[str]:
-    return [b for b, cls in _CLASSES.items() if name in {f.name for f in fields(cls)}]
+    return [cls.backend for cls in _CLASSES if name in {f.name for f in fields(cls)}]
 
 
 def _refusal(backend: str, name: str, value: Any) -> UserError:
@@ -129,9 +133,9 @@ def options_for(backend: str, **given: Any) -> BackendOptions:
     "not given" (the backend's default). A value left at a default is dropped when the backend does not take
     it; any other is a one-line
     :class:`UserError` naming the flag and the backend it applies to."""
-    if backend not in _CLASSES:
-        raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
-    cls = _CLASSES[backend]
+    from unet_deploy.runtime.registry import spec
+
+    cls = spec(backend).options
     own = {f.name for f in fields(cls)}
     for name, value in given.items():
         if name not in _DEFAULTS:
@@ -143,4 +147,6 @@ def options_for(backend: str, **given: Any) -> BackendOptions:
 
 def options_for_model(path: str | Path, backend: str | None = None, **given: Any) -> BackendOptions:
     """:func:`options_for` the backend that runs ``path`` (``backend``, else the one its suffix names)."""
+    from unet_deploy.runtime.registry import backend_for_path
+
     return options_for(backend or backend_for_path(Path(path)), **given)

@@ -36,7 +36,8 @@ from unet_deploy.runtime.backend_options import OpenVinoOptions
 from unet_deploy.runtime.cpu_features import bf16_hidden
 from unet_deploy.runtime.precision import AUTO, DEFAULT, VERDICTS_KEY, Choice, choose_precision, read_verdicts
 
-__all__ = ["load_openvino", "read_ir_metadata", "import_openvino", "openvino_installed", "openvino_device",
+__all__ = ["load_openvino", "read_ir_metadata", "read_ir_config", "import_openvino", "openvino_installed",
+           "openvino_device",
            "openvino_cpu_has",
            "RT_INFO_SECTION", "CACHE_FOLDER", "INSTALL_HINT"]
 
@@ -60,12 +61,9 @@ def openvino_core() -> Any:
 
 def openvino_installed() -> bool:
     """Whether ``import openvino`` would work (without importing it)."""
-    import importlib.util
+    from unet_deploy.runtime.registry import spec
 
-    try:
-        return importlib.util.find_spec("openvino") is not None
-    except (ImportError, ValueError):  # an import hook that refuses it, a broken install
-        return False
+    return spec("openvino").installed()
 
 
 def import_openvino() -> Any:
@@ -100,6 +98,16 @@ def read_ir_metadata(path: str | Path) -> dict[str, str]:
     if section is None:
         return {}
     return {child.tag: child.get("value", "") for child in section}
+
+
+def read_ir_config(path: str | Path) -> DeployConfig | None:
+    """The config in an IR's (or an ONNX file's) metadata, or None."""
+    if Path(path).suffix.lower() != ".xml":
+        from unet_deploy.runtime.ort_backend import read_onnx_config
+
+        return read_onnx_config(Path(path))
+    meta = read_ir_metadata(path)
+    return DeployConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
 
 
 def openvino_device(device: str, available: list[str]) -> str:
@@ -225,7 +233,7 @@ def _properties(options: OpenVinoOptions, path: Path) -> dict[str, Any]:
 
 def load_openvino(path: Path, device: str, options: OpenVinoOptions) -> Any:
     """A :class:`~.backends.Backend` running ``path`` (.xml IR or .onnx) on OpenVINO ``device``."""
-    from unet_deploy.runtime import Backend
+    from unet_deploy.runtime.base import Backend
 
     ov = import_openvino()
     core = openvino_core()
