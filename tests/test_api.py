@@ -151,7 +151,7 @@ def test_option_objects_refuse_what_their_backend_does_not_take(model_files: dic
         options_for("ort", precision="bf16")
     with pytest.raises(UserError, match="^--threads applies to --backend ort .* not to torchscript; drop --threads"):
         options_for("torchscript", threads=4)
-    with pytest.raises(UserError, match="^--precision int8: use fp32, fp16, bf16$"):
+    with pytest.raises(UserError, match="^--precision int8: unknown precision; use fp32, fp16, bf16$"):
         TorchOptions(precision="int8")
     with pytest.raises(UserError, match="^--compile fast: unknown mode"):
         TorchOptions(compile="fast")

@@ -32,8 +32,9 @@ from unet_deploy.images.image_io import image_to_array, load_image
 from unet_deploy.predict import PredictOptions, PredictSummary, default_model, predict_arrays, predict_files
 from unet_deploy.predict.shard import Group
 from unet_deploy.predict.write import mask_values_image, output_values
-from unet_deploy.runtime import Backend, Description, load_backend
 from unet_deploy.runtime.backend_options import BackendOptions
+from unet_deploy.runtime.base import Backend, Description
+from unet_deploy.runtime.loader import load_backend
 
 if TYPE_CHECKING:  # the export pipeline loads torch: only export() imports it, so ONNX Runtime use never does
     from unet_deploy.export.exporter import ExportResult, Log

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError", "first_line"]
+import difflib
+from collections.abc import Sequence
+
+__all__ = ["UserError", "InputError", "OptionError", "ModelFileError", "ParityError", "MissingDependencyError",
+           "first_line", "closest"]
 
 
 class UserError(Exception):
@@ -21,6 +25,37 @@ class UserError(Exception):
         super().__init__(" ".join(message.split()))
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class InputError(UserError):
+    """An input file the user gave cannot be used: an image that does not decode or is too large, a mask that
+    does not match its image, a data folder without pairs."""
+
+
+class OptionError(UserError):
+    """A flag or option value that is not valid (an unknown ``--backend``, ``--format`` or ``--precision`` names
+    the closest valid one)."""
+
+
+class ModelFileError(UserError):
+    """A model file that is missing, unreadable, or not one the chosen backend runs."""
+
+
+class ParityError(UserError):
+    """An exported file failed its check against eager PyTorch (so it was not written). Exit code 1, as a failed
+    check (not bad input, exit code 2)."""
+
+    exit_code = 1
+
+
+class MissingDependencyError(UserError):
+    """An optional package the command needs is not installed; the message says how to install it."""
+
+
+def closest(word: str, choices: Sequence[str]) -> str:
+    """ " (did you mean X?)" for the nearest of ``choices``, or "" when none is near."""
+    near = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {near[0]}?)" if near else ""
 
 
 def first_line(error: BaseException) -> str:

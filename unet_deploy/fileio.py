@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from unet_deploy.errors import UserError
+from unet_deploy.errors import InputError, UserError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "require_file"]
 
@@ -62,14 +62,15 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def require_file(path: str | os.PathLike[str], what: str, missing_hint: str, empty_hint: str = "") -> Path:
-    """``path`` as a Path if it is a non-empty file, else a one-line :class:`UserError` saying which of
-    missing / a folder / empty it is (``what``: "image", "checkpoint", ...)."""
+def require_file(path: str | os.PathLike[str], what: str, missing_hint: str, empty_hint: str = "",
+                 error: type[UserError] = InputError) -> Path:
+    """``path`` as a Path if it is a non-empty file, else a one-line ``error`` (an :class:`InputError` unless
+    given) saying which of missing / a folder / empty it is (``what``: "image", "checkpoint", ...)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: {what} not found; {missing_hint}")
+        raise error(f"{path}: {what} not found; {missing_hint}")
     if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what} file")
+        raise error(f"{path}: is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what} file")
     if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty {what} file (0 bytes)" + (f"; {empty_hint}" if empty_hint else ""))
+        raise error(f"{path}: empty {what} file (0 bytes)" + (f"; {empty_hint}" if empty_hint else ""))
     return path

@@ -23,18 +23,31 @@ from unet_deploy.bench.settings import CARVANA_SIZE, BenchSettings, resolve_sett
 from unet_deploy.bench.variants import parse_variant
 from unet_deploy.checkpoint import load_checkpoint, save_checkpoint
 from unet_deploy.config import DeployConfig, InferenceConfig, ModelConfig
-from unet_deploy.export import convert_onnx_fp16, export_onnx, export_torchscript, quantize_onnx_int8, quiet_exporter
+from unet_deploy.export.writers import DEFAULT_OPSET, StageInputs, quiet_exporter
 from unet_deploy.fileio import sha256_file
 from unet_deploy.images.image_io import preprocess
+from unet_deploy.runtime.registry import REGISTRY
 
 __all__ = ["MODEL_FILES", "BENCH_CALIBRATION_IMAGES", "ModelFiles", "cache_key", "prepare_models", "work_folder"]
 
-#: File name of each model file, by ``Variant.file_key``.
-MODEL_FILES = {"torch": "model.pth", "torchscript": "model.ts", "ort": "model.onnx", "ort-int8": "model.int8.onnx",
-               "ort-fp16": "model.fp16.onnx", "openvino": "model.xml", "openvino-int8": "model.int8.xml",
-               "openvino-plain": "model.plain.xml", "openvino-int8-plain": "model.int8.plain.xml"}
-#: Derived files -> the file each is made from.
-_DERIVED_FROM = {"ort-int8": "ort", "ort-fp16": "ort", "openvino": "ort", "openvino-int8": "openvino"}
+
+
+def _file_name(key: str) -> str:
+    """``openvino-int8-plain`` -> ``model.int8.plain.xml``: the words after the backend, then its suffix."""
+    backend, *words = key.split("-")
+    return ".".join(["model", *words]) + REGISTRY[backend].export_suffix
+
+
+def _file_keys() -> list[str]:
+    """Every file a variant can load, in the order they are made (a file after the one it is made from)."""
+    fp32 = sorted(REGISTRY, key=lambda name: (REGISTRY[name].built_from is not None, REGISTRY[name].export_rank))
+    derived = [f"{name}-{p}" for name in fp32 for p in REGISTRY[name].derived_precisions]
+    plain = [f"{name}{p}-plain" for name in fp32 if "plain" in REGISTRY[name].variant_flags for p in ("", "-int8")]
+    return [*fp32, *derived, *plain]
+
+
+#: File name of each model file, by ``Variant.file_key``, in the order they are made.
+MODEL_FILES = {key: _file_name(key) for key in _file_keys()}
 #: Synthetic Carvana-like images the benchmark calibrates its int8 model on.
 BENCH_CALIBRATION_IMAGES = 4
 
@@ -95,27 +108,45 @@ def prepare_models(settings: BenchSettings, folder: str | Path,
         source = f"fresh init (seed {settings.seed})"
         ckpt = load_checkpoint(paths["torch"])
     export_s: dict[str, float] = {}
-    keys = {parse_variant(v).file_key for v in settings.backends}
-    for derived in ("openvino-int8", "openvino", "ort-int8", "ort-fp16"):  # each one's source, recursively
-        if derived in keys:
-            keys.add(_DERIVED_FROM[derived])
-    for backend, writer in (("torchscript", export_torchscript), ("ort", export_onnx)):
-        if backend not in keys:
-            continue
-        target = folder / MODEL_FILES[backend]
-        paths[backend] = target
-        if target.exists():
-            continue
-        if model is None:
-            model = ckpt.build_model("cpu")
-        say(f"exporting {backend} -> {target}")
-        t0 = time.perf_counter()
-        writer(model, ckpt.config, target)
-        export_s[backend] = time.perf_counter() - t0
-    for key in ("ort-int8", "ort-fp16", "openvino", "openvino-int8", "openvino-plain", "openvino-int8-plain"):
-        if key in keys:
-            _derived_file(key, settings, ckpt, paths, folder, export_s, say)
+    keys = _with_sources({parse_variant(v).file_key for v in settings.backends})
+    models = _EagerOnce(ckpt, model)
+    for key in MODEL_FILES:
+        if key in keys and key not in paths:
+            _make_file(key, settings, models, paths, folder, export_s, say)
     return ModelFiles(paths, config.model.architecture, source, export_s, config.model)
+
+
+def _source(key: str) -> str | None:
+    """The file ``key`` is made from: its backend's fp32 file for a derived precision, the file a format is
+    converted from (the IR: the ONNX file), None when it is made from the checkpoint."""
+    backend, *words = key.split("-")
+    if "plain" in words:  # the plain recipe starts from the checkpoint, as a user without this package would
+        return None
+    return backend if words else REGISTRY[backend].built_from
+
+
+def _with_sources(keys: set[str]) -> set[str]:
+    """``keys`` and, recursively, every file they are made from."""
+    todo, out = list(keys), set()
+    while todo:
+        key = todo.pop()
+        if key not in out:
+            out.add(key)
+            todo += [s for s in (_source(key),) if s]
+    return out
+
+
+@dataclass
+class _EagerOnce:
+    """The checkpoint's eager model, built when a writer first needs it."""
+
+    ckpt: Any
+    model: Any = None
+
+    def get(self) -> Any:
+        if self.model is None:
+            self.model = self.ckpt.build_model("cpu")
+        return self.model
 
 
 def _fresh_checkpoint(settings: BenchSettings, folder: Path) -> tuple[DeployConfig, Path, Any]:
@@ -167,30 +198,25 @@ def _plain_onnx_ir(ckpt: Any, target: Path, calibration: Iterator[Any] | None = 
     onnx_path.unlink()
 
 
-def _derived_file(key: str, settings: BenchSettings, ckpt: Any, paths: dict[str, Path], folder: Path,
-                  export_s: dict[str, float], say: Callable[[str], None]) -> None:
-    """Write (or reuse) a file made from another one (int8/fp16 ONNX, the IRs); add it to ``paths``."""
+def _make_file(key: str, settings: BenchSettings, models: _EagerOnce, paths: dict[str, Path], folder: Path,
+               export_s: dict[str, float], say: Callable[[str], None]) -> None:
+    """Write (or reuse) one file with its registry entry's writer or deriver (the plain recipe: its own path);
+    add it to ``paths``."""
     target = folder / MODEL_FILES[key]
     paths[key] = target
     if target.exists():
         return
     t0 = time.perf_counter()
-    config = ckpt.config
-    source = paths.get(_DERIVED_FROM.get(key, ""))
-    say(f"making {key} -> {target}" + (f" (calibrating on {BENCH_CALIBRATION_IMAGES} synthetic images at scale "
-                                       f"{config.inference.scale:g})" if key.endswith("int8") else ""))
-    if key == "ort-int8":
-        quantize_onnx_int8(paths["ort"], config, target, _calibration(settings, config))
-    elif key == "ort-fp16":
-        convert_onnx_fp16(paths["ort"], config, target)
-    elif key.startswith("openvino") and key.endswith("plain"):
-        _plain_onnx_ir(ckpt, target, _calibration(settings, config) if "int8" in key else None)
+    config, entry = models.ckpt.config, REGISTRY[key.split("-")[0]]
+    source, words = _source(key), key.split("-")[1:]
+    calibrating = f" (calibrating on {BENCH_CALIBRATION_IMAGES} synthetic images at scale {config.inference.scale:g})"
+    say(f"{'exporting' if not words and source is None else 'making'} {key} -> {target}"
+        + (calibrating if "int8" in words else ""))
+    if "plain" in words:
+        _plain_onnx_ir(models.ckpt, target, _calibration(settings, config) if "int8" in words else None)
+    elif words:
+        entry.deriver(words[0])(paths[entry.name], config, target, _calibration(settings, config))
     else:
-        from unet_deploy.export.openvino_writer import convert_onnx_to_ir, quantize_ir_int8
-
-        assert source is not None
-        if key == "openvino":
-            convert_onnx_to_ir(source, config, target)
-        else:
-            quantize_ir_int8(source, config, target, _calibration(settings, config))
+        converted = paths[source] if source is not None else target  # made from the checkpoint: not read
+        entry.stage()(StageInputs(models.get(), config, target, DEFAULT_OPSET, lambda: converted))
     export_s[key] = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from unet_deploy.bench.settings import CARVANA_SIZE, BenchSettings
 from unet_deploy.bench.variants import parse_variant
 from unet_deploy.export.parity import ParityThresholds, compare
 from unet_deploy.images.image_io import preprocess
+from unet_deploy.runtime.registry import REFERENCE_BACKEND
 
 __all__ = ["parity", "run_cases"]
 
@@ -59,10 +60,10 @@ def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, tempora
         h, w = batch.shape[-2:]
         logits: dict[str, Path] = {}
         order = list(settings.backends)
-        if "torch" not in order:  # parity needs eager logits: one untimed eager call
+        if REFERENCE_BACKEND not in order:  # parity needs eager logits: one untimed eager call
             order.insert(0, "reference")
         for name in order:
-            variant = parse_variant("torch" if name == "reference" else name)
+            variant = parse_variant(REFERENCE_BACKEND if name == "reference" else name)
             backend = variant.file_key
             logits[name] = scratch / f"logits-{name}-{scale:g}.npy"
             reference = name == "reference"
@@ -75,12 +76,12 @@ def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, tempora
             result = run_case_isolated(spec, settings.timeout_s)
             if name == "reference":
                 continue
-            ref = np.load(logits["torch"] if "torch" in logits else logits["reference"])
+            ref = np.load(logits.get(REFERENCE_BACKEND, logits["reference"]))
             par = parity(ref, np.load(logits[name]), precision=result.get("precision", "fp32"))
             path = files.paths[backend]
             cases.append({
                 **result, "scale": scale, "input": f"{w}x{h}", "input_width": int(w), "input_height": int(h),
-                "parity": {**par, "reference": name == "torch"},
+                "parity": {**par, "reference": name == REFERENCE_BACKEND},
                 "file": path.name if path.parent == temporary_models else str(path),
                 "file_mb": _file_bytes(path) / 1e6, "export_s": files.export_s.get(backend),
             })

@@ -8,6 +8,7 @@ memory, then times ``runs`` calls (CUDA is synchronised around each call).
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from unet_deploy.bench.inputs import end_to_end
 from unet_deploy.bench.isolated import run_in_fresh_process
 from unet_deploy.bench.peak_memory import PeakSampler, maxrss_bytes, memory_result, reset_peak_rss
 from unet_deploy.bench.variants import Variant, parse_variant
+from unet_deploy.runtime.registry import REGISTRY
 
 __all__ = ["WORKER_MODULE", "CaseSpec", "images_per_s", "latency_stats", "load_variant", "run_case",
            "run_case_isolated"]
@@ -120,8 +122,7 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
 def _prepare_baseline(spec: CaseSpec, cuda: bool) -> None:
     """Import the runtime, set torch's threads and create the CUDA context before the memory baseline:
     they are part of the process, not of the model's memory."""
-    if spec.backend == "ort":
-        import onnxruntime  # noqa: F401  - optional dependency; part of the baseline
+    importlib.import_module(REGISTRY[spec.backend].runtime_module)  # part of the process, not of the model
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if cuda:

@@ -15,6 +15,7 @@ from typing import Any
 
 from unet_deploy.bench.machine import reliability, unsteady
 from unet_deploy.bench.variants import parse_variant
+from unet_deploy.runtime.registry import REFERENCE_BACKEND, REGISTRY
 
 __all__ = ["recommendation", "ranked_variants", "how_to_run", "command_line", "render_recommendation",
            "MODEL_WORD", "IMAGES_WORD", "CALIBRATION_WORD", "why_none"]
@@ -76,7 +77,7 @@ def recommendation(report: dict[str, Any], variant: str | None = None) -> dict[s
     if why_none(report) or not scored:
         return None
     best = variant or min(scored, key=lambda name: scored[name])
-    eager = {c["input"]: c for c in report.get("cases", []) if c["backend"] == "torch"}
+    eager = {c["input"]: c for c in report.get("cases", []) if c["backend"] == REFERENCE_BACKEND}
     sizes = []
     for size in sorted(inputs, key=lambda s: int(s.split("x")[0])):
         p50 = by_variant[best][size]["latency"]["p50_ms"]
@@ -92,22 +93,18 @@ def how_to_run(variant: str, model: str = MODEL_WORD, calibration: str = CALIBRA
                images: str = IMAGES_WORD) -> list[list[str]]:
     """The commands (argument lists) that run ``variant`` on ``model``: export where needed, then predict."""
     v = parse_variant(variant)
-    stem = f"exported/{Path(model).stem}"
+    entry, stem = REGISTRY[v.backend], f"exported/{Path(model).stem}"
     predict = ["unet-deploy", "predict"]
-    if v.backend == "torch":
+    if entry.export_format is None:  # it runs the checkpoint: the variant's options are predict's flags
         flags = [f"--precision={v.precision}"] if v.precision != "fp32" else []
         flags += ["--channels-last"] if v.channels_last else []
         flags += [f"--compile={v.compile}"] if v.compile else []
         return [[*predict, "-m", model, *flags, images]]
-    export = ["unet-deploy", "export", "-m", model]
-    if v.backend == "torchscript":
-        return [[*export, "--format", "torchscript"],
-                [*predict, "--backend", "torchscript", "-m", f"{stem}.ts", images]]
-    fmt, suffix = ("onnx", ".onnx") if v.backend == "ort" else ("openvino", ".xml")
-    extra = {"int8": ["--int8", "--calibration", calibration], "fp16": ["--fp16"]}.get(v.precision, [])
-    derived = f".{v.precision}" if extra else ""
-    return [[*export, "--format", fmt, *extra],
-            [*predict, "--backend", v.backend, "-m", f"{stem}{derived}{suffix}", images]]
+    derived = v.precision in entry.derived_precisions
+    extra = ["--int8", "--calibration", calibration] if v.precision == "int8" else [f"--{v.precision}"]
+    return [["unet-deploy", "export", "-m", model, "--format", entry.export_format, *(extra if derived else [])],
+            [*predict, "--backend", v.backend, "-m", f"{stem}{f'.{v.precision}' if derived else ''}"
+             f"{entry.export_suffix}", images]]
 
 
 def command_line(steps: list[list[str]]) -> str:

@@ -34,6 +34,7 @@ from unet_deploy.bench.machine import load_average_1m
 from unet_deploy.bench.peaks import PEAK_LAYER, measure_layer_peaks
 from unet_deploy.bench.uarch import PRECISIONS, per_cycle, read_cpu, theoretical_peaks
 from unet_deploy.runtime.ort_session import physical_cores
+from unet_deploy.runtime.registry import REFERENCE_BACKEND
 
 __all__ = ["ROOFLINE_SCHEMA", "network_work", "measure_peaks", "roofline_report", "precision_of", "PEAK_LAYER"]
 
@@ -165,8 +166,8 @@ def roofline_report(report: dict[str, Any], config: Any, peaks: dict[str, Any] |
         sizes[size]["cases"][case["backend"]] = _case_entry(case, sizes[size]["gflop"], peaks)
         rows.setdefault(size, []).append(case)
     for size, entry in sizes.items():
-        eager = next((c for c in rows[size] if c["backend"] == "torch"), None)
-        entry["eager_gflops"] = entry["cases"]["torch"]["gflops"] if eager else None
+        eager = next((c for c in rows[size] if c["backend"] == REFERENCE_BACKEND), None)
+        entry["eager_gflops"] = entry["cases"][REFERENCE_BACKEND]["gflops"] if eager else None
         _limits(entry, peaks, entry["eager_gflops"])
         entry["best"] = _best_case(entry, rows[size], eager, peaks)
     return {"schema": ROOFLINE_SCHEMA, "peaks": peaks, "sizes": list(sizes.values())}

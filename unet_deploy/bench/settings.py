@@ -12,7 +12,7 @@ from pathlib import Path
 from unet_deploy.bench.variants import BENCH_BACKENDS, default_backends, parse_variant
 from unet_deploy.errors import UserError
 from unet_deploy.names import check_scale
-from unet_deploy.runtime import resolve_device
+from unet_deploy.runtime.devices import resolve_device
 from unet_deploy.runtime.registry import is_export_file
 from unet_deploy.runtime.tiling import check_tiling
 

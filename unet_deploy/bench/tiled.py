@@ -18,6 +18,7 @@ growth over the fresh process's baseline after imports (:mod:`.memory`), as in t
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ import numpy as np
 from unet_deploy.bench.isolated import run_in_fresh_process
 from unet_deploy.bench.settings import CARVANA_SIZE, SCHEMA, BenchSettings
 from unet_deploy.errors import UserError
+from unet_deploy.runtime.registry import REGISTRY
 
 __all__ = ["TILED_CASES", "TiledSpec", "run_tiled_case", "run_tiled_benchmark", "tiled_summary",
            "render_tiled", "main"]
@@ -73,8 +75,7 @@ def run_tiled_case(spec: TiledSpec) -> dict[str, Any]:
     from unet_deploy.predict import PredictOptions, predict_arrays
     from unet_deploy.runtime.tiling import Tiling, plan_tiles
 
-    if spec.variant.startswith("ort"):
-        import onnxruntime  # noqa: F401  - part of the baseline, not of the model's memory
+    importlib.import_module(REGISTRY[spec.variant.split("-")[0]].runtime_module)  # part of the baseline
     options = PredictOptions(scale=spec.scale, tile=spec.tile, tile_overlap=spec.overlap, auto_tile=False,
                              progress=False)
     base = {"rss": psutil.Process().memory_info().rss, "maxrss": maxrss_bytes(), "exact": reset_peak_rss()}

@@ -1,7 +1,8 @@
 """Variant names: a backend plus its fast-path options, written like "torch-bf16-cl" or "ort-int8".
 
-The grammar is ``BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-plain]``; the plain backend and precision
-names are :mod:`unet_deploy.names`'s, this module adds the flags and which combinations make sense.
+The grammar is ``BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-plain]``. Which precisions and flags a
+backend takes, and the options a variant loads with, are its registry entry's (:mod:`unet_deploy.runtime.registry`:
+``precisions``, ``cuda_only``, ``variant_flags``, ``options.for_variant``); this module only parses and names.
 """
 
 from __future__ import annotations
@@ -11,14 +12,8 @@ from dataclasses import dataclass, replace
 
 from unet_deploy.errors import UserError
 from unet_deploy.names import PRECISIONS
-from unet_deploy.runtime.backend_options import (
-    BackendOptions,
-    OpenVinoOptions,
-    OrtOptions,
-    TorchOptions,
-    TorchScriptOptions,
-)
-from unet_deploy.runtime.registry import BACKENDS
+from unet_deploy.runtime.backend_options import BackendOptions
+from unet_deploy.runtime.registry import BACKENDS, REGISTRY, closest, installed_backends
 
 __all__ = ["BENCH_BACKENDS", "default_backends", "PRECISIONS", "FLAGS", "BACKEND_NAMES", "VARIANT_HELP", "Variant",
            "parse_variant", "expand_variants", "variant_label"]
@@ -27,7 +22,7 @@ __all__ = ["BENCH_BACKENDS", "default_backends", "PRECISIONS", "FLAGS", "BACKEND
 BENCH_BACKENDS = BACKENDS
 FLAGS = ("cl", "compile", "cgraph", "default", "iob", "plain")
 #: How the tables name each backend.
-BACKEND_NAMES = {"torch": "torch (eager)", "torchscript": "torchscript", "ort": "onnxruntime", "openvino": "openvino"}
+BACKEND_NAMES = {name: entry.label for name, entry in REGISTRY.items()}
 VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-plain]: torch, torchscript, ort or "
                 "openvino; precision fp32 (default), bf16/fp16 (torch, openvino), fp16/int8 (ort files), int8 "
                 "(openvino: NNCF, other layers at bf16 where the CPU has it); cl = channels_last; compile = "
@@ -40,9 +35,7 @@ VARIANT_HELP = ("BACKEND[-PRECISION][-cl][-compile|-cgraph][-default][-iob][-pla
 def default_backends() -> tuple[str, ...]:
     """The backends a benchmark runs when none are named: every one whose runtime is installed (OpenVINO
     is an extra)."""
-    from unet_deploy.runtime import openvino_backend as backend_openvino  # light: no openvino import
-
-    return tuple(b for b in BENCH_BACKENDS if b != "openvino" or backend_openvino.openvino_installed())
+    return installed_backends()
 
 
 @dataclass(frozen=True)
@@ -76,34 +69,16 @@ class Variant:
         return "-".join(parts)
 
     def options(self, threads: int | None = None) -> BackendOptions:
-        """The backend's load options for this variant (``threads``: ONNX Runtime's; torch's are set for
-        the whole process). An ONNX file's precision is the file's, so it is no load option."""
-        if self.backend == "ort":
-            return OrtOptions(threads=threads, profile=self.ort_profile, io_binding=self.io_binding)
-        if self.backend == "torchscript":
-            return TorchScriptOptions()
-        if self.backend == "openvino":
-            return OpenVinoOptions(precision=self._openvino_precision(), threads=threads)
-        return TorchOptions(precision=self.precision, channels_last=self.channels_last, compile=self.compile)
-
-    def _openvino_precision(self) -> str:
-        """The runtime precision hint: an int8 IR is int8 by its file and runs its other layers at the fastest
-        precision this CPU has (bf16 where it has bf16); the plain int8 recipe sets no hint at all."""
-        if self.precision != "int8":
-            return self.precision
-        if self.plain:
-            return "default"
-        from unet_deploy.runtime.openvino_backend import openvino_cpu_has
-
-        return "bf16" if openvino_cpu_has("bf16") else "fp32"
+        """The backend's load options for this variant (``threads``: for backends that take threads)."""
+        options: BackendOptions = REGISTRY[self.backend].options.for_variant(self, threads)
+        return options
 
     @property
     def file_key(self) -> str:
-        """Which model file it loads (keys of ``ModelFiles.paths``)."""
-        if self.backend == "openvino":
-            return "-".join(["openvino", *(["int8"] if self.precision == "int8" else []),
-                             *(["plain"] if self.plain else [])])
-        return f"ort-{self.precision}" if self.backend == "ort" and self.precision != "fp32" else self.backend
+        """Which model file it loads (keys of ``ModelFiles.paths``): the backend, the precision of a derived file
+        (``ort-int8``, ``openvino-int8``) and ``plain`` (``openvino-int8-plain``)."""
+        derived = self.precision in REGISTRY[self.backend].derived_precisions
+        return "-".join([self.backend, *([self.precision] if derived else []), *(["plain"] if self.plain else [])])
 
     @property
     def label(self) -> str:
@@ -115,26 +90,23 @@ class Variant:
 
 def _refuse_combination(backend: str, precision: str, flags: set[str], device: str | None) -> str | None:
     """Why this backend cannot take ``precision`` / ``flags`` (a message), or None when it can."""
-    if backend == "torchscript" and (precision != "fp32" or flags):
-        return "torchscript runs the fp32 export as is; use plain torchscript"
-    if "plain" in flags and backend != "openvino":
-        return "-plain is an openvino option (openvino-plain)"
-    if backend == "torch" and (precision == "int8" or flags & {"default", "iob"}):
-        return "int8, default and iob are ONNX Runtime options (ort-...)"
-    if backend == "torch" and precision == "fp16" and device is not None and not device.startswith("cuda"):
-        return "torch fp16 needs CUDA; use torch-bf16 on CPU"
-    if backend == "ort" and (precision == "bf16" or flags & {"cl", "compile", "cgraph"}):
-        return "ort takes fp32, fp16 or int8 and -default/-iob only"
-    if backend == "openvino" and flags - {"plain"}:
-        return "openvino takes fp32, bf16, fp16 or int8 and -plain only"
+    entry = REGISTRY[backend]
+    if not entry.runs_precision_on(precision, device):
+        on_cuda = [p for p in entry.precisions if p not in entry.cuda_only]
+        cuda = f" ({', '.join(entry.cuda_only)} needs CUDA)" if entry.cuda_only else ""
+        return f"{backend} takes {', '.join(on_cuda)}{cuda}, not {precision}"
+    if flags - set(entry.variant_flags):
+        takes = ", ".join(f"-{f}" for f in entry.variant_flags) or "no flags"
+        return f"{backend} takes {takes}, not {', '.join(sorted(f'-{f}' for f in flags))}"
     return None
 
 
 def parse_variant(word: str, device: str | None = None) -> Variant:
     """``torch-bf16-cl`` -> Variant; bad words and combinations raise a one-line :class:`UserError`."""
     parts = [p for p in word.strip().lower().replace("_", "-").split("-") if p]
-    if not parts or parts[0] not in BENCH_BACKENDS:
-        raise UserError(f"--backends {word}: unknown backend; use {VARIANT_HELP}")
+    if not parts or parts[0] not in REGISTRY:
+        raise UserError(f"--backends {word}: unknown backend{closest(parts[0] if parts else '', tuple(REGISTRY))}; "
+                        f"use {VARIANT_HELP}")
     backend, rest = parts[0], parts[1:]
     precision, flags = "fp32", set()
     for p in rest:
@@ -156,8 +128,8 @@ def expand_variants(words: Sequence[str], precisions: Sequence[str] = (), channe
                     compile: str | None = None, device: str | None = None) -> list[str]:
     """Variant names for ``--backends`` words combined with ``--precision``/``--channels-last``/``--compile``.
 
-    Each precision is applied to every backend that supports it (torchscript only fp32; torch fp16 only
-    on CUDA, int8 only for ort); ``channels_last`` and ``compile`` apply to the eager torch variants.
+    Each precision is applied to every backend that runs it (its registry entry: torchscript only fp32, torch
+    fp16 only on CUDA); ``channels_last`` and ``compile`` apply to the eager torch variants.
     """
     out: list[str] = []
     for word in words:
@@ -166,14 +138,10 @@ def expand_variants(words: Sequence[str], precisions: Sequence[str] = (), channe
         for p in options:
             if p not in PRECISIONS:
                 raise UserError(f"--precision {p}: use {', '.join(PRECISIONS)}")
-            if v.backend == "torchscript" and p != "fp32":
-                continue
-            if v.backend == "torch" and (p == "int8" or (p == "fp16" and not str(device).startswith("cuda"))):
-                continue
-            if v.backend == "ort" and p == "bf16":
+            if not REGISTRY[v.backend].runs_precision_on(p, device or "cpu"):
                 continue
             c = replace(v, precision=p)
-            if c.backend == "torch":
+            if "cl" in REGISTRY[c.backend].variant_flags:  # the eager fast paths
                 c = replace(c, channels_last=c.channels_last or channels_last, compile=c.compile or compile)
             out.append(c.name)
     return list(dict.fromkeys(out))

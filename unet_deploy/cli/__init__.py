@@ -25,6 +25,7 @@ from unet_deploy.cli import (  # noqa: F401  (registers commands)
     train_cmds,
 )
 from unet_deploy.cli._app import app
+from unet_deploy.cli._options import rewrite_deprecated
 from unet_deploy.errors import UserError
 from unet_deploy.signals import exit_code, sigterm_as_interrupt
 
@@ -65,7 +66,7 @@ def main(args: list[str] | None = None) -> None:
     _setup_logging()
     sigterm_as_interrupt()  # a scheduler's SIGTERM cleans up as Ctrl-C does (``serve`` installs its own)
     try:
-        app(args=args, prog_name="unet-deploy")
+        app(args=rewrite_deprecated(sys.argv[1:] if args is None else args), prog_name="unet-deploy")
     except UserError as e:
         from rich.markup import escape  # a message may hold [brackets]: file names, extras, cuda[:N]
 

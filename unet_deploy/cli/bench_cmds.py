@@ -73,7 +73,7 @@ def benchmark(
                                            "checkpoints/best.pth when it is here (not with --quick or "
                                            "--base-channels), else a freshly initialised model of the seed "
                                            "architecture."),
-    backends: list[str] | None = typer.Option(None, "--backends", "-b",
+    backends: list[str] | None = typer.Option(None, "--backends",
                                               help="Backends: torch (eager), torchscript, ort, openvino, or "
                                                    "variants like torch-bf16-cl, ort-int8, ort-default (untuned), "
                                                    "openvino-bf16, openvino-int8, openvino-plain (OpenVINO on a "
@@ -120,7 +120,7 @@ def benchmark(
                                             help="Input scales of a 1918x1280 Carvana image (0.5 = 959x640). "
                                                  "Several may follow one flag. Default: 0.5 1.0."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
-    runs: int | None = typer.Option(None, "--runs", "-n",
+    runs: int | None = typer.Option(None, "--runs",
                                     help="Timed runs per case. Default: 3 on CPU (full width), 5 in quick "
                                          "mode, 50 on CUDA."),
     warmup: int | None = typer.Option(None, "--warmup",
@@ -218,7 +218,7 @@ def _option_words(ctx: typer.Context, backends: list[str] | None, scales: list[s
                   ) -> tuple[list[str], list[str], list[str]]:
     """Backend, scale and precision words from the flags and the words click left over, checked."""
     from unet_deploy.bench import VARIANT_HELP
-    from unet_deploy.runtime import COMPILE_MODES
+    from unet_deploy.runtime.backend_options import COMPILE_MODES
 
     backend_words, scale_words, precision_words = _split(backends), _split(scales), _split(precision)
     _sort_extras(list(ctx.args), backend_words, scale_words, precision_words)
@@ -239,7 +239,7 @@ def _variants(backend_words: list[str], precision_words: list[str], channels_las
 
     words = backend_words or list(default_backends())
     if precision_words or channels_last or compile_:
-        from unet_deploy.runtime import resolve_device
+        from unet_deploy.runtime.devices import resolve_device
 
         words = expand_variants(words, precision_words, channels_last, compile_mode if compile_ else None,
                                 resolve_device(device))

@@ -14,7 +14,7 @@ HELDOUT_SEED_OFFSET = 1000  #: held-out cars come from seed + this: other cars t
 @app.command()
 def synth(
     out: Path = typer.Option(Path("data"), "--out", "-o", help="Folder to write imgs/ and masks/ into."),
-    n: int = typer.Option(16, "--n", "-n", help="Number of image/mask pairs."),
+    n: int = typer.Option(16, "--n", help="Number of image/mask pairs."),
     width: int = typer.Option(1918, help="Image width (Carvana: 1918)."),
     height: int = typer.Option(1280, help="Image height (Carvana: 1280)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same files."),

@@ -39,7 +39,7 @@ def export(
                                       help="Checkpoint to export: this project's .pth or a Pytorch-UNet "
                                            "MODEL.pth [default: checkpoints/best.pth, the best of the last "
                                            "`unet-deploy train`]."),
-    fmt: str = typer.Option("all", "--format", "-f",
+    fmt: str = typer.Option("all", "--format",
                             help="onnx, torchscript, openvino (IR: NAME.xml + NAME.bin), several joined by commas, "
                                  "or all (openvino when installed: pip install \"unet-deploy[openvino]\")."),
     output: Path = typer.Option(Path("exported"), "--output", "-o", help="Folder to write the files into."),
@@ -185,7 +185,7 @@ def verify(
     """
     from unet_deploy.export.exporter import parity_images
     from unet_deploy.export.parity import default_cases, parity, reduced_precision_cases
-    from unet_deploy.runtime import load_backend, read_embedded_config
+    from unet_deploy.runtime.loader import load_backend, read_embedded_config
 
     if not model_file.is_file():
         raise UserError(f"{model_file}: exported model not found; create it with `unet-deploy export`")

@@ -11,12 +11,13 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from unet_deploy.cli import _crf
+from unet_deploy.cli import _crf, _options
 from unet_deploy.cli._app import app
 from unet_deploy.cli._launch import relaunch
 from unet_deploy.errors import UserError
 from unet_deploy.images.crf import require_crf
 from unet_deploy.predict.shard import rank_device
+from unet_deploy.runtime.cpu_share import process_share, share_cores
 from unet_deploy.runtime.registry import backend_for_path
 from unet_deploy.signals import exit_code
 
@@ -144,15 +145,8 @@ def predict(
     crf_iterations: int = _crf.ITERATIONS,
     crf_clip: float = _crf.CLIP,
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
-    tile: int | None = typer.Option(None, "--tile", show_default=False,
-                                    help="Largest tile side in model-input pixels (after --scale): a larger "
-                                         "image runs as the fewest even, overlapping tiles (batched by "
-                                         "--batch-size), blended; memory grows with the tile, not the image. "
-                                         "--crf still runs on the whole image. Default: whole images, tiled "
-                                         "automatically (one notice line) when one cannot fit in memory."),
-    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
-                                            help="Least overlap of neighbouring tiles in model-input pixels "
-                                                 "(default: an eighth of --tile, e.g. 80 for 640)."),
+    tile: int | None = _options.TILE,
+    tile_overlap: int | None = _options.TILE_OVERLAP,
     rle: Path | None = typer.Option(None, "--rle",
                                     help="Also write a Kaggle Carvana submission (img,rle_mask)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", "--resume",
@@ -183,7 +177,7 @@ def predict(
         raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
     if nproc != 1:
         from unet_deploy.predict import default_model
-        from unet_deploy.runtime import check_model_file
+        from unet_deploy.runtime.loader import check_model_file
 
         check_model_file(model if model is not None else default_model(backend))  # one error line, not N
         relaunch(ctx, nproc)
@@ -244,8 +238,8 @@ def _where_lines(paths: list[Path], noun: str, limit: int = 3) -> list[str]:
 
 
 def _cores_per_process() -> int:
-    """This process's share of the machine's cores: processes on one machine share them."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """This process's share of the cores it may use: processes on one machine share them."""
+    return process_share(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,8 +265,8 @@ class _ModelArgs:
         if group.world > 1:
             device = rank_device(device, group.local_rank, group.world)
         backend = self.backend or backend_for_path(self.path)
-        if group.world > 1 and threads is None and not device.startswith("cuda") and backend == "ort":
-            threads = _cores_per_process()  # ONNX Runtime's threads: this process's share of the cores
+        if group.world > 1:  # this process's share of the cores (the registry says how a backend takes it)
+            threads = share_cores(backend, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
         options = options_for(backend, precision=self.precision, threads=threads,
                               channels_last=self.channels_last, compile=self.compile)
         predictor = Predictor.load(self.path, backend=backend, device=device, backend_options=options)

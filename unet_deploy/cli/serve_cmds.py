@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from unet_deploy.cli import _crf
+from unet_deploy.cli import _crf, _options
 from unet_deploy.cli._app import app
 from unet_deploy.errors import UserError
 
@@ -74,14 +74,8 @@ def serve(
     crf_bilat_compat: float = _crf.BILAT_COMPAT,
     crf_iterations: int = _crf.ITERATIONS,
     crf_clip: float = _crf.CLIP,
-    tile: int | None = typer.Option(None, "--tile", show_default=False,
-                                    help="Largest tile side in model-input pixels: a larger upload runs as "
-                                         "blended overlapping tiles, batched up to --max-batch on their own "
-                                         "(default: whole images, tiled automatically when one cannot fit in "
-                                         "memory)."),
-    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
-                                            help="Least overlap of neighbouring tiles in model-input pixels "
-                                                 "(default: an eighth of --tile)."),
+    tile: int | None = _options.TILE,
+    tile_overlap: int | None = _options.TILE_OVERLAP,
     grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM or Ctrl-C: how long the whole shutdown may "
                                                           "take; uploads still arriving are cut at once, "
                                                           "admitted requests may finish."),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from unet_deploy.cli import _options
 from unet_deploy.cli._app import app
 from unet_deploy.cli._launch import relaunch
 from unet_deploy.errors import UserError
@@ -173,13 +174,8 @@ def evaluate(
                                            help="Mask pixel value per class, e.g. 0,255 (default: the model's; "
                                                 "binary models also read predict's 0/255 masks)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write per-image dice as JSON."),
-    tile: int | None = typer.Option(None, "--tile", show_default=False,
-                                    help="Predict in blended tiles of at most N model-input pixels per side, "
-                                         "as `predict --tile` (default: whole images, tiled automatically "
-                                         "when one cannot fit in memory)."),
-    tile_overlap: int | None = typer.Option(None, "--tile-overlap", show_default=False,
-                                            help="Least overlap of neighbouring tiles in model-input pixels "
-                                                 "(default: an eighth of --tile)."),
+    tile: int | None = _options.TILE,
+    tile_overlap: int | None = _options.TILE_OVERLAP,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Mean per-image dice (Carvana's metric) of a model on DATA, at the original resolution.
@@ -191,7 +187,7 @@ def evaluate(
     check_tiling(tile, tile_overlap)
     from unet_deploy.images.image_io import find_pairs
     from unet_deploy.progress import file_progress
-    from unet_deploy.runtime import load_backend
+    from unet_deploy.runtime.loader import load_backend
     from unet_deploy.train import ensure_writable_dir, evaluate_model
 
     values = _parse_values(mask_values) if mask_values else None

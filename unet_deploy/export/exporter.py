@@ -1,12 +1,14 @@
-"""The export pipeline behind ``unet-deploy export`` and :func:`unet_deploy.api.export`.
+"""The export pipeline behind ``unet-deploy export`` and :func:`unet_deploy.api.export`: one stage -> verify ->
+place path for every format of the backend registry (:mod:`unet_deploy.runtime.registry`).
 
-checkpoint -> eager model -> each format written to a staging folder inside the output folder ->
-loaded back and compared with eager (:func:`unet_deploy.export.parity.parity`) -> moved into place only when it
-passes. The OpenVINO IR (``NAME.xml`` + ``NAME.bin``) is converted from the fp32 ONNX export and checked
-like it (plus bf16 inference at the bf16 thresholds where the CPU has bf16). ``--int8`` / ``--fp16`` files
-derive from the verified fp32 ONNX file (and ``--int8`` also from the IR, through NNCF) and are checked the
-same way (int8 on real held-out calibration images). A file that fails is deleted and an older file under its
-name is left as it was; the staging folder is removed whatever happens.
+checkpoint -> eager model -> each format written by its registry writer to a staging folder inside the output
+folder -> loaded back and compared with eager (:func:`unet_deploy.export.parity.parity`) -> moved into place
+(with its companion files, an IR's ``.bin`` first) only when it passes. A backend with runtime precisions
+(OpenVINO's bf16) is then checked at each one this CPU runs, and the verdicts are recorded in the file
+(:mod:`unet_deploy.export.verdicts`): they never block it. ``--int8`` / ``--fp16`` files derive from the
+verified fp32 file of every format that has a deriver for them and are checked the same way (int8 on real
+held-out calibration images). A file that fails is deleted and an older file under its name is left as it
+was; the staging folder is removed whatever happens.
 """
 
 from __future__ import annotations
@@ -24,47 +26,24 @@ import onnx
 
 from unet_deploy.checkpoint import load_checkpoint
 from unet_deploy.config import DeployConfig
-from unet_deploy.errors import UserError
-from unet_deploy.export import (
+from unet_deploy.errors import MissingDependencyError, ParityError, UserError
+from unet_deploy.export.parity import ParityCase, ParityReport, default_cases, image_cases, parity
+from unet_deploy.export.verdicts import record_runtime_verdicts
+from unet_deploy.export.writers import (
     DEFAULT_CALIBRATION_COUNT,
     DEFAULT_OPSET,
+    StageInputs,
     calibration_batches,
-    convert_onnx_fp16,
     export_onnx,
-    export_torchscript,
-    quantize_onnx_int8,
-)
-from unet_deploy.export.openvino_writer import (
-    bin_path,
-    convert_onnx_to_ir,
-    openvino_installed,
-    place_ir,
-    quantize_ir_int8,
-    set_ir_metadata,
-)
-from unet_deploy.export.parity import (
-    ParityCase,
-    ParityReport,
-    default_cases,
-    image_cases,
-    parity,
-    reduced_precision_cases,
 )
 from unet_deploy.images.image_io import list_images
 from unet_deploy.names import DEFAULT_CHECKPOINT, EXPORT_DIR, MAX_DIR_IMAGES
-from unet_deploy.runtime import load_backend
-from unet_deploy.runtime.backend_options import OpenVinoOptions
-from unet_deploy.runtime.cpu_features import bf16_kernels
-from unet_deploy.runtime.openvino_backend import import_openvino, openvino_cpu_has
-from unet_deploy.runtime.precision import REDUCED, VERDICTS_KEY, verdict_entry, verdict_record
-from unet_deploy.runtime.registry import EXPORT_SUFFIXES, is_export_file
+from unet_deploy.runtime.backend_options import options_for
+from unet_deploy.runtime.loader import load_backend
+from unet_deploy.runtime.registry import FORMATS, BackendSpec, format_spec, is_export_file
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "run_export", "parse_formats", "parity_images"]
 
-#: format word -> (the suffix it writes, the backend that runs it)
-FORMATS = {"onnx": (EXPORT_SUFFIXES["ort"], "ort"), "torchscript": (EXPORT_SUFFIXES["torchscript"], "torchscript"),
-           "openvino": (EXPORT_SUFFIXES["openvino"], "openvino")}
-_ALIASES = {"ts": "torchscript", "jit": "torchscript", "ov": "openvino", "ir": "openvino"}
 Log = Callable[[Any], None]
 
 
@@ -72,7 +51,7 @@ Log = Callable[[Any], None]
 class ExportOptions:
     """What to export and how to check it (the ``unet-deploy export`` flags)."""
 
-    formats: Sequence[str] = tuple(FORMATS)  #: "onnx", "torchscript" and/or "openvino"
+    formats: Sequence[str] = tuple(FORMATS)  #: format words of the registry: "onnx", "torchscript", "openvino"
     output: Path = Path(EXPORT_DIR)
     name: str | None = None  #: file stem (default: the checkpoint's)
     opset: int = DEFAULT_OPSET
@@ -99,22 +78,26 @@ class ExportResult:
     def passed(self) -> bool:
         return not self.failed
 
+    def raise_for_failures(self) -> None:
+        """Raise :class:`~unet_deploy.errors.ParityError` naming the files that failed their check, if any."""
+        if self.failed:
+            raise ParityError(f"{', '.join(self.failed)}: parity check failed, not written (the parity table "
+                              "says by how much); `unet-deploy verify` re-checks a file")
+
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "formats": self.results}
 
 
 def parse_formats(fmt: str) -> list[str]:
-    """``onnx``, ``torchscript`` (or ``ts``/``jit``), ``openvino`` (or ``ov``/``ir``), several joined by
-    commas, or ``all`` (every format whose runtime is installed: OpenVINO is an extra) -> the format words."""
-    words = [_ALIASES.get(w, w) for w in (p.strip().lower() for p in fmt.split(",")) if w]
+    """Format words joined by commas (``onnx``, ``torchscript`` or ``ts``/``jit``, ``openvino`` or ``ov``/``ir``),
+    or ``all`` (every format whose runtime is installed: OpenVINO is an extra) -> the format words (export writes
+    them in the registry's order). An unknown word is one line suggesting the closest."""
+    words = [w for w in (p.strip().lower() for p in fmt.split(",")) if w]
     if words == ["all"]:
-        return [f for f in FORMATS if f != "openvino" or openvino_installed()]
-    for word in words:
-        if word not in FORMATS:
-            raise UserError(f"--format {word}: unknown format; use onnx, torchscript, openvino or all")
+        return [f for f, s in FORMATS.items() if s.installed()]
     if not words:
-        raise UserError("--format: name a format: onnx, torchscript, openvino or all")
-    return list(dict.fromkeys(words))
+        raise UserError(f"--format: name a format: {', '.join(FORMATS)} or all")
+    return list(dict.fromkeys(str(format_spec(w).export_format) for w in words))
 
 
 def parity_images(items: Sequence[Path] | None) -> list[Path]:
@@ -165,20 +148,25 @@ def _calibration_images(folder: Path | None, count: int) -> list[Path]:
     return found
 
 
+def _check_derived(opts: ExportOptions) -> None:
+    """--int8 / --fp16 need a chosen format that derives them."""
+    for precision, wanted in (("int8", opts.int8), ("fp16", opts.fp16)):
+        makers = [f for f, s in FORMATS.items() if precision in s.derived_precisions]
+        if wanted and not set(makers) & set(opts.formats):
+            titles = " or ".join(FORMATS[f].format_title for f in makers)
+            raise UserError(f"--{precision} derives from the {titles} export; use --format "
+                            f"{', '.join(makers)} or all")
+
+
 def _check(opts: ExportOptions, checkpoint: Path | None) -> tuple[list[Path], Path, list[Path]]:
     """Check the options before any work: (calibration images, checkpoint, parity images)."""
     for f in opts.formats:
-        if f not in FORMATS:
-            raise UserError(f"--format {f}: unknown format; use onnx, torchscript, openvino or all")
-    if opts.fp16 and "onnx" not in opts.formats:
-        raise UserError("--fp16 derives from the ONNX export; use --format onnx or all")
-    if opts.int8 and not {"onnx", "openvino"} & set(opts.formats):
-        raise UserError("--int8 derives from the ONNX or OpenVINO export; use --format onnx, openvino or all")
-    if "openvino" in opts.formats:
-        import_openvino()  # one line saying how to install it, before any work
+        chosen = format_spec(f)
+        if not chosen.installed():  # one line saying how to install it, before any work
+            raise MissingDependencyError(f"--format {f} needs {chosen.optional_module}: {chosen.install_hint}")
+    _check_derived(opts)
     calib = _calibration_images(opts.calibration, opts.calibration_count) if opts.int8 else []
-    if {"onnx", "openvino"} & set(opts.formats):
-        _check_opset(opts.opset)
+    _check_opset(opts.opset)
     ckpt_path = _checkpoint_path(checkpoint)
     name = opts.name
     if name is not None and (not name.strip() or Path(name).name != name):
@@ -203,8 +191,19 @@ class _Job:
 
 
 def run_export(checkpoint: Path | None, opts: ExportOptions, log: Log = print) -> ExportResult:
-    """Export ``checkpoint`` (default: checkpoints/best.pth) as ``opts`` says; ``log`` gets each line and
-    parity table. Invalid options are a :class:`UserError` before anything is written."""
+    """Export ``checkpoint`` as ``opts`` says.
+
+    Args:
+        checkpoint: this project's or Pytorch-UNet's ``.pth`` (default: ``checkpoints/best.pth``).
+        opts: the formats, where to write and how to check them.
+        log: gets each line and parity table.
+
+    Returns:
+        What was written and what failed (:class:`ExportResult`).
+
+    Raises:
+        UserError: invalid options, before anything is written.
+    """
     calib, ckpt_path, images = _check(opts, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     eager = ckpt.build_model("cpu")
@@ -215,166 +214,145 @@ def run_export(checkpoint: Path | None, opts: ExportOptions, log: Log = print) -
     try:
         cases = default_cases(ckpt.config, images, quick=opts.quick_verify) if opts.verify else None
         job = _Job(opts, eager, ckpt.config, staging, cases, log, done)
-        for f in sorted(opts.formats, key=list(FORMATS).index):  # the IR is converted from the ONNX file
-            _export_format(job, f)
-        for kind, wanted in (("int8", opts.int8), ("fp16", opts.fp16)):
-            if wanted and "onnx" in opts.formats:
-                _export_derived(job, kind, _written(done, ".onnx"), calib, images)
-        if opts.int8 and "openvino" in opts.formats:
-            _export_derived(job, "int8", _written(done, ".xml"), calib, images, fmt="openvino")
+        chosen = [f for f in FORMATS if f in opts.formats]
+        for f in chosen:
+            _export_format(job, FORMATS[f])
+        for precision, wanted in (("int8", opts.int8), ("fp16", opts.fp16)):
+            for f in chosen:
+                if wanted and precision in FORMATS[f].derived_precisions:
+                    _export_derived(job, FORMATS[f], precision, calib, images)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return done
 
 
-def _written(done: ExportResult, suffix: str) -> Path | None:
-    """The fp32 file of this suffix written by this run (derived files come later), or None."""
-    return next((t for _f, t in done.written if t.suffix == suffix), None)
+def _written(done: ExportResult, fmt: str) -> Path | None:
+    """The fp32 file of format ``fmt`` written by this run (derived files come later), or None."""
+    return next((t for f, t in done.written if f == fmt and not _derived_name(t)), None)
 
 
-def _size(path: Path) -> str:
-    n = path.stat().st_size + (bin_path(path).stat().st_size if path.suffix == ".xml" else 0)
+def _derived_name(path: Path) -> bool:
+    return any(path.name.endswith(f".{p}{path.suffix}") for p in ("int8", "fp16"))
+
+
+def _size(path: Path, spec: BackendSpec) -> str:
+    n = sum(p.stat().st_size for p in (path, *(path.with_suffix(c) for c in spec.companions)))
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _verify_file(job: _Job, staged: Path, target: Path, backend: str, cases: list[ParityCase],
-                 precision: str = "fp32") -> ParityReport:
-    """Load the staged file (OpenVINO: at runtime ``precision``, without the compiled-model cache) and compare
-    by the thresholds of the file's precision (an int8 IR: int8) or else of the runtime precision."""
-    options = OpenVinoOptions(precision=precision, cache=False) if backend == "openvino" else None
-    candidate = load_backend(staged, backend, device="cpu", options=options)
+def verify_file(job: _Job, spec: BackendSpec, staged: Path, target: Path, cases: list[ParityCase],
+                precision: str | None = None) -> ParityReport:
+    """Load the staged file with the registry's ``verify_options`` (at runtime ``precision`` when given) and
+    compare by the thresholds of the file's precision (an int8 file: int8) or else of the runtime precision."""
+    values = dict(spec.verify_options, **({"precision": precision} if precision else {}))
+    candidate = load_backend(staged, spec.name, device="cpu", options=options_for(spec.name, **values))
     report = parity(job.eager, candidate, cases)
     report.candidate = f"{target} ({candidate.name}, {candidate.provider})"
     job.log(report.table())
     return report
 
 
-def _place(job: _Job, staged: Path, target: Path, entry: dict[str, Any], seconds: float, verb: str) -> None:
-    if target.suffix == ".xml":
-        place_ir(staged, target)
-    else:
-        os.replace(staged, target)
+def _place(job: _Job, spec: BackendSpec, staged: Path, target: Path, entry: dict[str, Any], seconds: float,
+           verb: str) -> None:
+    """Move a staged file into place: its companions first (each an atomic rename), then the file that reads
+    them, so the file under the target name never names companions that are not there yet."""
+    for suffix in spec.companions:
+        os.replace(staged.with_suffix(suffix), target.with_suffix(suffix))
+    os.replace(staged, target)
     entry.update(written=True, bytes=target.stat().st_size)
-    job.log(f"wrote {target} ({_size(target)}, {verb} in {seconds:.1f} s"
+    job.log(f"wrote {target} ({_size(target, spec)}, {verb} in {seconds:.1f} s"
             f"{', parity ok' if job.opts.verify else ', parity not checked'})")
 
 
-def _stage(job: _Job, f: str, staged: Path) -> None:
-    """Write format ``f`` to ``staged``; the IR from this run's ONNX file, else from one staged for it."""
-    if f == "onnx":
-        export_onnx(job.eager, job.config, staged, opset=job.opts.opset)
-    elif f == "torchscript":
-        export_torchscript(job.eager, job.config, staged)
-    else:
-        source = _written(job.done, ".onnx")
-        if source is None:
-            source = export_onnx(job.eager, job.config, staged.with_suffix(".source.onnx"), opset=job.opts.opset)
-        convert_onnx_to_ir(source, job.config, staged)
+def _onnx_source(job: _Job, staged: Path) -> Callable[[], Path]:
+    """This run's ONNX export, or one staged beside ``staged`` for a format converted from ONNX."""
+
+    def source() -> Path:
+        written = _written(job.done, "onnx")
+        if written is not None:
+            return written
+        return export_onnx(job.eager, job.config, staged.with_suffix(".source.onnx"), opset=job.opts.opset)
+
+    return source
 
 
-def _passes(job: _Job, f: str, staged: Path, target: Path, entry: dict[str, Any]) -> bool:
-    """Parity of a staged file at fp32; an IR that passes is then checked at each reduced runtime precision
+def _passes(job: _Job, spec: BackendSpec, staged: Path, target: Path, entry: dict[str, Any]) -> bool:
+    """Parity of a staged file at fp32; a file that passes is then checked at each reduced runtime precision
     of this CPU, and the verdicts recorded in it (they never block it). Failures logged."""
     assert job.cases is not None
-    report = _verify_file(job, staged, target, FORMATS[f][1], job.cases)
+    report = verify_file(job, spec, staged, target, job.cases)
     entry["parity"] = report.to_dict()
+    fmt = spec.export_format
     if not report.passed:
-        job.done.failed.append(f)
+        job.done.failed.append(str(fmt))
         entry["written"] = False
-        job.log(f"[bold red]{f}: parity FAILED; {target} was not written"
+        job.log(f"[bold red]{fmt}: parity FAILED; {target} was not written"
                 f"{' (the older file there is unchanged)' if target.exists() else ''}[/]")
-    elif f == "openvino":
-        _record_runtime_verdicts(job, staged, target, job.cases, report, entry)
+    elif spec.runtime_precisions:
+        record_runtime_verdicts(job, spec, staged, target, job.cases, report, entry)
     return report.passed
 
 
-def _record_runtime_verdicts(job: _Job, staged: Path, target: Path, cases: list[ParityCase],
-                             fp32: ParityReport, entry: dict[str, Any]) -> None:
-    """Check a staged IR (whose fp32 run passed) at bf16/fp16 where this CPU has them, log each verdict and
-    the precision the file will run at here, and record the verdicts in the IR's metadata."""
-    verdicts = {"fp32": verdict_entry(fp32)}
-    cases = reduced_precision_cases(cases, job.config, job.opts.quick_verify)
-    for precision in REDUCED:
-        if not openvino_cpu_has(precision):
-            if precision == "bf16":
-                job.log(f"openvino bf16: not checked, this CPU has no bf16 kernels; {target.name} runs fp32 here")
-            continue
-        report = _verify_file(job, staged, target, "openvino", cases, precision=precision)
-        entry[f"parity_{precision}"] = report.to_dict()
-        verdicts[precision] = verdict_entry(report)
-        if report.passed:
-            job.log(f"openvino {precision} on this CPU ({bf16_kernels()}): parity ok; {target.name} runs {precision} "
-                    "here by default (--precision fp32 forces fp32)")
-        else:
-            mine = "" if job.opts.images else "; --images YOUR_IMAGES checks it on your own images"
-            job.log(f"[yellow]openvino {precision} on this CPU ({bf16_kernels()}): parity failed "
-                    f"({report.thresholds.describe()}); {target.name} is written (fp32 passed) and runs fp32 "
-                    f"here{mine}[/]")
-    entry["runtime_precisions"] = verdicts
-    set_ir_metadata(staged, VERDICTS_KEY, verdict_record(verdicts))
-
-
-def _export_format(job: _Job, f: str) -> None:
+def _export_format(job: _Job, spec: BackendSpec) -> None:
     """Write one format to the staging folder, check it (unless not verifying) and move it into place."""
-    target = job.target(FORMATS[f][0])
+    target = job.target(spec.export_suffix)
     staged = job.staging / target.name
     t0 = time.perf_counter()
-    _stage(job, f, staged)
+    spec.stage()(StageInputs(job.eager, job.config, staged, job.opts.opset, _onnx_source(job, staged)))
     seconds = time.perf_counter() - t0
     entry: dict[str, Any] = {"path": str(target), "export_s": round(seconds, 3)}
-    job.done.results[f] = entry
-    if job.cases is not None and not _passes(job, f, staged, target, entry):
+    job.done.results[str(spec.export_format)] = entry
+    if job.cases is not None and not _passes(job, spec, staged, target, entry):
         return
-    _place(job, staged, target, entry, seconds, "exported")
-    job.done.written.append((f, target))
+    _place(job, spec, staged, target, entry, seconds, "exported")
+    job.done.written.append((str(spec.export_format), target))
 
 
-def _derive(kind: str, source: Path, config: DeployConfig, staged: Path, used: list[Path]) -> None:
-    """Write the ``kind`` file derived from ``source`` (.onnx: ORT int8 QDQ or fp16; .xml: NNCF int8)."""
-    if kind == "fp16":
-        convert_onnx_fp16(source, config, staged)
-    elif source.suffix == ".xml":
-        quantize_ir_int8(source, config, staged, calibration_batches(used, config))
-    else:
-        quantize_onnx_int8(source, config, staged, calibration_batches(used, config))
+def _derived_cases(job: _Job, calib: list[Path], used: list[Path], images: list[Path]) -> list[ParityCase]:
+    """int8's cases: real images only (calibrated ranges do not cover random noise): held-out calibration
+    images, else two of those it calibrated on, plus --images."""
+    held_out = calib[job.opts.calibration_count:job.opts.calibration_count + 4]
+    cases = image_cases([*(held_out or used[:2]), *images], job.config)
+    return cases[:2] if job.opts.quick_verify else cases
 
 
-def _export_derived(job: _Job, kind: str, source: Path | None, calib: list[Path], images: list[Path],
-                    fmt: str = "onnx") -> None:
-    """NAME.int8.onnx / NAME.fp16.onnx from the verified fp32 ONNX file (NAME.int8.xml from the IR, ``fmt``
-    "openvino"), checked, moved into place."""
+def _skip_derived(job: _Job, spec: BackendSpec, precision: str) -> None:
+    fmt = spec.export_format
+    job.done.failed.append(f"{fmt}-{precision}")
+    job.log(f"[bold red]{precision}: skipped, the fp32 {fmt} export ({job.target(spec.export_suffix)}) did not "
+            f"pass its parity check (table above); its {precision} file derives from it. `unet-deploy export "
+            f"--format {fmt} --no-verify --{precision}` writes it unchecked[/]")
+
+
+def _export_derived(job: _Job, spec: BackendSpec, precision: str, calib: list[Path], images: list[Path]) -> None:
+    """NAME.int8.onnx / NAME.fp16.onnx / NAME.int8.xml from the verified fp32 file of ``spec``'s format,
+    written by its registry deriver, checked, moved into place."""
+    fmt, source = str(spec.export_format), _written(job.done, str(spec.export_format))
     if source is None:
-        job.done.failed.append(kind)
-        job.log(f"[bold red]{kind}: skipped, the fp32 {fmt} export ({job.target(FORMATS[fmt][0])}) did not pass "
-                f"its parity check (table above); its {kind} file derives from it. `unet-deploy export --format "
-                f"{fmt} --no-verify{' --int8' if kind == 'int8' else ' --fp16'}` writes it unchecked[/]")
+        _skip_derived(job, spec, precision)
         return
-    target = job.target(f".{kind}{source.suffix}")
+    target = job.target(f".{precision}{spec.export_suffix}")
     staged = job.staging / target.name
     entry: dict[str, Any] = {"path": str(target)}
-    job.done.results[f"{fmt}-{kind}"] = entry
+    job.done.results[f"{fmt}-{precision}"] = entry
     t0 = time.perf_counter()
-    cases = job.cases
-    used = calib[:job.opts.calibration_count]
-    if kind == "int8":
+    cases, used = job.cases, calib[:job.opts.calibration_count]
+    if precision == "int8":
         job.log(f"{fmt} int8: calibrating on {len(used)} image(s) from {used[0].parent}")
         entry["calibration_images"] = [str(p) for p in used]
-        if job.opts.verify:  # calibrated ranges do not cover random noise: real images only
-            held_out = calib[job.opts.calibration_count:job.opts.calibration_count + 4]
-            cases = image_cases([*(held_out or used[:2]), *images], job.config)
-            cases = cases[:2] if job.opts.quick_verify else cases
-    _derive(kind, source, job.config, staged, used)
+        cases = _derived_cases(job, calib, used, images) if job.opts.verify else None
+    spec.deriver(precision)(source, job.config, staged, calibration_batches(used, job.config))
     seconds = time.perf_counter() - t0
     entry["export_s"] = round(seconds, 3)
     if cases is not None:
-        report = _verify_file(job, staged, target, FORMATS[fmt][1], cases)
+        report = verify_file(job, spec, staged, target, cases)
         entry["parity"] = report.to_dict()
         if not report.passed:
             entry["written"] = False
-            job.done.failed.append(f"{fmt}-{kind}" if fmt != "onnx" else kind)
-            job.log(f"[bold red]{kind}: parity FAILED; {target} was not written[/]")
+            job.done.failed.append(f"{fmt}-{precision}")
+            job.log(f"[bold red]{precision}: parity FAILED; {target} was not written[/]")
             return
-        if fmt == "openvino":  # its non-quantised layers at bf16 where that keeps the int8 criteria
-            _record_runtime_verdicts(job, staged, target, cases, report, entry)
-    _place(job, staged, target, entry, seconds, "made")
+        if spec.runtime_precisions:  # its non-quantised layers at bf16 where that keeps the int8 criteria
+            record_runtime_verdicts(job, spec, staged, target, cases, report, entry)
+    _place(job, spec, staged, target, entry, seconds, "made")
     job.done.written.append((fmt, target))

@@ -28,7 +28,12 @@ import numpy as np
 
 from unet_deploy.config import DeployConfig
 from unet_deploy.errors import UserError, first_line
-from unet_deploy.export import onnx_metadata, quiet_exporter, recorded_config
+from unet_deploy.export.writers import (
+    StageInputs,
+    onnx_metadata,
+    quiet_exporter,
+    recorded_config,
+)
 from unet_deploy.runtime.openvino_backend import (
     INSTALL_HINT,
     RT_INFO_SECTION,
@@ -38,7 +43,7 @@ from unet_deploy.runtime.openvino_backend import (
 )
 
 __all__ = ["convert_onnx_to_ir", "quantize_ir_int8", "quantize_ir_plain", "place_ir", "set_ir_metadata", "bin_path",
-           "openvino_installed"]
+           "openvino_installed", "stage_openvino", "derive_ir_int8"]
 
 
 def bin_path(xml: str | Path) -> Path:
@@ -159,3 +164,13 @@ def place_ir(staged: Path, target: Path) -> None:
     """Move a staged IR into place: ``.bin`` first, then the ``.xml`` (each one atomic rename)."""
     os.replace(bin_path(staged), bin_path(target))
     os.replace(staged, target)
+
+
+def stage_openvino(inputs: StageInputs) -> None:
+    """The IR writer of the registry: converted from this run's ONNX export (or one staged for it)."""
+    convert_onnx_to_ir(inputs.onnx_source(), inputs.config, inputs.staged)
+
+
+def derive_ir_int8(source: Path, config: DeployConfig, staged: Path, calibration: Iterable[np.ndarray]) -> None:
+    """``NAME.int8.xml``: NNCF int8 of the verified IR, calibrated on the preprocessed batches ``calibration``."""
+    quantize_ir_int8(source, config, staged, calibration)

@@ -36,7 +36,7 @@ from unet_deploy.errors import UserError
 from unet_deploy.images.dice import multiclass_dice_per_image
 from unet_deploy.images.image_io import image_to_array, load_image, preprocess
 from unet_deploy.images.postprocess import logits_to_mask
-from unet_deploy.runtime import Description, Runner, as_runner
+from unet_deploy.runtime.base import Description, Runner, as_runner
 
 __all__ = ["ParityThresholds", "ParityCase", "ParityRow", "ParityReport", "parity", "default_cases",
            "image_cases", "car_case", "reduced_precision_cases", "compare", "CARVANA_HALF", "QUICK_SIZE",

@@ -18,8 +18,8 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,12 @@ from unet_deploy.export.onnx_passes import conv_transpose_to_depth_to_space, fol
 from unet_deploy.fileio import atomic_path
 from unet_deploy.images.image_io import load_image, preprocess
 from unet_deploy.model import export_form
-from unet_deploy.runtime import silence_torchscript_deprecation
+from unet_deploy.runtime.torchscript_backend import silence_torchscript_deprecation
 
 __all__ = ["export_torchscript", "export_onnx", "onnx_metadata", "quantize_onnx_int8", "convert_onnx_fp16",
            "calibration_batches", "recorded_config", "quiet_exporter", "DEFAULT_OPSET", "EXAMPLE_SHAPE",
-           "DEFAULT_CALIBRATION_COUNT"]
+           "DEFAULT_CALIBRATION_COUNT", "StageInputs", "stage_onnx", "stage_torchscript", "derive_onnx_int8",
+           "derive_onnx_fp16"]
 
 DEFAULT_OPSET = 18
 #: Images used to calibrate int8 activation ranges when --calibration-count is not given.
@@ -251,3 +252,36 @@ def convert_onnx_fp16(source: str | Path, config: DeployConfig, path: str | Path
     with quiet_exporter():
         half = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
     return _save_onnx(half, config, "fp16", path)
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a format's writer gets (the registry's ``writer``): the eager model and its config, the staging
+    path to write, the ONNX opset, and ``onnx_source()``: this run's verified ONNX file, or one staged for it
+    (formats converted from ONNX)."""
+
+    eager: nn.Module
+    config: DeployConfig
+    staged: Path
+    opset: int
+    onnx_source: Callable[[], Path]
+
+
+def stage_onnx(inputs: StageInputs) -> None:
+    """The ONNX writer of the registry."""
+    export_onnx(inputs.eager, inputs.config, inputs.staged, opset=inputs.opset)
+
+
+def stage_torchscript(inputs: StageInputs) -> None:
+    """The TorchScript writer of the registry."""
+    export_torchscript(inputs.eager, inputs.config, inputs.staged)
+
+
+def derive_onnx_int8(source: Path, config: DeployConfig, staged: Path, calibration: Iterable[np.ndarray]) -> None:
+    """``NAME.int8.onnx``: static QDQ int8, calibrated on the preprocessed batches ``calibration``."""
+    quantize_onnx_int8(source, config, staged, calibration)
+
+
+def derive_onnx_fp16(source: Path, config: DeployConfig, staged: Path, calibration: Iterable[np.ndarray]) -> None:
+    """``NAME.fp16.onnx``: half precision with fp32 input and output (``calibration`` unused)."""
+    convert_onnx_fp16(source, config, staged)

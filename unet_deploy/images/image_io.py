@@ -16,7 +16,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from unet_deploy.errors import UserError
+from unet_deploy.errors import InputError, OptionError
 from unet_deploy.fileio import require_file
 
 __all__ = [
@@ -71,23 +71,23 @@ def _open(path: str | Path, what: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = open_image(path)
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (not {FORMAT_NAMES}); convert it to JPEG or "
+        raise InputError(f"{path}: not a readable image (not {FORMAT_NAMES}); convert it to JPEG or "
                         "PNG") from None
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: image too large (decompression-bomb limit {MAX_PIXELS} px)") from None
+        raise InputError(f"{path}: image too large (decompression-bomb limit {MAX_PIXELS} px)") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot open {what} ({e})") from None
+        raise InputError(f"{path}: cannot open {what} ({e})") from None
     try:
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise UserError(f"{path}: image too large ({w}x{h} px > limit of {MAX_PIXELS} px); "
+            raise InputError(f"{path}: image too large ({w}x{h} px > limit of {MAX_PIXELS} px); "
                             "downscale it first")
         if w < 1 or h < 1:
-            raise UserError(f"{path}: image has no pixels ({w}x{h})")
+            raise InputError(f"{path}: image has no pixels ({w}x{h})")
         try:
             img.load()
         except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"{path}: broken or truncated {what} ({e}); re-download or remove it") from None
+            raise InputError(f"{path}: broken or truncated {what} ({e}); re-download or remove it") from None
     except BaseException:
         img.close()
         raise
@@ -148,7 +148,7 @@ def image_to_array(img: Image.Image, channels: int = 3) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
     if channels == 1:
         return np.asarray(rgb.convert("L"), dtype=np.uint8)[:, :, None]
-    raise UserError(f"models with {channels} input channels are not supported (use 1 or 3)")
+    raise InputError(f"models with {channels} input channels are not supported (use 1 or 3)")
 
 
 def load_mask(path: str | Path) -> np.ndarray:
@@ -172,7 +172,7 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """Pytorch-UNet's size rule: ``int(scale * w), int(scale * h)`` (959x640 for Carvana at 0.5)."""
     new_w, new_h = int(scale * width), int(scale * height)
     if new_w < 1 or new_h < 1:
-        raise UserError(f"--scale {scale} makes a {width}x{height} image empty; use a larger --scale")
+        raise OptionError(f"--scale {scale} makes a {width}x{height} image empty; use a larger --scale")
     return new_w, new_h
 
 
@@ -186,7 +186,7 @@ def check_min_size(image: str | Path, scale: float, min_side: int = MIN_SIDE) ->
         w, h = img.size
     new_w, new_h = scaled_size(w, h, scale)
     if min(new_w, new_h) < min_side:
-        raise UserError(f"{image}: {w}x{h} px at --scale {scale} is {new_w}x{new_h}, too small for the U-Net "
+        raise InputError(f"{image}: {w}x{h} px at --scale {scale} is {new_w}x{new_h}, too small for the U-Net "
                         f"(needs {min_side} px or more per side); use a larger --scale")
 
 
@@ -240,7 +240,7 @@ def mask_to_index(mask: np.ndarray, mask_values: Sequence, source: str | Path = 
     if not matched.all():
         bad = mask[~matched]
         example = bad[0].tolist() if bad.ndim > 1 else bad.flat[0].item()
-        raise UserError(f"{source}: mask has value {example} outside the expected mask values "
+        raise InputError(f"{source}: mask has value {example} outside the expected mask values "
                         f"{list(mask_values)}; fix the mask or retrain with masks of the same values")
     return out
 
@@ -287,36 +287,36 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str =
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     for d, what, flag in ((images_dir, "images", "--data (DIR/imgs)"), (masks_dir, "masks", "--data (DIR/masks)")):
         if not d.is_dir():
-            raise UserError(f"{d}: {what} folder not found; pass {flag} or create it with "
+            raise InputError(f"{d}: {what} folder not found; pass {flag} or create it with "
                             "`unet-deploy synth --out DIR`")
     images = list_images(images_dir)
     masks = list_images(masks_dir)
     if not images:
-        raise UserError(f"{images_dir}: no images found ({', '.join(IMAGE_SUFFIXES)}); "
+        raise InputError(f"{images_dir}: no images found ({', '.join(IMAGE_SUFFIXES)}); "
                         "add images or point --data elsewhere")
     by_id: dict[str, Path] = {}
     for m in masks:
         key = _mask_id(m, mask_suffix)
         if key in by_id:
-            raise UserError(f"{m}: a second mask for image id '{key}' (also {by_id[key].name}); keep one")
+            raise InputError(f"{m}: a second mask for image id '{key}' (also {by_id[key].name}); keep one")
         by_id[key] = m
     pairs = []
     for img in images:
         mask = by_id.pop(img.stem, None)
         if mask is None:
-            raise UserError(f"{img}: no mask found (expected {masks_dir}/{img.stem}{mask_suffix}.gif or "
+            raise InputError(f"{img}: no mask found (expected {masks_dir}/{img.stem}{mask_suffix}.gif or "
                             f"{img.stem}.png); add it or remove the image")
         pairs.append(Pair(img.stem, img, mask))
     if by_id:
         orphan = sorted(by_id.values())[0]
-        raise UserError(f"{orphan}: mask without an image (expected {images_dir}/"
+        raise InputError(f"{orphan}: mask without an image (expected {images_dir}/"
                         f"{_mask_id(orphan, mask_suffix)}.jpg); add the image or remove the mask")
     if check_sizes:
         for p in pairs:
             with open_image(p.image) as a, open_image(p.mask) as b:
                 size_a = ImageOps.exif_transpose(a).size if a.getexif().get(EXIF_ORIENTATION, 1) != 1 else a.size
                 if size_a != b.size:
-                    raise UserError(f"{p.mask}: mask is {b.size[0]}x{b.size[1]} but image {p.image.name} is "
+                    raise InputError(f"{p.mask}: mask is {b.size[0]}x{b.size[1]} but image {p.image.name} is "
                                     f"{size_a[0]}x{size_a[1]}; masks must match their images")
     return pairs
 

@@ -20,7 +20,7 @@ from unet_deploy.errors import UserError, first_line
 from unet_deploy.images.image_io import resize_image, to_input
 from unet_deploy.predict.load import Loaded
 from unet_deploy.predict.records import PredictOptions
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 from unet_deploy.runtime.resources import raise_if_out_of_memory
 from unet_deploy.runtime.tiling import Tiling, choose_tiling, plan_tiles, tiled_logits
 

@@ -33,7 +33,7 @@ from unet_deploy.predict.resume import (
 from unet_deploy.predict.shard import Group, JournalRow, JournalWriter, journal_dir
 from unet_deploy.predict.shard import split as split_jobs
 from unet_deploy.predict.write import output_values, write_result
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 
 __all__ = ["iter_predictions", "predict_arrays", "predict_files"]
 

@@ -19,7 +19,7 @@ from unet_deploy.images.postprocess import logits_to_mask, probabilities
 from unet_deploy.predict.batch import Inferred
 from unet_deploy.predict.load import Loaded
 from unet_deploy.predict.records import PredictOptions, PredictResult
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 from unet_deploy.runtime.tta import flip_tta
 
 __all__ = ["with_tta", "logits_to_outputs", "crf_probabilities", "crf_image", "to_result", "results_in_order",

@@ -17,7 +17,7 @@ from unet_deploy.images.image_io import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUF
 from unet_deploy.names import DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR
 from unet_deploy.predict.records import Job
 from unet_deploy.predict.write import MASK_FORMATS
-from unet_deploy.runtime.registry import BACKENDS, EXPORT_SUFFIXES
+from unet_deploy.runtime.registry import spec as backend_spec
 
 __all__ = ["expand_specs", "expand_inputs", "plan_jobs", "plan_run", "check_rle_target", "default_model",
            "DEMO_DIR"]
@@ -182,13 +182,12 @@ def default_model(backend: str | None, root: str | Path = ".") -> Path:
     ``exported/*.onnx`` / ``*.ts``; when there is none, the same under ``demo/`` (what `unet-deploy demo`
     wrote), with a one-line notice on stderr."""
     root = Path(root)
-    if backend is not None and backend not in BACKENDS:
-        raise UserError(f"--backend {backend}: unknown backend; use {', '.join(BACKENDS)}")
-    if backend in (None, "torch"):
+    entry = backend_spec(backend) if backend is not None else None  # an unknown name: one line with the closest
+    if entry is None or entry.export_format is None:
         found = [p for p in (root / DEFAULT_CHECKPOINT, root / DEMO_DIR / DEFAULT_CHECKPOINT) if p.is_file()]
         wanted, how = root / DEFAULT_CHECKPOINT, "train one with `unet-deploy train`"
     else:
-        suffix, fmt = EXPORT_SUFFIXES[backend], "onnx" if backend == "ort" else backend
+        suffix, fmt = entry.export_suffix, entry.export_format
         found = [p for p in (_newest(root / EXPORT_DIR, suffix), _newest(root / DEMO_DIR / EXPORT_DIR, suffix)) if p]
         wanted, how = root / EXPORT_DIR / f"*{suffix}", f"create one with `unet-deploy export --format {fmt}`"
     if not found:

@@ -34,7 +34,7 @@ from unet_deploy.predict.shard import (
     read_journal,
 )
 from unet_deploy.predict.write import mask_fingerprint
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 
 __all__ = ["CRASH_ENV", "crash_hook", "journal_key", "run_fingerprint", "on_main", "image_size", "read_existing",
            "reusable", "check_same_run", "resume_plan", "merge_submission"]

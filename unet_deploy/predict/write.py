@@ -16,7 +16,7 @@ from unet_deploy.images.image_io import FINGERPRINT_KEY
 from unet_deploy.images.overlay import overlay_image
 from unet_deploy.images.postprocess import colorize
 from unet_deploy.predict.records import PredictOptions, PredictResult, values_text
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 
 __all__ = ["MASK_FORMATS", "output_values", "mask_values_image", "write_mask", "mask_fingerprint", "write_overlay",
            "write_result"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from unet_deploy.errors import UserError
+from unet_deploy.errors import OptionError, UserError, closest
 from unet_deploy.runtime.ort_session import ORT_PROFILES
 
 __all__ = ["TORCH_PRECISIONS", "OPENVINO_PRECISIONS", "TorchOptions", "TorchScriptOptions", "OrtOptions",
@@ -50,9 +50,15 @@ class TorchOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in TORCH_PRECISIONS:
-            raise UserError(f"--precision {self.precision}: use {', '.join(TORCH_PRECISIONS)}")
+            raise OptionError(f"--precision {self.precision}: unknown precision"
+                              f"{closest(self.precision, TORCH_PRECISIONS)}; use {', '.join(TORCH_PRECISIONS)}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise UserError(f"--compile {self.compile}: unknown mode; use {', '.join(COMPILE_MODES)}")
+
+    @classmethod
+    def for_variant(cls, variant: Any, threads: int | None = None) -> TorchOptions:
+        """A benchmark variant's options (torch's threads are set for the whole process, not here)."""
+        return cls(precision=variant.precision, channels_last=variant.channels_last, compile=variant.compile)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,11 @@ class TorchScriptOptions:
     """TorchScript runs at the precision it was exported with; it takes no load options."""
 
     backend: ClassVar[str] = "torchscript"
+
+    @classmethod
+    def for_variant(cls, variant: Any, threads: int | None = None) -> TorchScriptOptions:
+        """A benchmark variant's options: none."""
+        return cls()
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,11 @@ class OrtOptions:
             raise UserError(f"--threads {self.threads}: use 1 or more (or leave it out for all cores)")
         if self.profile not in ORT_PROFILES:
             raise UserError(f"ORT profile {self.profile!r}: use {' or '.join(ORT_PROFILES)}")
+
+    @classmethod
+    def for_variant(cls, variant: Any, threads: int | None = None) -> OrtOptions:
+        """A benchmark variant's options (an ONNX file's precision is the file's, so it is no load option)."""
+        return cls(threads=threads, profile=variant.ort_profile, io_binding=variant.io_binding)
 
 
 @dataclass(frozen=True)
@@ -97,12 +113,27 @@ class OpenVinoOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "default", *OPENVINO_PRECISIONS):
-            raise UserError(f"--precision {self.precision}: OpenVINO takes auto, {', '.join(OPENVINO_PRECISIONS)} "
-                            "(an int8 model is exported with `unet-deploy export --format openvino --int8`)")
+            near = closest(self.precision, OPENVINO_PRECISIONS)
+            raise OptionError(f"--precision {self.precision}{near}: OpenVINO takes auto, "
+                              f"{', '.join(OPENVINO_PRECISIONS)} (an int8 model is exported with "
+                              "`unet-deploy export --format openvino --int8`)")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads {self.threads}: use 1 or more (or leave it out for all cores)")
         if self.hint not in OPENVINO_HINTS:
             raise UserError(f"OpenVINO hint {self.hint!r}: use {', '.join(OPENVINO_HINTS)}")
+
+    @classmethod
+    def for_variant(cls, variant: Any, threads: int | None = None) -> OpenVinoOptions:
+        """A benchmark variant's options. An int8 IR is int8 by its file and runs its other layers at the fastest
+        precision this CPU has (bf16 where it has bf16); the plain int8 recipe sets no hint at all."""
+        precision = variant.precision
+        if precision == "int8" and variant.plain:
+            precision = "default"
+        elif precision == "int8":
+            from unet_deploy.runtime.openvino_backend import openvino_cpu_has
+
+            precision = "bf16" if openvino_cpu_has("bf16") else "fp32"
+        return cls(precision=precision, threads=threads)
 
 
 BackendOptions = TorchOptions | TorchScriptOptions | OrtOptions | OpenVinoOptions

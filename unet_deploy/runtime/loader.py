@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_deploy.config import DeployConfig
-from unet_deploy.errors import UserError
+from unet_deploy.errors import ModelFileError, UserError
 from unet_deploy.fileio import require_file
 from unet_deploy.runtime.backend_options import BackendOptions, options_for
 from unet_deploy.runtime.base import Backend
@@ -36,7 +36,7 @@ def check_model_file(path: Path) -> None:
     """A one-line :class:`UserError` when the model file is missing or unreadable, saying how to make one."""
     how = ("train one with `unet-deploy train` or pass -m" if is_checkpoint_file(path)
            else "export one with `unet-deploy export` or pass -m")
-    require_file(path, "model file", how, "re-export it")
+    require_file(path, "model file", how, "re-export it", error=ModelFileError)
 
 
 def load_backend(path: str | Path, backend: str | None = None, device: str = "auto",
@@ -65,7 +65,7 @@ def load_backend(path: str | Path, backend: str | None = None, device: str = "au
     chosen = spec(backend) if backend else spec_for_path(path)
     if not chosen.runs(path):
         owner = spec_for_path(path).name
-        raise UserError(f"{path}: a {owner} model file cannot run on --backend {chosen.name}; "
+        raise ModelFileError(f"{path}: a {owner} model file cannot run on --backend {chosen.name}; "
                         f"pass --backend {owner} or a matching file")
     if options is None:
         options = options_for(chosen.name, **option_values)

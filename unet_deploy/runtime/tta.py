@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 
 if TYPE_CHECKING:
     import torch

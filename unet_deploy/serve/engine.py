@@ -29,7 +29,7 @@ from unet_deploy.images.image_io import resize_image, to_input
 from unet_deploy.images.postprocess import logits_to_mask
 from unet_deploy.predict.batch import MIN_SIDE
 from unet_deploy.predict.masks import crf_image, crf_probabilities
-from unet_deploy.runtime import Backend
+from unet_deploy.runtime.base import Backend
 from unet_deploy.runtime.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
 from unet_deploy.runtime.tta import flip_tta
 from unet_deploy.serve.batcher import MicroBatcher

@@ -86,4 +86,6 @@ def max_batch_for(backend_name: str, device: str) -> int:
     """The default ``--max-batch``: 4 on a GPU and for OpenVINO (which runs a batch's images on parallel
     streams); 1 for the other CPU backends, whose threads already share one image and whose batches run no
     faster per image (slower at large sizes: ``benchmarks/serve_load.py`` measures it)."""
-    return 4 if device.startswith("cuda") or backend_name == "openvino" else 1
+    from unet_deploy.runtime.registry import spec
+
+    return spec(backend_name).max_batch(device)

@@ -29,9 +29,11 @@ from starlette.applications import Starlette
 
 from unet_deploy.errors import UserError, first_line
 from unet_deploy.predict import PredictOptions, output_values
-from unet_deploy.runtime import load_backend
 from unet_deploy.runtime.backend_options import options_for_model
+from unet_deploy.runtime.cpu_share import share_cores
+from unet_deploy.runtime.loader import load_backend
 from unet_deploy.runtime.ort_session import release_large_frees
+from unet_deploy.runtime.registry import backend_for_path
 from unet_deploy.serve.app import ServerState, build_app
 from unet_deploy.serve.engine import WHOLE_MAX_PIXELS, Engine
 from unet_deploy.serve.limits import Limits
@@ -65,7 +67,11 @@ def load_state(options: ServeOptions) -> ServerState:
     # the server checks --max-pixels from each header itself: Pillow's own warning would only add noise
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     release_large_frees()  # a request's large arrays go back to the system when it is answered, any backend
-    backend_opts = options_for_model(options.model, options.backend, **options.backend_options)
+    given = dict(options.backend_options)
+    name = options.backend or backend_for_path(options.model)
+    # --workers N: each process runs on its share of the cores (ONNX Runtime / OpenVINO threads, or torch's)
+    given["threads"] = share_cores(name, options.device, options.workers, given.get("threads"))
+    backend_opts = options_for_model(options.model, name, **given)
     be = load_backend(options.model, options.backend, options.device, backend_opts)
     max_batch = options.max_batch or max_batch_for(be.name, be.device)
     options = dataclasses.replace(options, max_batch=max_batch)

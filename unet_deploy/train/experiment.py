@@ -44,7 +44,7 @@ from unet_deploy.images.augment import preset
 from unet_deploy.images.dice import image_dice
 from unet_deploy.images.image_io import find_pairs
 from unet_deploy.images.synth import generate_dataset
-from unet_deploy.runtime import load_backend
+from unet_deploy.runtime.loader import load_backend
 from unet_deploy.train import TrainConfig, predicted_masks, train
 from unet_deploy.train.losses import boundary_accuracy
 from unet_deploy.train.quality import QualityOptions

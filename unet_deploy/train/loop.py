@@ -22,7 +22,7 @@ from unet_deploy.config import DeployConfig, InferenceConfig
 from unet_deploy.distributed import DistEnv, dist_env, finish_distributed, init_distributed, process_device
 from unet_deploy.errors import UserError
 from unet_deploy.progress import TrainProgress
-from unet_deploy.runtime import resolve_device
+from unet_deploy.runtime.devices import resolve_device
 from unet_deploy.train.checkpointing import ensure_writable_dir, save_final_best, save_interrupted
 from unet_deploy.train.epoch import finish_epoch, run_epoch
 from unet_deploy.train.loaders import load_pairs, make_loaders, seed_everything

@@ -15,7 +15,7 @@ from unet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_state
 from unet_deploy.config import ModelConfig
 from unet_deploy.distributed import DistEnv, convert_sync_batchnorm
 from unet_deploy.errors import UserError
-from unet_deploy.runtime import configure_cudnn
+from unet_deploy.runtime.devices import configure_cudnn
 from unet_deploy.runtime.resources import check_train_memory
 from unet_deploy.train.optim import apply_stored_recipe
 from unet_deploy.train.train_config import TrainConfig

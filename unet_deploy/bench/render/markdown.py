@@ -21,6 +21,7 @@ from unet_deploy.bench.render.table import (
 from unet_deploy.bench.settings import QUICK_ENV, SCHEMA
 from unet_deploy.bench.stages import STAGES_SCHEMA
 from unet_deploy.bench.variants import variant_label
+from unet_deploy.runtime.registry import REFERENCE_BACKEND
 
 __all__ = ["FULL_RUN", "FAST_PATH_RUNS", "RESULTS_MERGE", "INT8_EVAL_SCHEMA", "md_table", "bench_section", "ratio_rows",
            "before_after_rows", "targets_section", "roofline_section", "peaks_lines", "load_text", "stages_section",
@@ -118,7 +119,7 @@ def ratio_rows(report: dict[str, Any]) -> list[list[str]]:
     return [[f"{r['scale']:g}", r["input"], variant_label(r["backend"]),
              mark_doubtful(f"{r['speedup_p50']:.2f}x", r["unreliable"]),
              "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"]
-            for r in speedups(report) if r["backend"] != "torch"]
+            for r in speedups(report) if r["backend"] != REFERENCE_BACKEND]
 
 
 def before_after_rows(pairs: list[dict[str, Any]]) -> list[list[str]]:

@@ -11,6 +11,7 @@ from unet_deploy.bench.analysis import speedups, targets
 from unet_deploy.bench.machine import reliability, reliability_notes, unsteady
 from unet_deploy.bench.probe import images_per_s
 from unet_deploy.bench.variants import variant_label
+from unet_deploy.runtime.registry import REFERENCE_BACKEND
 
 __all__ = ["COLUMNS", "mark_doubtful", "parity_text", "table_rows", "run_title", "render_table", "render_speedups",
            "render_targets", "render_roofline", "limit_lines", "busy_peaks_note", "fmt_rate",
@@ -42,7 +43,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     for c in report["cases"]:
         lat = c["latency"]
         name = variant_label(c["backend"])
-        if c.get("runtime", c["backend"]) == "ort":
+        if "ExecutionProvider" in c.get("provider", ""):  # ONNX Runtime's: which one ran it
             name += f" ({c['provider'].split(',')[0].replace('ExecutionProvider', '')})"
         per_s = images_per_s(lat["p50_ms"], lat.get("batch", 1))  # also for JSON written before img/s used p50
         rows.append([name, c["precision"], f"{c['scale']:g}", c["input"], parity_text(c),
@@ -79,7 +80,7 @@ def render_speedups(report: dict[str, Any]) -> str:
     for scale in report["settings"]["scales"]:
         parts = [mark_doubtful(f"{variant_label(r['backend'])} {r['speedup_p50']:.2f}x", r["unreliable"])
                  + (f" ({r['memory_ratio']:.2f}x memory)" if r["memory_ratio"] is not None else "")
-                 for r in rows if r["scale"] == scale and r["backend"] != "torch"]
+                 for r in rows if r["scale"] == scale and r["backend"] != REFERENCE_BACKEND]
         if parts:
             lines.append(f"scale {scale:g}: speed-up vs eager (p50): " + ", ".join(parts))
     return "\n".join(lines + reliability_notes(report))
