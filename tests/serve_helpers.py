@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -118,7 +119,7 @@ def write_test_images(folder: Path, source: Path) -> list[Path]:
     rgb = Image.open(source).convert("RGB")
     out = []
 
-    def save(img: Image.Image, name: str, **kw: object) -> None:
+    def save(img: Image.Image, name: str, **kw: Any) -> None:
         img.save(folder / name, **kw)
         out.append(folder / name)
 

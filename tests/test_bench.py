@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -230,7 +231,7 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
                       (dict(warmup=-1), "--warmup -1"), (dict(device="tpu"), "--device tpu"),
                       (dict(checkpoint=Path("m.onnx")), "-m m.onnx")]:
         with pytest.raises(UserError, match=flag.replace(".", r"\.")):
-            bench.resolve_settings(bench.BenchSettings(**bad))
+            bench.resolve_settings(bench.BenchSettings(**cast(dict[str, Any], bad)))
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -317,9 +318,9 @@ def _terminal(report: dict) -> str:
 
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=200)
-    console.print(bench.render_table(report))
-    return console.file.getvalue() + bench.render_speedups(report)
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(bench.render_table(report))
+    return buffer.getvalue() + bench.render_speedups(report)
 
 
 def _row(text: str, label: str) -> str:

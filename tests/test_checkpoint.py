@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.rand(2, model.n_channels, 32, 48))
+            model(torch.rand(2, cast(int, model.n_channels), 32, 48))
     return model.eval()
 
 

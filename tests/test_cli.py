@@ -110,7 +110,7 @@ def test_verify_finds_the_recorded_checkpoint_from_another_folder(tmp_path: Path
     torch.manual_seed(0)
     cfg = DeployConfig(model=ModelConfig(base_channels=4))
     save_checkpoint(project / "ck" / "best.pth", cfg.model.build(), cfg)
-    proc = run_cli("export", "-m", "ck/best.pth", "-f", "torchscript", "-o", "exported", "--no-verify",
+    proc = run_cli("export", "-m", "ck/best.pth", "--format", "torchscript", "-o", "exported", "--no-verify",
                    cwd=project)
     assert proc.returncode == 0, proc.stderr
     elsewhere = tmp_path / "elsewhere"

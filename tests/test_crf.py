@@ -47,7 +47,7 @@ def test_params_validation(kwargs):
 
 def test_params_frozen():
     with pytest.raises(AttributeError):
-        CRFParams().iterations = 3  # type: ignore[misc]
+        CRFParams().iterations = 3
 
 
 def test_output_mask_shape_dtype_values():

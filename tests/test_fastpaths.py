@@ -266,6 +266,7 @@ def test_ort_profiles_and_io_binding_give_the_same_logits(trained: dict) -> None
     default = load_backend(trained["onnx"], device="cpu", profile="default")
     bound = load_backend(trained["onnx"], device="cpu", io_binding=True)
     assert bound.options == OrtOptions(io_binding=True) and plain.options == OrtOptions(io_binding=False)
+    assert isinstance(default.options, OrtOptions)
     assert default.options.profile == "default" and default.options.io_binding is False  # off on the CPU
     assert "default options" in default.provider
     ref = plain(x)

@@ -105,6 +105,7 @@ def test_export_form_computes_the_same_function(bilinear: bool, conv_bias: bool,
     with torch.no_grad():  # trained-like BatchNorm statistics, so folding them is exercised
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.3, 2.0)
                 m.weight.uniform_(0.5, 1.5)

@@ -4,6 +4,7 @@ they leave alone what they cannot rewrite exactly."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,9 +38,10 @@ def transposed_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():  # non-trivial BatchNorm statistics and up-convolution biases
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
-            if isinstance(m, torch.nn.ConvTranspose2d):
+            if isinstance(m, torch.nn.ConvTranspose2d) and m.bias is not None:
                 m.bias.uniform_(-0.5, 0.5)
     config = DeployConfig(model=ModelConfig(bilinear=False, base_channels=8))
     return export_onnx(model, config, tmp_path_factory.mktemp("passes") / "t.onnx")
@@ -96,7 +98,7 @@ def _qdq_graph(op: str, out_scale: float = 0.05, pad_value: float | None = None,
              numpy_helper.from_array(np.full(shape, 128, np.uint8), "z_in"),
              numpy_helper.from_array(np.full(shape, out_scale, np.float32), "s_out"),
              numpy_helper.from_array(np.full(shape, out_zero, np.uint8), "z_out")]
-    axis = {"axis": 1} if per_channel else {}
+    axis: dict[str, Any] = {"axis": 1} if per_channel else {}
     nodes = [helper.make_node("DequantizeLinear", ["x", "s_in", "z_in"], ["xf"], **axis)]
     if op == "Pad":
         inits.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -108,11 +109,12 @@ def test_onnx_file_on_openvino_and_a_batch_through_parallel_streams(tiny) -> Non
     x = np.random.default_rng(2).random((3, 3, 48, 80), dtype=np.float32)
     one_by_one = np.concatenate([on_onnx.run(x[i:i + 1]) for i in range(3)])
     parallel = on_onnx.run(x)  # hint "auto": a batch of 3 runs on the throughput-compiled model
-    assert on_onnx.call.requests and "THROUGHPUT" in on_onnx.call.compiled
+    runner: Any = on_onnx.call  # the OpenVINO runner: its compiled models and parallel requests
+    assert runner.requests and "THROUGHPUT" in runner.compiled
     np.testing.assert_allclose(parallel, one_by_one, rtol=1e-5, atol=1e-5)
     latency = load_backend(tiny["onnx"], "openvino", device="cpu", hint="latency", cache=False)
     np.testing.assert_allclose(latency.run(x), one_by_one, rtol=1e-5, atol=1e-5)
-    assert latency.call.requests is None
+    assert cast(Any, latency.call).requests is None
 
 
 def test_compiled_model_cache_is_used_and_never_stale(tiny, tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_compiled_model_cache_is_used_and_never_stale(tiny, tmp_path: Path) -> N
     first = load_backend(xml, device="cpu").run(x)
     assert any((tmp_path / ".openvino-cache").iterdir())
     second = load_backend(xml, device="cpu")
-    assert second.call.compiled["LATENCY"].get_property("LOADED_FROM_CACHE")
+    assert cast(Any, second.call).compiled["LATENCY"].get_property("LOADED_FROM_CACHE")
     np.testing.assert_array_equal(second.run(x), first)
     other, cfg = _trained_like(seed=5)  # re-export other weights to the same name
     from unet_deploy.export.openvino_writer import convert_onnx_to_ir

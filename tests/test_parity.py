@@ -166,6 +166,7 @@ def test_fp32_bound_allows_what_eager_fp32_itself_misses_and_no_more(model) -> N
     touchy = copy.deepcopy(model)
     with torch.no_grad():
         for bn in (m for m in touchy.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            assert bn.running_mean is not None and bn.running_var is not None
             bn.running_mean.add_(500.0)
             bn.bias.add_(bn.weight * 500.0 / torch.sqrt(bn.running_var + bn.eps))
     exact_model = copy.deepcopy(touchy).double()

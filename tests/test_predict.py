@@ -118,7 +118,7 @@ def predict_masks(model: Path, paths: list[Path], **kw) -> list[np.ndarray]:
     be = load_backend(model, device="cpu")
     results = list(iter_predictions(be, plan_jobs(paths, save=False), PredictOptions(**kw)))
     assert all(r.ok for r in results), [r.error for r in results]
-    return [r.mask for r in results]
+    return [r.mask for r in results if r.mask is not None]
 
 
 # ------------------------------------------------------------------------------------------- backends

@@ -101,7 +101,9 @@ def check_expected(run: str, output: str) -> list[str]:
         found = [re.search(w, output) for w in wanted]
         missing += [w for w, f in zip(wanted, found, strict=True) if f is None]
         if not missing:
-            first, last = int(found[1][1]), int(found[2][1])
+            second, third = found[1], found[2]
+            assert second is not None and third is not None
+            first, last = int(second[1]), int(third[1])
             if not (1 < first <= last == int(m[1])):
                 missing.append(f"resumed at epoch {first}, finished epoch {last} of -e {m[1]}")
     return missing

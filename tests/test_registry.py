@@ -44,7 +44,7 @@ def test_root_keeps_twelve_modules_and_no_module_name_twice() -> None:
 def _top_level_imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """unet_deploy modules imported when ``path`` is imported (module level, not under TYPE_CHECKING):
     ``from pkg import submodule`` is an edge to the submodule, ``from module import name`` one to the module."""
-    found = set()
+    found: set[str] = set()
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("unet_deploy"):
             found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module

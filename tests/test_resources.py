@@ -274,11 +274,11 @@ def _ort_bad_alloc() -> Exception:
 def test_out_of_memory_kinds_are_recognised_and_others_are_not() -> None:
     import torch
 
-    assert "ONNX Runtime ran out of memory (bad_alloc)" in out_of_memory_kind(_ort_bad_alloc())
+    assert "ONNX Runtime ran out of memory (bad_alloc)" in (out_of_memory_kind(_ort_bad_alloc()) or "")
     arena = RuntimeError("bfc_arena.cc:376 Failed to allocate memory for requested buffer of size 1234")
-    assert out_of_memory_kind(arena).startswith("torch ran out of memory (Failed to allocate memory")
+    assert (out_of_memory_kind(arena) or "").startswith("torch ran out of memory (Failed to allocate memory")
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert out_of_memory_kind(cuda).startswith("the GPU ran out of memory")
+    assert (out_of_memory_kind(cuda) or "").startswith("the GPU ran out of memory")
     assert out_of_memory_kind(MemoryError()) == "out of memory (MemoryError)"
     assert out_of_memory_kind(RuntimeError("shape mismatch")) is None
     assert out_of_memory_kind(ValueError("out of memory")) is None  # only runtime failures are read

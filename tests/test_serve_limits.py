@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import psutil
@@ -335,7 +336,8 @@ def test_readyz_turns_503_when_the_batching_task_is_gone(files, monkeypatch) -> 
     monkeypatch.setattr(MicroBatcher, "_take", take)
     state = load_state(ServeOptions(model=files["model"], device="cpu"))
     server = DrainingServer(state)
-    with TestClient(server.config.app) as client:  # the lifespan: warm-up batch, then the batching task waits
+    app = cast(Any, server.config.app)
+    with TestClient(app) as client:  # the lifespan: warm-up batch, then the batching task waits
         assert client.get("/readyz").status_code == 200 and server.exit_code == 0
         reply = client.post("/v1/predict", content=files["photo"])
         assert reply.status_code == 503 and "batching task ended (RuntimeError: simulated fault)" in reply.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_refuses_when_only_masks_exist(tmp_path: Path) -> None:
 ])
 def test_argument_validation(tmp_path: Path, kwargs: dict[str, int]) -> None:
     with pytest.raises(UserError):
-        generate_dataset(tmp_path / "d", **kwargs)
+        generate_dataset(tmp_path / "d", **cast(dict[str, Any], kwargs))
     assert not (tmp_path / "d").exists()
 
 
@@ -181,7 +182,7 @@ def test_failure_mid_write_leaves_no_partial_files(tmp_path: Path, monkeypatch: 
     real_save = Image.Image.save
     calls = {"n": 0}
 
-    def flaky_save(self: Image.Image, fp, format=None, **params):  # type: ignore[no-untyped-def]
+    def flaky_save(self: Image.Image, fp, format=None, **params):
         calls["n"] += 1
         if calls["n"] == 3:  # second image's JPEG: write part of it, then fail
             Path(fp).write_bytes(b"partial")

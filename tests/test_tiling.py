@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,8 +229,9 @@ def test_cli_evaluate_with_tile(fitted: dict, synth_heldout: Path, tmp_path: Pat
 @pytest.mark.parametrize("command", ["predict", "evaluate", "serve", "benchmark"])
 def test_bad_tile_flags_are_one_line_errors_with_exit_2(command: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    extra = {"predict": [tmp_path / "x.png"], "evaluate": ["--data", tmp_path], "serve": [],
-             "benchmark": ["--quick"]}[command]
+    extras: dict[str, list[Any]] = {"predict": [tmp_path / "x.png"], "evaluate": ["--data", tmp_path], "serve": [],
+                                    "benchmark": ["--quick"]}
+    extra = extras[command]
     for flags, words in ((["--tile", "0"], "--tile 0"), (["--tile", "-8"], "--tile -8"),
                          (["--tile", "64", "--tile-overlap", "64"], "--tile-overlap 64"),
                          (["--tile", "64", "--tile-overlap", "-1"], "--tile-overlap -1")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def _cfg(data: Path, ckpt: Path, **kw) -> TrainConfig:
     base = dict(data=data, checkpoint_dir=ckpt, epochs=1, batch_size=4, learning_rate=3e-3, optimizer="adamw",
                 base_channels=4, bilinear=True, scale=1.0, validation=20, device="cpu", seed=0, progress=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**cast(dict[str, Any], base))
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
