@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from unet_deploy.runtime.cpu_share import process_share
+
 __all__ = ["DistEnv", "dist_env", "process_device", "init_distributed", "all_reduce_sum", "finish_distributed",
            "AllReduceBatchNorm2d", "convert_sync_batchnorm", "broadcast_buffers", "torchrun_command",
            "launch_torchrun"]
@@ -177,7 +179,7 @@ def launch_torchrun(nproc: int, args: Sequence[str], extra: Sequence[str] = ()) 
     as on Ctrl-C (:mod:`unet_deploy.signals`) and the exit code is 143.
     """
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(process_share(nproc)))
     proc = subprocess.Popen(torchrun_command(nproc, args, extra), env=env)
     interrupted = []
     old_int = signal.signal(signal.SIGINT, lambda sig, _frame: interrupted.append(sig))

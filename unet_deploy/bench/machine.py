@@ -17,6 +17,7 @@ from unet_deploy.bench.uarch import per_cycle, read_cpu
 from unet_deploy.bench.variants import variant_label
 from unet_deploy.config import versions
 from unet_deploy.runtime.cpu_features import cpu_summary
+from unet_deploy.runtime.cpu_share import cgroup_cpu_quota
 
 __all__ = ["UNSTEADY_SPREAD", "VECTOR_FLAGS", "cpu_model", "cpu_identity", "load_average_1m", "machine_facts",
            "unsteady", "reliability", "reliability_notes"]
@@ -60,8 +61,8 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
         usable = os.cpu_count() or 1
     facts: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_id": cpu_identity(), "cpu_features": cpu_summary(), "cores_logical": os.cpu_count(),
-        "cores_physical": psutil.cpu_count(logical=False),
-        "cores_usable": usable, "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
+        "cores_physical": psutil.cpu_count(logical=False), "cores_usable": usable, "cpu_quota": cgroup_cpu_quota(),
+        "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "versions": versions(), "gpu": None,
         "load_avg_1m": load_average_1m(),

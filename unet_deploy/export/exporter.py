@@ -26,7 +26,7 @@ import onnx
 
 from unet_deploy.checkpoint import load_checkpoint
 from unet_deploy.config import DeployConfig
-from unet_deploy.errors import MissingDependencyError, ParityError, UserError
+from unet_deploy.errors import MissingDependencyError, OptionError, ParityError, UserError
 from unet_deploy.export.parity import ParityCase, ParityReport, default_cases, image_cases, parity
 from unet_deploy.export.verdicts import record_runtime_verdicts
 from unet_deploy.export.writers import (
@@ -96,7 +96,7 @@ def parse_formats(fmt: str) -> list[str]:
     if words == ["all"]:
         return [f for f, s in FORMATS.items() if s.installed()]
     if not words:
-        raise UserError(f"--format: name a format: {', '.join(FORMATS)} or all")
+        raise OptionError(f"--format: name a format: {', '.join(FORMATS)} or all")
     return list(dict.fromkeys(str(format_spec(w).export_format) for w in words))
 
 
@@ -107,19 +107,19 @@ def parity_images(items: Sequence[Path] | None) -> list[Path]:
         if item.is_dir():
             found = list_images(item)
             if not found:
-                raise UserError(f"--images {item}: no images in this folder (.jpg, .png, .gif, ...)")
+                raise OptionError(f"--images {item}: no images in this folder (.jpg, .png, .gif, ...)")
             out += found[:MAX_DIR_IMAGES]
         elif item.exists():
             out.append(item)
         else:
-            raise UserError(f"--images {item}: no such file or folder")
+            raise OptionError(f"--images {item}: no such file or folder")
     return out
 
 
 def _check_opset(opset: int) -> None:
     newest = onnx.defs.onnx_opset_version()
     if not 17 <= opset <= newest:
-        raise UserError(f"--opset {opset}: use an ONNX opset from 17 to {newest} (default 18, the one "
+        raise OptionError(f"--opset {opset}: use an ONNX opset from 17 to {newest} (default 18, the one "
                         "torch's exporter targets)")
 
 
@@ -138,13 +138,13 @@ def _checkpoint_path(model: Path | None) -> Path:
 def _calibration_images(folder: Path | None, count: int) -> list[Path]:
     """All images of the calibration folder, sorted by name (the first ``count`` calibrate)."""
     if count < 1:
-        raise UserError(f"--calibration-count {count}: use 1 or more images")
+        raise OptionError(f"--calibration-count {count}: use 1 or more images")
     folder = folder or Path("data/imgs")
     if not folder.is_dir():
-        raise UserError(f"--calibration {folder}: no such folder; pass training images with --calibration DIR")
+        raise OptionError(f"--calibration {folder}: no such folder; pass training images with --calibration DIR")
     found = list_images(folder)
     if not found:
-        raise UserError(f"--calibration {folder}: no images in this folder (.jpg, .png, .gif, ...)")
+        raise OptionError(f"--calibration {folder}: no images in this folder (.jpg, .png, .gif, ...)")
     return found
 
 
@@ -154,7 +154,7 @@ def _check_derived(opts: ExportOptions) -> None:
         makers = [f for f, s in FORMATS.items() if precision in s.derived_precisions]
         if wanted and not set(makers) & set(opts.formats):
             titles = " or ".join(FORMATS[f].format_title for f in makers)
-            raise UserError(f"--{precision} derives from the {titles} export; use --format "
+            raise OptionError(f"--{precision} derives from the {titles} export; use --format "
                             f"{', '.join(makers)} or all")
 
 
@@ -170,7 +170,7 @@ def _check(opts: ExportOptions, checkpoint: Path | None) -> tuple[list[Path], Pa
     ckpt_path = _checkpoint_path(checkpoint)
     name = opts.name
     if name is not None and (not name.strip() or Path(name).name != name):
-        raise UserError(f"--name {name!r}: give a plain file name without folders (use -o for the folder)")
+        raise OptionError(f"--name {name!r}: give a plain file name without folders (use -o for the folder)")
     return calib, ckpt_path, parity_images(opts.images)
 
 

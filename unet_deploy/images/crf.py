@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from unet_deploy.errors import UserError
+from unet_deploy.images.postprocess import probabilities
 from unet_deploy.signals import exit_with_parent, ignore_stop_signals
 
-__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior"]
+__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior",
+           "crf_probabilities", "crf_image"]
 
 _INSTALL_HINT = "--crf needs pydensecrf: pip install pydensecrf2 (needs g++ and Python headers to build)"
 
@@ -212,3 +214,15 @@ def crf_map(items: Iterable[tuple[np.ndarray, np.ndarray]], params: CRFParams | 
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def crf_probabilities(logits: Any, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """A batch-of-one's logits -> the class probabilities at ``size`` that dense CRF refines (binary models:
+    re-weighted so that ``threshold`` maps to 0.5)."""
+    probs = probabilities(logits[0], size)
+    return threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs
+
+
+def crf_image(image: np.ndarray) -> np.ndarray:
+    """A decoded image (H, W, 1|3) as dense CRF takes it: RGB, or (H, W) grey."""
+    return image if image.shape[2] == 3 else image[..., 0]

@@ -9,14 +9,17 @@ computes what ``F.interpolate(mode="bilinear", align_corners=False)`` does.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "colorize", "resize_bilinear"]
+__all__ = ["upsample_logits", "probabilities", "logits_to_mask", "colorize", "resize_bilinear", "MASK_FORMATS",
+           "mask_values_image"]
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,3 +176,17 @@ def colorize(mask: np.ndarray, values: list) -> np.ndarray:
             return lut.astype(np.uint8)[mask]
         return lut.astype(np.int32)[mask]
     return lut.astype(np.uint8)[mask]
+
+
+#: Mask file suffix -> the format Pillow writes it in.
+MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def mask_values_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
+    """Class indices (H, W) -> an image of the class ``values`` (L for 0-255 grey values, RGB for colours)."""
+    pixels = colorize(mask, list(values))
+    if pixels.ndim == 3:
+        return Image.fromarray(pixels, mode="RGB")
+    if pixels.dtype == np.uint8:
+        return Image.fromarray(pixels, mode="L")
+    return Image.fromarray(pixels.astype(np.int32), mode="I")

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 
-from unet_deploy.images.crf import CRFParams, crf_map, threshold_prior
-from unet_deploy.images.postprocess import logits_to_mask, probabilities
+from unet_deploy.images.crf import CRFParams, crf_image, crf_map, crf_probabilities
+from unet_deploy.images.postprocess import logits_to_mask
 from unet_deploy.predict.batch import Inferred
 from unet_deploy.predict.load import Loaded
 from unet_deploy.predict.records import PredictOptions, PredictResult
 from unet_deploy.runtime.base import Backend
 from unet_deploy.runtime.tta import flip_tta
 
-__all__ = ["with_tta", "logits_to_outputs", "crf_probabilities", "crf_image", "to_result", "results_in_order",
+__all__ = ["with_tta", "logits_to_outputs", "to_result", "results_in_order",
            "crf_results_in_order"]
 
 
@@ -43,18 +42,6 @@ def logits_to_outputs(stream: Iterable[Inferred], threshold: float, crf: bool) -
             yield item, crf_probabilities(logits, size, threshold), None
         else:
             yield item, logits_to_mask(logits, size, threshold)[0], None
-
-
-def crf_probabilities(logits: Any, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """A batch-of-one's logits -> the class probabilities at ``size`` that dense CRF refines (binary models:
-    re-weighted so that ``threshold`` maps to 0.5)."""
-    probs = probabilities(logits[0], size)
-    return threshold_prior(probs, threshold) if probs.shape[0] == 2 else probs
-
-
-def crf_image(image: np.ndarray) -> np.ndarray:
-    """A decoded image (H, W, 1|3) as dense CRF takes it: RGB, or (H, W) grey."""
-    return image if image.shape[2] == 3 else image[..., 0]
 
 
 def to_result(item: Loaded, mask: np.ndarray | None, error: str | None, keep_image: bool) -> PredictResult:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from unet_deploy.errors import UserError
 from unet_deploy.images.image_io import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUFFIX, is_own_output, list_images
+from unet_deploy.images.postprocess import MASK_FORMATS
 from unet_deploy.names import DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR
 from unet_deploy.predict.records import Job
-from unet_deploy.predict.write import MASK_FORMATS
 from unet_deploy.runtime.registry import spec as backend_spec
 
 __all__ = ["expand_specs", "expand_inputs", "plan_jobs", "plan_run", "check_rle_target", "default_model",

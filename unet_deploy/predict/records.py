@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 from unet_deploy.errors import UserError
 from unet_deploy.images.crf import CRFParams
 from unet_deploy.names import check_scale
+from unet_deploy.runtime.cpu_share import usable_cpus
 from unet_deploy.runtime.tiling import check_tiling
 
 __all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text"]
@@ -37,7 +37,7 @@ class PredictOptions:
     rle: Path | None = None  #: Kaggle submission file to write
     crf: bool = False
     crf_params: CRFParams = field(default_factory=CRFParams)
-    crf_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    crf_workers: int = field(default_factory=usable_cpus)
     tta: bool = False
     skip_existing: bool = False
     loader_threads: int = 2  #: threads decoding images ahead of the network

@@ -14,14 +14,12 @@ from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_path
 from unet_deploy.images.image_io import FINGERPRINT_KEY
 from unet_deploy.images.overlay import overlay_image
-from unet_deploy.images.postprocess import colorize
+from unet_deploy.images.postprocess import MASK_FORMATS, mask_values_image
 from unet_deploy.predict.records import PredictOptions, PredictResult, values_text
 from unet_deploy.runtime.base import Backend
 
 __all__ = ["MASK_FORMATS", "output_values", "mask_values_image", "write_mask", "mask_fingerprint", "write_overlay",
            "write_result"]
-
-MASK_FORMATS = {".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
 
 def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
@@ -35,16 +33,6 @@ def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
                             f"{want} classes; give exactly {want} values, one per class (background first)")
         return list(options.mask_values)
     return inf.output_values(n_classes)
-
-
-def mask_values_image(mask: np.ndarray, values: Sequence[Any]) -> Image.Image:
-    """Class indices (H, W) -> an image of the class ``values`` (L for 0-255 grey values, RGB for colours)."""
-    pixels = colorize(mask, list(values))
-    if pixels.ndim == 3:
-        return Image.fromarray(pixels, mode="RGB")
-    if pixels.dtype == np.uint8:
-        return Image.fromarray(pixels, mode="L")
-    return Image.fromarray(pixels.astype(np.int32), mode="I")
 
 
 def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any], fingerprint: str | None = None

@@ -20,28 +20,52 @@ import psutil
 
 from unet_deploy.runtime.registry import spec
 
-__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores"]
+__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPU quota of this process's cgroup in CPUs (``cpu.max`` "200000 100000" -> 2.0), or None without
-    one (no cgroup file, or "max")."""
-    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
-        try:
-            text = (root / quota_file).read_text().split()
-            if period_file is not None:
-                text += (root / period_file).read_text().split()
-        except (OSError, ValueError):
+def _cgroup_dirs(root: Path) -> list[Path]:
+    """Folders that may hold this process's CPU quota: its own cgroup (v2 unified, or v1's cpu controller) and
+    every parent up to the mount, then ``root`` itself."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    dirs = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers and "cpu" not in controllers.split(","):
             continue
-        if len(text) >= 2 and text[0] not in ("max", "-1"):
-            try:
-                return max(0.01, int(text[0]) / int(text[1]))
-            except (ValueError, ZeroDivisionError):
-                return None
-        return None
+        base = root if not controllers else (root / "cpu" if (root / "cpu").is_dir() else root / controllers)
+        here = base / path.lstrip("/")
+        while here != base and base in here.parents:
+            dirs.append(here)
+            here = here.parent
+        dirs.append(base)
+    return [*dirs, root]
+
+
+def _quota_in(folder: Path) -> float | None:
+    """The quota a cgroup folder sets, in CPUs (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``period``), or None."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu.cfs_quota_us", "cpu.cfs_period_us"),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            text = (folder / quota_file).read_text().split()
+            if period_file is not None:
+                text += (folder / period_file).read_text().split()
+            quota, period = int(text[0]), int(text[1])
+        except (OSError, ValueError, IndexError):  # no such file, or "max": no quota here
+            continue
+        return max(0.01, quota / period) if quota > 0 and period > 0 else None
     return None
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """The tightest CPU quota over this process's cgroup and its parents, in CPUs (``cpu.max`` "200000 100000"
+    -> 2.0), or None without one."""
+    quotas = [q for q in (_quota_in(d) for d in dict.fromkeys(_cgroup_dirs(root))) if q is not None]
+    return min(quotas) if quotas else None
 
 
 def usable_cpus() -> int:
@@ -85,3 +109,15 @@ def share_cores(backend: str, device: str, processes: int, threads: int | None) 
 
     torch.set_num_threads(share)
     return None
+
+
+def limit_torch_threads() -> int:
+    """Keep torch's intra-op pool within the CPUs this process may use (torch counts the host's cores, not a
+    container's quota); a thread count the user set (``OMP_NUM_THREADS``, ``torch.set_num_threads``) below
+    that is kept. Returns the count in use."""
+    import torch
+
+    usable = usable_cpus()
+    if torch.get_num_threads() > usable:
+        torch.set_num_threads(usable)
+    return int(torch.get_num_threads())

@@ -34,6 +34,7 @@ from unet_deploy.config import CONFIG_KEY, DeployConfig
 from unet_deploy.errors import UserError, first_line
 from unet_deploy.runtime.backend_options import OpenVinoOptions
 from unet_deploy.runtime.cpu_features import bf16_hidden
+from unet_deploy.runtime.cpu_share import usable_cpus
 from unet_deploy.runtime.precision import AUTO, DEFAULT, VERDICTS_KEY, Choice, choose_precision, read_verdicts
 
 __all__ = ["load_openvino", "read_ir_metadata", "read_ir_config", "import_openvino", "openvino_installed",
@@ -223,8 +224,8 @@ def _properties(options: OpenVinoOptions, path: Path) -> dict[str, Any]:
         properties["INFERENCE_PRECISION_HINT"] = _HINT_OF_PRECISION[options.precision]
     elif bf16_hidden():  # OpenVINO's own choice on a CPU the switch says has no bf16
         properties["INFERENCE_PRECISION_HINT"] = "f32"
-    if options.threads is not None:
-        properties["INFERENCE_NUM_THREADS"] = options.threads
+    # the CPUs this process may use (affinity, cgroup quota): OpenVINO alone would take the host's cores
+    properties["INFERENCE_NUM_THREADS"] = options.threads or usable_cpus()
     cache = _cache_dir(path) if options.cache else None
     if cache is not None:
         properties["CACHE_DIR"] = cache

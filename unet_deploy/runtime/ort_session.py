@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 from typing import Any
-
-import psutil
 
 from unet_deploy.errors import UserError
 
@@ -22,13 +19,11 @@ ORT_PROFILES = ("tuned", "default")
 
 
 def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's vector units)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    physical = psutil.cpu_count(logical=False) or usable
-    return max(1, min(physical, usable))
+    """Physical cores this process may run on (hyper-threads share a core's vector units), within its CPU
+    affinity and cgroup quota (:func:`unet_deploy.runtime.cpu_share.usable_cpus`)."""
+    from unet_deploy.runtime.cpu_share import usable_cpus
+
+    return usable_cpus()
 
 
 def ort_providers(device: str) -> list[Any]:
@@ -48,7 +43,8 @@ def ort_session_options(threads: int | None = None, profile: str = "tuned") -> A
 
     ``tuned`` (the default): all graph optimisations (on x86 this includes the NCHWc convolution layout),
     ``intra_op_num_threads`` = ``threads`` or the physical cores this process may use (hyper-threads only
-    contend for the same vector units), sequential execution, and no memory arena: the arena keeps every
+    contend for the same vector units; affinity and the cgroup quota count), threads that sleep rather than
+    spin when idle, sequential execution, and no memory arena: the arena keeps every
     block it ever grew to, which raises peak memory on large inputs for little speed (the benchmark's
     ``ort-default`` variant measures the difference). The ``ort`` backend also calls :func:`release_large_frees` before
     it builds a tuned session (sessions made elsewhere from these options do not get that).
@@ -68,6 +64,9 @@ def ort_session_options(threads: int | None = None, profile: str = "tuned") -> A
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
+    # Idle pool threads sleep instead of spinning: a U-Net call is long (tens of ms and more), so spinning wins
+    # nothing, while spinning threads take CPU from the decoders, CRF workers and other jobs beside them.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.enable_cpu_mem_arena = False
     return opts
 

@@ -25,6 +25,7 @@ import psutil
 
 from unet_deploy.errors import UserError
 from unet_deploy.images.image_io import open_image, scaled_size
+from unet_deploy.runtime.registry import REFERENCE_BACKEND, REGISTRY
 
 __all__ = ["available_memory", "cgroup_memory_left", "estimate_inference_bytes", "estimate_training_bytes",
            "check_fits", "check_predict_memory", "auto_tile_side", "check_train_memory", "check_synth_memory",
@@ -35,13 +36,13 @@ _MIB = 1 << 20
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "unlimited" as 0x7FFFFFFFFFFFF000
 
 #: Peak bytes per network-input pixel and per base channel of one forward pass (fp32), by runtime and by
-#: up-sampling (transposed, bilinear). Measured as peak-RSS growth over the loaded, warmed-up model.
-#: OpenVINO's from the benchmark's peak RSS of the seed width at 959x640 (1,072 MiB with the 124 MB model,
-#: benchmarks/results-openvino-959x640.json); its bilinear value is assumed equal.
-ACTIVATION_BYTES: dict[str, tuple[float, float]] = {"torch": (32, 32), "torchscript": (18, 18), "ort": (14, 12),
-                                                    "openvino": (24, 24)}
-#: Fixed working memory of a forward pass (oneDNN scratch, allocator caches), by runtime.
-RUNTIME_OVERHEAD: dict[str, int] = {"torch": 64 * _MIB, "torchscript": 64 * _MIB, "ort": 0, "openvino": 64 * _MIB}
+#: up-sampling (transposed, bilinear): each registry entry's ``activation_bytes``. Measured as peak-RSS growth
+#: over the loaded, warmed-up model. OpenVINO's from the benchmark's peak RSS of the seed width at 959x640
+#: (1,072 MiB with the 124 MB model, benchmarks/results-openvino-959x640.json); its bilinear value is assumed
+#: equal.
+ACTIVATION_BYTES: dict[str, tuple[float, float]] = {n: s.activation_bytes for n, s in REGISTRY.items()}
+#: Fixed working memory of a forward pass (oneDNN scratch, allocator caches): each entry's ``overhead_mib``.
+RUNTIME_OVERHEAD: dict[str, int] = {n: s.overhead_mib * _MIB for n, s in REGISTRY.items()}
 #: Activation size relative to fp32.
 PRECISION_FACTOR: dict[str, float] = {"fp32": 1.0, "bf16": 0.5, "fp16": 0.5, "int8": 0.4}
 #: One training step (forward activations kept for backward, their gradients, the loss): bytes per
@@ -180,10 +181,10 @@ def estimate_inference_bytes(model: Any, height: int, width: int, batch: int = 1
     TorchScript's and int8's coefficients come from the benchmark's peak RSS (``benchmarks/RESULTS.md``).
     """
     base, classes, in_ch, bilinear = _model_fields(model)
-    kind = runtime if runtime in ACTIVATION_BYTES else "torch"
-    per_channel = ACTIVATION_BYTES[kind][1 if bilinear else 0] * PRECISION_FACTOR.get(precision, 1.0)
+    entry = REGISTRY.get(runtime, REGISTRY[REFERENCE_BACKEND])  # a backend registered at run time: its own
+    per_channel = entry.activation_bytes[1 if bilinear else 0] * PRECISION_FACTOR.get(precision, 1.0)
     per_pixel = per_channel * base + 4 * (in_ch + classes)
-    total = RUNTIME_OVERHEAD[kind] + batch * height * width * per_pixel
+    total = entry.overhead_mib * _MIB + batch * height * width * per_pixel
     return int(total + source_pixels * (in_ch + 1 + 4 * classes))
 
 
@@ -199,7 +200,7 @@ def estimate_training_bytes(model: Any, height: int, width: int, batch: int, n_p
     """
     base, classes, in_ch, _ = _model_fields(model)
     per_pixel = TRAIN_ACTIVATION_BYTES * base + 4 * (in_ch + classes) + 8  # + int64 target
-    return int(RUNTIME_OVERHEAD["torch"] + batch * height * width * per_pixel + TRAIN_PARAM_BYTES * n_params)
+    return int(RUNTIME_OVERHEAD[REFERENCE_BACKEND] + batch * height * width * per_pixel + TRAIN_PARAM_BYTES * n_params)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -276,7 +277,7 @@ def check_predict_memory(backend: Any, width: int, height: int, scale: float, ba
         what = f"{images} tile(s) of at most {tile} px per side of a {w}x{h} px input"
         fix = f"lower --tile (e.g. {max(64, tile // 2)})" + (" or -b/--batch-size" if batch > 1 else "")
     else:
-        fit = _fitting_scale(scale, needed, have, RUNTIME_OVERHEAD.get(runtime, 0))
+        fit = _fitting_scale(scale, needed, have, REGISTRY[runtime].overhead_mib * _MIB if runtime in REGISTRY else 0)
         smaller = f"-s/--scale (e.g. {fit:g})" if fit > 0 else "-s/--scale"
         what = f"{images} image(s) of {w}x{h} px"
         fix = (f"lower -b/--batch-size (to 1) or {smaller}" if batch > 1 else

@@ -14,6 +14,7 @@ from unet_deploy.config import DeployConfig
 from unet_deploy.errors import UserError, first_line
 from unet_deploy.runtime.backend_options import TorchOptions
 from unet_deploy.runtime.base import Backend
+from unet_deploy.runtime.cpu_share import limit_torch_threads
 from unet_deploy.runtime.devices import configure_cudnn
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ def load_torch(path: Path, device: str, options: TorchOptions) -> Backend:
     if precision == "fp16" and device == "cpu":
         raise UserError("--precision fp16 needs a GPU for the torch backend; use bf16 or fp32 on CPU")
     ckpt = load_checkpoint(path)
+    if device == "cpu":
+        limit_torch_threads()  # within the CPUs this process may use (a container's quota too)
     model = ckpt.build_model(device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if device.startswith("cuda"):

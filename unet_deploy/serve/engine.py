@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +23,11 @@ from typing import Any
 import numpy as np
 
 from unet_deploy.errors import UserError
-from unet_deploy.images.crf import crf_pool, dense_crf
-from unet_deploy.images.image_io import resize_image, to_input
+from unet_deploy.images.crf import crf_image, crf_pool, crf_probabilities, dense_crf
+from unet_deploy.images.image_io import MIN_SIDE, resize_image, to_input
 from unet_deploy.images.postprocess import logits_to_mask
-from unet_deploy.predict.batch import MIN_SIDE
-from unet_deploy.predict.masks import crf_image, crf_probabilities
 from unet_deploy.runtime.base import Backend
+from unet_deploy.runtime.cpu_share import usable_cpus
 from unet_deploy.runtime.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
 from unet_deploy.runtime.tta import flip_tta
 from unet_deploy.serve.batcher import MicroBatcher
@@ -64,7 +62,7 @@ class Engine:
         self.scale = backend.config.inference.scale
         self.threshold = backend.config.inference.threshold
         self.model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.cpu = cf.ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="io")
+        self.cpu = cf.ThreadPoolExecutor(max(2, usable_cpus()), thread_name_prefix="io")
         self.crf_pool: cf.ProcessPoolExecutor | None = None
         if options.max_batch is None:  # load_state fills it in (max_batch_for) before the engine is built
             raise ValueError("Engine needs ServeOptions with max_batch set: build it through serve.run.load_state")

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from unet_deploy.images.overlay import overlay_image
+from unet_deploy.images.postprocess import mask_values_image
 from unet_deploy.images.rle import rle_encode
-from unet_deploy.predict.write import mask_values_image
 from unet_deploy.serve.decode import HTTPError, decode_image, peek_size, probe_image, too_large
 from unet_deploy.serve.engine import RequestSettings
 from unet_deploy.serve.limits import Jobs

@@ -15,6 +15,7 @@ from unet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_state
 from unet_deploy.config import ModelConfig
 from unet_deploy.distributed import DistEnv, convert_sync_batchnorm
 from unet_deploy.errors import UserError
+from unet_deploy.runtime.cpu_share import limit_torch_threads
 from unet_deploy.runtime.devices import configure_cudnn
 from unet_deploy.runtime.resources import check_train_memory
 from unet_deploy.train.optim import apply_stored_recipe
@@ -60,6 +61,8 @@ def build_model(cfg: TrainConfig, env: DistEnv, device: str, model_cfg: ModelCon
                 loaded: LoadedCheckpoint | None, first_image: Path, local_batch: int) -> tuple[nn.Module, nn.Module]:
     """(model, net): the U-Net on ``device`` and what the training step calls (its DDP wrapper under torchrun)."""
     model = model_cfg.build()
+    if device == "cpu":
+        limit_torch_threads()  # within the CPUs this process may use (a container's quota too)
     check_train_memory(model_cfg, first_image, cfg.scale, local_batch,  # issue 12: before the first epoch
                        sum(p.numel() for p in model.parameters()), device)
     if loaded is not None:
