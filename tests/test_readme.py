@@ -1,5 +1,5 @@
-"""The README is tested: its shell command blocks run in order, in one temporary folder, as a new user
-would paste them.
+"""The README is tested: its shell command blocks, then those of every ``docs/`` page in the order README's
+topics table links them, run in order, in one temporary folder, as a new user would paste them.
 
 - A ```bash block whose first line is ``# not run by the README test: <reason>`` is skipped (GPU, a
   second node, the full seed width); the marker is visible in the README itself.
@@ -109,15 +109,31 @@ def check_expected(run: str, output: str) -> list[str]:
     return missing
 
 
-def runnable_blocks() -> list[tuple[int, list[str]]]:
+def pages() -> list[Path]:
+    """README.md, then each ``docs/*.md`` page in the order README links them (every page must be linked)."""
+    linked = re.findall(r"\]\((docs/[\w.-]+\.md)\)", README.read_text(encoding="utf-8"))
+    return [README, *(ROOT / p for p in dict.fromkeys(linked))]
+
+
+def runnable_blocks() -> list[tuple[str, list[str]]]:
+    """("FILE:LINE", commands) of every block that runs, README first, then the docs pages."""
     blocks = []
-    for line, body in shell_blocks(README.read_text(encoding="utf-8")):
-        if body.lstrip().startswith(SKIP_MARKER):
-            continue
-        cmds = commands(body)
-        if cmds:
-            blocks.append((line, cmds))
+    for page in pages():
+        for line, body in shell_blocks(page.read_text(encoding="utf-8")):
+            if body.lstrip().startswith(SKIP_MARKER):
+                continue
+            cmds = commands(body)
+            if cmds:
+                blocks.append((f"{page.relative_to(ROOT)}:{line}", cmds))
     return blocks
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_links_resolve() -> None:
+    linked = {p.name for p in pages()[1:]}
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}
+    for page in pages():
+        for target in re.findall(r"\]\((?!https?://|#)([^)#\s]+)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: link to {target} goes nowhere"
 
 
 def test_readme_parsing_rules() -> None:
@@ -144,14 +160,15 @@ def test_readme_parsing_rules() -> None:
     assert [shrink(c).split("#")[0].split() for c in train][1][:3] == ["unet-deploy", "train", "-f"]
     assert any(re.match(pattern, shrink(train[1])) for pattern, _ in EXPECT)
     assert sum(is_demo(c) for _, cmds in runnable_blocks() for c in cmds) == 1
-    skipped = [b for _, b in shell_blocks(README.read_text()) if b.lstrip().startswith(SKIP_MARKER)]
+    skipped = [b for page in pages() for _, b in shell_blocks(page.read_text()) if b.lstrip().startswith(SKIP_MARKER)]
     assert all(re.match(re.escape(SKIP_MARKER) + r" \S", b.lstrip()) for b in skipped)  # each says why
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_readme_commands_run_in_order(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Every command of every runnable block succeeds, in README order, from one fresh folder."""
+    """Every command of every runnable block succeeds, in README order (then the docs pages'), from one fresh
+    folder."""
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="120",
                PYTHONPATH=str(ROOT))
@@ -171,13 +188,13 @@ def test_readme_commands_run_in_order(tmp_path: Path, request: pytest.FixtureReq
                     proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True,
                                           text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
                 except subprocess.TimeoutExpired:
-                    pytest.fail(f"README.md:{line}: `{run}` took more than {TIMEOUT_S:.0f} s")
+                    pytest.fail(f"{line}: `{run}` took more than {TIMEOUT_S:.0f} s")
             timings.append((time.perf_counter() - start, run))
-            print(f"{timings[-1][0]:6.1f} s  README.md:{line}: {run}", flush=True)
-            assert proc.returncode == 0, (f"README.md:{line}: `{run}` exited {proc.returncode}\n"
+            print(f"{timings[-1][0]:6.1f} s  {line}: {run}", flush=True)
+            assert proc.returncode == 0, (f"{line}: `{run}` exited {proc.returncode}\n"
                                           f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-            assert "Traceback" not in proc.stderr, f"README.md:{line}: `{run}`\n{proc.stderr[-1500:]}"
+            assert "Traceback" not in proc.stderr, f"{line}: `{run}`\n{proc.stderr[-1500:]}"
             missing = check_expected(run, proc.stdout + proc.stderr)
-            assert not missing, (f"README.md:{line}: `{run}` did not print {missing}\n"
+            assert not missing, (f"{line}: `{run}` did not print {missing}\n"
                                  f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
     assert timings, "no runnable block found in README.md"
