@@ -4,6 +4,7 @@ flag vocabulary, typed errors, and a backend added as one module plus one regist
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -171,7 +172,7 @@ def test_a_new_backend_is_one_module_and_one_registry_entry(echo_backend, tmp_pa
     assert np.array_equal(echo.predict(image), Predictor.load(trained_model, device="cpu").predict(image))
     assert share_cores("echo", "cpu", 64, None) == 1  # its entry takes threads: a share, as ONNX Runtime's
     with pytest.raises(SystemExit) as done:
-        main(["predict", "-m", str(model), str(image), "-o", str(tmp_path / "out.png"), "-q"])
+        main(["predict", "-m", str(model), str(image), "-o", str(tmp_path / "out.png"), "-q", "--verbose"])
     assert done.value.code in (0, None) and (tmp_path / "out.png").is_file()
     with pytest.raises(ValueError, match="exist already"):
         registry.register(echo_backend)
@@ -208,6 +209,42 @@ def test_each_process_gets_its_share_of_the_cores_on_every_cpu_backend(monkeypat
         assert cpu_share.share_cores("torchscript", "cpu", 8, None) is None and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_verbose_says_which_cpus_and_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    from unet_deploy.cli._options import say_threads
+    from unet_deploy.runtime.cpu_share import usable_cpus
+
+    say_threads(False)
+    assert capsys.readouterr().err == ""
+    say_threads(True, processes=2, crf_workers=1)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"threads: {usable_cpus()} usable CPU(s) (affinity ") and "cgroup quota" in line
+    assert "2 processes" in line and "CRF workers 1" in line and len(line.splitlines()) == 1
+
+
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.mark.skipif(not (CPU_CGROUP / "cpu.cfs_quota_us").exists() or not os.access(CPU_CGROUP, os.W_OK),
+                    reason="needs a writable cgroup v1 cpu controller (root in this container)")
+def test_a_process_under_a_one_cpu_quota_uses_one_thread() -> None:
+    """A real cgroup with a 1-CPU quota: usable_cpus() is 1 there, and ONNX Runtime and torch take 1 thread."""
+    group = CPU_CGROUP / f"unet-deploy-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        code = ("import os, sys\nopen(sys.argv[1], 'w').write(str(os.getpid()))\n"
+                "from unet_deploy.runtime.cpu_share import usable_cpus, limit_torch_threads\n"
+                "from unet_deploy.runtime.ort_session import ort_session_options\n"
+                "print(usable_cpus(), limit_torch_threads(), ort_session_options().intra_op_num_threads)")
+        wrapper = f"echo $$ > {group / 'tasks'} && exec {sys.executable} -c \"$0\" /dev/null"
+        out = subprocess.run(["bash", "-c", wrapper, code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["1", "1", "1"]
+    finally:
+        group.rmdir()
 
 
 def test_usable_cpus_reads_the_cgroup_quota(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import typer
 
-__all__ = ["TILE", "TILE_OVERLAP", "DEPRECATED_SHORT", "rewrite_deprecated"]
+__all__ = ["TILE", "TILE_OVERLAP", "VERBOSE", "say_threads", "DEPRECATED_SHORT", "rewrite_deprecated"]
 
 TILE = typer.Option(None, "--tile", show_default=False,
                     help="Largest tile side in model-input pixels (after --scale): a larger image runs as the "
@@ -20,6 +20,18 @@ TILE = typer.Option(None, "--tile", show_default=False,
 TILE_OVERLAP = typer.Option(None, "--tile-overlap", show_default=False,
                             help="Least overlap of neighbouring tiles in model-input pixels (default: an eighth "
                                  "of --tile, e.g. 80 for 640).")
+
+VERBOSE = typer.Option(False, "--verbose", help="Also say which CPUs this process may use (affinity, cgroup "
+                                                "quota) and the thread counts it chose.")
+
+
+def say_threads(verbose: bool, processes: int = 1, crf_workers: int | None = None) -> None:
+    """With ``--verbose``: one line on stderr with the CPUs and thread counts this run uses."""
+    if verbose:
+        from unet_deploy.runtime.cpu_share import thread_report
+
+        print(thread_report(processes, crf_workers), file=sys.stderr)
+
 
 #: (command, old short flag) -> the long flag it stood for. ``-b`` is ``--batch-size``, ``-n`` ``--no-save``
 #: and ``-f`` ``--load`` (Pytorch-UNet's), so these meant another thing in one command.

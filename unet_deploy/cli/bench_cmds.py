@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from unet_deploy.cli import _options
 from unet_deploy.cli._app import app
 from unet_deploy.errors import UserError
 from unet_deploy.fileio import atomic_write_text
@@ -148,6 +149,7 @@ def benchmark(
                                            "and put them in --markdown: for the project's record in "
                                            "benchmarks/RESULTS.md, not needed to compare backends."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the table."),
+    verbose: bool = _options.VERBOSE,
 ) -> None:
     """Time every backend at every scale and print one table to paste into an issue.
 
@@ -181,6 +183,7 @@ def benchmark(
     _check_paths(json_out, plot, markdown, model)
     _check_tiled(tile, stages, roofline, plot, markdown)
     err = Console(stderr=True)
+    _options.say_threads(verbose)
     if from_json is None:
         model = _model_to_measure(model, quick, base_channels, tile, err)
     settings = BenchSettings(

@@ -157,6 +157,7 @@ def predict(
                                                             "'wrote ...' lines, no summary on success)."),
     nproc: int = typer.Option(1, "--nproc", help="Predict in N local processes (one per GPU, or CPU shares): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
+    verbose: bool = _options.VERBOSE,
 ) -> None:
     """Predict masks for images with a checkpoint, TorchScript or ONNX model.
 
@@ -196,6 +197,7 @@ def predict(
         tile=tile, tile_overlap=tile_overlap)
     if crf:
         require_crf()
+    _options.say_threads(verbose, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), options.crf_workers if crf else None)
     path = model if model is not None else default_model(backend)
     model_args = _ModelArgs(path=path, backend=backend, device=device, precision=precision, threads=threads,
                             channels_last=channels_last, compile=compile_mode, classes=classes, bilinear=bilinear)

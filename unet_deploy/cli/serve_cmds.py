@@ -79,6 +79,7 @@ def serve(
     grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM or Ctrl-C: how long the whole shutdown may "
                                                           "take; uploads still arriving are cut at once, "
                                                           "admitted requests may finish."),
+    verbose: bool = _options.VERBOSE,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics and a web page.
 
@@ -98,6 +99,8 @@ def serve(
     try:
         from unet_deploy.serve.options import ServeOptions
         from unet_deploy.serve.server import serve as run_server
+
+        _options.say_threads(verbose, workers, crf_workers)
     except ImportError as e:
         if (e.name or "").split(".")[0] not in _SERVER_PACKAGES:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def train(
                                     f"cosine (per step, after --warmup-steps) [{recipe_help('schedule')}]."),
     warmup_steps: int | None = _q(None, "Linear warm-up steps before the cosine decay "
                                         f"[{recipe_help('warmup_steps')}]."),
+    verbose: bool = _options.VERBOSE,
 ) -> None:
     """Train a U-Net on Carvana-style data (DATA/imgs/<id>.jpg + DATA/masks/<id>_mask.gif).
 
@@ -117,6 +119,7 @@ def train(
              "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
              "augment": augment, "edge_weight": edge_weight, "edge_width": edge_width}
     record = resolve_recipe({**given, "augment_overrides": overrides})
+    _options.say_threads(verbose, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     explicit = _explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear", "base_channels": "base_channels",
                                 "batch_size": "batch_size"})
     explicit += tuple(k for k, v in {**given, **overrides}.items() if v is not None)
@@ -177,6 +180,7 @@ def evaluate(
     tile: int | None = _options.TILE,
     tile_overlap: int | None = _options.TILE_OVERLAP,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: bool = _options.VERBOSE,
 ) -> None:
     """Mean per-image dice (Carvana's metric) of a model on DATA, at the original resolution.
 
@@ -185,6 +189,7 @@ def evaluate(
     from unet_deploy.runtime.tiling import check_tiling
 
     check_tiling(tile, tile_overlap)
+    _options.say_threads(verbose)
     from unet_deploy.images.image_io import find_pairs
     from unet_deploy.progress import file_progress
     from unet_deploy.runtime.loader import load_backend

@@ -20,7 +20,7 @@ import psutil
 
 from unet_deploy.runtime.registry import spec
 
-__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads"]
+__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads", "thread_report"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -121,3 +121,21 @@ def limit_torch_threads() -> int:
     if torch.get_num_threads() > usable:
         torch.set_num_threads(usable)
     return int(torch.get_num_threads())
+
+
+def thread_report(processes: int = 1, crf_workers: int | None = None) -> str:
+    """One line saying which CPUs this process may use and the thread counts it chose (``--verbose``)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    usable, share = usable_cpus(), process_share(processes)
+    parts = [f"threads: {usable} usable CPU(s) (affinity {allowed} of {os.cpu_count()}, cgroup quota "
+             f"{'none' if quota is None else f'{quota:g}'}, {psutil.cpu_count(logical=False)} physical cores)"]
+    if processes > 1:
+        parts.append(f"{processes} processes, {share} each")
+    parts.append(f"torch / ONNX Runtime / OpenVINO intra-op {share} (ONNX Runtime's idle threads sleep)")
+    if crf_workers is not None:
+        parts.append(f"CRF workers {crf_workers}")
+    return "; ".join(parts)
