@@ -226,3 +226,39 @@ def test_a_gzip_bomb_is_refused_without_inflating_it(ort_server) -> None:
     assert reply.status == 413 and "inflates to more than" in reply.json()["error"], reply.body
     assert process.memory_info().rss - before < 24 * 2**20, "the bomb was not inflated in memory"
     assert seconds < 10
+
+
+def test_mutated_request_bodies_are_400s_never_crashes() -> None:
+    """3,000 seeded mutations of valid bodies (binary and JSON, BYTES and FP32) through the codec: every fault
+    is an HTTPError with one line (the server answers it), never another exception."""
+    import io
+
+    from serve_helpers import mutate
+
+    from unet_deploy.serve.decode import HTTPError
+    from unet_deploy.serve.oip_codec import bytes_elements, numeric_array, read_request
+
+    element = _bytes_element(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
+    image = {"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 2 * len(element)}}
+    x = np.linspace(0, 1, 2 * 3 * 4 * 5, dtype=np.float32)
+    pixels = {"name": "pixels", "datatype": "FP32", "shape": [2, 3, 4, 5]}
+    seeds = [_binary_request([image], element * 2, outputs=[{"name": "mask", "parameters": {"binary_data": True}}]),
+             _binary_request([{**pixels, "parameters": {"binary_data_size": x.nbytes}}], x.tobytes()),
+             (json.dumps({"inputs": [{**pixels, "data": x.reshape(2, 3, 20).tolist()}], "id": "a"}).encode(), {})]
+    rng = np.random.default_rng(11)
+    faults = 0
+    for i in range(3000):
+        body, headers = seeds[i % len(seeds)]
+        damaged = mutate(body, rng)
+        file = io.BytesIO(damaged)
+        try:
+            parsed = read_request(file, len(damaged), headers.get("Inference-Header-Content-Length"))
+            for tensor in parsed.inputs:
+                if tensor.datatype == "BYTES":
+                    bytes_elements(file, tensor)
+                else:
+                    numeric_array(file, tensor)
+        except HTTPError as e:
+            assert e.status == 400 and "\n" not in e.message and len(e.message) < 400, e.message
+            faults += 1
+    assert faults > 1000, "the mutations should mostly break the bodies"
