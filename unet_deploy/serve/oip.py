@@ -18,6 +18,8 @@ gzip/deflate-compressed (inflated within ``--max-upload-mb``) and carry binary t
 decoded and preprocessed as ``predict`` reads a file, so ``mask`` holds the values ``predict`` writes (0/255
 for a binary model); ``pixels`` are taken as the network input (at the network's size, so the mask is at that
 size). Request ``parameters`` may set ``threshold``, ``crf`` and ``tta`` as ``/v1/predict``'s query does.
+What a request holds beyond an image file's pixels -- its parsed JSON, a ``pixels`` input, JSON outputs and
+probabilities -- is counted against ``--pixel-budget`` too, as pixels of the same bytes, before it is made.
 Errors are ``{"error": "..."}``: 400 for a request this model cannot take, 404 for another model's name; the
 server's limits answer as on ``/v1`` (401, 408, 413, 503, 504).
 """
@@ -65,12 +67,22 @@ EXTENSIONS = ["binary_tensor_data"]
 JSON_BYTES_COST = 40
 #: the most elements of one output sent as JSON ``data``; larger outputs must be asked in binary
 JSON_MAX_ELEMENTS = 1 << 22
-#: pixel-budget pixels counted per pixel of a ``pixels`` input (its float32 copy and the batch's) and per pixel
-#: of ``probabilities`` (float32, K of them, with their resize)
+#: pixel-budget pixels counted per pixel of a ``pixels`` input (its float32 copy and the batch's)
 PIXELS_INPUT_COST = 2
-PROBABILITIES_COST = 2
+#: bytes per pixel of the outputs beyond what ``--pixel-budget``'s per-pixel cost covers (an encoded mask): a
+#: JSON mask (a list of ints and its text), and per class the probabilities (float32 arrays, stacked, and the
+#: body: about 4 copies) or the JSON probabilities (a float object, its pointer and its text)
+MASK_JSON_BYTES = 16
+PROBABILITY_BYTES = 16
+PROBABILITY_JSON_BYTES = 60
 Endpoint = Callable[..., "Handler"]
 T = TypeVar("T")
+
+
+def _per_pixel(state: ServerState) -> float:
+    """The bytes one pixel of ``--pixel-budget`` stands for (:func:`~unet_deploy.serve.memory.bytes_per_pixel`)."""
+    model = state.engine.backend.config.model
+    return bytes_per_pixel(state.engine.scale, model.n_classes, model.n_channels)
 
 
 def _classes(state: ServerState) -> int:
@@ -222,11 +234,19 @@ def _check_json_outputs(outputs: dict[str, bool], count: int, classes: int) -> N
                                  f"{JSON_MAX_ELEMENTS:,}): ask for it with binary_data")
 
 
+def _output_cost(state: ServerState, outputs: dict[str, bool], classes: int) -> int:
+    """Pixel-budget pixels counted per image pixel for the outputs asked (beyond an encoded mask's)."""
+    cost = 0 if outputs.get("mask", True) else MASK_JSON_BYTES
+    if "probabilities" in outputs:
+        cost += classes * (PROBABILITY_BYTES if outputs["probabilities"] else PROBABILITY_JSON_BYTES)
+    return math.ceil(cost / _per_pixel(state))
+
+
 async def _inputs(state: ServerState, body: IO[bytes], tensor: InputTensor, outputs: dict[str, bool],
                   jobs: Jobs) -> tuple[list[np.ndarray], bool]:
     """(the images or network inputs, whether they are network inputs), admitted and read."""
-    extra = PROBABILITIES_COST if "probabilities" in outputs else 0
     classes = _classes(state)
+    extra = _output_cost(state, outputs, classes)
     if tensor.name == "pixels":
         array = await jobs.run(state.engine.cpu, numeric_array, body, tensor)
         n, _, height, width = array.shape
@@ -256,9 +276,7 @@ async def _parse(state: ServerState, request: Request, body: IO[bytes], size: in
     """The request's JSON, its memory admitted before it is parsed."""
     header = request.headers.get("inference-header-content-length")
     length = size if header is None or not header.strip().isdigit() else min(int(header), size)
-    model = state.engine.backend.config.model
-    cost = math.ceil(length * JSON_BYTES_COST / bytes_per_pixel(state.engine.scale, model.n_classes,
-                                                                model.n_channels))
+    cost = math.ceil(length * JSON_BYTES_COST / _per_pixel(state))
     if cost > state.options.pixel_budget:
         raise HTTPError(413, f"a JSON header of {length:,} bytes is too large for this server's --pixel-budget: "
                              "send tensors as binary data (binary_data_size, Inference-Header-Content-Length)")
