@@ -112,6 +112,14 @@ def multipart(data: bytes, filename: str = "image.png", field_name: str = "file"
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
+def oip_image_request(images: list[bytes], **extra: object) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol ``infer`` body: the ``image`` input (BYTES [N]) in binary, and its headers."""
+    data = b"".join(len(image).to_bytes(4, "little") + image for image in images)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
+                                     "parameters": {"binary_data_size": len(data)}}], **extra}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+
 def write_test_images(folder: Path, source: Path) -> list[Path]:
     """One car photo in many modes and odd sizes: RGB JPEG, RGBA PNG, grey PNG, palette GIF, 16-bit PNG,
     and a sideways JPEG with an EXIF rotation."""

@@ -3,6 +3,8 @@ topics table links them, run in order, in one temporary folder, as a new user wo
 
 - A ```bash block whose first line is ``# not run by the README test: <reason>`` is skipped (GPU, a
   second node, the full seed width); the marker is visible in the README itself.
+- A ```python block runs (``python -c``, in README order with the shell commands) only when its first line
+  is ``# run by the README test`` (the tritonclient example: it starts and stops its own server).
 - ``pip install …`` and ``pytest`` commands are not run (the test runs inside the installed package and
   inside pytest); a line ``pip install … && unet-deploy demo`` runs its ``unet-deploy demo`` part.
 - ``UNET_DEPLOY_README_SHRINK=0`` runs every command literally. By default image sizes and counts are shrunk
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SKIP_MARKER = "# not run by the README test:"
+PYTHON_MARKER = "# run by the README test"
 TIMEOUT_S = float(os.environ.get("UNET_DEPLOY_README_TIMEOUT", "120"))
 
 #: (pattern, replacement) applied to each command unless UNET_DEPLOY_README_SHRINK=0: fewer and smaller
@@ -66,6 +70,13 @@ def shell_blocks(text: str) -> list[tuple[int, str]]:
     """(line number, body) of every ```bash block, in order (blocks indented in a list item too)."""
     return [(text[: m.start()].count("\n") + 1, textwrap.dedent(m.group(2)))
             for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", text, re.M | re.S)]
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """(line number, ``python -c`` command) of every ```python block that says it is run (:data:`PYTHON_MARKER`)."""
+    return [(text[: m.start()].count("\n") + 1, f"python -c {shlex.quote(textwrap.dedent(m.group(2)))}")
+            for m in re.finditer(r"^( *)```python\n(.*?)^\1```", text, re.M | re.S)
+            if textwrap.dedent(m.group(2)).startswith(PYTHON_MARKER)]
 
 
 def commands(body: str) -> list[str]:
@@ -116,15 +127,19 @@ def pages() -> list[Path]:
 
 
 def runnable_blocks() -> list[tuple[str, list[str]]]:
-    """("FILE:LINE", commands) of every block that runs, README first, then the docs pages."""
+    """("FILE:LINE", commands) of every block that runs (shell blocks, and python blocks marked to run), in
+    page order: README first, then the docs pages."""
     blocks = []
     for page in pages():
-        for line, body in shell_blocks(page.read_text(encoding="utf-8")):
+        text = page.read_text(encoding="utf-8")
+        found: list[tuple[int, list[str]]] = [(line, [command]) for line, command in python_blocks(text)]
+        for line, body in shell_blocks(text):
             if body.lstrip().startswith(SKIP_MARKER):
                 continue
             cmds = commands(body)
             if cmds:
-                blocks.append((f"{page.relative_to(ROOT)}:{line}", cmds))
+                found.append((line, cmds))
+        blocks += [(f"{page.relative_to(ROOT)}:{line}", cmds) for line, cmds in sorted(found)]
     return blocks
 
 
@@ -162,6 +177,8 @@ def test_readme_parsing_rules() -> None:
     assert sum(is_demo(c) for _, cmds in runnable_blocks() for c in cmds) == 1
     skipped = [b for page in pages() for _, b in shell_blocks(page.read_text()) if b.lstrip().startswith(SKIP_MARKER)]
     assert all(re.match(re.escape(SKIP_MARKER) + r" \S", b.lstrip()) for b in skipped)  # each says why
+    (client,) = [c for _, cmds in runnable_blocks() for c in cmds if "tritonclient" in c]  # the serve/v2 example
+    assert client.startswith("python -c ") and shrink(client) == client
 
 
 @pytest.mark.slow

@@ -78,7 +78,8 @@ def test_page_shows_the_overlay_and_the_apis_mask(browser, page_server) -> None:
 
     srv, photo = page_server
     browser.set_script_timeout(30)
-    predictions = srv.metric('unet_deploy_requests_total{endpoint="predict",status="200",worker="0"}')
+    served = 'unet_deploy_requests_total{endpoint="predict",protocol="v1",status="200",worker="0"}'
+    predictions = srv.metric(served)
     browser.get(srv.url + "/")
     WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "model"), "class"))
     assert "2 class(es)" in browser.find_element(By.ID, "model").text
@@ -86,8 +87,7 @@ def test_page_shows_the_overlay_and_the_apis_mask(browser, page_server) -> None:
     WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").get_attribute("data-done") == "1")
     status = browser.find_element(By.ID, "status").text
     assert status.startswith("car.png: model and post-processing") and " ms" in status
-    assert srv.metric('unet_deploy_requests_total{endpoint="predict",status="200",worker="0"}') == predictions + 1, \
-        "one request per image"
+    assert srv.metric(served) == predictions + 1, "one request per image"
     overlay = png_pixels(_blob_bytes(browser, "overlay"))
     shown = png_pixels(_blob_bytes(browser, "mask"))  # drawn in the page: RGBA, white on black
     assert overlay.shape[:2] == (141, 211) and shown.shape[:2] == (141, 211)

@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
-from serve_helpers import ROOT, Server, multipart, request
+from serve_helpers import ROOT, Server, multipart, oip_image_request, request
 
 pytest.importorskip("starlette", reason="serve needs starlette (a dependency of unet-deploy)")
 
@@ -192,6 +192,30 @@ def test_pixels_are_admitted_from_the_header_within_the_memory_bound(limited) ->
     assert srv.metric("unet_deploy_in_flight") == 0
 
 
+def test_oip_infer_takes_the_same_admission_and_limits(limited) -> None:
+    """POST /v2/models/unet/infer: --max-pixels from the header, the pixel budget for all of a request's images,
+    the same budget shared with /v1, and the upload deadline."""
+    srv = limited
+    huge = srv.post("/v2/models/unet/infer", *oip_image_request([_png(7000, 7000)]))
+    assert huge.status == 400 and "more than 2,000,000 (--max-pixels)" in huge.json()["error"], huge.body[:300]
+    assert float(huge.headers["x-response-ms"]) < 500
+    body = _png(1400, 1400)  # 1.96 M pixels each, 3 M in work at once
+    two = srv.post("/v2/models/unet/infer", *oip_image_request([body, body]))
+    assert two.status == 400 and "send fewer per request" in two.json()["error"], two.body[:300]
+    one = oip_image_request([body], parameters={"binary_data_output": True})  # a JSON mask would count twice
+    with cf.ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda _: srv.post("/v2/models/unet/infer", *one), range(3)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    assert "(--pixel-budget)" in next(r for r in replies if r.status == 503).json()["error"]
+    start = time.monotonic()
+    stalled = _open(srv, b"POST /v2/models/unet/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{")
+    data, closed = _answer_and_close(stalled, READ_TIMEOUT_S + 5)
+    assert _status(data) == 408 and closed - start < READ_TIMEOUT_S + 2 * SLACK_S, data[-300:]
+    stalled.close()
+    assert srv.metric("unet_deploy_in_flight") == 0
+
+
 def test_only_the_listed_formats_are_decoded_and_ghostscript_never_runs(limited, files) -> None:
     srv = limited
     picture = Image.new("RGB", (64, 48), (200, 30, 30))
@@ -251,6 +275,11 @@ def test_timeout_counts_from_arrival_and_the_work_is_dropped(slow, files) -> Non
     time.sleep(1.5)
     assert _cpu_seconds(slow.proc.pid) - before < 0.25, "the dropped image's tiles still run"
     assert slow.metric("unet_deploy_in_flight") == 0
+    start = time.monotonic()  # the Open Inference Protocol's infer: the same deadline
+    body, headers = oip_image_request([files["big"]], parameters={"binary_data_output": True})
+    reply = slow.post("/v2/models/unet/infer", body, headers)
+    assert reply.status == 504 and "of its arrival" in reply.json()["error"], reply.body[:300]
+    assert 1.9 < time.monotonic() - start < 2.0 + 0.5
 
 
 def test_shutdown_cuts_uploads_and_ends_within_grace_without_traceback(slow, files) -> None:

@@ -76,12 +76,15 @@ def serve(
     crf_clip: float = _crf.CLIP,
     tile: int | None = _options.TILE,
     tile_overlap: int | None = _options.TILE_OVERLAP,
+    model_name: str = typer.Option("unet", "--model-name",
+                                   help="The model's name in the Open Inference Protocol: /v2/models/NAME."),
     grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM or Ctrl-C: how long the whole shutdown may "
                                                           "take; uploads still arriving are cut at once, "
                                                           "admitted requests may finish."),
     verbose: bool = _options.VERBOSE,
 ) -> None:
-    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics and a web page.
+    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics, a web page, and
+    the Open Inference Protocol (KServe v2: tritonclient, KServe, Seldon) under /v2.
 
     Concurrent requests of one input size are batched (--max-batch, --max-wait-ms). Masks have the pixels
     `predict` writes for the same file and options. Bad uploads get 400/413/415, a slow upload 408, a full
@@ -91,7 +94,10 @@ def serve(
 
     Examples: `unet-deploy serve -m exported/best.onnx` then
     `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
-    `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`
+    `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`;
+    `curl http://127.0.0.1:8000/v2/models/unet` (its inputs: image, BYTES [N], or pixels, FP32 [N, C, H, W];
+    outputs: mask, UINT8 [N, H, W], and probabilities), then with tritonclient.http:
+    `InferInput("image", [1], "BYTES")` holding the file's bytes, `client.infer("unet", [that]).as_numpy("mask")`.
     """
     from unet_deploy.runtime.tiling import check_tiling
 
@@ -116,7 +122,7 @@ def serve(
         max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, workers=workers, token=token,
         max_upload_mb=max_upload_mb, max_uploads=max_uploads, read_timeout_s=read_timeout_s, max_pixels=max_pixels,
         pixel_budget=pixel_budget, timeout_s=timeout_s, crf=crf, tta=tta, allow_crf=allow_crf,
-        crf_workers=crf_workers, grace_s=grace_s, tile=tile, tile_overlap=tile_overlap,
+        crf_workers=crf_workers, grace_s=grace_s, tile=tile, tile_overlap=tile_overlap, model_name=model_name,
         crf_params=_crf.crf_params(crf_gauss_sxy, crf_gauss_compat, crf_bilat_sxy, crf_bilat_srgb, crf_bilat_compat,
                                    crf_iterations, crf_clip))
     raise typer.Exit(run_server(options))

@@ -7,6 +7,7 @@
                       -> preprocess -> MicroBatcher (.batcher) -> model thread -> mask or CRF (.engine)
                       -> encode png | rle | json | overlay
     GET / (.page), /healthz, /readyz, /metrics (.metrics), /v1/model
+    /v2/...: the Open Inference Protocol (.oip; bodies: .oip_codec), the same path as POST /v1/predict
 
 Needs starlette, uvicorn, prometheus_client and python-multipart (dependencies of the package); nothing
 here is imported by the other commands, so they run where those are missing.

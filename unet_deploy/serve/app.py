@@ -26,6 +26,7 @@ from unet_deploy.serve.decode import HTTPError
 from unet_deploy.serve.engine import Engine
 from unet_deploy.serve.limits import Limits
 from unet_deploy.serve.memory import MemoryBound
+from unet_deploy.serve.oip import oip_routes
 from unet_deploy.serve.options import ServeOptions
 from unet_deploy.serve.page import PAGE
 from unet_deploy.serve.pipeline import FORMATS, predict_request
@@ -58,6 +59,16 @@ class ServerState:
     def admitted(self) -> int:
         return self.limits.admitted
 
+    def unready(self) -> str | None:
+        """Why the server cannot take predictions now (``/readyz`` and ``/v2/health/ready``), or None."""
+        if self.engine.broken is not None:
+            return f"broken: {self.engine.broken}"
+        if self.draining:
+            return "shutting down"
+        if not self.engine.ready:
+            return "warming up: the model has not answered yet"
+        return None
+
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -71,8 +82,9 @@ def _authorized(state: ServerState, request: Request) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), state.options.token.encode())
 
 
-def endpoint(state: ServerState, name: str, handler: Handler, *, auth: bool = True) -> Handler:
-    """Wrap a route: request id, auth (401), errors as one-line JSON, metrics and the access log."""
+def endpoint(state: ServerState, name: str, handler: Handler, *, auth: bool = True, protocol: str = "v1") -> Handler:
+    """Wrap a route: request id, auth (401), errors as one-line JSON, metrics (labelled by ``protocol``) and the
+    access log."""
 
     async def wrapped(request: Request) -> Response:
         given = request.headers.get("x-request-id", "")
@@ -92,7 +104,7 @@ def endpoint(state: ServerState, name: str, handler: Handler, *, auth: bool = Tr
         seconds = time.perf_counter() - start
         response.headers["X-Request-ID"] = request_id
         response.headers["X-Response-Ms"] = f"{seconds * 1000:.1f}"  # time in the handler, upload included
-        state.metrics.observe_request(name, response.status_code, seconds)
+        state.metrics.observe_request(name, response.status_code, seconds, protocol)
         client = request.client.host if request.client else "-"
         access_log.info('%s %s "%s %s" %d %s %.1fms', request_id, client, request.method, request.url.path,
                         response.status_code, response.headers.get("content-length", "-"), seconds * 1000)
@@ -102,7 +114,8 @@ def endpoint(state: ServerState, name: str, handler: Handler, *, auth: bool = Tr
 
 
 def build_app(state: ServerState) -> Starlette:
-    """The routes: ``/`` (page), ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/model``, ``POST /v1/predict``."""
+    """The routes: ``/`` (page), ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/model``, ``POST /v1/predict``, and
+    the Open Inference Protocol's ``/v2`` routes (:mod:`unet_deploy.serve.oip`)."""
 
     async def page(request: Request) -> Response:
         return HTMLResponse(PAGE)
@@ -111,13 +124,8 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"status": "alive", "uptime_s": round(time.time() - state.started, 1)})
 
     async def readyz(request: Request) -> Response:
-        if state.engine.broken is not None:
-            return _error(503, f"broken: {state.engine.broken}")
-        if state.draining:
-            return _error(503, "shutting down")
-        if not state.engine.ready:
-            return _error(503, "warming up: the model has not answered yet")
-        return JSONResponse({"status": "ready"})
+        reason = state.unready()
+        return _error(503, reason) if reason else JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
@@ -133,10 +141,13 @@ def build_app(state: ServerState) -> Starlette:
               Route("/readyz", endpoint(state, "readyz", readyz, auth=False)),
               Route("/metrics", endpoint(state, "metrics", metrics)),
               Route("/v1/model", endpoint(state, "model", model)),
-              Route("/v1/predict", endpoint(state, "predict", predict), methods=["POST"])]
+              Route("/v1/predict", endpoint(state, "predict", predict), methods=["POST"]),
+              *oip_routes(state, endpoint)]
+
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         message = "no such endpoint" if status == 404 else f"{request.method} is not allowed here"
-        return _error(status, f"{message}: {request.url.path} (see GET / for the page, POST /v1/predict)")
+        return _error(status, f"{message}: {request.url.path} (see GET / for the page, POST /v1/predict, "
+                              f"POST /v2/models/{state.options.model_name}/infer)")
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})

@@ -26,6 +26,7 @@ from unet_deploy.errors import UserError
 from unet_deploy.images.crf import crf_image, crf_pool, crf_probabilities, dense_crf
 from unet_deploy.images.image_io import MIN_SIDE, resize_image, to_input
 from unet_deploy.images.postprocess import logits_to_mask
+from unet_deploy.images.postprocess import probabilities as class_probabilities
 from unet_deploy.runtime.base import Backend
 from unet_deploy.runtime.cpu_share import usable_cpus
 from unet_deploy.runtime.tiling import TiledRun, Tiling, choose_tiling, plan_tiles
@@ -149,18 +150,43 @@ class Engine:
     async def predict(self, image: np.ndarray, settings: RequestSettings, jobs: Jobs | None = None) -> np.ndarray:
         """The class-index mask (H, W) of one decoded image; ``jobs`` runs its thread steps (the request's
         memory is counted until they are over)."""
+        mask, _ = await self.outputs(image, settings, jobs)
+        return mask
+
+    async def outputs(self, image: np.ndarray, settings: RequestSettings, jobs: Jobs | None = None, *,
+                      probabilities: bool = False, preprocessed: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The class-index mask (H, W) of one image and, when asked, its float32 class probabilities (K, H, W).
+
+        Args:
+            image: a decoded uint8 image (H, W, C), or with ``preprocessed`` a network input: float32 (C, H, W)
+                at the network's size (no scaling; never tiled; no dense CRF, which needs the image).
+            settings: the request's threshold, CRF and TTA.
+            jobs: runs the thread steps (the request's memory is counted until they are over).
+            probabilities: also return the probabilities (before CRF), as ``probabilities`` computes them.
+            preprocessed: ``image`` is a network input.
+
+        Returns:
+            (mask, probabilities or None), both at the image's size.
+        """
         jobs = jobs or Jobs()
-        x, plan = await jobs.run(self.cpu, self._preprocess, image, settings.tta)
+        if preprocessed:
+            x, plan, size = image, None, (int(image.shape[1]), int(image.shape[2]))
+        else:
+            x, plan = await jobs.run(self.cpu, self._preprocess, image, settings.tta)
+            size = (int(image.shape[0]), int(image.shape[1]))
         if plan is not None:
             logits = await self._tiled(x, plan, settings.tta, jobs)
         else:
             logits = await self._batched(x, settings.tta)
         del x
-        size = image.shape[:2]
+        probs = await jobs.run(self.cpu, _probabilities, logits, size) if probabilities else None
         if not settings.crf:
-            return await jobs.run(self.cpu, _mask, logits, size, settings.threshold)
-        probs = await jobs.run(self.cpu, crf_probabilities, logits, size, settings.threshold)
-        return await jobs.run(self._crf_pool(), dense_crf, crf_image(image), probs, self.options.crf_params)
+            return await jobs.run(self.cpu, _mask, logits, size, settings.threshold), probs
+        if preprocessed:
+            raise HTTPError(400, "crf needs the image, not preprocessed pixels: send the image file, or drop crf")
+        refined = await jobs.run(self.cpu, crf_probabilities, logits, size, settings.threshold)
+        mask = await jobs.run(self._crf_pool(), dense_crf, crf_image(image), refined, self.options.crf_params)
+        return mask, probs
 
     def _crf_pool(self) -> cf.ProcessPoolExecutor:
         if self.crf_pool is None:
@@ -188,3 +214,7 @@ class Engine:
 
 def _mask(logits: Any, size: tuple[int, int], threshold: float) -> np.ndarray:
     return logits_to_mask(logits, size, threshold)[0]
+
+
+def _probabilities(logits: Any, size: tuple[int, int]) -> np.ndarray:
+    return class_probabilities(logits[0], size)

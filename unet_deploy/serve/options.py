@@ -3,6 +3,7 @@ defaults (CRF, TTA) and the access token. Checked once, with one-line errors nam
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ __all__ = ["ServeOptions", "TOKEN_ENV", "max_batch_for"]
 
 #: The environment variable read for the access token when ``--token`` is not given.
 TOKEN_ENV = "UNET_DEPLOY_TOKEN"
+_MODEL_NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,64}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,7 @@ class ServeOptions:
     grace_s: float = 30.0  #: SIGTERM: how long queued and running requests may take to finish
     tile: int | None = None  #: ``--tile``: larger images run as blended tiles (their own batches of max_batch)
     tile_overlap: int | None = None  #: ``--tile-overlap`` (default: an eighth of the tile)
+    model_name: str = "unet"  #: the Open Inference Protocol's model name (``/v2/models/<name>``)
 
     def __post_init__(self) -> None:
         from unet_deploy.runtime.tiling import check_tiling
@@ -68,6 +71,9 @@ class ServeOptions:
         for flag, value, ok, fix in checks:
             if not ok:
                 raise UserError(f"{flag} {value}: {fix}")
+        if not _MODEL_NAME.match(self.model_name):
+            raise UserError(f"--model-name {self.model_name!r}: use 1-64 letters, digits, '.', '_' or '-' (it is "
+                            "part of the URL /v2/models/<name>)")
         if self.token is not None and not self.token.strip():
             raise UserError(f"--token: an empty token protects nothing; give a secret or unset {TOKEN_ENV}")
 

@@ -1,6 +1,6 @@
 """Prometheus metrics of one server process (``/metrics``), labelled by worker so that the processes of
-``--workers N`` can be told apart: requests by endpoint and status, request latency, batch sizes, the queue
-depth and the requests in flight."""
+``--workers N`` can be told apart: requests by protocol (``v1``, ``oip``), endpoint and status, request
+latency, batch sizes, the queue depth and the requests in flight."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ class Metrics:
     def __init__(self, worker: str, max_batch: int):
         self.worker = worker
         self.registry = CollectorRegistry()
-        self.requests = Counter("unet_deploy_requests", "HTTP requests by endpoint and status code",
-                                ["worker", "endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("unet_deploy_request_seconds", "Request latency (seconds), by endpoint",
-                                 ["worker", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("unet_deploy_requests", "HTTP requests by protocol, endpoint and status code",
+                                ["worker", "protocol", "endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("unet_deploy_request_seconds", "Request latency (seconds), by protocol and "
+                                 "endpoint", ["worker", "protocol", "endpoint"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
         buckets = sorted({1, 2, 4, 8, 16, 32, max_batch} & set(range(1, max_batch + 1)))
         self.batch_size = Histogram("unet_deploy_batch_size", "Inputs per model call", ["worker"],
                                     buckets=[float(b) for b in buckets], registry=self.registry)
@@ -32,9 +33,11 @@ class Metrics:
         self.in_flight = Gauge("unet_deploy_in_flight", "Prediction requests admitted and not yet answered",
                                ["worker"], registry=self.registry)
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(self.worker, endpoint, str(status)).inc()
-        self.latency.labels(self.worker, endpoint).observe(seconds)
+    def observe_request(self, endpoint: str, status: int, seconds: float, protocol: str = "v1") -> None:
+        """One answered request: ``protocol`` is ``v1`` (this server's own API) or ``oip`` (the Open Inference
+        Protocol's ``/v2`` routes)."""
+        self.requests.labels(self.worker, protocol, endpoint, str(status)).inc()
+        self.latency.labels(self.worker, protocol, endpoint).observe(seconds)
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.labels(self.worker).observe(size)

@@ -102,22 +102,22 @@ async def _multipart(request: Request, receive: Receive) -> Upload:
     return Upload(item.file, item.size or 0, lambda: item.file.close())
 
 
-async def _read(request: Request, limit: int) -> Upload:
+async def _read(request: Request, limit: int, multipart: bool) -> Upload:
     receive = _counted(request.receive, limit)
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if multipart and request.headers.get("content-type", "").startswith("multipart/form-data"):
         return await _multipart(request, receive)
     return await _raw(request, receive)
 
 
-async def receive_upload(request: Request, limit: int, deadlines: Deadlines) -> Upload:
-    """The image of ``request`` (raw body or multipart field ``file``), received within ``deadlines``: one
-    watch over the whole upload (a task and a timer per request, not per chunk)."""
+async def receive_upload(request: Request, limit: int, deadlines: Deadlines, multipart: bool = True) -> Upload:
+    """The image of ``request`` (raw body, or with ``multipart`` the multipart field ``file``), received within
+    ``deadlines``: one watch over the whole upload (a task and a timer per request, not per chunk)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} (--max-upload-mb)",
                         _CLOSE)
     remaining = min(deadlines.read, deadlines.answer) - asyncio.get_running_loop().time()
-    reading = asyncio.ensure_future(_read(request, limit))
+    reading = asyncio.ensure_future(_read(request, limit, multipart))
     stopping = asyncio.ensure_future(deadlines.stopping.wait())
     try:
         done, _ = await asyncio.wait({reading, stopping}, timeout=max(remaining, 0),
@@ -134,5 +134,7 @@ async def receive_upload(request: Request, limit: int, deadlines: Deadlines) -> 
     upload = reading.result()
     if not upload.size:
         upload.close()
+        if not multipart:
+            raise HTTPError(400, "empty body: send the request in the body")
         raise HTTPError(400, "empty upload: send an image file (multipart field 'file' or the raw body)")
     return upload
