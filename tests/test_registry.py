@@ -223,6 +223,19 @@ def test_verbose_says_which_cpus_and_threads(capsys: pytest.CaptureFixture[str])
     assert "2 processes" in line and "CRF workers 1" in line and len(line.splitlines()) == 1
 
 
+def test_openmp_threads_sleep_on_a_busy_machine_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from unet_deploy.runtime import cpu_share
+
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert not cpu_share.passive_threads_when_busy() and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 2.0, 1.0))
+    assert cpu_share.passive_threads_when_busy() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert not cpu_share.passive_threads_when_busy() and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
 
 

@@ -20,7 +20,8 @@ import psutil
 
 from unet_deploy.runtime.registry import spec
 
-__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads", "thread_report"]
+__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads", "thread_report",
+           "passive_threads_when_busy"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -111,6 +112,16 @@ def share_cores(backend: str, device: str, processes: int, threads: int | None) 
     return None
 
 
+def passive_threads_when_busy() -> bool:
+    """On a busy machine (1-minute load average at or above the usable CPUs), make OpenMP's idle threads sleep
+    (``OMP_WAIT_POLICY=PASSIVE``, inherited by child processes) instead of spinning at every barrier: spinning
+    threads of several jobs take each other's time slices. Must run before torch is imported; a policy the user
+    set is kept. Returns whether the passive policy is in effect."""
+    if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "getloadavg") and os.getloadavg()[0] >= usable_cpus():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+
 def limit_torch_threads() -> int:
     """Keep torch's intra-op pool within the CPUs this process may use (torch counts the host's cores, not a
     container's quota); a thread count the user set (``OMP_NUM_THREADS``, ``torch.set_num_threads``) below
@@ -135,7 +146,9 @@ def thread_report(processes: int = 1, crf_workers: int | None = None) -> str:
              f"{'none' if quota is None else f'{quota:g}'}, {psutil.cpu_count(logical=False)} physical cores)"]
     if processes > 1:
         parts.append(f"{processes} processes, {share} each")
-    parts.append(f"torch / ONNX Runtime / OpenVINO intra-op {share} (ONNX Runtime's idle threads sleep)")
+    sleeping = "idle OpenMP and ONNX Runtime threads sleep" if passive_threads_when_busy() else (
+        "idle ONNX Runtime threads sleep, OpenMP's spin briefly (machine not busy)")
+    parts.append(f"torch / ONNX Runtime / OpenVINO intra-op {share} ({sleeping})")
     if crf_workers is not None:
         parts.append(f"CRF workers {crf_workers}")
     return "; ".join(parts)

@@ -1,0 +1,118 @@
+"""The Quick start's main job (`unet-deploy demo`) on a quiet machine, beside two other multi-threaded jobs, and
+under a 1-CPU cgroup quota (where this process may create a cgroup): wall time, held-out dice, load averages.
+
+Usage: python benchmarks/quickstart_busy.py --json benchmarks/quickstart-busy.json [--work /tmp/qs]
+[--conditions quiet busy quota1]
+
+Each condition runs `unet-deploy demo -o WORK/<condition>` in a fresh folder. "busy": two background Python
+processes, each multiplying 1024x1024 matrices on 2 torch threads without pause, started 5 s before the demo
+and stopped after it. "quota1": the demo (and its child processes) in a cgroup v1 `cpu` group with
+cfs_quota_us = cfs_period_us (1 CPU). A fair share of 2 cores among 3 busy jobs is 2/3 of a core: the goal is
+busy <= 3x quiet. This is a benchmark, not a test: quote it with the machine and load it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+BUSY_JOB = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
+            "while True:\n    a = (a @ a).clamp_(-1, 1)\n")
+CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+def cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor())
+
+
+def load() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+@contextlib.contextmanager
+def busy_jobs(count: int) -> Iterator[None]:
+    jobs = [subprocess.Popen([sys.executable, "-c", BUSY_JOB]) for _ in range(count)]
+    time.sleep(5)
+    try:
+        yield
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()
+
+
+@contextlib.contextmanager
+def one_cpu_quota() -> Iterator[list[str]]:
+    """A cgroup v1 cpu group with a 1-CPU quota; yields the shell prefix that runs a command inside it."""
+    group = CGROUP / f"unet-deploy-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        yield ["bash", "-c", f'echo $$ > {group / "tasks"} && exec "$0" "$@"']
+        time.sleep(1)
+    finally:
+        group.rmdir()
+
+
+def run_demo(out: Path, prefix: list[str]) -> dict:
+    before, start = load(), time.perf_counter()
+    proc = subprocess.run([*prefix, "unet-deploy", "demo", "-o", str(out)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = load()
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo in {out} exited {proc.returncode}: {proc.stderr[-800:]}")
+    dice_json = out / "heldout-dice.json"
+    subprocess.run(["unet-deploy", "evaluate", "-m", str(out / "checkpoints" / "best.pth"), "--data",
+                    str(out / "data" / "heldout"), "-q", "--json", str(dice_json)], check=True,
+                   capture_output=True)
+    dice = json.loads(dice_json.read_text())
+    return {"wall_s": round(wall, 1), "load_avg_before": before, "load_avg_after": after,
+            "heldout_dice": dice["dice"], "heldout_images": dice["n"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/unet-quickstart-busy"))
+    parser.add_argument("--conditions", nargs="+", default=["quiet", "busy", "quota1"])
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for condition in args.conditions:
+        out = args.work / condition
+        if out.exists():
+            raise SystemExit(f"{out} exists: give an empty --work folder")
+        if condition == "quota1" and not os.access(CGROUP, os.W_OK):
+            results[condition] = {"skipped": "no writable cgroup v1 cpu controller here"}
+            continue
+        ctx = busy_jobs(2) if condition == "busy" else contextlib.nullcontext()
+        quota = one_cpu_quota() if condition == "quota1" else contextlib.nullcontext([])
+        with ctx, quota as prefix:
+            results[condition] = run_demo(out, prefix)
+        print(condition, results[condition], flush=True)
+    quiet = results.get("quiet", {}).get("wall_s")
+    ratios = {c: round(r["wall_s"] / quiet, 2) for c, r in results.items() if quiet and "wall_s" in r}
+    record = {"schema": "unet-deploy/quickstart-busy/1",
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", "benchmarks/quickstart_busy.py", *sys.argv[1:]]),
+              "busy_job": BUSY_JOB, "results": results, "ratio_to_quiet": ratios,
+              "machine": {"cpu": cpu_model(), "usable_cores": len(os.sched_getaffinity(0)),
+                          "platform": platform.platform()}}
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"ratios to quiet: {ratios}; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
