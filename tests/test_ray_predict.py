@@ -10,6 +10,7 @@ Without Ray, ``--ray-address`` is one line saying how to install it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -168,6 +169,19 @@ def test_killed_driver_then_resume_redoes_only_the_rest(cluster, data, tmp_path)
 
 
 @pytest.mark.ray
+def test_resume_reuses_the_masks_an_earlier_run_wrote(cluster, data, tmp_path):
+    masks, sub = tmp_path / "masks", tmp_path / "sub.csv"
+    first = _predict(str(data["test"] / "s0_*.jpg"), "-m", data["model"], "-o", masks, "--viz")
+    assert first.returncode == 0, first.stdout + first.stderr
+    proc = _predict(data["test"], "-m", data["model"], "-o", masks, "--viz", "--rle", sub, "--resume",
+                    "--ray-address", cluster["address"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _counts(proc.stderr) == (N_GOOD - 4, 4, 0)  # the 4 images of the first size were done
+    assert sub.read_bytes() == data["ref"].read_bytes()
+    _same_files(masks, data["ref_masks"])
+
+
+@pytest.mark.ray
 def test_worker_node_removed_midway_still_completes(cluster, data, tmp_path):
     many = tmp_path / "many"
     many.mkdir()
@@ -201,3 +215,14 @@ def test_worker_node_removed_midway_still_completes(cluster, data, tmp_path):
 
 def _rows(folder: Path) -> int:
     return sum(max(0, len(p.read_bytes().splitlines()) - 1) for p in folder.glob("*.jsonl"))
+
+
+def test_committed_ray_figures_are_the_render_of_the_committed_json():
+    """benchmarks/RESULTS-ray.md holds no typed-in number: it is the render of benchmarks/results-ray.json."""
+    proc = subprocess.run([sys.executable, "benchmarks/ray_predict.py", "--table", "benchmarks/results-ray.json"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (ROOT / "benchmarks" / "RESULTS-ray.md").read_text()
+    result = json.loads((ROOT / "benchmarks" / "results-ray.json").read_text())
+    assert f"Machine: {result['machine']['cpu']}" in proc.stdout and "not a speed-up" in proc.stdout
+    assert {c["name"] for c in result["configs"]} >= {"predict --nproc 2 (torchrun)", "--ray-address, 2 nodes x 1 CPU"}

@@ -322,6 +322,9 @@ def _check_ray_flags(address: str | None, concurrency: int | None, nproc: int) -
         if concurrency is not None:
             raise OptionError("--ray-concurrency: only with --ray-address (a Ray cluster); drop it")
         return
+    if concurrency is not None and concurrency < 1:
+        raise OptionError(f"--ray-concurrency {concurrency}: use 1 or more (or leave it out: one actor per GPU, "
+                          "else per CPU of the cluster)")
     if nproc != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise OptionError("--ray-address: Ray runs the workers; drop --nproc (and do not start it under torchrun)")
     from unet_deploy.predict.ray_batch import import_ray
