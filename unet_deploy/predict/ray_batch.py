@@ -311,11 +311,13 @@ def _dataset(ray: Any, paths: list[str], model: ModelSpec, options: PredictOptio
     ``place.size`` :class:`BatchPredictor` actors predicts them.
 
     A block (the files one read task returns) goes to one actor: blocks of one batch each spread a small run
-    over every actor and lose little with a lost node; a large run has at most ``MAX_BLOCKS`` (or 8 per actor)."""
+    over every actor and lose little with a lost node; a large run has at most ``MAX_BLOCKS`` (or 8 per actor).
+    Read tasks hold no CPU, so their number at once is capped (one per 4 actors, at least 2): each runs in a
+    worker process of its own, and an uncapped burst of them starting takes the CPUs from the actors."""
     batch = max(4, options.batch_size)
     blocks = min(math.ceil(len(paths) / batch), max(MAX_BLOCKS, 8 * place.size))
     ds = ray.data.read_binary_files(paths, include_paths=True, ignore_missing_paths=True, num_cpus=0,
-                                    override_num_blocks=blocks)
+                                    override_num_blocks=blocks, concurrency=max(2, place.size // 4))
     return ds.map_batches(
         BatchPredictor, batch_format="numpy", batch_size=batch,
         compute=ray.data.ActorPoolStrategy(size=place.size, max_tasks_in_flight_per_actor=IN_FLIGHT),
