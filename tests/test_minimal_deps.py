@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Top-level modules of the optional packages (and of the server's, which these commands must not need).
 BLOCKED = ("albumentations", "pydensecrf", "openvino", "nncf", "onnxconverter_common", "matplotlib", "cv2",
-           "prometheus_client", "fastapi")
+           "prometheus_client", "fastapi", "ray")
 
 _SITECUSTOMIZE = f"""
 import sys

@@ -14,7 +14,7 @@ from typer.core import TyperCommand
 from unet_deploy.cli import _crf, _options
 from unet_deploy.cli._app import app
 from unet_deploy.cli._launch import relaunch
-from unet_deploy.errors import UserError
+from unet_deploy.errors import OptionError, UserError
 from unet_deploy.images.crf import require_crf
 from unet_deploy.predict.shard import rank_device
 from unet_deploy.runtime.cpu_share import process_share, share_cores
@@ -158,6 +158,16 @@ def predict(
     nproc: int = typer.Option(1, "--nproc", help="Predict in N local processes (one per GPU, or CPU shares): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
     verbose: bool = _options.VERBOSE,
+    ray_address: str | None = typer.Option(None, "--ray-address", show_default=False,
+                                           help="Predict on a Ray cluster: auto (the cluster this machine "
+                                                "belongs to) or HOST:PORT of its head node. Ray Data reads the "
+                                                "files, actors predict, this process writes the outputs. Inputs "
+                                                "and model must be at the same path on every node. Needs "
+                                                'pip install "unet-deploy[ray]".'),
+    ray_concurrency: int | None = typer.Option(None, "--ray-concurrency", show_default=False,
+                                               help="With --ray-address: the number of actors (default: one "
+                                                    "per GPU of the cluster, else one per CPU, or per --threads "
+                                                    "CPUs)."),
 ) -> None:
     """Predict masks for images with a checkpoint, TorchScript or ONNX model.
 
@@ -171,11 +181,14 @@ def predict(
     Examples: `unet-deploy predict data/test/ --backend ort --rle submission.csv --no-save`;
     `unet-deploy predict -m MODEL.pth a.jpg b.jpg -o a_mask.png b_mask.png` (or -i a.jpg b.jpg -o ...);
     `unet-deploy predict data/test/ --rle submission.csv --no-save --nproc 4 --resume`;
-    `unet-deploy predict big.jpg --backend ort --tile 640` (tiled: memory of a 640 px tile, not the image)
+    `unet-deploy predict big.jpg --backend ort --tile 640` (tiled: memory of a 640 px tile, not the image);
+    `unet-deploy predict /shared/test/ -m /shared/best.onnx --rle submission.csv --no-save --ray-address auto`
+    (on a Ray cluster; --resume continues a stopped run)
     """
     specs = list(input_ or []) + list(inputs or [])
     if not specs:
         raise UserError("predict: no input images; pass files, folders or globs (e.g. data/test/*.jpg)")
+    _check_ray_flags(ray_address, ray_concurrency, nproc)
     if nproc != 1:
         from unet_deploy.predict import default_model
         from unet_deploy.runtime.loader import check_model_file
@@ -201,6 +214,9 @@ def predict(
     path = model if model is not None else default_model(backend)
     model_args = _ModelArgs(path=path, backend=backend, device=device, precision=precision, threads=threads,
                             channels_last=channels_last, compile=compile_mode, classes=classes, bilinear=bilinear)
+    if ray_address is not None:
+        _predict_on_ray(specs, output, model_args, options, ray_address, ray_concurrency, quiet=quiet)
+        return
     # one process (no torchrun): no process group, so the ONNX Runtime path never imports torch
     alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     with contextlib.nullcontext(Group()) if alone else process_group() as group:
@@ -298,5 +314,47 @@ def _predict(group: Any, specs: list[str], output: list[str] | None, model_args:
             typer.echo(line)
     if group.main and (not quiet or summary.failed):
         typer.echo(f"{summary.line()} [{predictor.describe()}]", err=bool(summary.failed))
+    if summary.failed:
+        raise typer.Exit(summary.exit_code)
+
+
+def _check_ray_flags(address: str | None, concurrency: int | None, nproc: int) -> None:
+    """--ray-address: Ray installed (else one line saying how), and not mixed with torchrun."""
+    if address is None:
+        if concurrency is not None:
+            raise OptionError("--ray-concurrency: only with --ray-address (a Ray cluster); drop it")
+        return
+    if concurrency is not None and concurrency < 1:
+        raise OptionError(f"--ray-concurrency {concurrency}: use 1 or more (or leave it out: one actor per GPU, "
+                          "else per CPU of the cluster)")
+    if nproc != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise OptionError("--ray-address: Ray runs the workers; drop --nproc (and do not start it under torchrun)")
+    from unet_deploy.predict.ray_batch import import_ray
+
+    import_ray()
+
+
+def _predict_on_ray(specs: list[str], output: list[str] | None, model_args: _ModelArgs, options: Any,
+                    address: str, concurrency: int | None, *, quiet: bool) -> None:
+    """The body of ``predict --ray-address``: the model is loaded here too (its fingerprint decides what
+    --resume reuses), then the cluster reads and predicts the files and this process writes the outputs."""
+    from unet_deploy.predict.ray_batch import ModelSpec, predict_on_ray
+    from unet_deploy.predict.shard import Group
+
+    predictor = model_args.load(Group())
+    spec = ModelSpec(path=str(Path(model_args.path).absolute()), backend=model_args.backend
+                     or backend_for_path(model_args.path), precision=model_args.precision,
+                     threads=model_args.threads, channels_last=model_args.channels_last, compile=model_args.compile)
+    try:
+        summary, where = predict_on_ray(predictor.runner, spec, specs, output, options, address=address,
+                                        device=model_args.device, concurrency=concurrency)
+    except KeyboardInterrupt as e:
+        typer.echo(_interrupted_line(e), err=True)
+        raise typer.Exit(exit_code()) from None
+    if not quiet:
+        for line in _where_lines(summary.masks, "masks") + _where_lines(summary.overlays, "overlays"):
+            typer.echo(line)
+    if not quiet or summary.failed:
+        typer.echo(f"{summary.line()} [{predictor.describe()}; {where}]", err=bool(summary.failed))
     if summary.failed:
         raise typer.Exit(summary.exit_code)

@@ -7,6 +7,7 @@ mean/std normalisation, HWC -> CHW. So its checkpoints predict here exactly as t
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "open_image",
     "MAX_PIXELS",
     "load_image",
+    "load_image_bytes",
     "load_mask",
     "scaled_size",
     "preprocess",
@@ -64,12 +66,17 @@ def open_image(source: str | Path | IO[bytes]) -> Image.Image:
     return Image.open(source, formats=IMAGE_FORMATS)
 
 
-def _open(path: str | Path, what: str) -> Image.Image:
-    path = require_file(path, what, "check the path", "re-export or remove it")
+def _open(path: str | Path, what: str, data: bytes | None = None) -> Image.Image:
+    """Open ``path`` (or ``data``, its bytes read elsewhere, e.g. by Ray Data) and load its pixels; every
+    problem is an :class:`InputError` that names ``path``."""
+    if data is None:
+        path = require_file(path, what, "check the path", "re-export or remove it")
+    elif not data:
+        raise InputError(f"{path}: empty {what} file (0 bytes); re-export or remove it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = open_image(path)
+            img = open_image(path if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (not {FORMAT_NAMES}); convert it to JPEG or "
                         "PNG") from None
@@ -133,6 +140,13 @@ def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
     :class:`UserError` naming the file.
     """
     with _open(path, "image") as img:  # closes the file: multi-frame formats (GIF, TIFF) keep it open
+        return image_to_array(img, channels)
+
+
+def load_image_bytes(data: bytes, path: str | Path, channels: int = 3) -> np.ndarray:
+    """:func:`load_image` of a file's bytes (``data``, read by someone else): the same array, and the same
+    errors naming ``path``."""
+    with _open(path, "image", data) as img:
         return image_to_array(img, channels)
 
 

@@ -35,7 +35,7 @@ from unet_deploy.predict.shard import split as split_jobs
 from unet_deploy.predict.write import output_values, write_result
 from unet_deploy.runtime.base import Backend
 
-__all__ = ["iter_predictions", "predict_arrays", "predict_files"]
+__all__ = ["iter_predictions", "predict_arrays", "predict_files", "predict_loaded"]
 
 
 def iter_predictions(backend: Backend, jobs: Sequence[Job], options: PredictOptions | None = None,
@@ -69,6 +69,14 @@ def predict_arrays(backend: Backend, images: Sequence[np.ndarray], options: Pred
     options = options or PredictOptions()
     loaded = (Loaded(Job(i, Path(f"<image {i}>")), image=np.asarray(image)) for i, image in enumerate(images))
     yield from _model_and_postprocess(backend, loaded, len(images), options)
+
+
+def predict_loaded(backend: Backend, loaded: Iterable[Loaded], n_jobs: int, options: PredictOptions
+                   ) -> Iterator[PredictResult]:
+    """The stages after loading, for images decoded elsewhere (e.g. read by Ray Data): batch + model (with
+    flip TTA when asked) -> post-process (mask, or CRF) -> one result per item, in order. ``n_jobs``: the
+    number of items (no batch is larger)."""
+    yield from _model_and_postprocess(backend, loaded, n_jobs, options)
 
 
 def _model_and_postprocess(backend: Backend, loaded: Iterable[Loaded], n_jobs: int, options: PredictOptions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from unet_deploy.predict.records import PredictOptions, PredictResult, values_te
 from unet_deploy.runtime.base import Backend
 
 __all__ = ["MASK_FORMATS", "output_values", "mask_values_image", "write_mask", "mask_fingerprint", "write_overlay",
-           "write_result"]
+           "write_result", "mask_format", "mask_bytes", "overlay_bytes"]
 
 
 def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
@@ -35,6 +36,21 @@ def output_values(backend: Backend, options: PredictOptions) -> list[Any]:
     return inf.output_values(n_classes)
 
 
+def mask_format(path: str | Path) -> str:
+    """The image format a mask named ``path`` is written in (PNG unless its suffix names another)."""
+    return MASK_FORMATS.get(Path(path).suffix.lower(), "PNG")
+
+
+def _save_mask(target: Any, fmt: str, mask: np.ndarray, values: Sequence[Any], fingerprint: str | None) -> None:
+    img = mask_values_image(mask, values)
+    extra: dict[str, Any] = {}
+    if fingerprint is not None and fmt == "PNG":
+        info = PngInfo()
+        info.add_text(FINGERPRINT_KEY, fingerprint)
+        extra["pnginfo"] = info
+    img.save(target, format=fmt, **extra)
+
+
 def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any], fingerprint: str | None = None
                ) -> Path:
     """Write class indices ``mask`` (H, W) as an image of the class ``values``, atomically.
@@ -43,16 +59,24 @@ def write_mask(path: str | Path, mask: np.ndarray, values: Sequence[Any], finger
     chunk so that a resumed run reuses the file only when the same model and options made it.
     """
     path = Path(path)
-    fmt = MASK_FORMATS.get(path.suffix.lower(), "PNG")
-    img = mask_values_image(mask, values)
-    extra: dict[str, Any] = {}
-    if fingerprint is not None and fmt == "PNG":
-        info = PngInfo()
-        info.add_text(FINGERPRINT_KEY, fingerprint)
-        extra["pnginfo"] = info
     with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt, **extra)
+        _save_mask(tmp, mask_format(path), mask, values, fingerprint)
     return path
+
+
+def mask_bytes(mask: np.ndarray, values: Sequence[Any], fmt: str = "PNG", fingerprint: str | None = None) -> bytes:
+    """The bytes :func:`write_mask` writes for a mask file in format ``fmt`` (encoded where the mask was
+    predicted, e.g. on a Ray worker, and written elsewhere)."""
+    buffer = io.BytesIO()
+    _save_mask(buffer, fmt, mask, values, fingerprint)
+    return buffer.getvalue()
+
+
+def overlay_bytes(image: np.ndarray, mask: np.ndarray) -> bytes:
+    """The bytes :func:`write_overlay` writes."""
+    buffer = io.BytesIO()
+    Image.fromarray(overlay_image(image, mask), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def mask_fingerprint(path: str | Path) -> str | None:
