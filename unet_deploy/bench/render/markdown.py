@@ -362,4 +362,8 @@ def reproduce_section() -> list[str]:
         "Quick mode (width 8, 240x160 source image; seconds): add `--quick` or set "
         f"`{QUICK_ENV}=1`. The pytest-benchmark suites: `pytest benchmarks/` (full) or "
         f"`{QUICK_ENV}=1 pytest benchmarks/` (quick).", "",
+        "Other records, each rendered from its own committed JSON by the command it names: serving under load "
+        "and attack ([RESULTS-serve.md](RESULTS-serve.md)), batch prediction on one and two Ray nodes against "
+        "torchrun ([RESULTS-ray.md](RESULTS-ray.md)), training recipes ([RESULTS-training.md](RESULTS-training.md)).",
+        "",
     ]
