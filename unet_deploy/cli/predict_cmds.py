@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,13 +138,13 @@ def predict(
     crf: bool = typer.Option(False, "--crf/--no-crf", help="Refine masks with a dense CRF (pydensecrf2)."),
     crf_workers: int | None = typer.Option(None, help="CRF worker processes, 1 or more (default: CPU "
                                                       "count)."),
-    crf_gauss_sxy: float = _crf.GAUSS_SXY,
-    crf_gauss_compat: float = _crf.GAUSS_COMPAT,
-    crf_bilat_sxy: float = _crf.BILAT_SXY,
-    crf_bilat_srgb: float = _crf.BILAT_SRGB,
-    crf_bilat_compat: float = _crf.BILAT_COMPAT,
-    crf_iterations: int = _crf.ITERATIONS,
-    crf_clip: float = _crf.CLIP,
+    crf_gauss_sxy: float | None = _crf.GAUSS_SXY,
+    crf_gauss_compat: float | None = _crf.GAUSS_COMPAT,
+    crf_bilat_sxy: float | None = _crf.BILAT_SXY,
+    crf_bilat_srgb: float | None = _crf.BILAT_SRGB,
+    crf_bilat_compat: float | None = _crf.BILAT_COMPAT,
+    crf_iterations: int | None = _crf.ITERATIONS,
+    crf_clip: float | None = _crf.CLIP,
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
     tile: int | None = _options.TILE,
     tile_overlap: int | None = _options.TILE_OVERLAP,
@@ -288,8 +289,13 @@ class _ModelArgs:
 def _predict(group: Any, specs: list[str], output: list[str] | None, model_args: _ModelArgs, options: Any, *,
              quiet: bool) -> None:
     """The body of ``predict`` in one process (one rank under torchrun)."""
+    from unet_deploy.predict import crf_setting
+
     predictor = model_args.load(group)
     predictor.options = options
+    crf, note = crf_setting(predictor.runner, options)
+    if note and group.main:
+        typer.echo(note, err=True)  # the CRF stays off for this model: said even with --quiet
     summary = predictor.predict_files(specs, outputs=output, group=group)
     if group.main and not quiet:
         for line in _where_lines(summary.masks, "masks") + _where_lines(summary.overlays, "overlays"):
@@ -298,3 +304,15 @@ def _predict(group: Any, specs: list[str], output: list[str] | None, model_args:
         typer.echo(f"{summary.line()} [{predictor.describe()}]", err=bool(summary.failed))
     if summary.failed:
         raise typer.Exit(summary.exit_code)
+    if group.main and not quiet and (summary.masks or options.rle):
+        typer.echo(_next_hint(model_args.path, crf is not None and options.crf_params is None))
+
+
+def _next_hint(model: Path, crf: bool) -> str:
+    """After predicting with a checkpoint: export it (a faster predict); with an export: serve it (with the
+    model's CRF when this run used it)."""
+    from unet_deploy.runtime.registry import is_checkpoint_file
+
+    if is_checkpoint_file(model):
+        return "next: unet-deploy " + shlex.join(["export", "-m", str(model), "--format", "onnx"])
+    return "next: unet-deploy " + shlex.join(["serve", "-m", str(model), *(["--crf"] if crf else [])])

@@ -272,7 +272,7 @@ def _evaluate_hint(model: Path, images: Path, crf: bool) -> str:
     from unet_deploy.runtime.registry import backend_for_path, spec
 
     if spec(backend_for_path(model)).export_format is None:
-        return "next: unet-deploy " + shlex.join(["export", "-m", str(model), "--format", "all"])
+        return "next: unet-deploy " + shlex.join(["export", "-m", str(model), "--format", "onnx"])
     return "next: unet-deploy " + shlex.join(["predict", "-m", str(model), str(images), "-o", "predictions",
                                               *(["--crf"] if crf else [])])
 

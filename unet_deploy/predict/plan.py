@@ -192,20 +192,20 @@ def _verified(path: Path) -> bool:
 
 def newest_verified_export(folder: Path, not_before: float = 0.0) -> Path | None:
     """The export to run from ``folder``: of the fp32 exports (not ``*.int8.*`` / ``*.fp16.*``) whose runtime is
-    installed and that are not older than ``not_before`` (the checkpoint's mtime: older ones may be of another
-    model), the newest one's stem; of that stem's files, the first format in the registry's order (ONNX,
-    TorchScript, OpenVINO) whose parity was verified; then the other files, newest first."""
+    installed, whose parity was verified and that are not older than ``not_before`` (the checkpoint's mtime:
+    older ones may be of another model), the newest one's stem; of that stem's files (one export run), the
+    first in the registry's order of formats (ONNX, TorchScript, OpenVINO)."""
     if not folder.is_dir():
         return None
-    files = [p for s in FORMATS.values() if s.installed() for p in folder.glob(f"*{s.export_suffix}")
-             if not p.stem.endswith((".int8", ".fp16")) and p.stat().st_mtime >= not_before]
-    if not files:
+    files = sorted((p for s in FORMATS.values() if s.installed() for p in folder.glob(f"*{s.export_suffix}")
+                    if not p.stem.endswith((".int8", ".fp16")) and p.stat().st_mtime >= not_before),
+                   key=lambda p: -p.stat().st_mtime)
+    newest = next((p for p in files if _verified(p)), None)
+    if newest is None:
         return None
     rank = {s.export_suffix: s.export_rank for s in FORMATS.values()}
-    newest = max(files, key=lambda p: p.stat().st_mtime)
-    ordered = sorted(files, key=lambda p: (p.stem != newest.stem, rank[p.suffix] if p.stem == newest.stem else 0,
-                                           -p.stat().st_mtime))
-    return next((p for p in ordered if _verified(p)), None)
+    same_run = sorted((p for p in files if p.stem == newest.stem), key=lambda p: rank[p.suffix])
+    return next(p for p in same_run if p == newest or _verified(p))
 
 
 def _pick(root: Path) -> tuple[Path, str] | None:
