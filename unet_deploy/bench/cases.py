@@ -76,7 +76,7 @@ def run_cases(settings: BenchSettings, files: ModelFiles, scratch: Path, tempora
             result = run_case_isolated(spec, settings.timeout_s)
             if name == "reference":
                 continue
-            ref = np.load(logits.get(REFERENCE_BACKEND, logits["reference"]))
+            ref = np.load(logits[REFERENCE_BACKEND] if REFERENCE_BACKEND in logits else logits["reference"])
             par = parity(ref, np.load(logits[name]), precision=result.get("precision", "fp32"))
             path = files.paths[backend]
             cases.append({
