@@ -87,9 +87,10 @@ def predict(
                                      help="Input images (Pytorch-UNet style; several may follow one -i)."),
     model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
                                       help="Checkpoint (.pth, also Pytorch-UNet's), TorchScript (.ts), ONNX "
-                                           "(.onnx) or OpenVINO IR (.xml). Default: checkpoints/best.pth "
-                                           "(torch) or the newest exported/*.onnx / *.ts / *.xml for --backend "
-                                           "ort / torchscript / openvino."),
+                                           "(.onnx) or OpenVINO IR (.xml). Default: the newest verified export "
+                                           "in exported/ (ONNX first) unless checkpoints/best.pth is newer; with "
+                                           "--backend, the newest file it runs; else the same under demo/. "
+                                           "One line says which."),
     output: list[str] = typer.Option(None, "--output", "-o", show_default=False,
                                      help="One output name per input, or one folder. Several names may follow "
                                           "one -o after the inputs (a.jpg b.jpg -o x.png y.png) or with -i; "
@@ -135,7 +136,10 @@ def predict(
                                          show_default=False),
     batch_size: int = typer.Option(1, "--batch-size", "-b",
                                    help="Images per network call (consecutive images of one size)."),
-    crf: bool = typer.Option(False, "--crf/--no-crf", help="Refine masks with a dense CRF (pydensecrf2)."),
+    crf: bool = typer.Option(False, "--crf/--no-crf",
+                             help="Refine masks with a dense CRF (pydensecrf2): the model's parameters from `train "
+                                  "--crf auto` (left off, with one line, when they did not help on validation), "
+                                  "else the defaults scaled to each image."),
     crf_workers: int | None = typer.Option(None, help="CRF worker processes, 1 or more (default: CPU "
                                                       "count)."),
     crf_gauss_sxy: float | None = _crf.GAUSS_SXY,
@@ -180,7 +184,7 @@ def predict(
         from unet_deploy.predict import default_model
         from unet_deploy.runtime.loader import check_model_file
 
-        check_model_file(model if model is not None else default_model(backend))  # one error line, not N
+        check_model_file(model if model is not None else default_model(backend, say=False))  # one error line, not N
         relaunch(ctx, nproc)
     from unet_deploy.images.overlay import display_available
     from unet_deploy.predict import PredictOptions, default_model
@@ -197,7 +201,7 @@ def predict(
         tile=tile, tile_overlap=tile_overlap)
     if crf:
         require_crf()
-    path = model if model is not None else default_model(backend)
+    path = model if model is not None else default_model(backend, say=os.environ.get("RANK", "0") == "0")
     model_args = _ModelArgs(path=path, backend=backend, device=device, precision=precision, threads=threads,
                             channels_last=channels_last, compile=compile_mode, classes=classes, bilinear=bilinear)
     # one process (no torchrun): no process group, so the ONNX Runtime path never imports torch

@@ -146,11 +146,11 @@ def train(
         return
     score = f"best validation dice {result.best_dice:.4f}" if result.best_dice >= 0 else "no validation split (-v 0)"
     typer.echo(f"{score}; {result.images_per_second:.1f} img/s; checkpoints: {result.best_path}, {result.last_path}")
-    helps = _auto_crf(result) if crf == "auto" else False
+    helps = _auto_crf(result, device) if crf == "auto" else False
     typer.echo(_next_hint(result.best_path, data, helps))
 
 
-def _auto_crf(result: Any) -> bool:
+def _auto_crf(result: Any, device: str) -> bool:
     """``--crf auto``: choose and store the CRF of best.pth on the validation images; one line. Whether it helps."""
     from unet_deploy.runtime.cpu_share import process_share
     from unet_deploy.train.crf_tune import auto_crf
@@ -158,7 +158,7 @@ def _auto_crf(result: Any) -> bool:
     if not result.val_pairs:
         typer.echo("--crf auto: no validation images (-v 0); the CRF keeps its default parameters")
         return False
-    choice = auto_crf(result.best_path, result.val_pairs, workers=process_share(1))
+    choice = auto_crf(result.best_path, result.val_pairs, workers=process_share(1), device=device)
     typer.echo(f"{choice.line()}; stored in {result.best_path}"
                + ("" if choice.helps else ": `predict --crf` leaves it off"))
     return choice.helps

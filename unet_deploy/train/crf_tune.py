@@ -37,6 +37,8 @@ MAX_IMAGE_LOSS = 0.005
 MAX_IMAGES = 16
 #: Default time budget of the search in seconds (the model's one pass over the images not included).
 BUDGET_S = 60.0
+#: Below this many pixels in all, the CRF runs in this process: a pool per candidate costs more than it saves.
+IN_PROCESS_PIXELS = 8_000_000
 
 
 def candidates() -> list[CRFParams]:
@@ -111,6 +113,8 @@ def tune_crf(data: ValidationSet, budget_s: float = BUDGET_S, workers: int = 1,
     """
     start = time.perf_counter()
     plain = float(np.mean(data.plain))
+    if sum(t.size for t in data.truths) < IN_PROCESS_PIXELS:
+        workers = 1
     best: tuple[float, CRFParams, bool] | None = None
     for params in candidates():
         scores = data.scores(params, workers)
@@ -141,7 +145,7 @@ def store_crf(checkpoint: str | Path, choice: CRFChoice) -> Path:
 
 
 def auto_crf(checkpoint: str | Path, val_pairs: Sequence[Pair], budget_s: float = BUDGET_S, workers: int = 1,
-             log: Callable[[str], None] | None = None) -> CRFChoice:
+             log: Callable[[str], None] | None = None, device: str = "cpu") -> CRFChoice:
     """``train --crf auto``: choose the CRF of ``checkpoint`` on (at most :data:`MAX_IMAGES` of) its validation
     images ``val_pairs`` and store it there (:func:`store_crf`).
 
@@ -151,13 +155,14 @@ def auto_crf(checkpoint: str | Path, val_pairs: Sequence[Pair], budget_s: float 
         budget_s: time budget of the search (:func:`tune_crf`).
         workers: CRF processes.
         log: gets one line per candidate scored.
+        device: where the model runs over the images (the training's device).
 
     Returns:
         The stored :class:`CRFChoice`.
     """
     from unet_deploy.runtime.loader import load_backend  # torch: the training path has it loaded
 
-    backend = load_backend(checkpoint, "torch", "cpu")
+    backend = load_backend(checkpoint, "torch", device)
     pairs = sorted(val_pairs, key=lambda p: p.id)[:MAX_IMAGES]
     choice = tune_crf(ValidationSet.predict(backend, pairs), budget_s, workers, log)
     store_crf(checkpoint, choice)
