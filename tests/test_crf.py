@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ from unet_deploy.errors import UserError
 from unet_deploy.images.crf import CRFParams, CRFParamsError, crf_map, dense_crf, require_crf
 
 pytestmark = pytest.mark.crf
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def two_region_case(h=48, w=64, flip=0.08, conf=0.75, seed=0):
@@ -30,7 +36,73 @@ def two_region_case(h=48, w=64, flip=0.08, conf=0.75, seed=0):
 def test_defaults_are_pytorch_unet_carvana_values():
     p = CRFParams()
     assert (p.gauss_sxy, p.gauss_compat, p.bilat_sxy, p.bilat_srgb, p.bilat_compat, p.iterations,
-            p.clip) == (20, 3, 30, 20, 10, 5, 1e-5)
+            p.clip, p.reference_side) == (20, 3, 30, 20, 10, 5, 1e-5, 1280)
+
+
+def test_scale_rule_spatial_std_devs_follow_the_shorter_side():
+    """sxy * min(H, W) / 1280: Carvana's own size keeps Pytorch-UNet's values, the demo's 192x128 cars get a tenth;
+    colour and weights never change; reference_side=None turns the rule off."""
+    p = CRFParams()
+    assert p.at_size(1280, 1918) == replace(p, reference_side=None)
+    small = p.at_size(128, 192)
+    assert (small.gauss_sxy, small.bilat_sxy) == pytest.approx((2.0, 3.0))
+    assert (small.bilat_srgb, small.gauss_compat, small.bilat_compat, small.reference_side) == (20, 3, 10, None)
+    assert p.at_size(192, 128) == small  # the shorter side, whatever the orientation
+    assert p.at_size(2560, 4000).gauss_sxy == pytest.approx(40.0)
+    fixed = replace(p, reference_side=None)
+    assert fixed.at_size(128, 192) is fixed
+    with pytest.raises(CRFParamsError, match="reference_side"):
+        CRFParams(reference_side=0)
+
+
+def _thin_part_case(h=128, w=192, seed=0):
+    """A body with a thin dark part 4 px wide at its bottom edge (like a tyre seen from the side) above a dark
+    floor shadow of nearly its colour, probabilities that are right but unsure (0.7) with 5 % speckle."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((h, w), np.uint8)
+    truth[30:90, 20:170] = 1
+    truth[90:94, 30:160] = 1  # the thin part
+    image = np.full((h, w, 3), 200, np.float64)
+    image[30:90, 20:170] = [40, 90, 200]
+    image[90:110, 10:180] = [60, 60, 60]  # the floor shadow: not the car
+    image[90:94, 30:160] = [45, 45, 45]
+    image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+    fg = np.where(truth == 1, 0.7, 0.3).astype(np.float32)
+    speckle = rng.random(truth.shape) < 0.05
+    fg[speckle] = 1 - fg[speckle]
+    return image, fg, truth
+
+
+def test_scaled_defaults_keep_thin_parts_that_carvana_size_kernels_cut():
+    """On a 192x128 image Pytorch-UNet's kernels at their Carvana size (20/30 px) eat a thin part; scaled to the
+    image (2/3 px) they clean the speckle and keep it."""
+    image, fg, truth = _thin_part_case()
+    scaled = dense_crf(image, fg)
+    fixed = dense_crf(image, fg, replace(CRFParams(), reference_side=None))
+    thin = np.zeros_like(truth, bool)
+    thin[90:94, 30:160] = True
+    plain_errors = int(((fg > 0.5) != truth).sum())
+    assert int((scaled != truth).sum()) < plain_errors // 5
+    assert scaled[thin].mean() > 0.95, scaled[thin].mean()  # measured: 0.998
+    assert fixed[thin].mean() < 0.5, fixed[thin].mean()  # measured: 0.0, the whole part is gone
+    assert _dice(scaled, truth) > _dice(fixed, truth)
+
+
+def test_choice_round_trip_and_model_crf_rule():
+    from unet_deploy.images.crf import CRFChoice, model_crf
+
+    tuned = replace(CRFParams(), bilat_srgb=40.0)
+    helps = CRFChoice(tuned, True, 0.9973, 0.9930, 7)
+    assert CRFChoice.from_dict(helps.to_dict()) == helps
+    assert model_crf(helps.to_dict()) == (tuned, None)  # the stored parameters are used
+    mine = CRFParams(iterations=2)
+    assert model_crf(helps.to_dict(), mine) == (mine, None)  # explicit --crf-* values win
+    assert model_crf(None) == (CRFParams(), None)  # no choice stored: the scaled defaults
+    off = CRFChoice(tuned, False, 0.9901, 0.9930, 7)
+    params, note = model_crf(off.to_dict())
+    assert params is None and "\n" not in note
+    assert "left off" in note and "0.9901" in note and "0.9930" in note and "--crf-" in note
+    assert model_crf(off.to_dict(), mine) == (mine, None)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -292,3 +364,61 @@ def test_ort_crf_masks_match_eager_crf_and_the_truth(fitted_cars):
     plain_dice = [_dice(m, t) for m, t in zip(plain, truth, strict=True)]
     assert min(crf_dice) >= 0.9, crf_dice  # measured: 0.980-0.990 (without CRF 0.956-0.972)
     assert np.mean(crf_dice) > np.mean(plain_dice), (crf_dice, plain_dice)  # CRF ran and used the image
+
+
+# ------------------------------------------------------------------ --crf auto: chosen, stored, reused
+
+
+def test_auto_crf_is_stored_with_the_model_and_reused(fitted_cars, tmp_path):
+    """`train --crf auto`'s choice goes into the checkpoint's config, from there into an export, and
+    `predict --crf` (no --crf-* flags) runs with it; a choice that did not help keeps the CRF off."""
+    import shutil
+
+    from unet_deploy.checkpoint import load_checkpoint
+    from unet_deploy.export import export_onnx
+    from unet_deploy.images.crf import CRFChoice
+    from unet_deploy.images.image_io import find_pairs
+    from unet_deploy.runtime import load_backend
+    from unet_deploy.runtime.loader import read_embedded_config
+    from unet_deploy.train import evaluate_model
+    from unet_deploy.train.crf_tune import auto_crf, candidates, store_crf
+
+    folder = fitted_cars["images"][0].parent
+    pairs = find_pairs(folder, folder.parent / "masks")
+    val, held = pairs[:4], pairs[4:]
+    ckpt = Path(shutil.copy(fitted_cars["torch"], tmp_path / "best.pth"))
+    choice = auto_crf(ckpt, val, budget_s=30)
+    assert choice.images == 4 and choice.params in candidates()
+    assert read_embedded_config(ckpt).inference.crf == choice.to_dict()
+    assert choice.helps == (choice.dice_crf > choice.dice_plain)
+    result = evaluate_model(load_backend(ckpt, device="cpu"), held, crf=True)
+    assert result["crf"] == (choice.params.to_dict() if choice.helps else None)
+    if not choice.helps:
+        assert result["dice_crf"] == result["dice"]
+
+    # a stored choice with unusual parameters: the export carries it and predict --crf uses it
+    odd = CRFParams(gauss_compat=0.0, bilat_compat=0.0, iterations=1)  # no pairwise terms: the plain masks
+    store_crf(ckpt, CRFChoice(odd, True, 0.99, 0.98, 4))
+    loaded = load_checkpoint(ckpt)
+    onnx_path = export_onnx(loaded.build_model("cpu"), loaded.config, tmp_path / "best.onnx")
+    assert read_embedded_config(onnx_path).inference.crf["params"] == odd.to_dict()
+    images = [p.image for p in held]
+    reused = _masks(onnx_path, images, crf=True)
+    for a, b in zip(reused, _masks(onnx_path, images, crf=True, crf_params=odd), strict=True):
+        np.testing.assert_array_equal(a, b)
+    defaults = _masks(onnx_path, images, crf=True, crf_params=CRFParams())
+    assert any((a != b).any() for a, b in zip(reused, defaults, strict=True))  # not the defaults
+
+    # a choice that did not help: predict --crf gives the masks without CRF, and the CLI says so in one line
+    store_crf(ckpt, CRFChoice(CRFParams(), False, 0.97, 0.98, 4))
+    loaded = load_checkpoint(ckpt)
+    off_path = export_onnx(loaded.build_model("cpu"), loaded.config, tmp_path / "off.onnx")
+    for a, b in zip(_masks(off_path, images, crf=True), _masks(off_path, images), strict=True):
+        np.testing.assert_array_equal(a, b)
+    proc = subprocess.run([sys.executable, "-m", "unet_deploy", "predict", str(images[0]), "-m", str(off_path),
+                           "--crf", "-o", str(tmp_path / "car_mask.png")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if "left off" in ln]
+    assert len(notes) == 1 and "0.9700 with it, 0.9800 without" in notes[0], proc.stderr
+    assert "next: unet-deploy serve -m" in proc.stdout and "--crf" not in proc.stdout.splitlines()[-1]

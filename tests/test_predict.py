@@ -285,6 +285,47 @@ def test_default_model_discovery(models, tmp_path):
     assert default_model("torch", tmp_path) == tmp_path / "checkpoints" / "best.pth"
 
 
+def test_default_model_prefers_the_newest_verified_export(models, tmp_path, capsys):
+    """No -m and no --backend: the newest verified export (ONNX first of one export's files) over the checkpoint,
+    unless the checkpoint is newer; an export written with --no-verify is passed over; said in one line."""
+    import json
+
+    import onnx
+
+    from unet_deploy.config import CONFIG_KEY
+
+    ck, exp = tmp_path / "checkpoints", tmp_path / "exported"
+    ck.mkdir()
+    exp.mkdir()
+    (ck / "best.pth").write_bytes(models["torch"].read_bytes())
+    os.utime(ck / "best.pth", (100, 100))
+    (exp / "best.ts").write_bytes(models["torchscript"].read_bytes())
+    (exp / "best.onnx").write_bytes(models["ort"].read_bytes())
+    os.utime(exp / "best.onnx", (200, 200))
+    os.utime(exp / "best.ts", (250, 250))  # the TorchScript file of the same export is newer: ONNX still wins
+    (exp / "best.int8.onnx").write_bytes(models["ort"].read_bytes())  # derived precisions are never the default
+    assert default_model(None, tmp_path) == exp / "best.onnx"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"no -m given: using {exp / 'best.onnx'}: the newest verified export (onnxruntime)"]
+
+    unchecked = onnx.load(str(models["ort"]))  # the same model written by `export --no-verify`
+    meta = next(p for p in unchecked.metadata_props if p.key == CONFIG_KEY)
+    config = json.loads(meta.value)
+    config["source"]["verified"] = False
+    meta.value = json.dumps(config)
+    onnx.save(unchecked, str(exp / "new.onnx"))
+    os.utime(exp / "new.onnx", (300, 300))
+    assert default_model(None, tmp_path, say=False) == exp / "best.onnx"  # the newest verified export's
+
+    (exp / "other.ts").write_bytes(models["torchscript"].read_bytes())
+    os.utime(exp / "other.ts", (350, 350))
+    assert default_model(None, tmp_path, say=False) == exp / "other.ts"
+
+    os.utime(ck / "best.pth", (400, 400))  # retrained after the exports: they may be of another model
+    assert default_model(None, tmp_path) == ck / "best.pth"
+    assert "no verified export as new as it" in capsys.readouterr().err
+
+
 def test_expand_inputs_dedupes_and_keeps_order(images, tmp_path):
     paths = copy_images(images, tmp_path)
     got, problems = expand_inputs([paths[2], tmp_path, str(tmp_path / "car1.*"), tmp_path / "empty*.png"])

@@ -68,15 +68,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """How predictions are made: input scale, threshold (one class), and the mask values written out.
+    """How predictions are made: input scale, threshold (one class), the mask values written out and the CRF.
 
     ``mask_values[i]`` is the pixel value written for class ``i`` (Pytorch-UNet's convention); ``None``
-    means "0/255 for one or two classes, the class index otherwise".
+    means "0/255 for one or two classes, the class index otherwise". ``crf``: the dense-CRF choice of
+    ``train --crf auto`` (:class:`unet_deploy.images.crf.CRFChoice` as a dict), which ``predict --crf``
+    uses; ``None``: the default parameters.
     """
 
     scale: float = 0.5
     threshold: float = 0.5
     mask_values: list[Any] | None = None
+    crf: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not scale_in_range(self.scale):  # a ValueError: callers name the flag or file it came from

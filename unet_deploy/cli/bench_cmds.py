@@ -277,6 +277,7 @@ def _run(settings: BenchSettings, cache_dir: Path | None, log: Callable[[str], N
     """Run the benchmark; the report records the command that reproduces it."""
     from unet_deploy.bench import reproduce_command, resolve_settings, run_benchmark
 
+    _say_estimate(resolve_settings(settings))
     if settings.tile is not None:
         from unet_deploy.bench.tiled import run_tiled_benchmark
 
@@ -289,6 +290,19 @@ def _run(settings: BenchSettings, cache_dir: Path | None, log: Callable[[str], N
                *[w for p in merge or [] for w in ("--merge", str(p))]]
     report["command"] = reproduce_command(resolve_settings(settings), outputs)
     return report
+
+
+def _say_estimate(settings: Any) -> None:
+    """Issue 25: one line before a benchmark whose largest case is big (memory or time per image)."""
+    from unet_deploy.config import ModelConfig
+    from unet_deploy.runtime.estimates import benchmark_estimate_line
+    from unet_deploy.runtime.loader import read_embedded_config
+
+    config = read_embedded_config(settings.checkpoint) if settings.checkpoint else None
+    model = config.model if config else ModelConfig(base_channels=settings.base_channels, bilinear=settings.bilinear)
+    line = benchmark_estimate_line(model, settings.image_size, settings.scales, settings.device)
+    if line is not None:
+        typer.echo(line, err=True)
 
 
 def _read_json(path: Path, flag: str, hint: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -9,6 +10,8 @@ import typer
 from unet_deploy.cli._app import app
 
 HELDOUT_SEED_OFFSET = 1000  #: held-out cars come from seed + this: other cars than the training ones
+#: The README's training recipe (its "journey" block), which synth's `next:` line suggests.
+RECIPE = ("-e", "10", "-b", "4", "--base-channels", "16", "--bilinear", "--crf", "auto")
 
 
 @app.command()
@@ -38,4 +41,4 @@ def synth(
         generate_dataset(held, n=heldout, width=width, height=height, seed=seed + HELDOUT_SEED_OFFSET,
                          angles=angles, overwrite=overwrite)
         typer.echo(f"wrote {heldout} held-out images of other cars to {held}/imgs and {held}/masks")
-    typer.echo(f"next: unet-deploy train --data {out} --base-channels 16")
+    typer.echo("next: unet-deploy " + shlex.join(["train", "--data", str(out), *RECIPE]))

@@ -28,19 +28,32 @@ def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
         ("synthetic Carvana-like data: training cars and held-out cars",
          ["synth", "--out", str(data), "--n", n_train, "--heldout", n_held, "--width", "192", "--height", "128",
           "--seed", "0", "--overwrite"]),
-        ("train a small U-Net (base width 16) on the CPU with the default recipe",
+        ("train a small U-Net (base width 16) on the CPU with the default recipe; choose its CRF on validation",
          ["train", "--data", str(data), "-e", epochs, "-b", "4", "-s", scale, "-v", "10", "--base-channels", "16",
-          "--bilinear", "--checkpoint-dir", str(ck), "-q"]),
-        ("held-out dice (Carvana's metric) on cars the model never saw",
-         ["evaluate", "-m", str(ck / "best.pth"), "--data", str(held), "-q"]),
+          "--bilinear", "--checkpoint-dir", str(ck), "--crf", "auto", "-q"]),
+        ("held-out dice (Carvana's metric) on cars the model never saw, without and with the CRF",
+         ["evaluate", "-m", str(ck / "best.pth"), "--data", str(held), "--crf", "-q"]),
         ("export to ONNX and TorchScript, verifying parity against eager PyTorch",
          ["export", "-m", str(ck / "best.pth"), "--format", "all", "-o", str(exp), "--quick-verify"]),
-        ("predict with ONNX Runtime + dense CRF, writing masks, overlays and a Kaggle submission",
+        ("predict with ONNX Runtime (+ dense CRF when it helped), writing masks, overlays and a Kaggle submission",
          ["predict", str(held / "imgs"), "-m", str(exp / "best.onnx"), "-o", str(pred), "--crf", "--viz",
           "--rle", str(out / "submission.csv"), "--quiet"]),
         ("benchmark every backend (quick mode: small width and size)",
          ["benchmark", "--quick", "--json", str(out / "benchmark.json")]),
     ]
+
+
+def crf_helps(checkpoint: Path) -> bool:
+    """Whether ``train --crf auto`` found that the CRF raises ``checkpoint``'s validation dice."""
+    from unet_deploy.runtime.loader import read_embedded_config
+
+    config = read_embedded_config(checkpoint) if checkpoint.is_file() else None
+    return bool(config is not None and (config.inference.crf or {}).get("helps"))
+
+
+def _with_crf_choice(argv: list[str], helps: bool) -> list[str]:
+    """A predict step keeps ``--crf`` only when the CRF helped on validation."""
+    return argv if helps or argv[0] != "predict" else [a for a in argv if a != "--crf"]
 
 
 def _sample_image(out: Path) -> Path:
@@ -51,11 +64,13 @@ def _sample_image(out: Path) -> Path:
     return target
 
 
-def _next_hint(out: Path, car: Path) -> str:
-    """The headline command, written so it works when pasted here (with -m unless discovery finds the demo)."""
+def _next_hint(out: Path, car: Path, crf: bool = False) -> str:
+    """The headline command, written so it works when pasted here (with -m unless discovery finds the demo;
+    with --crf only when the CRF helped on validation)."""
     uses_discovery = out == DEFAULT_OUT and not any(Path(EXPORT_DIR).glob("*.onnx"))
     model = [] if uses_discovery else ["-m", str(out / "exported" / "best.onnx")]
-    return "next: unet-deploy " + shlex.join(["predict", "--backend", "ort", *model, str(car)])
+    return "next: unet-deploy " + shlex.join(["predict", "--backend", "ort", *model, *(["--crf"] if crf else []),
+                                              str(car)])
 
 
 @app.command()
@@ -65,8 +80,9 @@ def demo(
                                   "demo's model without -m)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer, smaller images and fewer epochs."),
 ) -> None:
-    """Run the whole journey on synthetic data: synth -> train -> evaluate -> export + parity ->
-    predict (ONNX Runtime + CRF, RLE submission) -> benchmark.
+    """Run the whole journey on synthetic data: synth -> train (+ CRF chosen on validation) -> evaluate
+    (with and without the CRF) -> export + parity -> predict (ONNX Runtime, the CRF when it helped, RLE
+    submission) -> benchmark.
 
     Example: `unet-deploy demo`, then `unet-deploy predict --backend ort demo/car.jpg`
     """
@@ -74,7 +90,11 @@ def demo(
 
     start = time.perf_counter()
     steps = demo_steps(out, quick)
+    helps = False
     for i, (title, argv) in enumerate(steps, 1):
+        if argv[0] == "evaluate":  # after training: whether the CRF it chose helped on validation
+            helps = crf_helps(out / "checkpoints" / "best.pth")
+        argv = _with_crf_choice(argv, helps)
         typer.secho(f"\n[{i}/{len(steps)}] {title}", bold=True)
         typer.echo("$ unet-deploy " + shlex.join(argv))
         rc = cli_app(args=argv, prog_name="unet-deploy", standalone_mode=False)
@@ -83,4 +103,4 @@ def demo(
             raise typer.Exit(rc)
     car = _sample_image(out)
     typer.secho(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/", bold=True)
-    typer.echo(_next_hint(out, car))
+    typer.echo(_next_hint(out, car, helps))

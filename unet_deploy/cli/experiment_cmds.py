@@ -72,7 +72,7 @@ def experiment(
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     threads: int | None = typer.Option(None, help="Torch CPU threads (default: torch's choice)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (8 images of 64x48, width 8, 24 steps, "
-                                                       "lr 1e-2): checks the pipeline in seconds."),
+                                                       "lr 1e-2): checks the pipeline in a few minutes on 2 cores."),
     json_out: Path | None = typer.Option(None, "--json", help="Results JSON (default WORK_DIR/results.json)"),
     markdown_out: Path | None = typer.Option(None, "--markdown",
                                              help="Also write the table and its command here."),

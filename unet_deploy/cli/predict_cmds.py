@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,10 @@ def predict(
                                      help="Input images (Pytorch-UNet style; several may follow one -i)."),
     model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
                                       help="Checkpoint (.pth, also Pytorch-UNet's), TorchScript (.ts), ONNX "
-                                           "(.onnx) or OpenVINO IR (.xml). Default: checkpoints/best.pth "
-                                           "(torch) or the newest exported/*.onnx / *.ts / *.xml for --backend "
-                                           "ort / torchscript / openvino."),
+                                           "(.onnx) or OpenVINO IR (.xml). Default: the newest verified export "
+                                           "in exported/ (ONNX first) unless checkpoints/best.pth is newer; with "
+                                           "--backend, the newest file it runs; else the same under demo/. "
+                                           "One line says which."),
     output: list[str] = typer.Option(None, "--output", "-o", show_default=False,
                                      help="One output name per input, or one folder. Several names may follow "
                                           "one -o after the inputs (a.jpg b.jpg -o x.png y.png) or with -i; "
@@ -134,16 +136,19 @@ def predict(
                                          show_default=False),
     batch_size: int = typer.Option(1, "--batch-size", "-b",
                                    help="Images per network call (consecutive images of one size)."),
-    crf: bool = typer.Option(False, "--crf/--no-crf", help="Refine masks with a dense CRF (pydensecrf2)."),
+    crf: bool = typer.Option(False, "--crf/--no-crf",
+                             help="Refine masks with a dense CRF (pydensecrf2): the model's parameters from `train "
+                                  "--crf auto` (left off, with one line, when they did not help on validation), "
+                                  "else the defaults scaled to each image."),
     crf_workers: int | None = typer.Option(None, help="CRF worker processes, 1 or more (default: CPU "
                                                       "count)."),
-    crf_gauss_sxy: float = _crf.GAUSS_SXY,
-    crf_gauss_compat: float = _crf.GAUSS_COMPAT,
-    crf_bilat_sxy: float = _crf.BILAT_SXY,
-    crf_bilat_srgb: float = _crf.BILAT_SRGB,
-    crf_bilat_compat: float = _crf.BILAT_COMPAT,
-    crf_iterations: int = _crf.ITERATIONS,
-    crf_clip: float = _crf.CLIP,
+    crf_gauss_sxy: float | None = _crf.GAUSS_SXY,
+    crf_gauss_compat: float | None = _crf.GAUSS_COMPAT,
+    crf_bilat_sxy: float | None = _crf.BILAT_SXY,
+    crf_bilat_srgb: float | None = _crf.BILAT_SRGB,
+    crf_bilat_compat: float | None = _crf.BILAT_COMPAT,
+    crf_iterations: int | None = _crf.ITERATIONS,
+    crf_clip: float | None = _crf.CLIP,
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image and its mirror."),
     tile: int | None = _options.TILE,
     tile_overlap: int | None = _options.TILE_OVERLAP,
@@ -193,7 +198,7 @@ def predict(
         from unet_deploy.predict import default_model
         from unet_deploy.runtime.loader import check_model_file
 
-        check_model_file(model if model is not None else default_model(backend))  # one error line, not N
+        check_model_file(model if model is not None else default_model(backend, say=False))  # one error line, not N
         relaunch(ctx, nproc)
     from unet_deploy.images.overlay import display_available
     from unet_deploy.predict import PredictOptions, default_model
@@ -211,7 +216,7 @@ def predict(
     if crf:
         require_crf()
     _options.say_threads(verbose, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), options.crf_workers if crf else None)
-    path = model if model is not None else default_model(backend)
+    path = model if model is not None else default_model(backend, say=os.environ.get("RANK", "0") == "0")
     model_args = _ModelArgs(path=path, backend=backend, device=device, precision=precision, threads=threads,
                             channels_last=channels_last, compile=compile_mode, classes=classes, bilinear=bilinear)
     if ray_address is not None:
@@ -306,8 +311,13 @@ class _ModelArgs:
 def _predict(group: Any, specs: list[str], output: list[str] | None, model_args: _ModelArgs, options: Any, *,
              quiet: bool) -> None:
     """The body of ``predict`` in one process (one rank under torchrun)."""
+    from unet_deploy.predict import crf_setting
+
     predictor = model_args.load(group)
     predictor.options = options
+    crf, note = crf_setting(predictor.runner, options)
+    if note and group.main:
+        typer.echo(note, err=True)  # the CRF stays off for this model: said even with --quiet
     summary = predictor.predict_files(specs, outputs=output, group=group)
     if group.main and not quiet:
         for line in _where_lines(summary.masks, "masks") + _where_lines(summary.overlays, "overlays"):
@@ -316,6 +326,18 @@ def _predict(group: Any, specs: list[str], output: list[str] | None, model_args:
         typer.echo(f"{summary.line()} [{predictor.describe()}]", err=bool(summary.failed))
     if summary.failed:
         raise typer.Exit(summary.exit_code)
+    if group.main and not quiet and (summary.masks or options.rle):
+        typer.echo(_next_hint(model_args.path, crf is not None and options.crf_params is None))
+
+
+def _next_hint(model: Path, crf: bool) -> str:
+    """After predicting with a checkpoint: export it (a faster predict); with an export: serve it (with the
+    model's CRF when this run used it)."""
+    from unet_deploy.runtime.registry import is_checkpoint_file
+
+    if is_checkpoint_file(model):
+        return "next: unet-deploy " + shlex.join(["export", "-m", str(model), "--format", "onnx"])
+    return "next: unet-deploy " + shlex.join(["serve", "-m", str(model), *(["--crf"] if crf else [])])
 
 
 def _check_ray_flags(address: str | None, concurrency: int | None, nproc: int) -> None:

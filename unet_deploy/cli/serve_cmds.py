@@ -25,8 +25,9 @@ def _crf_available() -> bool:
 @app.command()
 def serve(
     model: Path | None = typer.Option(None, "--model", "-m", show_default=False,
-                                      help="Checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx); found as in "
-                                           "`predict` when omitted."),
+                                      help="Checkpoint (.pth), TorchScript (.ts) or ONNX (.onnx). Default: as "
+                                           "`predict`, the newest verified export (also the demo's) unless "
+                                           "checkpoints/best.pth is newer; one line says which."),
     backend: str | None = typer.Option(None, help="torch, torchscript, ort or openvino (default: from the model "
                                                   "file)."),
     device: str = typer.Option("auto", help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N."),
@@ -64,16 +65,17 @@ def serve(
                                           "decoded."),
     timeout_s: float = typer.Option(30.0, "--timeout-s", help="A request not answered this long after it arrived "
                                                               "(upload included) gets 504 and is dropped."),
-    crf: bool = typer.Option(False, "--crf/--no-crf", help="Dense CRF by default (requests may say crf=0/1)."),
+    crf: bool = typer.Option(False, "--crf/--no-crf", help="Dense CRF by default (requests may say crf=0/1); the "
+                                                            "model's parameters from `train --crf auto`, as predict."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip TTA by default (requests may say tta=0/1)."),
     crf_workers: int = typer.Option(1, "--crf-workers", help="Processes for dense CRF."),
-    crf_gauss_sxy: float = _crf.GAUSS_SXY,
-    crf_gauss_compat: float = _crf.GAUSS_COMPAT,
-    crf_bilat_sxy: float = _crf.BILAT_SXY,
-    crf_bilat_srgb: float = _crf.BILAT_SRGB,
-    crf_bilat_compat: float = _crf.BILAT_COMPAT,
-    crf_iterations: int = _crf.ITERATIONS,
-    crf_clip: float = _crf.CLIP,
+    crf_gauss_sxy: float | None = _crf.GAUSS_SXY,
+    crf_gauss_compat: float | None = _crf.GAUSS_COMPAT,
+    crf_bilat_sxy: float | None = _crf.BILAT_SXY,
+    crf_bilat_srgb: float | None = _crf.BILAT_SRGB,
+    crf_bilat_compat: float | None = _crf.BILAT_COMPAT,
+    crf_iterations: int | None = _crf.ITERATIONS,
+    crf_clip: float | None = _crf.CLIP,
     tile: int | None = _options.TILE,
     tile_overlap: int | None = _options.TILE_OVERLAP,
     model_name: str = typer.Option("unet", "--model-name",
@@ -92,7 +94,7 @@ def serve(
     --max-uploads, --queue and --pixel-budget (the bound is printed at start). SIGTERM or Ctrl-C: new
     requests get 503, the admitted ones finish within --grace-s, exit 0.
 
-    Examples: `unet-deploy serve -m exported/best.onnx` then
+    Examples: `unet-deploy serve` (the newest verified export) or `unet-deploy serve -m exported/best.onnx`, then
     `curl -F file=@car.jpg http://127.0.0.1:8000/v1/predict -o car_mask.png`;
     `curl --data-binary @car.jpg 'http://127.0.0.1:8000/v1/predict?format=json'`;
     `curl http://127.0.0.1:8000/v2/models/unet` (its inputs: image, BYTES [N], or pixels, FP32 [N, C, H, W];

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -65,6 +66,11 @@ def train(
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes (torchrun)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format (GPU)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps."),
+    crf: str = typer.Option("off", "--crf", metavar="auto|off",
+                            help="auto: after training, choose dense-CRF parameters on the validation images (a "
+                                 "search of at most a minute) and store them in best.pth, so `predict --crf` uses "
+                                 "them; a CRF that does not raise validation dice is stored as off. Needs "
+                                 "pydensecrf2."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     nproc: int = typer.Option(1, "--nproc", help="Train in N local processes (DistributedDataParallel): "
                               "re-runs this command under torch.distributed.run --nproc-per-node N."),
@@ -110,6 +116,12 @@ def train(
     from unet_deploy.train import TrainConfig, dist_env
     from unet_deploy.train import train as run_train
 
+    if crf not in ("auto", "off"):
+        raise UserError(f"--crf {crf}: use auto (choose CRF parameters on the validation images) or off")
+    if crf == "auto":
+        from unet_deploy.images.crf import require_crf
+
+        require_crf()  # the install hint before training, not after
     if nproc != 1:
         _relaunch(ctx, nproc)
 
@@ -137,14 +149,31 @@ def train(
         return
     score = f"best validation dice {result.best_dice:.4f}" if result.best_dice >= 0 else "no validation split (-v 0)"
     typer.echo(f"{score}; {result.images_per_second:.1f} img/s; checkpoints: {result.best_path}, {result.last_path}")
-    typer.echo(_next_hint(result.best_path, data))
+    helps = _auto_crf(result, device) if crf == "auto" else False
+    typer.echo(_next_hint(result.best_path, data, helps))
 
 
-def _next_hint(best: Path, data: Path) -> str:
-    """Evaluate on DATA/heldout when synth wrote one (never on the training images), else export."""
+def _auto_crf(result: Any, device: str) -> bool:
+    """``--crf auto``: choose and store the CRF of best.pth on the validation images; one line. Whether it helps."""
+    from unet_deploy.runtime.cpu_share import process_share
+    from unet_deploy.train.crf_tune import auto_crf
+
+    if not result.val_pairs:
+        typer.echo("--crf auto: no validation images (-v 0); the CRF keeps its default parameters")
+        return False
+    choice = auto_crf(result.best_path, result.val_pairs, workers=process_share(1), device=device)
+    typer.echo(f"{choice.line()}; stored in {result.best_path}"
+               + ("" if choice.helps else ": `predict --crf` leaves it off"))
+    return choice.helps
+
+
+def _next_hint(best: Path, data: Path, crf: bool = False) -> str:
+    """Evaluate on DATA/heldout when synth wrote one (never on the training images; with and without the CRF
+    when ``crf`` helped on validation), else export."""
     held = data / "heldout"
     if (held / "imgs").is_dir():
-        return "next: unet-deploy " + shlex.join(["evaluate", "-m", str(best), "--data", str(held)])
+        return "next: unet-deploy " + shlex.join(["evaluate", "-m", str(best), "--data", str(held),
+                                                  *(["--crf"] if crf else [])])
     return "next: unet-deploy " + shlex.join(["export", "-m", str(best), "--format", "onnx"])
 
 
@@ -179,12 +208,16 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="Also write per-image dice as JSON."),
     tile: int | None = _options.TILE,
     tile_overlap: int | None = _options.TILE_OVERLAP,
+    crf: bool = typer.Option(False, "--crf/--no-crf",
+                             help="Also score the masks of `predict --crf` (the model's CRF from `train --crf "
+                                  "auto`, else the defaults): dice with and without the CRF."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     verbose: bool = _options.VERBOSE,
 ) -> None:
     """Mean per-image dice (Carvana's metric) of a model on DATA, at the original resolution.
 
-    Example: `unet-deploy evaluate -m checkpoints/best.pth --data data` (add `--tile 640` for tiled masks)
+    Example: `unet-deploy evaluate -m checkpoints/best.pth --data data` (add `--tile 640` for tiled masks,
+    `--crf` for the dice with the dense CRF too)
     """
     from unet_deploy.runtime.tiling import check_tiling
 
@@ -200,17 +233,53 @@ def evaluate(
         ensure_writable_dir(json_out.parent if str(json_out.parent) else Path("."), "--json")
         if json_out.is_dir():
             raise UserError(f"--json {json_out}: is a folder; give a file name")
+    if crf:
+        from unet_deploy.images.crf import require_crf
+
+        require_crf()
     be = load_backend(model, backend, device)
     pairs = find_pairs(imgs or data / "imgs", masks or data / "masks", mask_suffix)
     with file_progress(not quiet) as bar:
         task = bar.add_task("evaluate", total=len(pairs))
         result = evaluate_model(be, pairs, scale, values, threshold,
                                 progress=lambda i: bar.update(task, completed=i), tile=tile,
-                                tile_overlap=tile_overlap)
+                                tile_overlap=tile_overlap, crf=crf, crf_workers=_crf_workers(len(pairs)))
     typer.echo(f"dice {result['dice']:.6f} over {result['n']} images ({be.describe()})")
+    if crf:
+        typer.echo(_crf_line(result))
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))
         typer.echo(f"wrote {json_out}")
+    typer.echo(_evaluate_hint(model, imgs or data / "imgs", crf and result.get("crf") is not None
+                              and result["dice_crf"] > result["dice"]))
+
+
+def _crf_workers(n_images: int) -> int:
+    """CRF processes for ``n_images``: this process's cores, one when there are few images (a pool costs a
+    second or two to start)."""
+    from unet_deploy.runtime.cpu_share import process_share
+
+    return 1 if n_images < 8 else process_share(1)
+
+
+def _crf_line(result: dict[str, Any]) -> str:
+    """Dice with the CRF against without, or why the CRF stays off for this model."""
+    if result.get("crf") is None:
+        return f"dice with --crf {result['dice_crf']:.6f}: {result['crf_note']}"
+    change = result["dice_crf"] - result["dice"]
+    return (f"dice with --crf {result['dice_crf']:.6f} over {result['n']} images ({change:+.6f} against without "
+            "it)")
+
+
+def _evaluate_hint(model: Path, images: Path, crf: bool) -> str:
+    """After evaluating a checkpoint: export it; an export: predict the same images into predictions/ (with
+    --crf when it raised dice here)."""
+    from unet_deploy.runtime.registry import backend_for_path, spec
+
+    if spec(backend_for_path(model)).export_format is None:
+        return "next: unet-deploy " + shlex.join(["export", "-m", str(model), "--format", "onnx"])
+    return "next: unet-deploy " + shlex.join(["predict", "-m", str(model), str(images), "-o", "predictions",
+                                              *(["--crf"] if crf else [])])
 
 
 def _parse_values(text: str) -> list[int]:

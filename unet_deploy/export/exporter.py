@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,9 @@ def run_export(checkpoint: Path | None, opts: ExportOptions, log: Log = print) -
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=opts.output))
     try:
         cases = default_cases(ckpt.config, images, quick=opts.quick_verify) if opts.verify else None
-        job = _Job(opts, eager, ckpt.config, staging, cases, log, done)
+        # every file placed passed parity when verifying (predict and serve prefer such exports without -m)
+        config = replace(ckpt.config, source={**ckpt.config.source, "verified": opts.verify})
+        job = _Job(opts, eager, config, staging, cases, log, done)
         chosen = [f for f in FORMATS if f in opts.formats]
         for f in chosen:
             _export_format(job, FORMATS[f])

@@ -3,6 +3,19 @@
 The fully connected CRF (Kraehenbuehl & Koltun) sharpens mask borders along colour edges of the
 input image and removes small isolated blobs.  It runs on the CPU and costs seconds per full-size
 Carvana image, so :func:`crf_map` spreads images over worker processes.
+
+**The scale rule.** The spatial std-devs (``gauss_sxy``, ``bilat_sxy``) are given in pixels of an image
+whose shorter side is :data:`REFERENCE_SIDE` = 1280 px, and :func:`dense_crf` scales them to each image:
+``sxy * min(H, W) / 1280``. The reference is where the defaults come from: Pytorch-UNet's values (20 and
+30 px) were set for its ``predict.py``, which ran the CRF on full-size Carvana images (1918x1280). A car
+fills about the same share of the frame at any size, so a kernel that reaches the same share of the car
+shrinks with the image: 2 and 3 px on the demo's 192x128 cars, where 20 and 30 px cut the tyres out as
+rings. The colour std-dev and the weights do not depend on the size. ``reference_side=None`` turns the
+rule off (pixels of any image as given).
+
+:class:`CRFChoice` is what ``train --crf auto`` chose on validation images and stored in the model
+(``inference.crf`` of its config): the parameters, and whether they helped there. A CRF that did not help
+stays off (:func:`model_crf`).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -23,8 +36,11 @@ from unet_deploy.errors import UserError
 from unet_deploy.images.postprocess import probabilities
 from unet_deploy.signals import exit_with_parent, ignore_stop_signals
 
-__all__ = ["CRFParams", "CRFParamsError", "require_crf", "dense_crf", "crf_pool", "crf_map", "threshold_prior",
-           "crf_probabilities", "crf_image"]
+__all__ = ["CRFParams", "CRFParamsError", "CRFChoice", "REFERENCE_SIDE", "model_crf", "require_crf", "dense_crf",
+           "crf_pool", "crf_map", "threshold_prior", "crf_probabilities", "crf_image"]
+
+#: The shorter side (px) of the images the spatial std-devs are given for: full-size Carvana, 1918x1280.
+REFERENCE_SIDE = 1280.0
 
 _INSTALL_HINT = "--crf needs pydensecrf: pip install pydensecrf2 (needs g++ and Python headers to build)"
 
@@ -35,7 +51,12 @@ class CRFParamsError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class CRFParams:
-    """Dense-CRF settings; the defaults are Pytorch-UNet's original Carvana values."""
+    """Dense-CRF settings; the defaults are Pytorch-UNet's original Carvana values.
+
+    ``gauss_sxy`` and ``bilat_sxy`` are pixels of an image whose shorter side is ``reference_side``;
+    :meth:`at_size` (which :func:`dense_crf` applies) scales them to an image's own size (the module's
+    scale rule). ``reference_side=None``: pixels of every image as given.
+    """
 
     gauss_sxy: float = 20.0  #: spatial std-dev (pixels) of the smoothness kernel
     gauss_compat: float = 3.0  #: weight of the smoothness kernel
@@ -44,8 +65,11 @@ class CRFParams:
     bilat_compat: float = 10.0  #: weight of the appearance kernel
     iterations: int = 5  #: mean-field inference steps
     clip: float = 1e-5  #: probabilities are clipped to [clip, 1 - clip] before taking logs
+    reference_side: float | None = REFERENCE_SIDE  #: shorter side (px) the spatial std-devs are given for
 
     def __post_init__(self) -> None:
+        if self.reference_side is not None and (not _finite(self.reference_side) or self.reference_side <= 0):
+            raise CRFParamsError(f"CRF reference_side must be a positive number or None, got {self.reference_side!r}")
         for name in ("gauss_sxy", "bilat_sxy", "bilat_srgb"):
             value = getattr(self, name)
             if not _finite(value) or value <= 0:
@@ -59,6 +83,82 @@ class CRFParams:
             raise CRFParamsError(f"CRF iterations must be an integer >= 1, got {self.iterations!r}")
         if not _finite(self.clip) or not 0 < self.clip < 0.5:
             raise CRFParamsError(f"CRF clip must be in (0, 0.5), got {self.clip!r}")
+
+
+    def at_size(self, height: int, width: int) -> CRFParams:
+        """These settings for an image of ``height`` x ``width`` px: the spatial std-devs times
+        ``min(height, width) / reference_side`` (unchanged when ``reference_side`` is None)."""
+        if self.reference_side is None:
+            return self
+        factor = min(height, width) / self.reference_side
+        return replace(self, gauss_sxy=self.gauss_sxy * factor, bilat_sxy=self.bilat_sxy * factor,
+                       reference_side=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready numbers (stored in a model's config)."""
+        return {k: (None if v is None else float(v) if k != "iterations" else int(v))
+                for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CRFParams:
+        """Settings from :meth:`to_dict`'s output (keys a newer version added are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class CRFChoice:
+    """The CRF chosen for a model on validation images, stored in its config (``inference.crf``).
+
+    ``helps``: the chosen CRF raised mean dice there (by at least the margin of ``train --crf auto``);
+    when it did not, ``predict --crf`` leaves the CRF off and says so.
+    """
+
+    params: CRFParams
+    helps: bool
+    dice_crf: float  #: mean dice with the CRF on the validation images
+    dice_plain: float  #: mean dice without it, same images
+    images: int  #: how many validation images it was chosen on
+
+    def line(self) -> str:
+        """One line: the verdict and the numbers behind it."""
+        p = self.params
+        verdict = "helps" if self.helps else "does not help"
+        return (f"CRF {verdict} on {self.images} validation images: mean dice {self.dice_crf:.4f} with it, "
+                f"{self.dice_plain:.4f} without (sxy {p.gauss_sxy:g}/{p.bilat_sxy:g} px at a "
+                f"{p.reference_side or 0:g} px side, srgb {p.bilat_srgb:g}, weights {p.gauss_compat:g}/"
+                f"{p.bilat_compat:g})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params.to_dict(), "helps": bool(self.helps), "dice_crf": float(self.dice_crf),
+                "dice_plain": float(self.dice_plain), "images": int(self.images)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CRFChoice:
+        return cls(CRFParams.from_dict(dict(data.get("params") or {})), bool(data.get("helps")),
+                   float(data.get("dice_crf", float("nan"))), float(data.get("dice_plain", float("nan"))),
+                   int(data.get("images", 0)))
+
+
+def model_crf(stored: dict[str, Any] | None, given: CRFParams | None = None) -> tuple[CRFParams | None, str | None]:
+    """The CRF a model runs with ``--crf``: ``(params or None when it stays off, one line to say or None)``.
+
+    ``given`` (explicit ``--crf-*`` settings) wins. Otherwise the parameters stored by ``train --crf auto``
+    (``stored``: the config's ``inference.crf``) when they helped on validation; when they did not, the CRF
+    stays off, with a line saying so. A model without a stored choice runs the scaled defaults.
+    """
+    if given is not None:
+        return given, None
+    if not stored:
+        return CRFParams(), None
+    try:
+        choice = CRFChoice.from_dict(stored)
+    except (CRFParamsError, TypeError, ValueError):
+        return CRFParams(), "the model's stored CRF parameters are unreadable: using the defaults"
+    if not choice.helps:
+        return None, (f"--crf: left off for this model: {choice.line()}; give --crf-* values to run a CRF "
+                      "anyway")
+    return choice.params, None
 
 
 def _finite(value: Any) -> bool:
@@ -120,10 +220,10 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
 
     ``image``: uint8 (H, W, 3) RGB (a (H, W) grey image is also accepted).  ``probs``: (C, H, W)
     class probabilities summing to 1 over C, or a foreground probability (H, W) / (1, H, W) that is
-    treated as the two classes ``[1 - p, p]``.  Returns the (H, W) mask of class indices (uint8 for
-    up to 256 classes).
+    treated as the two classes ``[1 - p, p]``.  ``params`` (default :class:`CRFParams`) are scaled to the
+    image's size (:meth:`CRFParams.at_size`).  Returns the (H, W) mask of class indices (uint8 for up to
+    256 classes).
     """
-    params = params or CRFParams()
     dcrf = require_crf()
     image = np.asarray(image)
     if image.ndim == 2:
@@ -137,6 +237,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
     if image.shape[:2] != (h, w):
         raise ValueError(f"CRF image is {image.shape[0]}x{image.shape[1]} (HxW) but probabilities "
                          f"are {h}x{w}; resize one to match")
+    params = (params or CRFParams()).at_size(h, w)
 
     probs = np.clip(probs, params.clip, 1.0 - params.clip)
     probs /= probs.sum(axis=0, keepdims=True)

@@ -26,6 +26,7 @@ __all__ = [
     "FORMAT_NAMES",
     "open_image",
     "MAX_PIXELS",
+    "header_size",
     "load_image",
     "load_image_bytes",
     "load_mask",
@@ -66,6 +67,34 @@ def open_image(source: str | Path | IO[bytes]) -> Image.Image:
     return Image.open(source, formats=IMAGE_FORMATS)
 
 
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, read by the plugins of :data:`IMAGE_FORMATS` without
+    Pillow's decompression-bomb check (nothing is decoded), or None when no plugin reads it."""
+    Image.init()
+    with open(path, "rb") as f:
+        prefix = f.read(16)
+        for fmt in IMAGE_FORMATS:
+            factory, accept = Image.OPEN.get(fmt, (None, None))
+            if factory is None or (accept is not None and not accept(prefix)):
+                continue
+            f.seek(0)
+            try:
+                return tuple(factory(f, str(path)).size)  # type: ignore[return-value]
+            except Exception:  # noqa: BLE001, S112 - not this format: try the next
+                continue
+    return None
+
+
+def _too_large(path: str | Path, size: tuple[int, int] | None) -> str:
+    """The one-line refusal of an image beyond :data:`MAX_PIXELS`: its size, the limit and the fix."""
+    limit = f"the limit is {MAX_PIXELS} px ({MAX_PIXELS / 1e6:.1f} Mpx, 16x a 1918x1280 Carvana image)"
+    if size is None:
+        return f"{path}: image too large (over the decompression-bomb limit; {limit}); downscale it first"
+    w, h = size
+    return (f"{path}: image too large ({w}x{h} px = {w * h / 1e6:.1f} Mpx; {limit}); downscale it first, e.g. "
+            f"to {max(1, int(w * (MAX_PIXELS / (w * h)) ** 0.5))} px wide")
+
+
 def _open(path: str | Path, what: str, data: bytes | None = None) -> Image.Image:
     """Open ``path`` (or ``data``, its bytes read elsewhere, e.g. by Ray Data) and load its pixels; every
     problem is an :class:`InputError` that names ``path``."""
@@ -81,14 +110,13 @@ def _open(path: str | Path, what: str, data: bytes | None = None) -> Image.Image
         raise InputError(f"{path}: not a readable image (not {FORMAT_NAMES}); convert it to JPEG or "
                         "PNG") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: image too large (decompression-bomb limit {MAX_PIXELS} px)") from None
+        raise InputError(_too_large(path, header_size(path) if data is None else None)) from None
     except OSError as e:
         raise InputError(f"{path}: cannot open {what} ({e})") from None
     try:
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise InputError(f"{path}: image too large ({w}x{h} px > limit of {MAX_PIXELS} px); "
-                            "downscale it first")
+            raise InputError(_too_large(path, (w, h)))
         if w < 1 or h < 1:
             raise InputError(f"{path}: image has no pixels ({w}x{h})")
         try:

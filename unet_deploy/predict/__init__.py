@@ -24,7 +24,14 @@ from unet_deploy.images.image_io import FINGERPRINT_KEY, MASK_SUFFIX, OVERLAY_SU
 from unet_deploy.images.overlay import overlay_image
 from unet_deploy.predict.driver import iter_predictions, predict_arrays, predict_files
 from unet_deploy.predict.plan import check_rle_target, default_model, expand_inputs, plan_jobs
-from unet_deploy.predict.records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
+from unet_deploy.predict.records import (
+    Job,
+    PredictInterrupted,
+    PredictOptions,
+    PredictResult,
+    PredictSummary,
+    crf_setting,
+)
 from unet_deploy.predict.resume import run_fingerprint
 from unet_deploy.predict.write import mask_fingerprint, output_values, write_mask, write_overlay
 
@@ -32,5 +39,5 @@ __all__ = [
     "PredictOptions", "Job", "PredictResult", "PredictSummary", "expand_inputs", "plan_jobs",
     "iter_predictions", "predict_arrays", "predict_files", "write_mask", "write_overlay", "overlay_image",
     "default_model", "output_values", "check_rle_target", "run_fingerprint", "mask_fingerprint",
-    "MASK_SUFFIX", "OVERLAY_SUFFIX", "FINGERPRINT_KEY", "PredictInterrupted",
+    "MASK_SUFFIX", "OVERLAY_SUFFIX", "FINGERPRINT_KEY", "PredictInterrupted", "crf_setting",
 ]

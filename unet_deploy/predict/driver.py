@@ -18,9 +18,21 @@ from unet_deploy.images.overlay import display_available, show_overlay
 from unet_deploy.images.rle import rle_encode
 from unet_deploy.predict.batch import BatchedModel
 from unet_deploy.predict.load import ImageLoader, Loaded, ordered_map
-from unet_deploy.predict.masks import crf_results_in_order, logits_to_outputs, results_in_order, with_tta
+from unet_deploy.predict.masks import (
+    crf_results_in_order,
+    logits_to_outputs,
+    results_in_order,
+    with_tta,
+)
 from unet_deploy.predict.plan import plan_run
-from unet_deploy.predict.records import Job, PredictInterrupted, PredictOptions, PredictResult, PredictSummary
+from unet_deploy.predict.records import (
+    Job,
+    PredictInterrupted,
+    PredictOptions,
+    PredictResult,
+    PredictSummary,
+    crf_setting,
+)
 from unet_deploy.predict.resume import (
     check_same_run,
     crash_hook,
@@ -87,10 +99,11 @@ def _model_and_postprocess(backend: Backend, loaded: Iterable[Loaded], n_jobs: i
     scale = inference.scale if options.scale is None else options.scale
     threshold = inference.threshold if options.threshold is None else options.threshold
     inferred = BatchedModel(backend, options, scale, n_jobs).run(loaded)
-    outputs = logits_to_outputs(inferred, threshold, options.crf)
-    keep_image = options.crf or options.viz or options.show
-    if options.crf:
-        yield from crf_results_in_order(outputs, options.crf_params, options.crf_workers, keep_image)
+    crf, _ = crf_setting(backend, options)
+    outputs = logits_to_outputs(inferred, threshold, crf is not None)
+    keep_image = crf is not None or options.viz or options.show
+    if crf is not None:
+        yield from crf_results_in_order(outputs, crf, options.crf_workers, keep_image)
     else:
         yield from results_in_order(outputs, keep_image)
 

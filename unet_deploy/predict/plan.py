@@ -17,10 +17,11 @@ from unet_deploy.images.image_io import IMAGE_SUFFIXES, MASK_SUFFIX, OVERLAY_SUF
 from unet_deploy.images.postprocess import MASK_FORMATS
 from unet_deploy.names import DEFAULT_CHECKPOINT, DEMO_DIR, EXPORT_DIR
 from unet_deploy.predict.records import Job
+from unet_deploy.runtime.registry import FORMATS, backend_for_path
 from unet_deploy.runtime.registry import spec as backend_spec
 
 __all__ = ["expand_specs", "expand_inputs", "plan_jobs", "plan_run", "check_rle_target", "default_model",
-           "DEMO_DIR"]
+           "newest_verified_export", "DEMO_DIR"]
 
 GLOB_CHARS = set("*?[")
 
@@ -177,22 +178,78 @@ def _newest(folder: Path, suffix: str) -> Path | None:
     return found[-1] if found else None
 
 
-def default_model(backend: str | None, root: str | Path = ".") -> Path:
-    """The model used when ``-m`` is omitted: ``checkpoints/best.pth`` (torch) or the newest
-    ``exported/*.onnx`` / ``*.ts``; when there is none, the same under ``demo/`` (what `unet-deploy demo`
-    wrote), with a one-line notice on stderr."""
+def _verified(path: Path) -> bool:
+    """Whether an export's parity was checked when it was written (export places a file only when it passes;
+    ``--no-verify`` records ``source.verified: false``). A file whose config cannot be read is not trusted."""
+    from unet_deploy.runtime.loader import read_embedded_config
+
+    try:
+        config = read_embedded_config(path)
+    except UserError:
+        return False
+    return config is not None and config.source.get("verified", True) is not False
+
+
+def newest_verified_export(folder: Path, not_before: float = 0.0) -> Path | None:
+    """The export to run from ``folder``: of the fp32 exports (not ``*.int8.*`` / ``*.fp16.*``) whose runtime is
+    installed, whose parity was verified and that are not older than ``not_before`` (the checkpoint's mtime:
+    older ones may be of another model), the newest one's stem; of that stem's files (one export run), the
+    first in the registry's order of formats (ONNX, TorchScript, OpenVINO)."""
+    if not folder.is_dir():
+        return None
+    files = sorted((p for s in FORMATS.values() if s.installed() for p in folder.glob(f"*{s.export_suffix}")
+                    if not p.stem.endswith((".int8", ".fp16")) and p.stat().st_mtime >= not_before),
+                   key=lambda p: -p.stat().st_mtime)
+    newest = next((p for p in files if _verified(p)), None)
+    if newest is None:
+        return None
+    rank = {s.export_suffix: s.export_rank for s in FORMATS.values()}
+    same_run = sorted((p for p in files if p.stem == newest.stem), key=lambda p: rank[p.suffix])
+    return next(p for p in same_run if p == newest or _verified(p))
+
+
+def _pick(root: Path) -> tuple[Path, str] | None:
+    """The model of one folder with no backend asked for: its newest verified export unless its checkpoint is
+    newer (then the checkpoint), and why."""
+    ckpt = root / DEFAULT_CHECKPOINT
+    since = ckpt.stat().st_mtime if ckpt.is_file() else 0.0
+    export = newest_verified_export(root / EXPORT_DIR, since)
+    if export is not None:
+        return export, f"the newest verified export ({backend_spec(backend_for_path(export)).label})"
+    if ckpt.is_file():
+        return ckpt, (f"eager torch; no verified export as new as it in {root / EXPORT_DIR}/ "
+                      "(`unet-deploy export --format onnx` makes a faster one)")
+    return None
+
+
+def default_model(backend: str | None, root: str | Path = ".", say: bool = True) -> Path:
+    """The model used when ``-m`` is omitted, said in one line on stderr (``say``).
+
+    No ``backend``: the newest verified export in ``exported/`` (ONNX first among one export's files) unless
+    ``checkpoints/best.pth`` is newer, then that checkpoint; a ``backend``: ``checkpoints/best.pth`` (torch) or
+    the newest ``exported/*.onnx`` / ``*.ts`` / ``*.xml``. When there is none, the same under ``demo/`` (what
+    `unet-deploy demo` wrote, so its model is found from the folder the demo ran in).
+    """
     root = Path(root)
     entry = backend_spec(backend) if backend is not None else None  # an unknown name: one line with the closest
-    if entry is None or entry.export_format is None:
+    if entry is None:
+        picked = _pick(root) or _pick(root / DEMO_DIR)
+        wanted = f"{root / EXPORT_DIR}/ export or {root / DEFAULT_CHECKPOINT}"
+        how = "train one with `unet-deploy train`"
+        found = [picked[0]] if picked else []
+    elif entry.export_format is None:
         found = [p for p in (root / DEFAULT_CHECKPOINT, root / DEMO_DIR / DEFAULT_CHECKPOINT) if p.is_file()]
-        wanted, how = root / DEFAULT_CHECKPOINT, "train one with `unet-deploy train`"
+        wanted, how = str(root / DEFAULT_CHECKPOINT), "train one with `unet-deploy train`"
+        picked = (found[0], "eager torch, as --backend asks") if found else None
     else:
         suffix, fmt = entry.export_suffix, entry.export_format
         found = [p for p in (_newest(root / EXPORT_DIR, suffix), _newest(root / DEMO_DIR / EXPORT_DIR, suffix)) if p]
-        wanted, how = root / EXPORT_DIR / f"*{suffix}", f"create one with `unet-deploy export --format {fmt}`"
-    if not found:
+        wanted, how = str(root / EXPORT_DIR / f"*{suffix}"), f"create one with `unet-deploy export --format {fmt}`"
+        picked = (found[0], f"the newest {fmt} export, as --backend asks") if found else None
+    if not found or picked is None:
         raise UserError(f"no -m given and no {wanted} (nor the demo's under {root / DEMO_DIR}/) found; "
                         f"{how}, run `unet-deploy demo`, or pass -m MODEL")
-    if DEMO_DIR in found[0].relative_to(root).parts[:1]:
-        print(f"no -m given and no {wanted}: using the demo's model {found[0]}", file=sys.stderr)
-    return found[0]
+    if say:
+        demo = " (the demo's)" if DEMO_DIR in picked[0].relative_to(root).parts[:1] else ""
+        print(f"no -m given: using {picked[0]}{demo}: {picked[1]}", file=sys.stderr)
+    return picked[0]

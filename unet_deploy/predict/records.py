@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from unet_deploy.errors import UserError
-from unet_deploy.images.crf import CRFParams
+from unet_deploy.images.crf import CRFParams, model_crf
 from unet_deploy.names import check_scale
 from unet_deploy.runtime.cpu_share import usable_cpus
 from unet_deploy.runtime.tiling import check_tiling
 
-__all__ = ["PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted", "values_text"]
+__all__ = ["crf_setting", "PredictOptions", "Job", "PredictResult", "PredictSummary", "PredictInterrupted",
+           "values_text"]
 
 
 def values_text(values: Sequence[Any]) -> str:
@@ -36,7 +37,8 @@ class PredictOptions:
     show: bool = False  #: also show each overlay on screen (only where a display exists)
     rle: Path | None = None  #: Kaggle submission file to write
     crf: bool = False
-    crf_params: CRFParams = field(default_factory=CRFParams)
+    #: explicit CRF settings; None: the model's (``train --crf auto``), else the defaults (:func:`model_crf`)
+    crf_params: CRFParams | None = None
     crf_workers: int = field(default_factory=usable_cpus)
     tta: bool = False
     skip_existing: bool = False
@@ -64,6 +66,15 @@ class PredictOptions:
             if not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in flat):
                 raise UserError(f"--mask-values {values_text(self.mask_values)}: masks are 8-bit PNGs; give "
                                 "integers from 0 to 255, e.g. 0,255")
+
+
+def crf_setting(backend: Any, options: PredictOptions) -> tuple[CRFParams | None, str | None]:
+    """The CRF a run applies (None: none) and a line to say about it (None: nothing): off unless
+    ``options.crf``; then ``options.crf_params``, else the model's choice (off when it did not help on
+    validation), else the defaults (:func:`unet_deploy.images.crf.model_crf`)."""
+    if not options.crf:
+        return None, None
+    return model_crf(backend.config.inference.crf, options.crf_params)
 
 
 @dataclass(frozen=True)

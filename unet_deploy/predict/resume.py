@@ -23,7 +23,7 @@ from unet_deploy.errors import UserError, first_line
 from unet_deploy.images.image_io import load_mask, mask_to_index, open_image
 from unet_deploy.images.rle import write_submission
 from unet_deploy.predict.plan import check_rle_target
-from unet_deploy.predict.records import Job, PredictOptions
+from unet_deploy.predict.records import Job, PredictOptions, crf_setting
 from unet_deploy.predict.shard import (
     Group,
     SharedError,
@@ -73,12 +73,13 @@ def run_fingerprint(backend: Backend, options: PredictOptions) -> str:
     """What decides the masks (model file digest, scale, threshold, TTA, CRF, precision, tiles): journal rows
     and mask files made with anything else are not reused by ``skip_existing``."""
     inf = backend.config.inference
+    crf, _ = crf_setting(backend, options)
     tiles = {"tile": [options.tile, options.tile_overlap]} if options.tile is not None else {}
     return fingerprint({**tiles,
         "model": model_digest(backend.path, backend.config.source), "n_classes": backend.config.model.n_classes,
         "scale": inf.scale if options.scale is None else options.scale,
         "threshold": inf.threshold if options.threshold is None else options.threshold,
-        "tta": options.tta, "crf": asdict(options.crf_params) if options.crf else None,
+        "tta": options.tta, "crf": asdict(crf) if crf is not None else None,
         "precision": backend.precision,
     })
 

@@ -10,6 +10,7 @@ from typing import Any
 from unet_deploy.config import DeployConfig
 from unet_deploy.errors import ModelFileError, UserError
 from unet_deploy.fileio import require_file
+from unet_deploy.names import DEMO_DIR
 from unet_deploy.runtime.backend_options import BackendOptions, options_for
 from unet_deploy.runtime.base import Backend
 from unet_deploy.runtime.devices import resolve_device
@@ -33,9 +34,13 @@ def read_embedded_config(path: str | Path) -> DeployConfig | None:
 
 
 def check_model_file(path: Path) -> None:
-    """A one-line :class:`UserError` when the model file is missing or unreadable, saying how to make one."""
+    """A one-line :class:`UserError` when the model file is missing or unreadable, saying how to make one (or,
+    when only the Quick start ran here, where the demo's file of that name is)."""
+    demo = Path(DEMO_DIR) / path
     how = ("train one with `unet-deploy train` or pass -m" if is_checkpoint_file(path)
            else "export one with `unet-deploy export` or pass -m")
+    if not Path(path).is_absolute() and not Path(path).exists() and demo.is_file():
+        how = f"the demo's is {demo}: pass -m {demo}, or leave -m out (predict and serve find it)"
     require_file(path, "model file", how, "re-export it", error=ModelFileError)
 
 

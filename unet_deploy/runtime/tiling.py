@@ -263,19 +263,26 @@ def choose_tiling(backend: Any, width: int, height: int, scale: float, *, tiling
     """The tiling of a ``width`` x ``height`` image at ``scale``: ``tiling`` when given (its memory
     checked); else None when the whole image fits in the memory this process can get; else (``auto``) the
     largest tile that fits, announced in one ``notice`` line. Refuses (one-line UserError) what cannot fit
-    either way (:func:`unet_deploy.runtime.resources.check_predict_memory`)."""
+    either way (:func:`unet_deploy.runtime.resources.check_predict_memory`). A job likely to need more than 2 GB
+    or a minute per image also gets one ``notice`` line with the estimate
+    (:func:`unet_deploy.runtime.estimates.predict_estimate_line`)."""
+    from unet_deploy.runtime.estimates import predict_estimate_line
     from unet_deploy.runtime.resources import auto_tile_side, check_predict_memory
 
+    chosen: Tiling | None = tiling
     if tiling is not None:
         check_predict_memory(backend, width, height, scale, batch, tta, label, tile=tiling.tile)
-        return tiling
-    auto_side = auto_tile_side(backend, width, height, scale, batch, tta) if auto else None
-    if auto_side is not None and auto_side[0] > 0:
-        side, why = auto_side
-        chosen = Tiling(side, min(default_overlap(side) if overlap is None else overlap, side // 2))
-        if notice is not None:
-            notice(f"notice: {label}: the whole {width}x{height} px image at scale {scale:g} {why}; predicting "
-                   f"it in tiles of at most {side} px (as {chosen.flags()} would)")
-        return chosen
-    check_predict_memory(backend, width, height, scale, batch, tta, label, tiles_fit=auto_side is None)
-    return None
+    else:
+        auto_side = auto_tile_side(backend, width, height, scale, batch, tta) if auto else None
+        if auto_side is not None and auto_side[0] > 0:
+            side, why = auto_side
+            chosen = Tiling(side, min(default_overlap(side) if overlap is None else overlap, side // 2))
+            if notice is not None:
+                notice(f"notice: {label}: the whole {width}x{height} px image at scale {scale:g} {why}; predicting "
+                       f"it in tiles of at most {side} px (as {chosen.flags()} would)")
+        else:
+            check_predict_memory(backend, width, height, scale, batch, tta, label, tiles_fit=auto_side is None)
+    line = predict_estimate_line(backend, width, height, scale, batch, tta, chosen.tile if chosen else None, label)
+    if line is not None and notice is not None:  # issue 25: a big job says so before it starts
+        notice(line)
+    return chosen

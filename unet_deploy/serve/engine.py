@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from unet_deploy.errors import UserError
-from unet_deploy.images.crf import crf_image, crf_pool, crf_probabilities, dense_crf
+from unet_deploy.images.crf import crf_image, crf_pool, crf_probabilities, dense_crf, model_crf
 from unet_deploy.images.image_io import MIN_SIDE, resize_image, to_input
 from unet_deploy.images.postprocess import logits_to_mask
 from unet_deploy.images.postprocess import probabilities as class_probabilities
@@ -65,6 +65,8 @@ class Engine:
         self.model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.cpu = cf.ThreadPoolExecutor(max(2, usable_cpus()), thread_name_prefix="io")
         self.crf_pool: cf.ProcessPoolExecutor | None = None
+        #: the CRF of CRF requests (None: left off for this model) and a line saying why it is off
+        self.crf_params, self.crf_note = model_crf(backend.config.inference.crf, options.crf_params)
         if options.max_batch is None:  # load_state fills it in (max_batch_for) before the engine is built
             raise ValueError("Engine needs ServeOptions with max_batch set: build it through serve.run.load_state")
         self.max_batch = options.max_batch
@@ -91,7 +93,7 @@ class Engine:
         """A request's settings, checked against what this server allows (400 otherwise)."""
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise HTTPError(400, f"threshold {threshold}: use a probability in [0, 1]")
-        want_crf = self.options.crf if crf is None else crf
+        want_crf = (self.options.crf if crf is None else crf) and self.crf_params is not None
         if want_crf and not self.options.allow_crf:
             raise HTTPError(400, "crf: this server has no dense CRF (pip install pydensecrf2); drop crf=1")
         return RequestSettings(self.threshold if threshold is None else threshold, want_crf,
@@ -185,7 +187,7 @@ class Engine:
         if preprocessed:
             raise HTTPError(400, "crf needs the image, not preprocessed pixels: send the image file, or drop crf")
         refined = await jobs.run(self.cpu, crf_probabilities, logits, size, settings.threshold)
-        mask = await jobs.run(self._crf_pool(), dense_crf, crf_image(image), refined, self.options.crf_params)
+        mask = await jobs.run(self._crf_pool(), dense_crf, crf_image(image), refined, self.crf_params)
         return mask, probs
 
     def _crf_pool(self) -> cf.ProcessPoolExecutor:

@@ -43,7 +43,8 @@ class ServeOptions:
     tta: bool = False  #: the default of each request's ``tta``
     allow_crf: bool = True  #: whether requests may ask for CRF (needs pydensecrf)
     crf_workers: int = 1
-    crf_params: CRFParams = field(default_factory=CRFParams)  #: predict's --crf-* flags, for every CRF request
+    #: predict's --crf-* flags, for every CRF request; None: the model's (``train --crf auto``) or the defaults
+    crf_params: CRFParams | None = None
     grace_s: float = 30.0  #: SIGTERM: how long queued and running requests may take to finish
     tile: int | None = None  #: ``--tile``: larger images run as blended tiles (their own batches of max_batch)
     tile_overlap: int | None = None  #: ``--tile-overlap`` (default: an eighth of the tile)

@@ -57,7 +57,8 @@ def model_info(engine: Engine, values: list[Any]) -> dict[str, Any]:
             "source_sha256": be.config.source.get("sha256"), "model_file": be.path.name, "backend": be.name,
             "provider": be.provider, "precision": be.precision, "device": be.device,
             "max_batch": opts.max_batch, "crf_default": opts.crf,
-            "crf_params": dataclasses.asdict(opts.crf_params), "tta_default": opts.tta, "tile": opts.tile,
+            "crf_params": dataclasses.asdict(engine.crf_params) if engine.crf_params else None,
+            "tta_default": opts.tta, "tile": opts.tile,
             "tile_overlap": engine.tiling.overlap if engine.tiling else None, "max_pixels": opts.max_pixels,
             "pixel_budget": opts.pixel_budget}
 
@@ -196,6 +197,8 @@ def _announce(state: ServerState, server: DrainingServer) -> None:
           f"auth {'token' if opts.token else 'none'} | Ctrl-C or SIGTERM drains and stops", flush=True)
     if state.memory is not None:
         print(state.memory.line(opts.pixel_budget), flush=True)
+    if opts.crf and state.engine.crf_note:
+        print(state.engine.crf_note, flush=True)
 
 
 def log_access() -> None:

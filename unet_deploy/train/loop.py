@@ -23,6 +23,7 @@ from unet_deploy.distributed import DistEnv, dist_env, finish_distributed, init_
 from unet_deploy.errors import UserError
 from unet_deploy.progress import TrainProgress
 from unet_deploy.runtime.devices import resolve_device
+from unet_deploy.runtime.estimates import train_estimate_line
 from unet_deploy.train.checkpointing import ensure_writable_dir, save_final_best, save_interrupted
 from unet_deploy.train.epoch import finish_epoch, run_epoch
 from unet_deploy.train.loaders import load_pairs, make_loaders, seed_everything
@@ -59,6 +60,10 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: str, say: Callable[[str], No
     pairs, mask_values = load_pairs(cfg, model_cfg, loaded, resume, say)
     data = make_loaders(cfg, env, device, model_cfg, pairs, mask_values)
     model, net = build_model(cfg, env, device, model_cfg, loaded, pairs[0].image, data.local_batch)
+    estimate = train_estimate_line(model_cfg, pairs[0].image, cfg.scale, data.local_batch,
+                                   sum(p.numel() for p in model.parameters()), device)
+    if estimate is not None:  # issue 25: a big run says so before its first epoch
+        say(estimate)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler, step_per_batch = build_scheduler(cfg, optimizer, max(len(data.train_loader), 1))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.startswith("cuda"))
@@ -111,4 +116,5 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         save_final_best(run, progress)
         finish_distributed(env, own_group)  # the checkpoints are on disk before any rank returns
     return TrainResult(progress.best_dice, progress.last_dice, len(progress.history), progress.images_per_second,
-                       run.best_path, run.last_path, progress.history, progress.interrupted)
+                       run.best_path, run.last_path, progress.history, progress.interrupted,
+                       list(run.data.val_pairs))

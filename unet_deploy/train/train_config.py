@@ -9,6 +9,7 @@ from typing import Any
 
 from unet_deploy.distributed import DistEnv
 from unet_deploy.errors import UserError
+from unet_deploy.images.image_io import Pair
 
 __all__ = ["TrainConfig", "TrainResult", "check_config"]
 
@@ -67,6 +68,7 @@ class TrainResult:
     last_path: Path
     history: list[dict[str, float]]
     interrupted: bool = False
+    val_pairs: list[Pair] = field(default_factory=list)  #: the validation images (``--crf auto`` uses them)
 
 
 def check_config(cfg: TrainConfig, env: DistEnv) -> None:
