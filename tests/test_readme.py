@@ -8,7 +8,7 @@ topics table links them, run in order, in one temporary folder, as a new user wo
 - ``pip install …`` and ``pytest`` commands are not run (the test runs inside the installed package and
   inside pytest); a line ``pip install … && unet-deploy demo`` runs its ``unet-deploy demo`` part.
 - ``UNET_DEPLOY_README_SHRINK=0`` runs every command literally. By default image sizes and counts are shrunk
-  (see :data:`SHRINK`) so the whole file runs in a few minutes on 2 cores; each command has 120 s
+  (see :data:`SHRINK`) so the whole file runs in a few minutes on 2 cores; each command has 300 s
   (``UNET_DEPLOY_README_TIMEOUT``).
 - By default ``unet-deploy demo`` is not run a second time: its ``demo/`` folder comes from the session's one
   literal ``unet-deploy demo`` run (:func:`conftest.demo_run`, checked in depth by ``tests/test_demo.py``),
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SKIP_MARKER = "# not run by the README test:"
 PYTHON_MARKER = "# run by the README test"
-TIMEOUT_S = float(os.environ.get("UNET_DEPLOY_README_TIMEOUT", "120"))
+TIMEOUT_S = float(os.environ.get("UNET_DEPLOY_README_TIMEOUT", "300"))
 
 #: (pattern, replacement) applied to each command unless UNET_DEPLOY_README_SHRINK=0: fewer and smaller
 #: images, fewer epochs where nothing needs a learned model. The journey's model (``checkpoints/``, trained
