@@ -784,7 +784,10 @@ def test_ctrl_c_stops_with_one_line_and_resume_continues(models, images, tmp_pat
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = [sys.executable, "-m", "unet_deploy", "predict", "-m", str(models["ort"]), str(folder), "-o",
             str(out_dir), "--threads", "1"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as a terminal sends it: SIGINT at its default (a test run started in the background inherits it
+    # ignored, and Python then keeps ignoring it, as a Unix program should)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and len(list(out_dir.glob("*_OUT.png"))) < 3:
@@ -836,7 +839,10 @@ def test_sigterm_stops_like_ctrl_c_with_crf_workers_and_leaves_no_process(models
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = [sys.executable, "-m", "unet_deploy", "predict", "-m", str(models["ort"]), str(folder), "-o",
             str(out_dir), "--threads", "1", "--crf", "--crf-workers", "2", "--rle", str(sub)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as a terminal sends it: SIGINT at its default (a test run started in the background inherits it
+    # ignored, and Python then keeps ignoring it, as a Unix program should)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and len(list(out_dir.glob("*_OUT.png"))) < 3:
