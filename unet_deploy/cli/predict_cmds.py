@@ -202,7 +202,6 @@ def predict(
         relaunch(ctx, nproc)
     from unet_deploy.images.overlay import display_available
     from unet_deploy.predict import PredictOptions, default_model
-    from unet_deploy.predict.shard import Group, SharedError, process_group
 
     if crf_workers is not None and crf_workers < 1:
         raise UserError(f"--crf-workers {crf_workers}: use 1 or more (or leave it out for one per core)")
@@ -222,6 +221,14 @@ def predict(
     if ray_address is not None:
         _predict_on_ray(specs, output, model_args, options, ray_address, ray_concurrency, quiet=quiet)
         return
+    _predict_in_group(specs, output, model_args, options, quiet=quiet)
+
+
+def _predict_in_group(specs: list[str], output: list[str] | None, model_args: _ModelArgs, options: Any, *,
+                      quiet: bool) -> None:
+    """Predict in this process, or as one rank of torchrun's group; Ctrl-C / SIGTERM end with one line."""
+    from unet_deploy.predict.shard import Group, SharedError, process_group
+
     # one process (no torchrun): no process group, so the ONNX Runtime path never imports torch
     alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     with contextlib.nullcontext(Group()) if alone else process_group() as group:
