@@ -136,3 +136,37 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return [n for n in names if n == "car_OUT.png"] if Path(directory) == demo_dir else []
 
     return {"dir": folder, "proc": proc, "ignore": ignore}
+
+
+#: (width, height) of the sharded-prediction test images: 4 JPEGs of each size.
+SHARD_TEST_SIZES = [(64, 48), (80, 56), (96, 64)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_test_images(fit_tiny_unet) -> Callable[[Path], tuple[Path, Path]]:
+    """``make(root)``: a base-8 U-Net trained a few steps on synthetic cars, saved as ``root/m.pth``, and
+    ``root/test/`` with 4 JPEGs of each :data:`SHARD_TEST_SIZES`; returns (checkpoint, test folder). The
+    torchrun and Ray prediction tests compare their outputs with single-process predict on these."""
+    import numpy as np
+    from PIL import Image
+
+    from unet_deploy.checkpoint import save_checkpoint
+    from unet_deploy.images.image_io import find_pairs, load_image, load_mask, preprocess
+    from unet_deploy.images.synth import generate_test_images
+
+    def make(root: Path) -> tuple[Path, Path]:
+        generate_dataset(root / "train", n=8, width=64, height=48, seed=5)
+        pairs = find_pairs(root / "train" / "imgs", root / "train" / "masks")
+        x = torch.from_numpy(np.stack([preprocess(load_image(p.image), 0.5) for p in pairs]))
+        y = torch.from_numpy(np.stack([np.asarray(Image.fromarray(load_mask(p.mask)).resize(
+            (32, 24), Image.Resampling.NEAREST)) for p in pairs])).long()
+        model, cfg = fit_tiny_unet(x, y, 40)
+        ckpt = save_checkpoint(root / "m.pth", model, cfg)
+        test = root / "test"
+        test.mkdir()
+        for i, (w, h) in enumerate(SHARD_TEST_SIZES):
+            for name in generate_test_images(root / f"t{i}", n=4, width=w, height=h, seed=10 + i):
+                (test / f"s{i}_{name}.jpg").write_bytes((root / f"t{i}" / f"{name}.jpg").read_bytes())
+        return ckpt, test
+
+    return make

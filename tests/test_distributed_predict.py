@@ -16,21 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from conftest import SHARD_TEST_SIZES
 from PIL import Image
 
-from unet_deploy.checkpoint import save_checkpoint
-from unet_deploy.images.image_io import find_pairs, load_image, load_mask, preprocess
 from unet_deploy.images.rle import read_submission
-from unet_deploy.images.synth import generate_dataset, generate_test_images
 from unet_deploy.predict.resume import CRASH_ENV
 from unet_deploy.predict.shard import JournalRow, JournalWriter, journal_dir, read_journal, rle_fits, split
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = [(64, 48), (80, 56), (96, 64)]  # (width, height), 4 images each
-N_IMAGES = 4 * len(SIZES)
+N_IMAGES = 4 * len(SHARD_TEST_SIZES)  # conftest.tiny_model_and_test_images: 4 JPEGs per size
 SUMMARY = re.compile(r"predicted (\d+) of (\d+) files(?:, reused (\d+))?")
 
 
@@ -79,22 +74,11 @@ def _journal_rows(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, fit_tiny_unet) -> dict[str, Path]:
+def setup(tmp_path_factory, tiny_model_and_test_images) -> dict[str, Path]:
     """A base-8 U-Net trained a few steps on synthetic cars, 12 test JPEGs of 3 sizes, and the single-process
     reference outputs (masks folder and submission)."""
     root = tmp_path_factory.mktemp("shard")
-    generate_dataset(root / "train", n=8, width=64, height=48, seed=5)
-    pairs = find_pairs(root / "train" / "imgs", root / "train" / "masks")
-    x = torch.from_numpy(np.stack([preprocess(load_image(p.image), 0.5) for p in pairs]))
-    y = torch.from_numpy(np.stack([np.asarray(Image.fromarray(load_mask(p.mask)).resize(
-        (32, 24), Image.Resampling.NEAREST)) for p in pairs])).long()
-    model, cfg = fit_tiny_unet(x, y, 40)
-    ckpt = save_checkpoint(root / "m.pth", model, cfg)
-    test = root / "test"
-    test.mkdir()
-    for i, (w, h) in enumerate(SIZES):
-        for name in generate_test_images(root / f"t{i}", n=4, width=w, height=h, seed=10 + i):
-            (test / f"s{i}_{name}.jpg").write_bytes((root / f"t{i}" / f"{name}.jpg").read_bytes())
+    ckpt, test = tiny_model_and_test_images(root)
     ref = root / "ref.csv"
     out = _ok(_single(test, "-m", ckpt, "-o", root / "ref_masks", "--rle", ref))
     assert _counts(out) == (N_IMAGES, 0)
