@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
-import os
 import platform
 import statistics
 import sys
@@ -28,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from unet_deploy.runtime.cpu_share import affinity_cpus
 
 __all__ = ["ADDS_PER_ITERATION", "measure_clock", "reported_ghz", "add_chain_code"]
 
@@ -112,7 +113,7 @@ def measure_clock(threads: int | None = None, repeats: int = 5, sample_s: float 
     rounds of about ``sample_s`` each (well under a second in all), the method, and the reported clock.
     Falls back to the reported clock (``method`` says so) where the machine code cannot run."""
     if not threads:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = affinity_cpus()
     reported = reported_ghz()
     try:
         probe = _time_add_chain(threads, 2000, 1)  # also wakes the cores up from idle

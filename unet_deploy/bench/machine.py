@@ -17,7 +17,7 @@ from unet_deploy.bench.uarch import per_cycle, read_cpu
 from unet_deploy.bench.variants import variant_label
 from unet_deploy.config import versions
 from unet_deploy.runtime.cpu_features import cpu_summary
-from unet_deploy.runtime.cpu_share import cgroup_cpu_quota
+from unet_deploy.runtime.cpu_share import affinity_cpus, cgroup_cpu_quota
 
 __all__ = ["UNSTEADY_SPREAD", "VECTOR_FLAGS", "cpu_model", "cpu_identity", "load_average_1m", "machine_facts",
            "unsteady", "reliability", "reliability_notes"]
@@ -55,10 +55,7 @@ def load_average_1m() -> float | None:
 
 def machine_facts(device: str = "cpu") -> dict[str, Any]:
     """CPU model, cores, RAM, GPU, library versions and ONNX Runtime providers of this machine."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
+    usable = affinity_cpus()
     facts: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_id": cpu_identity(), "cpu_features": cpu_summary(), "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False), "cores_usable": usable, "cpu_quota": cgroup_cpu_quota(),

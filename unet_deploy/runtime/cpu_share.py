@@ -20,8 +20,8 @@ import psutil
 
 from unet_deploy.runtime.registry import spec
 
-__all__ = ["usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads", "thread_report",
-           "passive_threads_when_busy"]
+__all__ = ["affinity_cpus", "usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads",
+           "thread_report", "passive_threads_when_busy"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -69,22 +69,29 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
     return min(quotas) if quotas else None
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may really use: affinity, the cgroup quota (rounded up) and the physical cores."""
+def affinity_cpus() -> int:
+    """The CPUs this process may be scheduled on (its affinity; ``os.cpu_count()`` where there is none)."""
     try:
-        allowed = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        allowed = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
+        return os.cpu_count() or 1
+
+
+def _usable(allowed: int, quota: float | None) -> int:
     if quota is not None:
         allowed = min(allowed, math.ceil(quota))
     physical = psutil.cpu_count(logical=False) or allowed
     return max(1, min(allowed, physical))
 
 
-def process_share(processes: int) -> int:
-    """Each of ``processes`` processes' share of :func:`usable_cpus` (at least 1)."""
-    return max(1, usable_cpus() // max(1, processes))
+def usable_cpus() -> int:
+    """The CPUs this process may really use: affinity, the cgroup quota (rounded up) and the physical cores."""
+    return _usable(affinity_cpus(), cgroup_cpu_quota())
+
+
+def process_share(processes: int, usable: int | None = None) -> int:
+    """Each of ``processes`` processes' share of ``usable`` CPUs (default :func:`usable_cpus`), at least 1."""
+    return max(1, (usable_cpus() if usable is None else usable) // max(1, processes))
 
 
 def share_cores(backend: str, device: str, processes: int, threads: int | None) -> int | None:
@@ -136,12 +143,9 @@ def limit_torch_threads() -> int:
 
 def thread_report(processes: int = 1, crf_workers: int | None = None) -> str:
     """One line saying which CPUs this process may use and the thread counts it chose (``--verbose``)."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    usable, share = usable_cpus(), process_share(processes)
+    allowed, quota = affinity_cpus(), cgroup_cpu_quota()  # read once: the line shows what the count comes from
+    usable = _usable(allowed, quota)
+    share = process_share(processes, usable)
     parts = [f"threads: {usable} usable CPU(s) (affinity {allowed} of {os.cpu_count()}, cgroup quota "
              f"{'none' if quota is None else f'{quota:g}'}, {psutil.cpu_count(logical=False)} physical cores)"]
     if processes > 1:
