@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARD_TEST_SIZES
 from PIL import Image
+from predict_summary import summary_counts
 
 from unet_deploy.images.rle import read_submission
 from unet_deploy.predict.resume import CRASH_ENV
@@ -26,9 +27,6 @@ from unet_deploy.predict.shard import JournalRow, JournalWriter, journal_dir, re
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 4 * len(SHARD_TEST_SIZES)  # conftest.tiny_model_and_test_images: 4 JPEGs per size
-SUMMARY = re.compile(r"predicted (\d+) of (\d+) files(?:, reused (\d+))?")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,12 +59,10 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 
 
 def _counts(out: str) -> tuple[int, int]:
-    """(predicted, reused) from the one summary line of a run."""
-    found = SUMMARY.findall(out)
-    assert len(found) == 1, out  # printed by rank 0 only
-    predicted, total, reused = found[0]
-    assert int(total) == N_IMAGES
-    return int(predicted), int(reused or 0)
+    """(predicted, reused) from the one summary line of a run (printed by rank 0 only)."""
+    counts = summary_counts(out)
+    assert counts.total == N_IMAGES and counts.skipped == 0, out
+    return counts.predicted, counts.reused
 
 
 def _journal_rows(folder: Path) -> int:
@@ -213,8 +209,10 @@ def test_sigterm_to_nproc_stops_every_process_like_ctrl_c(setup, tmp_path):
     _, alive = psutil.wait_procs(family, timeout=15)
     assert not alive, [p.cmdline() for p in alive]
     resumed = _ok(_single(folder, "-m", setup["model"], "-o", out, "--rle", sub, "--nproc", "2", "--resume"))
-    predicted, reused = (int(x or 0) for x in SUMMARY.findall(resumed)[0][::2])
-    assert reused >= 4 and predicted + reused == n and len(read_submission(sub)) == n
+    counts = summary_counts(resumed)  # a mask written just before its journal row is "skipped (output exists)"
+    assert counts.skipped <= 2, resumed  # at most one such file per process
+    assert counts.reused + counts.skipped >= 4, resumed
+    assert counts.predicted + counts.reused + counts.skipped == n and len(read_submission(sub)) == n
 
 
 # ------------------------------------------------------------------------------- one process

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARD_TEST_SIZES
+from predict_summary import summary_counts
 
 from unet_deploy.images.rle import read_submission
 from unet_deploy.predict.resume import CRASH_ENV
@@ -27,7 +27,6 @@ from unet_deploy.predict.shard import journal_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GOOD = 4 * len(SHARD_TEST_SIZES)  # conftest.tiny_model_and_test_images: 4 JPEGs per size
-SUMMARY = re.compile(r"predicted (\d+) of (\d+) files(?:, (\d+) skipped \(output exists\))?(?:, reused (\d+))?")
 RUN_TIMEOUT = 150
 COPIES = 6  #: the node-removal run predicts each good test image this many times (72 files, 18 batches)
 
@@ -52,10 +51,8 @@ def _predict(*args: object, **env: str) -> subprocess.CompletedProcess:
 
 def _counts(out: str) -> tuple[int, int, int]:
     """(predicted, skipped, reused) from the one summary line of a run."""
-    found = SUMMARY.findall(out)
-    assert len(found) == 1, out
-    predicted, _, skipped, reused = found[0]
-    return int(predicted), int(skipped or 0), int(reused or 0)
+    counts = summary_counts(out)
+    return counts.predicted, counts.skipped, counts.reused
 
 
 def _errors(text: str) -> list[str]:
