@@ -86,20 +86,32 @@ def unsteady(case: dict[str, Any]) -> bool:
     return bool(p90 / p50 > UNSTEADY_SPREAD)
 
 
-def reliability(report: dict[str, Any]) -> dict[str, Any]:
-    """Was the machine quiet enough to trust the ratios? ``busy``: the 1-minute load average at the start
-    or end of the run was above the usable cores; ``unsteady``: the cases with p90/p50 above
-    :data:`UNSTEADY_SPREAD`; ``reliable``: neither."""
-    m = report.get("machine") or {}
-    cores = m.get("cores_usable") or m.get("cores_logical") or os.cpu_count() or 1
+def _busy(report: dict[str, Any], cores: int) -> tuple[bool, float | None, float | None]:
+    """(busy, free CPUs, peak load): busy when other processes left fewer than ``usable - 0.5`` CPUs free over
+    the run (``cpu_free``, read from the CPUs' idle time); without that reading, when the 1-minute load average
+    at the start or end was above the cores (it lags: it stays up for a minute after a job ends)."""
     load = report.get("load_avg") or {}
-    seen = [x for x in (load.get("start"), load.get("end"), m.get("load_avg_1m")) if x is not None]
+    seen = [x for x in (load.get("start"), load.get("end"), (report.get("machine") or {}).get("load_avg_1m"))
+            if x is not None]
     peak = max(seen) if seen else None
-    busy = peak is not None and peak > cores
+    reading = report.get("cpu_free") or {}
+    if reading.get("free") is not None:
+        return bool(reading["free"] < reading["usable"] - 0.5), reading["free"], peak
+    return peak is not None and peak > cores, None, peak
+
+
+def reliability(report: dict[str, Any]) -> dict[str, Any]:
+    """Was the machine quiet enough to trust the ratios? ``busy``: other processes took the CPUs during the run
+    (:func:`_busy`); ``unsteady``: the cases with p90/p50 above :data:`UNSTEADY_SPREAD`; ``reliable``:
+    neither."""
+    m = report.get("machine") or {}
+    cores = (report.get("cpu_free") or {}).get("usable") or m.get("cores_usable") or m.get("cores_logical") \
+        or os.cpu_count() or 1
+    busy, free, peak = _busy(report, cores)
     shaky = [{"backend": c["backend"], "scale": c["scale"],
               "spread": c["latency"]["p90_ms"] / c["latency"]["p50_ms"]} for c in report["cases"] if unsteady(c)]
-    return {"busy": busy, "load": peak, "cores": cores, "spread_limit": UNSTEADY_SPREAD, "unsteady": shaky,
-            "reliable": not busy and not shaky}
+    return {"busy": busy, "free_cpus": free, "load": peak, "cores": cores, "spread_limit": UNSTEADY_SPREAD,
+            "unsteady": shaky, "reliable": not busy and not shaky}
 
 
 def reliability_notes(report: dict[str, Any]) -> list[str]:
@@ -107,8 +119,9 @@ def reliability_notes(report: dict[str, Any]) -> list[str]:
     r = reliability(report)
     out = []
     if r["busy"]:
-        out.append(f"? machine busy (load {r['load']:.1f} on {r['cores']} cores): ratios unreliable, rerun on "
-                   "a quiet machine")
+        why = (f"other processes left {r['free_cpus']:.1f} of {r['cores']} CPUs free" if r["free_cpus"] is not None
+               else f"load {r['load']:.1f} on {r['cores']} cores")
+        out.append(f"? machine busy ({why}): ratios unreliable, rerun on a quiet machine")
     if r["unsteady"]:
         cases = ", ".join(f"{variant_label(c['backend'])} at {c['scale']:g} ({c['spread']:.2f}x)"
                           for c in r["unsteady"])

@@ -18,6 +18,7 @@ from unet_deploy.bench.settings import CARVANA_SIZE, SCHEMA, BenchSettings, repr
 from unet_deploy.bench.stages import measure_stages
 from unet_deploy.bench.variants import parse_variant
 from unet_deploy.errors import first_line
+from unet_deploy.runtime.cpu_share import cpu_sample, free_cpus_since, usable_cpus
 
 __all__ = ["run_benchmark", "run_roofline", "run_stages"]
 
@@ -28,7 +29,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
     settings = resolve_settings(settings)
     say = log or (lambda _msg: None)
     started = _dt.datetime.now(_dt.timezone.utc)
-    load_start = load_average_1m()
+    load_start, cpu_start = load_average_1m(), cpu_sample()
     key = f"{'ckpt' if settings.checkpoint else 'fresh'}-{cache_key(settings)}"
     with work_folder(cache_dir, key) as (model_dir, scratch):
         files = prepare_models(settings, model_dir, say)
@@ -38,6 +39,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
             roof = run_roofline(settings, cases, files, say)
         stages = run_stages(settings, cases, files, scratch, say) if settings.stages else None
         checked = _check_recommendation(settings, cases, files, scratch, say)
+    free = free_cpus_since(cpu_start, window_s=0.0)
     s = settings
     report: dict[str, Any] = {
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
@@ -54,6 +56,7 @@ def run_benchmark(settings: BenchSettings, cache_dir: str | Path | None = None,
         "cases": cases,
     }
     report["load_avg"] = {"start": load_start, "end": report["machine"].get("load_avg_1m")}
+    report["cpu_free"] = {"usable": usable_cpus(), "free": None if free is None else round(free, 2)}
     for case in cases:
         case["unsteady"] = unsteady(case)
     report["reliability"] = reliability(report)
