@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -228,12 +229,35 @@ def test_openmp_threads_sleep_on_a_busy_machine_unless_the_user_chose(monkeypatc
 
     monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    monkeypatch.setattr(cpu_share, "free_cpus_since", lambda start: 1.8)
     assert not cpu_share.passive_threads_when_busy() and "OMP_WAIT_POLICY" not in os.environ
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 2.0, 1.0))
+    assert "spin briefly (1.8 of 2 CPUs free at start)" in cpu_share.thread_report()
+    monkeypatch.setattr(cpu_share, "free_cpus_since", lambda start: 0.7)
     assert cpu_share.passive_threads_when_busy() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "threads sleep (0.7 of 2 CPUs free at start)" in cpu_share.thread_report()
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert not cpu_share.passive_threads_when_busy() and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "(OMP_WAIT_POLICY set)" in cpu_share.thread_report()
+
+
+def test_the_cli_sees_a_busy_cpu_at_once_and_lets_openmp_threads_sleep() -> None:
+    """A real busy loop on CPU 0 and the CLI pinned there: the moment's reading says busy (the load average
+    would take a minute to rise)."""
+    busy = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        code = ("import os; from unet_deploy.runtime.cpu_share import IMPORTED, free_cpus_since, "
+                "passive_threads_when_busy as p; print(free_cpus_since(IMPORTED), p(IMPORTED), "
+                "os.environ['OMP_WAIT_POLICY'])")
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=60)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert out.returncode == 0, out.stderr
+    free, passive, policy = out.stdout.split()
+    assert float(free) < 0.5 and passive == "True" and policy == "PASSIVE", out.stdout
 
 
 CPU_CGROUP = Path("/sys/fs/cgroup/cpu")

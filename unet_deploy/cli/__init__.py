@@ -27,7 +27,7 @@ from unet_deploy.cli import (  # noqa: F401  (registers commands)
 from unet_deploy.cli._app import app
 from unet_deploy.cli._options import rewrite_deprecated
 from unet_deploy.errors import UserError
-from unet_deploy.runtime.cpu_share import passive_threads_when_busy
+from unet_deploy.runtime.cpu_share import IMPORTED, passive_threads_when_busy
 from unet_deploy.signals import exit_code, sigterm_as_interrupt
 
 __all__ = ["app", "main"]
@@ -65,7 +65,7 @@ def _setup_logging() -> None:
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point."""
     _setup_logging()
-    passive_threads_when_busy()  # before torch loads OpenMP
+    passive_threads_when_busy(IMPORTED)  # before torch loads OpenMP; how busy the CPUs were since the CLI loaded
     sigterm_as_interrupt()  # a scheduler's SIGTERM cleans up as Ctrl-C does (``serve`` installs its own)
     try:
         app(args=rewrite_deprecated(sys.argv[1:] if args is None else args), prog_name="unet-deploy")

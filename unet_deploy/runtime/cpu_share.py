@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -21,7 +23,8 @@ import psutil
 from unet_deploy.runtime.registry import spec
 
 __all__ = ["affinity_cpus", "usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads",
-           "thread_report", "passive_threads_when_busy"]
+           "thread_report", "CpuSample", "cpu_sample", "IMPORTED", "free_cpus_since", "WaitChoice", "wait_choice",
+           "passive_threads_when_busy"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -119,14 +122,103 @@ def share_cores(backend: str, device: str, processes: int, threads: int | None) 
     return None
 
 
-def passive_threads_when_busy() -> bool:
-    """On a busy machine (1-minute load average at or above the usable CPUs), make OpenMP's idle threads sleep
-    (``OMP_WAIT_POLICY=PASSIVE``, inherited by child processes) instead of spinning at every barrier: spinning
-    threads of several jobs take each other's time slices. Must run before torch is imported; a policy the user
-    set is kept. Returns whether the passive policy is in effect."""
-    if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "getloadavg") and os.getloadavg()[0] >= usable_cpus():
+@dataclass(frozen=True)
+class CpuSample:
+    """A reading of the clocks that tell how busy the machine is: the wall clock, the CPU time of this process
+    and of its finished child processes, and the idle time of the CPUs it may run on (``/proc/stat``), all in
+    seconds."""
+
+    wall: float
+    own: float
+    idle: float
+
+
+def cpu_sample() -> CpuSample | None:
+    """The clocks now; None where ``/proc/stat`` cannot be read (not Linux)."""
+    try:
+        allowed = {f"cpu{n}" for n in os.sched_getaffinity(0)}
+        lines = Path("/proc/stat").read_text().splitlines()
+    except (OSError, AttributeError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = sum(int(f[4]) + int(f[5]) for f in (line.split() for line in lines) if f and f[0] in allowed)
+    own = os.times()
+    return CpuSample(time.monotonic(), own.user + own.system + own.children_user + own.children_system, idle / tick)
+
+
+def free_cpus_since(start: CpuSample | None, window_s: float = 0.1) -> float | None:
+    """How many CPUs other processes left to this one since ``start`` (idle time plus the CPU time of this
+    process and its finished children, per second of wall time), waiting until ``window_s`` has passed; None
+    where the clocks cannot be read."""
+    if start is None:
+        return None
+    time.sleep(max(0.0, start.wall + window_s - time.monotonic()))
+    now = cpu_sample()
+    if now is None or now.wall <= start.wall:
+        return None
+    return ((now.idle - start.idle) + (now.own - start.own)) / (now.wall - start.wall)
+
+
+#: The clocks when this module was imported (the CLI imports it first): the CLI's own start-up is the window
+#: in which it reads how busy the machine is, at no cost.
+IMPORTED = cpu_sample()
+
+
+@dataclass(frozen=True)
+class WaitChoice:
+    """What :func:`passive_threads_when_busy` read and chose: the CPUs other processes left ``free`` (None: no
+    reading), the threads this process needs, whether idle OpenMP threads sleep, and whether the user set
+    the policy."""
+
+    free: float | None
+    need: int
+    usable: int
+    passive: bool
+    user_set: bool
+
+    @property
+    def busy(self) -> bool:
+        return self.free is not None and self.free < self.need - 0.5
+
+    def line(self) -> str:
+        seen = "no reading of the CPUs' idle time" if self.free is None else (
+            f"{self.free:.1f} of {self.usable} CPUs free at start")
+        return (f"idle OpenMP threads {'sleep' if self.passive else 'spin briefly'} "
+                f"({'OMP_WAIT_POLICY set' if self.user_set else seen})")
+
+
+_CHOICE: list[WaitChoice] = []  # the last choice, for --verbose and wait_choice()
+
+
+def passive_threads_when_busy(start: CpuSample | None = None) -> bool:
+    """On a busy machine, make OpenMP's idle threads sleep (``OMP_WAIT_POLICY=PASSIVE``, inherited by child
+    processes) instead of spinning at every barrier: spinning threads of several jobs take each other's time
+    slices (measured in ``benchmarks/train-threads.json``, explained in ``docs/threads.md``).
+
+    Busy means other processes left fewer CPUs free than this process's threads need, less 0.5 (its share of
+    :func:`usable_cpus`: all of them, or under torchrun a ``LOCAL_WORLD_SIZE``-th, as its sibling ranks start
+    at the same moment), between ``start`` (taken when the CLI was imported) and now (at least 0.1 s): a
+    reading of the moment, unlike the load average, which takes a minute to rise and stays up after a job
+    ends. On a quiet machine the idle threads spin briefly (libgomp's default), which is faster for small
+    layers. Must run before torch is imported; a policy the user set is kept. Returns whether the passive
+    policy is in effect."""
+    free = free_cpus_since(start if start is not None else cpu_sample())
+    usable = usable_cpus()
+    need = process_share(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), usable)  # torchrun: this rank's share
+    user_set = "OMP_WAIT_POLICY" in os.environ
+    choice = WaitChoice(free, need, usable, False, user_set)
+    if not user_set and choice.busy:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    _CHOICE[:] = [WaitChoice(free, need, usable, passive, user_set)]
+    return passive
+
+
+def wait_choice() -> WaitChoice:
+    """The last :func:`passive_threads_when_busy` choice (made now, over 0.1 s, if none was made)."""
+    if not _CHOICE:
+        passive_threads_when_busy()
+    return _CHOICE[0]
 
 
 def limit_torch_threads() -> int:
@@ -150,9 +242,8 @@ def thread_report(processes: int = 1, crf_workers: int | None = None) -> str:
              f"{'none' if quota is None else f'{quota:g}'}, {psutil.cpu_count(logical=False)} physical cores)"]
     if processes > 1:
         parts.append(f"{processes} processes, {share} each")
-    sleeping = "idle OpenMP and ONNX Runtime threads sleep" if passive_threads_when_busy() else (
-        "idle ONNX Runtime threads sleep, OpenMP's spin briefly (machine not busy)")
-    parts.append(f"torch / ONNX Runtime / OpenVINO intra-op {share} ({sleeping})")
+    parts.append(f"torch / ONNX Runtime / OpenVINO intra-op {share}")
+    parts.append(f"{wait_choice().line()}, ONNX Runtime's sleep")
     if crf_workers is not None:
         parts.append(f"CRF workers {crf_workers}")
     return "; ".join(parts)
