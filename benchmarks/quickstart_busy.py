@@ -2,9 +2,10 @@
 under a 1-CPU cgroup quota (where this process may create a cgroup): wall time, held-out dice, load averages.
 
 Usage: python benchmarks/quickstart_busy.py --json benchmarks/quickstart-busy.json [--work /tmp/qs]
-[--conditions quiet busy quota1]
+[--conditions quiet busy quota1] [--rounds 2]
 
-Each condition runs `unet-deploy demo -o WORK/<condition>` in a fresh folder. "busy": two background Python
+Each condition runs `unet-deploy demo -o WORK/<condition>-<round>` in a fresh folder, in --rounds interleaved
+rounds (the JSON keeps every run, its per-step times, and the median). "busy": two background Python
 processes, each multiplying 1024x1024 matrices on 2 torch threads without pause, started 5 s before the demo
 and stopped after it. "quota1": the demo (and its child processes) in a cgroup v1 `cpu` group with
 cfs_quota_us = cfs_period_us (1 CPU). A fair share of 2 cores among 3 busy jobs is 2/3 of a core: the goal is
@@ -19,6 +20,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -78,8 +81,22 @@ def run_demo(out: Path, prefix: list[str]) -> dict:
                     str(out / "data" / "heldout"), "-q", "--json", str(dice_json)], check=True,
                    capture_output=True)
     dice = json.loads(dice_json.read_text())
-    return {"wall_s": round(wall, 1), "load_avg_before": before, "load_avg_after": after,
+    steps = {f"step{n}": float(s) for n, s in re.findall(r"^step (\d+) took ([\d.]+) s$", proc.stdout, re.MULTILINE)}
+    crf = re.findall(r"^dice with --crf ([\d.]+) over", proc.stdout, re.MULTILINE)  # step 3 prints both
+    return {"wall_s": round(wall, 1), "step_s": steps, "heldout_dice_crf": float(crf[0]) if crf else None,
+            "load_avg_before": before, "load_avg_after": after,
             "heldout_dice": dice["dice"], "heldout_images": dice["n"]}
+
+
+def run_condition(condition: str, out: Path) -> dict:
+    if out.exists():
+        raise SystemExit(f"{out} exists: give an empty --work folder")
+    ctx = busy_jobs(2) if condition == "busy" else contextlib.nullcontext()
+    quota = one_cpu_quota() if condition == "quota1" else contextlib.nullcontext([])
+    with ctx, quota as prefix:
+        result = run_demo(out, prefix)
+    print(condition, result, flush=True)
+    return result
 
 
 def main() -> None:
@@ -87,31 +104,30 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/unet-quickstart-busy"))
     parser.add_argument("--conditions", nargs="+", default=["quiet", "busy", "quota1"])
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="Rounds of all conditions, interleaved (quiet, busy, quota1, quiet, ...); medians")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    for condition in args.conditions:
-        out = args.work / condition
-        if out.exists():
-            raise SystemExit(f"{out} exists: give an empty --work folder")
-        if condition == "quota1" and not os.access(CGROUP, os.W_OK):
-            results[condition] = {"skipped": "no writable cgroup v1 cpu controller here"}
-            continue
-        ctx = busy_jobs(2) if condition == "busy" else contextlib.nullcontext()
-        quota = one_cpu_quota() if condition == "quota1" else contextlib.nullcontext([])
-        with ctx, quota as prefix:
-            results[condition] = run_demo(out, prefix)
-        print(condition, results[condition], flush=True)
-    quiet = results.get("quiet", {}).get("wall_s")
-    ratios = {c: round(r["wall_s"] / quiet, 2) for c, r in results.items() if quiet and "wall_s" in r}
-    record = {"schema": "unet-deploy/quickstart-busy/1",
+    conditions = [c for c in args.conditions if c != "quota1" or os.access(CGROUP, os.W_OK)]
+    runs: dict[str, list[dict]] = {c: [] for c in conditions}
+    for round_no in range(1, args.rounds + 1):
+        for condition in conditions:
+            runs[condition].append(run_condition(condition, args.work / f"{condition}-{round_no}"))
+    results: dict[str, dict] = {
+        c: {"median_wall_s": round(statistics.median(r["wall_s"] for r in runs[c]), 1), "runs": runs[c]}
+        for c in conditions}
+    results.update({c: {"skipped": "no writable cgroup v1 cpu controller here"}
+                    for c in args.conditions if c not in conditions})
+    quiet = results.get("quiet", {}).get("median_wall_s")
+    ratios = {c: round(r["median_wall_s"] / quiet, 2) for c, r in results.items() if quiet and "runs" in r}
+    record = {"schema": "unet-deploy/quickstart-busy/2",
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", "benchmarks/quickstart_busy.py", *sys.argv[1:]]),
-              "busy_job": BUSY_JOB, "results": results, "ratio_to_quiet": ratios,
+              "busy_job": BUSY_JOB, "results": results, "ratio_of_medians_to_quiet": ratios,
               "machine": {"cpu": cpu_model(), "usable_cores": len(os.sched_getaffinity(0)),
                           "platform": platform.platform()}}
     args.json.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"ratios to quiet: {ratios}; wrote {args.json}")
+    print(f"ratios of median wall times to quiet: {ratios}; wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ EXPECT: list[tuple[str, list[str]]] = [
     (r"^unet-deploy train -f \S+/last\.pth -e (\d+)",  # resumes at the next epoch with the stored recipe
      [r"resume: using the checkpoint's training recipe \(default\)", r"resuming from \S+last\.pth at epoch (\d+)",
       r"(?m)^epoch (\d+)/\1: "]),
+    (r"^unet-deploy evaluate .*--verbose",  # docs/threads.md: the CPUs and thread counts, one line
+     [r"(?m)^threads: \d+ usable CPU\(s\) \(affinity \d+ of \d+, cgroup quota .*idle OpenMP threads (sleep|spin)"]),
+    (r"^OMP_WAIT_POLICY=PASSIVE unet-deploy .*--verbose", [r"idle OpenMP threads sleep \(OMP_WAIT_POLICY set\)"]),
+    (r"^unet-deploy train .*--nproc 2", [r"(?m)^training .* 2 processes$"]),
 ]
 
 #: The command served by the session's shared demo run (see the module docstring).

@@ -217,3 +217,23 @@ def test_sigterm_saves_interrupted_pth_like_ctrl_c(synth_tiny: Path, tmp_path: P
     partial = load_checkpoint(ckpt / "interrupted.pth")
     assert partial.training["interrupted_in_epoch"] >= 2
     assert not list(ckpt.glob(".*tmp"))
+
+
+@pytest.mark.parametrize(("free", "batch", "noted"), [(0.4, 2, True), (1.9, 2, False), (0.4, 3, False)])
+def test_a_busy_cpu_suggests_training_in_processes(synth_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   free: float, batch: int, noted: bool) -> None:
+    """One CPU process training while other jobs take the CPUs: one line suggests `--nproc 2` (not when the
+    CPUs are free, nor when the batch does not split in two)."""
+    from typer.testing import CliRunner
+
+    from unet_deploy.cli import app
+    from unet_deploy.runtime import cpu_share
+
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu_share, "wait_choice", lambda: cpu_share.WaitChoice(free, 2, 2, True, False))
+    res = CliRunner().invoke(app, ["train", "--data", str(synth_tiny), "-e", "1", "-b", str(batch), "-s", "1",
+                                   "--max-steps", "1", "--base-channels", "4", "--device", "cpu", "-q",
+                                   "--checkpoint-dir", str(tmp_path / "ck")])
+    assert res.exit_code == 0, res.output
+    note = "note: other processes left 0.4 of 2 CPUs free: training in processes of one thread (add --nproc 2)"
+    assert (note in res.stderr) is noted, res.stderr

@@ -19,18 +19,22 @@ def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
     """(title, argv) for each step; the same commands the README shows.
 
     Training uses the default recipe: 72 cars at 192x128 (full scale), base width 16, 12 epochs, batch 4
-    (``--quick``: 48 cars at half scale, 6 epochs). Held-out cars come from another seed, inside DATA/heldout.
+    (``--quick``: 48 cars at half scale, 6 epochs), in :func:`train_processes` processes. Held-out cars come
+    from another seed, inside DATA/heldout.
     """
     n_train, n_held, epochs, scale = ("48", "8", "6", "0.5") if quick else ("72", "24", "12", "1.0")
+    nproc = train_processes()
     data, held = out / "data", out / "data" / "heldout"
     ck, exp, pred = out / "checkpoints", out / "exported", out / "predictions"
     return [
         ("synthetic Carvana-like data: training cars and held-out cars",
          ["synth", "--out", str(data), "--n", n_train, "--heldout", n_held, "--width", "192", "--height", "128",
           "--seed", "0", "--overwrite"]),
-        ("train a small U-Net (base width 16) on the CPU with the default recipe; choose its CRF on validation",
+        ("train a small U-Net (base width 16) on the CPU with the default recipe"
+         + (f", in {nproc} processes of one thread" if nproc > 1 else "") + "; choose its CRF on validation",
          ["train", "--data", str(data), "-e", epochs, "-b", "4", "-s", scale, "-v", "10", "--base-channels", "16",
-          "--bilinear", "--checkpoint-dir", str(ck), "--crf", "auto", "-q"]),
+          "--bilinear", "--checkpoint-dir", str(ck), "--crf", "auto", "-q",
+          *(["--nproc", str(nproc)] if nproc > 1 else [])]),
         ("held-out dice (Carvana's metric) on cars the model never saw, without and with the CRF",
          ["evaluate", "-m", str(ck / "best.pth"), "--data", str(held), "--crf", "-q"]),
         ("export to ONNX and TorchScript, verifying parity against eager PyTorch",
@@ -41,6 +45,19 @@ def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
         ("benchmark every backend (quick mode: small width and size)",
          ["benchmark", "--quick", "--json", str(out / "benchmark.json")]),
     ]
+
+
+def train_processes() -> int:
+    """Processes for the demo's training: one per usable CPU, 2 or 4 (its batch of 4 splits evenly), else 1.
+
+    A model this small trains in processes of one thread each (DistributedDataParallel, which meets once per
+    step) as fast as in one process whose threads meet at every layer on a quiet 2-core machine (18.4 against
+    18.5 img/s), and 3x as fast beside two other multi-threaded jobs (13.4 against 4.5 img/s), whose threads
+    keep waking ours late (``benchmarks/train-threads.json``, ``docs/threads.md``)."""
+    from unet_deploy.runtime.cpu_share import usable_cpus
+
+    usable = usable_cpus()
+    return 4 if usable >= 4 else 2 if usable >= 2 else 1
 
 
 def crf_helps(checkpoint: Path) -> bool:
@@ -97,7 +114,9 @@ def demo(
         argv = _with_crf_choice(argv, helps)
         typer.secho(f"\n[{i}/{len(steps)}] {title}", bold=True)
         typer.echo("$ unet-deploy " + shlex.join(argv))
+        step_start = time.perf_counter()
         rc = cli_app(args=argv, prog_name="unet-deploy", standalone_mode=False)
+        typer.secho(f"step {i} took {time.perf_counter() - step_start:.1f} s", dim=True)
         if rc not in (None, 0):
             typer.secho(f"demo stopped: step {i} exited with code {rc}", fg="red", err=True)
             raise typer.Exit(rc)

@@ -132,6 +132,7 @@ def train(
              "augment": augment, "edge_weight": edge_weight, "edge_width": edge_width}
     record = resolve_recipe({**given, "augment_overrides": overrides})
     _options.say_threads(verbose, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    _suggest_processes(device, batch_size)
     explicit = _explicit(ctx, {"classes": "n_classes", "bilinear": "bilinear", "base_channels": "base_channels",
                                 "batch_size": "batch_size"})
     explicit += tuple(k for k, v in {**given, **overrides}.items() if v is not None)
@@ -151,6 +152,22 @@ def train(
     typer.echo(f"{score}; {result.images_per_second:.1f} img/s; checkpoints: {result.best_path}, {result.last_path}")
     helps = _auto_crf(result, device) if crf == "auto" else False
     typer.echo(_next_hint(result.best_path, data, helps))
+
+
+def _suggest_processes(device: str, batch_size: int) -> None:
+    """One line when one CPU process trains while other jobs keep the CPUs busy: `--nproc 2` (one thread per
+    process) trains about 3x faster there (docs/threads.md)."""
+    from unet_deploy.distributed import dist_env
+    from unet_deploy.runtime.cpu_share import usable_cpus, wait_choice
+    from unet_deploy.runtime.devices import resolve_device
+
+    choice = wait_choice()
+    if not choice.busy or dist_env().enabled or usable_cpus() < 2 or batch_size % 2:
+        return
+    if resolve_device(device) == "cpu":
+        typer.echo(f"note: other processes left {choice.free:.1f} of {choice.usable} CPUs free: training in "
+                   "processes of one thread (add --nproc 2) is faster on a busy machine; see docs/threads.md",
+                   err=True)
 
 
 def _auto_crf(result: Any, device: str) -> bool:
