@@ -106,21 +106,24 @@ def is_demo(command: str) -> bool:
     return command.split("#")[0].strip() == DEMO
 
 
+def _resume_epochs(command: re.Match[str], found: list[re.Match[str] | None]) -> list[str]:
+    """Resume: it started after the checkpoint's epoch (not at 1) and finished the epoch ``-e`` names."""
+    first, last = int(found[1][1]), int(found[2][1])  # type: ignore[index]
+    return [] if 1 < first <= last == int(command[1]) else [
+        f"resumed at epoch {first}, finished epoch {last} of -e {command[1]}"]
+
+
 def check_expected(run: str, output: str) -> list[str]:
-    """What ``run``'s :data:`EXPECT` entry wants and ``output`` lacks. For resume also: it started after the
-    checkpoint's epoch (not at 1) and finished the epoch ``-e`` names."""
+    """What ``run``'s :data:`EXPECT` entries want and ``output`` lacks (for resume, also :func:`_resume_epochs`)."""
     missing = []
     for pattern, wanted in EXPECT:
         if not (m := re.match(pattern, run)):
             continue
         found = [re.search(w, output) for w in wanted]
-        missing += [w for w, f in zip(wanted, found, strict=True) if f is None]
-        if not missing:
-            second, third = found[1], found[2]
-            assert second is not None and third is not None
-            first, last = int(second[1]), int(third[1])
-            if not (1 < first <= last == int(m[1])):
-                missing.append(f"resumed at epoch {first}, finished epoch {last} of -e {m[1]}")
+        lacking = [w for w, f in zip(wanted, found, strict=True) if f is None]
+        if not lacking and pattern == EXPECT[0][0]:
+            lacking = _resume_epochs(m, found)
+        missing += lacking
     return missing
 
 

@@ -31,7 +31,8 @@ def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
          ["synth", "--out", str(data), "--n", n_train, "--heldout", n_held, "--width", "192", "--height", "128",
           "--seed", "0", "--overwrite"]),
         ("train a small U-Net (base width 16) on the CPU with the default recipe"
-         + (f", in {nproc} processes of one thread" if nproc > 1 else "") + "; choose its CRF on validation",
+         + (f" (other jobs keep the CPUs busy: in {nproc} processes of one thread)" if nproc > 1 else "")
+         + "; choose its CRF on validation",
          ["train", "--data", str(data), "-e", epochs, "-b", "4", "-s", scale, "-v", "10", "--base-channels", "16",
           "--bilinear", "--checkpoint-dir", str(ck), "--crf", "auto", "-q",
           *(["--nproc", str(nproc)] if nproc > 1 else [])]),
@@ -48,16 +49,21 @@ def demo_steps(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
 
 
 def train_processes() -> int:
-    """Processes for the demo's training: one per usable CPU, 2 or 4 (its batch of 4 splits evenly), else 1.
+    """Processes for the demo's training: one process of all usable CPUs' threads on a quiet machine; when other
+    jobs keep the CPUs busy (as the demo started), one process of one thread per usable CPU, 2 or 4 (its
+    batch of 4 splits evenly).
 
     A model this small trains in processes of one thread each (DistributedDataParallel, which meets once per
     step) as fast as in one process whose threads meet at every layer on a quiet 2-core machine (18.4 against
     18.5 img/s), and 3x as fast beside two other multi-threaded jobs (13.4 against 4.5 img/s), whose threads
-    keep waking ours late (``benchmarks/train-threads.json``, ``docs/threads.md``)."""
-    from unet_deploy.runtime.cpu_share import usable_cpus
+    keep waking ours late (``benchmarks/train-threads.json``, ``docs/threads.md``). Quiet, one process keeps
+    batch normalisation over the whole batch of 4 (steadier validation dice) and starts no extra processes."""
+    from unet_deploy.runtime.cpu_share import usable_cpus, wait_choice
 
     usable = usable_cpus()
-    return 4 if usable >= 4 else 2 if usable >= 2 else 1
+    if usable < 2 or not wait_choice().busy:
+        return 1
+    return 4 if usable >= 4 else 2
 
 
 def crf_helps(checkpoint: Path) -> bool:
