@@ -68,6 +68,16 @@ def one_cpu_quota() -> Iterator[list[str]]:
         group.rmdir()
 
 
+def write_record(path: Path, schema: str, script: str, fields: dict) -> None:
+    """The benchmark's JSON: schema, finish time, the command that made it, ``fields``, and the machine."""
+    record = {"schema": f"unet-deploy/{schema}",
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]), **fields,
+              "machine": {"cpu": cpu_model(), "usable_cores": len(os.sched_getaffinity(0)),
+                          "platform": platform.platform()}}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def run_demo(out: Path, prefix: list[str]) -> dict:
     before, start = load(), time.perf_counter()
     proc = subprocess.run([*prefix, "unet-deploy", "demo", "-o", str(out)], capture_output=True, text=True)
@@ -120,13 +130,8 @@ def main() -> None:
                     for c in args.conditions if c not in conditions})
     quiet = results.get("quiet", {}).get("median_wall_s")
     ratios = {c: round(r["median_wall_s"] / quiet, 2) for c, r in results.items() if quiet and "runs" in r}
-    record = {"schema": "unet-deploy/quickstart-busy/2",
-              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", "benchmarks/quickstart_busy.py", *sys.argv[1:]]),
-              "busy_job": BUSY_JOB, "results": results, "ratio_of_medians_to_quiet": ratios,
-              "machine": {"cpu": cpu_model(), "usable_cores": len(os.sched_getaffinity(0)),
-                          "platform": platform.platform()}}
-    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.json, "quickstart-busy/2", "quickstart_busy.py",
+                 {"busy_job": BUSY_JOB, "results": results, "ratio_of_medians_to_quiet": ratios})
     print(f"ratios of median wall times to quiet: {ratios}; wrote {args.json}")
 
 

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
-import platform
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from quickstart_busy import BUSY_JOB, busy_jobs, cpu_model, load
+from quickstart_busy import BUSY_JOB, busy_jobs, load, write_record
 
 #: name -> (OMP_WAIT_POLICY, or None to leave it to unet-deploy; extra train flags)
 WAYS: dict[str, tuple[str | None, list[str]]] = {
@@ -68,13 +64,8 @@ def main() -> None:
                 results[f"{condition}/{name}"] = train_once(data, work, policy, extra)
             print(condition, name, results[f"{condition}/{name}"], flush=True)
     ratios = {name: round(results[f"busy/{name}"]["wall_s"] / results[f"quiet/{name}"]["wall_s"], 2) for name in WAYS}
-    record = {"schema": "unet-deploy/train-threads/1",
-              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", "benchmarks/train_threads.py", *sys.argv[1:]]),
-              "train_flags": TRAIN, "busy_job": BUSY_JOB, "results": results, "busy_to_quiet": ratios,
-              "machine": {"cpu": cpu_model(), "usable_cores": len(os.sched_getaffinity(0)),
-                          "platform": platform.platform()}}
-    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.json, "train-threads/1", "train_threads.py",
+                 {"train_flags": TRAIN, "busy_job": BUSY_JOB, "results": results, "busy_to_quiet": ratios})
     print(f"busy / quiet wall time per way: {ratios}; wrote {args.json}")
 
 

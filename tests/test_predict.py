@@ -4,6 +4,7 @@ CRF and TTA."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -770,8 +771,13 @@ def test_predict_says_where_outputs_went(models, images, tmp_path, capsys):
     assert code == 1 and "predicted 0 of 1 files, 1 failed in " in err and "per image" not in err
 
 
+def _sigint_as_a_terminal_has_it() -> None:
+    """Ctrl-C as a terminal sends it: the child gets SIGINT at its default (a test run started in the background
+    inherits it ignored, and Python then keeps ignoring it, as a Unix program should)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_with_one_line_and_resume_continues(models, images, tmp_path):
-    import signal
     import time
 
     src = Image.open(images[1])
@@ -784,10 +790,8 @@ def test_ctrl_c_stops_with_one_line_and_resume_continues(models, images, tmp_pat
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = [sys.executable, "-m", "unet_deploy", "predict", "-m", str(models["ort"]), str(folder), "-o",
             str(out_dir), "--threads", "1"]
-    # Ctrl-C as a terminal sends it: SIGINT at its default (a test run started in the background inherits it
-    # ignored, and Python then keeps ignoring it, as a Unix program should)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_sigint_as_a_terminal_has_it)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and len(list(out_dir.glob("*_OUT.png"))) < 3:
@@ -823,7 +827,6 @@ def _descendants(pid: int) -> list:
 def test_sigterm_stops_like_ctrl_c_with_crf_workers_and_leaves_no_process(models, images, tmp_path):
     """A scheduler's SIGTERM (Slurm, Kubernetes): one line, the masks and journal rows written so far kept,
     the CRF worker processes and multiprocessing's resource tracker gone with it, and --resume goes on."""
-    import signal
     import time
 
     import psutil
@@ -839,10 +842,8 @@ def test_sigterm_stops_like_ctrl_c_with_crf_workers_and_leaves_no_process(models
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = [sys.executable, "-m", "unet_deploy", "predict", "-m", str(models["ort"]), str(folder), "-o",
             str(out_dir), "--threads", "1", "--crf", "--crf-workers", "2", "--rle", str(sub)]
-    # Ctrl-C as a terminal sends it: SIGINT at its default (a test run started in the background inherits it
-    # ignored, and Python then keeps ignoring it, as a Unix program should)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_sigint_as_a_terminal_has_it)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and len(list(out_dir.glob("*_OUT.png"))) < 3:

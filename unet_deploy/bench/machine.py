@@ -17,7 +17,7 @@ from unet_deploy.bench.uarch import per_cycle, read_cpu
 from unet_deploy.bench.variants import variant_label
 from unet_deploy.config import versions
 from unet_deploy.runtime.cpu_features import cpu_summary
-from unet_deploy.runtime.cpu_share import affinity_cpus, cgroup_cpu_quota
+from unet_deploy.runtime.cpu_share import affinity_cpus, cgroup_cpu_quota, too_few_free
 
 __all__ = ["UNSTEADY_SPREAD", "VECTOR_FLAGS", "cpu_model", "cpu_identity", "load_average_1m", "machine_facts",
            "unsteady", "reliability", "reliability_notes"]
@@ -96,7 +96,7 @@ def _busy(report: dict[str, Any], cores: int) -> tuple[bool, float | None, float
     peak = max(seen) if seen else None
     reading = report.get("cpu_free") or {}
     if reading.get("free") is not None:
-        return bool(reading["free"] < reading["usable"] - 0.5), reading["free"], peak
+        return too_few_free(reading["free"], reading["usable"]), reading["free"], peak
     return peak is not None and peak > cores, None, peak
 
 

@@ -58,12 +58,11 @@ def train_processes() -> int:
     18.5 img/s), and 3x as fast beside two other multi-threaded jobs (13.4 against 4.5 img/s), whose threads
     keep waking ours late (``benchmarks/train-threads.json``, ``docs/threads.md``). Quiet, one process keeps
     batch normalisation over the whole batch of 4 (steadier validation dice) and starts no extra processes."""
-    from unet_deploy.runtime.cpu_share import usable_cpus, wait_choice
+    from unet_deploy.runtime.cpu_share import processes_would_help, usable_cpus
 
-    usable = usable_cpus()
-    if usable < 2 or not wait_choice().busy:
+    if not processes_would_help():
         return 1
-    return 4 if usable >= 4 else 2
+    return 4 if usable_cpus() >= 4 else 2
 
 
 def crf_helps(checkpoint: Path) -> bool:

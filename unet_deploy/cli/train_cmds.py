@@ -158,12 +158,12 @@ def _suggest_processes(device: str, batch_size: int) -> None:
     """One line when one CPU process trains while other jobs keep the CPUs busy: `--nproc 2` (one thread per
     process) trains about 3x faster there (docs/threads.md)."""
     from unet_deploy.distributed import dist_env
-    from unet_deploy.runtime.cpu_share import usable_cpus, wait_choice
+    from unet_deploy.runtime.cpu_share import processes_would_help, wait_choice
     from unet_deploy.runtime.devices import resolve_device
 
-    choice = wait_choice()
-    if not choice.busy or dist_env().enabled or usable_cpus() < 2 or batch_size % 2:
+    if not processes_would_help() or dist_env().enabled or batch_size % 2:
         return
+    choice = wait_choice()
     if resolve_device(device) == "cpu":
         typer.echo(f"note: other processes left {choice.free:.1f} of {choice.usable} CPUs free: training in "
                    "processes of one thread (add --nproc 2) is faster on a busy machine; see docs/threads.md",

@@ -24,6 +24,7 @@ from unet_deploy.runtime.registry import spec
 
 __all__ = ["affinity_cpus", "usable_cpus", "cgroup_cpu_quota", "process_share", "share_cores", "limit_torch_threads",
            "thread_report", "CpuSample", "cpu_sample", "IMPORTED", "free_cpus_since", "WaitChoice", "wait_choice",
+           "too_few_free", "processes_would_help",
            "passive_threads_when_busy"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -164,6 +165,11 @@ def free_cpus_since(start: CpuSample | None, window_s: float = 0.1) -> float | N
 IMPORTED = cpu_sample()
 
 
+def too_few_free(free: float, need: int) -> bool:
+    """The busy rule: other processes left fewer CPUs ``free`` than ``need`` (the threads to run), less 0.5."""
+    return free < need - 0.5
+
+
 @dataclass(frozen=True)
 class WaitChoice:
     """What :func:`passive_threads_when_busy` read and chose: the CPUs other processes left ``free`` (None: no
@@ -178,7 +184,7 @@ class WaitChoice:
 
     @property
     def busy(self) -> bool:
-        return self.free is not None and self.free < self.need - 0.5
+        return self.free is not None and too_few_free(self.free, self.need)
 
     def line(self) -> str:
         seen = "no reading of the CPUs' idle time" if self.free is None else (
@@ -206,8 +212,7 @@ def passive_threads_when_busy(start: CpuSample | None = None) -> bool:
     usable = usable_cpus()
     need = process_share(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), usable)  # torchrun: this rank's share
     user_set = "OMP_WAIT_POLICY" in os.environ
-    choice = WaitChoice(free, need, usable, False, user_set)
-    if not user_set and choice.busy:
+    if not user_set and free is not None and too_few_free(free, need):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     _CHOICE[:] = [WaitChoice(free, need, usable, passive, user_set)]
@@ -219,6 +224,12 @@ def wait_choice() -> WaitChoice:
     if not _CHOICE:
         passive_threads_when_busy()
     return _CHOICE[0]
+
+
+def processes_would_help() -> bool:
+    """Whether training in processes of one thread beats one process of threads here: 2 or more usable CPUs
+    that other jobs keep busy (``benchmarks/train-threads.json``; quiet, both are as fast)."""
+    return usable_cpus() >= 2 and wait_choice().busy
 
 
 def limit_torch_threads() -> int:
